@@ -1,0 +1,334 @@
+"""Tests for kernels.selective_scan: official float64 golden data, impl cross-checks, memory, validation."""
+
+import functools
+import pathlib
+import re
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kernels
+from kernels.selective_scan import reference, selective_scan, xla
+
+IMPLS = ("reference", "xla")
+DATA = pathlib.Path(__file__).parents[1] / "data" / "selective_scan"
+ARRAY_ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+# One table: forward (y, last_state) and gradient tolerances (used as rtol and atol) per input dtype.
+# float64 is the golden data, float32 is ~1e-6 off it (README of the data); bfloat16 outputs and
+# gradients are the float32 results rounded, so impls may differ by one bfloat16 ulp (2**-8 relative).
+TOLERANCES = {
+  "float64": {"fwd": 1e-12, "grad": 1e-10},
+  "float32": {"fwd": 1e-5, "grad": 1e-4},
+  "bfloat16": {"fwd": 2e-2, "grad": 2e-2},
+}
+
+
+def assert_close(actual, expected, dtype, kind):
+  tol = TOLERANCES[jnp.dtype(dtype).name][kind]
+  chex.assert_trees_all_close(actual, expected, rtol=tol, atol=tol)
+
+
+@pytest.fixture
+def x64():
+  """float64 for this test only: the context manager restores the previous setting on exit."""
+  with jax.enable_x64(True):
+    yield
+
+
+# These tests check numbers and buffers, not speed; on CPU, XLA's backend (LLVM) optimisation is most
+# of the chunked scan's compile time.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def jit_run(f, *args):
+  return jax.jit(f).lower(*args).compile(FAST_COMPILE)(*args)
+
+
+def forward_and_vjp(arrays, cotangents, **kwargs):
+  """(y, last_state) and the VJP for every array argument."""
+
+  def run(arrays, cotangents):
+    out, vjp = jax.vjp(lambda a: selective_scan(**a, return_last_state=True, **kwargs), arrays)
+    return out, vjp(cotangents)[0]
+
+  return jit_run(run, arrays, cotangents)
+
+
+def random_inputs(rng, batch, length, channels, state, *, D, z, delta_bias, delta_softplus, dtype):
+  """Inputs in the ranges of the official test data (delta' > 0 and A < 0, so the scan is stable)."""
+  seq, vec = (batch, length, channels), (channels,)
+  arrays = {
+    "u": rng.normal(size=seq),
+    # softplus makes any delta positive; without it delta must already be a positive step.
+    "delta": 0.5 * rng.normal(size=seq) if delta_softplus else rng.uniform(0.02, 0.5, seq),
+    "A": -np.exp(np.log(np.arange(1, state + 1)) + 0.3 * rng.normal(size=(channels, state))),
+    "B": rng.normal(size=(batch, length, state)),
+    "C": rng.normal(size=(batch, length, state)),
+    "D": 1 + 0.5 * rng.normal(size=vec) if D else None,
+    "z": rng.normal(size=seq) if z else None,
+    "delta_bias": None,
+  }
+  if delta_bias:
+    step = rng.uniform(0.02, 0.22, vec)
+    arrays["delta_bias"] = np.log(np.expm1(step)) if delta_softplus else step  # inverse softplus
+  return {k: jnp.asarray(v, dtype) for k, v in arrays.items() if v is not None}
+
+
+def random_cotangents(rng, arrays, dtype):
+  """For (y, last_state); the state is in the compute dtype, float32 or wider."""
+  batch, _, channels = arrays["u"].shape
+  state_shape = (batch, channels, arrays["A"].shape[1])
+  return (
+    jnp.asarray(rng.normal(size=arrays["u"].shape), dtype),
+    jnp.asarray(rng.normal(size=state_shape), jnp.promote_types(dtype, jnp.float32)),
+  )
+
+
+# --- Golden data: the official selective_scan_ref in float64 ------------------------------------
+
+
+def load_case(name):
+  """The npz is channel-major, (b, d, l) and (b, n, l); ours is channel-last (b, l, d), (b, l, n)."""
+  with np.load(DATA / f"{name}.npz") as npz:
+    data = {k: npz[k] for k in npz.files}
+  for k, v in data.items():
+    if v.ndim == 3 and k != "last_state":
+      data[k] = v.transpose(0, 2, 1)
+  return data
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("case", ["case_z_bias_softplus", "case_noz_nobias_nosoftplus"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_matches_official_reference(impl, case, dtype, x64):
+  data = load_case(case)
+  arrays = {k: jnp.asarray(data[k], dtype) for k in ARRAY_ARGS if k in data}
+  w = jnp.asarray(data["w"], dtype)
+
+  def loss(arrays):
+    y, last_state = selective_scan(
+      **arrays,
+      delta_softplus=bool(data["delta_softplus"]),
+      return_last_state=True,
+      impl=impl,
+    )
+    return jnp.sum(y * w), (y, last_state)
+
+  (_, (y, last_state)), grads = jit_run(jax.value_and_grad(loss, has_aux=True), arrays)
+
+  chex.assert_trees_all_equal_dtypes((y, last_state), (w, w))
+  assert_close((y, last_state), (data["y"], data["last_state"]), dtype, "fwd")
+  assert_close(grads, {k: data[f"grad_{k}"] for k in arrays}, dtype, "grad")
+
+
+# --- Cross-checks against the sequential reference -----------------------------------------------
+
+ALL_OPTIONS = dict(D=True, z=True, delta_bias=True, delta_softplus=True)
+NO_OPTIONS = dict(D=False, z=False, delta_bias=False, delta_softplus=False)
+
+
+@pytest.mark.parametrize(
+  "shape, options, dtype",
+  [  # shape = (batch, length, channels, state); xla.MAX_CHUNK = 64
+    pytest.param((1, 1, 3, 2), ALL_OPTIONS, jnp.float32, id="l1-all-f32"),
+    pytest.param((2, 7, 5, 3), NO_OPTIONS, jnp.bfloat16, id="l7-none-bf16"),
+    pytest.param((2, 33, 8, 4), NO_OPTIONS | dict(D=True), jnp.float32, id="l33-D-f32"),
+    # 4 chunks of 50, 3 padded positions
+    pytest.param((1, 197, 4, 4), ALL_OPTIONS | dict(D=False), jnp.bfloat16, id="l197-noD-bf16"),
+    pytest.param((2, 300, 4, 3), ALL_OPTIONS, jnp.float32, id="l300-all-f32"),  # 5 of 60
+    pytest.param((1, 301, 3, 2), NO_OPTIONS | dict(delta_bias=True, z=True), jnp.bfloat16, id="l301-z-bias-bf16"),
+  ],
+)
+def test_xla_matches_reference(shape, options, dtype):
+  rng = np.random.default_rng(sum(shape))
+  arrays = random_inputs(rng, *shape, **options, dtype=dtype)
+  cotangents = random_cotangents(rng, arrays, dtype)
+  softplus = options["delta_softplus"]
+
+  (y, last_state), grads = forward_and_vjp(arrays, cotangents, delta_softplus=softplus, impl="xla")
+  expected = forward_and_vjp(arrays, cotangents, delta_softplus=softplus, impl="reference")
+
+  chex.assert_shape(y, arrays["u"].shape)
+  chex.assert_shape(last_state, (shape[0], shape[2], shape[3]))
+  chex.assert_trees_all_equal_dtypes((y, last_state, grads), (arrays["u"], cotangents[1], arrays))
+  assert_close((y, last_state), expected[0], dtype, "fwd")
+  assert_close(grads, expected[1], dtype, "grad")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_reverse_is_flip_scan_flip(impl):
+  """reverse=True equals the reference run on inputs flipped along length, output flipped back."""
+  rng = np.random.default_rng(7)
+  arrays = random_inputs(rng, 2, 197, 4, 3, **ALL_OPTIONS, dtype=jnp.float32)
+  ct_y, ct_state = random_cotangents(rng, arrays, jnp.float32)
+
+  def flip(tree):  # every (batch, length, ...) array; A, D, delta_bias and the state have no length
+    return {k: v[:, ::-1] if v.ndim == 3 else v for k, v in tree.items()}
+
+  (y, last_state), grads = forward_and_vjp(arrays, (ct_y, ct_state), delta_softplus=True, reverse=True, impl=impl)
+  (y_flip, state_flip), grads_flip = forward_and_vjp(
+    flip(arrays), (ct_y[:, ::-1], ct_state), delta_softplus=True, impl="reference"
+  )
+  assert_close((y, last_state), (y_flip[:, ::-1], state_flip), jnp.float32, "fwd")
+  assert_close(grads, flip(grads_flip), jnp.float32, "grad")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_softplus_matches_torch_and_has_finite_gradients(impl, x64):
+  """torch softplus: log1p(exp(x)) up to 20, identity above; large inputs must not give inf/nan
+  gradients through the unused branch."""
+  bias = 0.5
+  x = np.array([-1e4, -30.0, -1.0, 0.0, 1.0, 19.9, 20.0, 20.1, 50.0, 1e4])  # delta + bias
+  channels = x.size
+  ones = jnp.ones((1, 2, channels))
+  arrays = {
+    "u": ones,
+    "delta": jnp.asarray(np.broadcast_to(x - bias, (1, 2, channels))),
+    "A": -jnp.ones((channels, 1)),
+    "B": jnp.ones((1, 2, 1)),
+    "C": jnp.ones((1, 2, 1)),
+    "D": jnp.full((channels,), 0.25),
+    "z": ones,
+    "delta_bias": jnp.full((channels,), bias),
+  }
+
+  def first_output(arrays):  # at t = 0, h = delta' * B * u, so y = (delta' + D) * silu(z)
+    return selective_scan(**arrays, delta_softplus=True, impl=impl)[0, 0]
+
+  expected = np.where(x > 20, x, np.log1p(np.exp(np.minimum(x, 20))))
+  chex.assert_trees_all_close(jit_run(first_output, arrays), (expected + 0.25) * jax.nn.silu(1.0), rtol=1e-14)
+  grads = jit_run(jax.grad(lambda a: jnp.sum(first_output(a))), arrays)
+  chex.assert_tree_all_finite(grads)
+  sigmoid = np.where(x > 20, 1.0, np.exp(-np.logaddexp(0, -x)))
+  chex.assert_trees_all_close(grads["delta"][0, 0], sigmoid * jax.nn.silu(1.0), rtol=1e-14)
+
+
+@pytest.mark.parametrize("max_chunk", [1, 8, 32])
+def test_xla_chunking_matches_reference_in_float64(max_chunk, x64):
+  """Chunk boundaries and padding at float64 precision, both directions: on length 33, chunks of
+  1 (33 chunks), 8 (5 chunks of 7, 2 padded) and 32 (2 chunks of 17, 1 padded)."""
+  rng = np.random.default_rng(max_chunk)
+  inputs = random_inputs(rng, 2, 33, 3, 2, **NO_OPTIONS, dtype=jnp.float64)
+  cotangents = [random_cotangents(rng, inputs, jnp.float64) for _ in range(2)]
+
+  def both_directions(scan):
+    def run(inputs, cotangents):
+      out, vjp = jax.vjp(lambda a: [scan(**a, reverse=r) for r in (False, True)], inputs)
+      return out, vjp(cotangents)[0]
+
+    return jit_run(run, inputs, cotangents)
+
+  out, grads = both_directions(functools.partial(xla.scan, max_chunk=max_chunk))
+  expected_out, expected_grads = both_directions(reference.scan)
+  assert_close(out, expected_out, jnp.float64, "fwd")
+  assert_close(grads, expected_grads, jnp.float64, "grad")
+
+
+def test_default_impl_on_cpu_is_xla_and_returns_only_y():
+  if jax.default_backend() != "cpu":
+    pytest.skip("checks the CPU choice")
+  arrays = random_inputs(np.random.default_rng(3), 2, 7, 3, 2, **ALL_OPTIONS, dtype=jnp.float32)
+
+  def trace(impl):
+    return jax.make_jaxpr(lambda a: selective_scan(**a, delta_softplus=True, impl=impl))(arrays)
+
+  assert str(trace(None)) == str(trace("xla"))
+  chex.assert_shape(trace(None).out_avals, [arrays["u"].shape])
+
+
+# --- Memory -------------------------------------------------------------------------------------
+
+
+def temp_bytes(impl, batch, length, channels, state):
+  """XLA's scratch memory for forward + backward (all array inputs), compiled, never run."""
+  shapes = {
+    "u": (batch, length, channels),
+    "delta": (batch, length, channels),
+    "A": (channels, state),
+    "B": (batch, length, state),
+    "C": (batch, length, state),
+  }
+  arrays = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()}
+
+  def fwd_bwd(arrays):
+    y, vjp = jax.vjp(lambda a: selective_scan(**a, impl=impl), arrays)
+    return vjp(y)
+
+  compiled = jax.jit(fwd_bwd).lower(arrays).compile(FAST_COMPILE)
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_xla_memory_does_not_grow_with_the_full_state():
+  """Doubling the length may add only per-position inputs and per-chunk states, not a
+  (batch, length, channels, state) tensor. Comparing two lengths cancels the fixed per-chunk
+  scratch; the reference, which keeps every step's state, shows the metric sees such tensors."""
+  batch, channels, state, length = 1, 64, 64, 1024
+  full_state_growth = batch * length * channels * state * 4
+  growth = {
+    impl: temp_bytes(impl, batch, 2 * length, channels, state) - temp_bytes(impl, batch, length, channels, state)
+    for impl in IMPLS
+  }
+  assert growth["reference"] >= full_state_growth, growth
+  assert growth["xla"] < full_state_growth / 8, growth
+
+
+# --- Validation ---------------------------------------------------------------------------------
+
+
+def valid_args():
+  rng = np.random.default_rng(0)
+  return random_inputs(rng, 2, 33, 8, 4, **ALL_OPTIONS, dtype=jnp.float32)
+
+
+@pytest.mark.parametrize(
+  "name, bad, error",
+  [
+    pytest.param("u", lambda x: x[0], ValueError, id="u-ndim"),
+    pytest.param("u", lambda x: x[:, :0], ValueError, id="u-empty"),
+    pytest.param("u", lambda x: x.astype(jnp.int32), TypeError, id="u-int"),
+    pytest.param("delta", lambda x: x[:, :-1], ValueError, id="delta-length"),
+    pytest.param("A", lambda x: x[:-1], ValueError, id="A-channels"),
+    pytest.param("A", lambda x: x[0], ValueError, id="A-ndim"),
+    pytest.param("A", lambda x: x.astype(jnp.complex64), TypeError, id="A-complex"),
+    pytest.param("B", lambda x: x[..., :-1], ValueError, id="B-state"),
+    pytest.param("C", lambda x: x[:1], ValueError, id="C-batch"),
+    pytest.param("D", lambda x: x[:, None], ValueError, id="D-ndim"),
+    pytest.param("z", lambda x: x[:, :-1], ValueError, id="z-length"),
+    pytest.param("delta_bias", lambda x: x[:-1], ValueError, id="delta_bias-channels"),
+    pytest.param("delta_bias", lambda x: x.astype(jnp.int32), TypeError, id="delta_bias-int"),
+  ],
+)
+def test_bad_argument_is_named(name, bad, error):
+  args = valid_args()
+  args[name] = bad(args[name])
+  with pytest.raises(error, match=f"`{name}`"):
+    selective_scan(**args)
+
+
+def test_shape_error_gives_expected_and_actual_shape():
+  args = valid_args()
+  args["B"] = args["B"].transpose(0, 2, 1)
+  message = "selective_scan: `B` must have shape (batch, length, state) = (2, 33, 4), got (2, 4, 33)"
+  with pytest.raises(ValueError, match=re.escape(message)):
+    selective_scan(**args)
+
+
+def test_unknown_impl_lists_valid_impls():
+  with pytest.raises(ValueError, match=r"unknown impl 'cuda'.*'reference', 'xla'"):
+    selective_scan(**valid_args(), impl="cuda")
+
+
+@pytest.mark.parametrize("impl", ["pallas", "pallas_gpu", "pallas_tpu"])
+def test_pallas_impls_are_not_silently_replaced(impl):
+  with pytest.raises(NotImplementedError, match="Pallas kernels are not implemented yet"):
+    selective_scan(**valid_args(), impl=impl, interpret=True)
+
+
+def test_kernels_is_this_projects_package():
+  """Another PyPI package installs a top-level `kernels`; ours must win."""
+  project = pathlib.Path(__file__).resolve().parents[2]
+  assert pathlib.Path(kernels.__file__).resolve() == project / "kernels" / "__init__.py"

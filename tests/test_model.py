@@ -1,0 +1,284 @@
+"""The Vim model against the official one: logits, every layer's activations, init, options, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpy_vim
+import pytest
+from flax import nnx
+
+from vim_jax.models import convert, create_model, layers, model_config
+from vim_jax.models.vim import ModelConfig, VisionMamba
+
+# Released parameter counts at 1000 classes (vim_spec.md §3).
+OFFICIAL_PARAM_COUNTS = {
+  "vim_tiny": 7_148_008,
+  "vim_small": 25_796_584,
+  "vim_base": 97_598_440,
+  "vim_tiny_stride8": 7_250_344,
+  "vim_small_stride8": 26_001_256,
+}
+
+
+def assert_rel_close(actual, expected, rtol: float, name: str = "") -> None:
+  """max |actual − expected| <= rtol · max |expected| (relative to the tensor's scale)."""
+  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+  chex.assert_equal_shape([actual, expected])
+  err = np.max(np.abs(actual - expected)) / np.max(np.abs(expected))
+  assert err <= rtol, f"{name}: relative error {err:.3g} > {rtol:g}"
+
+
+def ref_model(vim_ref, **overrides) -> VisionMamba:
+  cfg, _ = convert.infer_config(vim_ref["state_dict"], img_size=64, **overrides)
+  return convert.from_official_state_dict(vim_ref["state_dict"], cfg)
+
+
+@nnx.jit
+def logits_of(model, images):
+  return model(images)
+
+
+def param_count(model: nnx.Module) -> int:
+  return sum(math.prod(v.shape) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_PARAM_COUNTS))
+def test_parameter_counts_equal_official(name):
+  model = nnx.eval_shape(lambda: create_model(name))
+  assert param_count(model) == OFFICIAL_PARAM_COUNTS[name]
+
+
+def test_sequence_layout_of_variants():
+  assert model_config("vim_tiny").seq_len == 197 and model_config("vim_tiny").cls_index == 98
+  s8 = model_config("vim_small_stride8")
+  assert s8.grid_size == (27, 27) and s8.seq_len == 730 and s8.cls_index == 364
+  assert model_config("vim_tiny", cls_position="head").cls_index == 0
+
+
+def test_numpy_reference_reproduces_official_float64_logits(vim_ref):
+  """Validates the independent float64 NumPy model used as a second ground truth below."""
+  logits = numpy_vim.forward(vim_ref["state_dict"], vim_ref["images_nchw"])
+  np.testing.assert_allclose(logits, vim_ref["logits64"], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_logits_equal_official(vim_ref, impl):
+  model = ref_model(vim_ref, scan_impl=impl)
+  logits = logits_of(model, jnp.asarray(vim_ref["images"]))
+  assert logits.dtype == jnp.float32
+  assert_rel_close(logits, vim_ref["logits64"], 1e-5, "logits")
+
+
+def test_every_layer_matches_official_activations(vim_ref):
+  """Each layer is fed the official input of that layer, so a regression points at its layer."""
+  act = vim_ref["activations"]
+  model = ref_model(vim_ref, scan_impl="reference")
+  images = jnp.asarray(vim_ref["images"])
+  assert_rel_close(model.patch_embed(images), act["patch_embed"], 1e-5, "patch_embed")
+  assert_rel_close(model.embed(images), act["embed_tokens"], 1e-5, "embed_tokens")
+  for i, block in enumerate(model.layers):
+    residual = jnp.asarray(act[f"layer{i}_residual"])
+    assert_rel_close(block.norm(residual), act[f"layer{i}_mixer_in"], 1e-5, f"layer{i} norm")
+    hidden = block.mixer(jnp.asarray(act[f"layer{i}_mixer_in"]))
+    assert_rel_close(hidden, act[f"layer{i}_hidden"], 1e-5, f"layer{i} mixer")
+    following = act[f"layer{i + 1}_residual"] if i + 1 < len(model.layers) else act["final_sum"]
+    assert_rel_close(block(residual), following, 1e-5, f"layer{i} block")
+  assert_rel_close(model.norm_f(jnp.asarray(act["final_sum"])), act["final_norm"], 1e-5, "norm_f")
+  assert_rel_close(model.forward_features(images), act["features"], 1e-5, "features")
+  assert_rel_close(model.forward_tokens(images), act["final_norm"], 1e-5, "tokens")
+
+
+def test_layer0_mixer_internals_match_official(vim_ref):
+  act = vim_ref["activations"]
+  mixer = ref_model(vim_ref, scan_impl="reference").layers[0].mixer
+  e = mixer.cfg.d_inner
+  to_channel_major = lambda a: np.asarray(a).transpose(0, 2, 1)  # noqa: E731
+  flip = lambda a: np.asarray(a)[..., ::-1]  # noqa: E731  official backward arrays are in flipped order
+  xz = mixer.in_proj(jnp.asarray(act["layer0_mixer_in"]))
+  assert_rel_close(to_channel_major(xz), act["l0_xz"], 1e-5, "xz")
+  x, z = xz[..., :e], xz[..., e:]
+  assert_rel_close(to_channel_major(jax.nn.silu(mixer.conv1d(x))), act["l0_fwd_conv_silu"], 1e-5, "fwd conv")
+  bwd_conv = to_channel_major(jax.nn.silu(mixer.conv1d_b(x, reverse=True)))
+  assert_rel_close(flip(bwd_conv), act["l0_bwd_conv_silu"], 1e-5, "bwd conv")
+  y_fwd = mixer._direction(x, z, mixer.conv1d, mixer.x_proj, mixer.dt_proj, mixer.A_log, mixer.D, reverse=False)
+  y_bwd = mixer._direction(
+    x, z, mixer.conv1d_b, mixer.x_proj_b, mixer.dt_proj_b, mixer.A_b_log, mixer.D_b, reverse=True
+  )
+  assert_rel_close(to_channel_major(y_fwd), act["l0_fwd_out_z"], 1e-5, "fwd scan")
+  assert_rel_close(flip(to_channel_major(y_bwd)), act["l0_bwd_out_z"], 1e-5, "bwd scan")
+  assert_rel_close((y_fwd + y_bwd) / 2, act["l0_combined"], 1e-5, "combined")
+
+
+@pytest.mark.parametrize(
+  "overrides",
+  [
+    dict(cls_position="head"),
+    dict(stride=8),
+    dict(img_size=(48, 80)),
+  ],
+  ids=["head_cls", "stride8", "non_square"],
+)
+def test_random_models_match_numpy_reference(overrides):
+  """Other layouts than the reference checkpoint's, checked against the float64 NumPy model."""
+  cfg = ModelConfig(**{**dict(img_size=48, embed_dim=32, depth=2, d_state=8, num_classes=5), **overrides})
+  model = VisionMamba(cfg, rngs=nnx.Rngs(3))
+  state_dict = convert.to_official_state_dict(model)
+  images = np.random.default_rng(0).normal(size=(2, *cfg.img_size, 3)).astype(np.float32)
+  expected = numpy_vim.forward(state_dict, images.transpose(0, 3, 1, 2), stride=cfg.stride, cls_index=cfg.cls_index)
+  assert_rel_close(logits_of(model, jnp.asarray(images)), expected, 1e-5, "logits")
+
+
+def test_bfloat16_compute_stays_close_and_keeps_f32_params(vim_ref):
+  model = ref_model(vim_ref, dtype="bfloat16")
+  assert all(v.dtype == jnp.float32 for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  logits = logits_of(model, jnp.asarray(vim_ref["images"]))
+  assert logits.dtype == jnp.float32
+  assert_rel_close(logits, vim_ref["logits64"], 5e-2, "bf16 logits")
+
+
+def test_gradients_agree_between_scan_impls(vim_ref):
+  images = jnp.asarray(vim_ref["images"])
+
+  def grads(impl):
+    model = ref_model(vim_ref, scan_impl=impl)
+    loss = lambda m: jnp.sum(m(images) ** 2)  # noqa: E731
+    return nnx.state(nnx.jit(nnx.grad(loss))(model))
+
+  g_ref, g_xla = grads("reference"), grads("xla")
+  chex.assert_tree_all_finite(g_ref)
+  chex.assert_trees_all_close(g_xla, g_ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tiny_init_params():
+  model = create_model("vim_tiny", rngs=nnx.Rngs(0))
+  return convert.to_official_state_dict(model)
+
+
+class TestInit:
+  """Freshly built Vim-Ti follows the official init rules (vim_spec.md §2)."""
+
+  @pytest.fixture
+  def params(self, tiny_init_params):
+    return tiny_init_params
+
+  def test_normal_inits(self, params):
+    np.testing.assert_allclose(params["patch_embed.proj.weight"].std(), math.sqrt(1 / 768) / 0.8796, rtol=0.02)
+    for name in ("pos_embed", "cls_token", "head.weight"):
+      assert abs(params[name].std() - 0.02) < (0.004 if name == "cls_token" else 0.001), name
+    for name in ("patch_embed.proj.bias", "head.bias"):
+      assert not params[name].any(), name
+
+  def test_uniform_inits(self, params):
+    d, e, r, depth = 192, 384, 12, 24
+    bounds = {
+      "in_proj.weight": d**-0.5,
+      "x_proj.weight": e**-0.5,
+      "x_proj_b.weight": e**-0.5,
+      "dt_proj.weight": r**-0.5,
+      "dt_proj_b.weight": r**-0.5,
+      "conv1d.weight": 0.5,
+      "conv1d.bias": 0.5,
+      "conv1d_b.weight": 0.5,
+      "conv1d_b.bias": 0.5,
+      "out_proj.weight": (e * depth) ** -0.5,
+    }
+    for name, bound in bounds.items():
+      values = np.concatenate([params[f"layers.{i}.mixer.{name}"].ravel() for i in range(depth)])
+      assert np.abs(values).max() <= bound, name
+      np.testing.assert_allclose(values.std(), bound / math.sqrt(3), rtol=0.05, err_msg=name)
+
+  def test_ssm_inits(self, params):
+    for i in range(24):
+      p = lambda n: params[f"layers.{i}.mixer.{n}"]  # noqa: E731,B023
+      np.testing.assert_allclose(p("A_log"), np.log(np.tile(np.arange(1, 17), (384, 1))), rtol=1e-6)
+      np.testing.assert_array_equal(p("A_b_log"), p("A_log"))
+      np.testing.assert_array_equal(p("D"), 1.0)
+      np.testing.assert_array_equal(p("D_b"), 1.0)
+      dt = np.log1p(np.exp(p("dt_proj.bias")))
+      assert dt.min() >= 1e-3 * 0.999 and dt.max() <= 0.1 * 1.001 and np.log(dt).std() > 1.0
+      assert not p("dt_proj_b.bias").any()  # the official asymmetric init: softplus(0) = ln 2
+      np.testing.assert_array_equal(params[f"layers.{i}.norm.weight"], 1.0)
+    np.testing.assert_array_equal(params["norm_f.weight"], 1.0)
+
+
+def small_model(**overrides) -> VisionMamba:
+  cfg = ModelConfig(**{**dict(img_size=32, embed_dim=16, depth=3, num_classes=3), **overrides})
+  return VisionMamba(cfg, rngs=nnx.Rngs(0))
+
+
+class TestDropPath:
+  @pytest.fixture
+  def model(self):
+    return small_model(drop_path_rate=0.5)
+
+  def test_deterministic_without_rngs(self, model):
+    images = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
+    np.testing.assert_array_equal(logits_of(model, images), logits_of(model, images))
+
+  def test_stochastic_with_rngs(self, model):
+    images = jax.random.normal(jax.random.key(0), (8, 32, 32, 3))
+    train = nnx.jit(lambda m, x, rngs: m(x, rngs=rngs))
+    a, b = train(model, images, nnx.Rngs(dropout=1)), train(model, images, nnx.Rngs(dropout=2))
+    assert not np.allclose(a, b)
+    np.testing.assert_array_equal(a, train(model, images, nnx.Rngs(dropout=1)))
+
+  def test_drops_whole_samples_and_rescales(self):
+    x = jnp.ones((4000, 3, 2))
+    out = np.asarray(layers.drop_path(x, 0.3, nnx.Rngs(dropout=0)))
+    per_sample = out.reshape(4000, -1)
+    assert np.all(per_sample == per_sample[:, :1])  # the whole sample is kept or dropped
+    assert set(np.unique(per_sample)) == {0.0, np.float32(1 / 0.7)}
+    assert abs((per_sample[:, 0] == 0).mean() - 0.3) < 0.03
+
+  def test_linear_rule(self, model):
+    assert [b.drop_path_rate for b in model.layers] == [0.0, 0.25, 0.5]
+
+
+class TestBadInput:
+  @pytest.fixture
+  def model(self):
+    return small_model(depth=1)
+
+  @pytest.mark.parametrize("shape", [(2, 64, 64, 3), (2, 32, 32, 1), (2, 3, 32, 32), (32, 32, 3)])
+  def test_wrong_image_shape(self, model, shape):
+    with pytest.raises(ValueError, match=r"`images` must be NHWC with shape \(batch, 32, 32, 3\)"):
+      model(jnp.zeros(shape))
+
+  def test_integer_images(self, model):
+    with pytest.raises(TypeError, match="`images` must be a floating-point array"):
+      model(jnp.zeros((1, 32, 32, 3), jnp.uint8))
+
+  @pytest.mark.parametrize(
+    "kwargs, match",
+    [
+      (dict(cls_position="tail"), "`cls_position`"),
+      (dict(img_size=8), "`img_size`"),
+      (dict(depth=0), "`depth`"),
+      (dict(drop_path_rate=1.0), "`drop_path_rate`"),
+    ],
+  )
+  def test_bad_config(self, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+      ModelConfig(**kwargs)
+
+  def test_unknown_name_and_field(self):
+    with pytest.raises(ValueError, match="unknown model name 'vim_huge'"):
+      create_model("vim_huge")
+    with pytest.raises(TypeError, match="if_devide_out"):
+      create_model("vim_tiny", if_devide_out=True)
+
+
+def test_features_tokens_and_headless():
+  model = small_model(depth=1)
+  images = jnp.ones((2, 32, 32, 3))
+  assert jax.eval_shape(model.forward_tokens, images).shape == (2, 5, 16)
+  assert jax.eval_shape(model.forward_features, images).shape == (2, 16)
+  headless = VisionMamba(dataclasses.replace(model.cfg, num_classes=0), rngs=nnx.Rngs(0))
+  assert headless.head is None and jax.eval_shape(headless, images).shape == (2, 16)

@@ -1,0 +1,286 @@
+"""Vision Mamba (Vim) in Flax NNX, flag for flag the official `VisionMamba` with bimamba v2.
+
+Attribute names mirror the official PyTorch module names (`patch_embed.proj`, `layers[i].mixer.in_proj`,
+`conv1d_b`, `A_b_log`, `norm_f`, `head`) so that weight conversion is a table (see `convert.py`).
+Shapes are token-major throughout: tokens (batch, length, dim).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kernels import selective_scan
+from vim_jax.models import layers
+
+CLS_POSITIONS = ("middle", "head")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture and numerics of a Vim model. Defaults are the released Vim-Ti (vim_spec.md §3)."""
+
+  img_size: tuple[int, int] = (224, 224)
+  patch_size: int = 16
+  stride: int = 16
+  in_chans: int = 3
+  embed_dim: int = 192
+  depth: int = 24
+  d_state: int = 16
+  d_conv: int = 4
+  expand: int = 2
+  dt_rank: int | None = None  # None = ceil(embed_dim / 16), Mamba's "auto"
+  num_classes: int = 1000  # 0 = no head (features only)
+  cls_position: Literal["middle", "head"] = "middle"
+  divide_out: bool = True  # (y_fwd + y_bwd) / 2, as in every released model
+  drop_path_rate: float = 0.0
+  norm_eps: float = 1e-5
+  dt_min: float = 1e-3
+  dt_max: float = 1e-1
+  dt_init_floor: float = 1e-4
+  # Numerics and kernels.
+  dtype: str = "float32"  # compute dtype of matmuls and activations; "bfloat16" on accelerators
+  matmul_precision: str | None = None  # e.g. "highest" to avoid TF32 in float32 on GPUs
+  scan_impl: str | None = None  # see kernels.selective_scan; None = by backend
+  scan_interpret: bool = False  # Pallas interpret mode (CPU testing of GPU/TPU kernels)
+
+  def __post_init__(self):
+    if isinstance(self.img_size, int):
+      object.__setattr__(self, "img_size", (self.img_size, self.img_size))
+    object.__setattr__(self, "img_size", tuple(int(s) for s in self.img_size))
+    if self.cls_position not in CLS_POSITIONS:
+      raise ValueError(f"`cls_position` must be one of {CLS_POSITIONS}, got {self.cls_position!r}")
+    for name in ("patch_size", "stride", "embed_dim", "depth", "d_state", "d_conv", "expand"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}")
+    if min(self.img_size) < self.patch_size:
+      raise ValueError(f"`img_size` {self.img_size} is smaller than `patch_size` {self.patch_size}")
+    if not 0.0 <= self.drop_path_rate < 1.0:
+      raise ValueError(f"`drop_path_rate` must be in [0, 1), got {self.drop_path_rate}")
+    jnp.dtype(self.dtype)  # raises on an unknown dtype name
+
+  @property
+  def d_inner(self) -> int:
+    return self.expand * self.embed_dim
+
+  @property
+  def resolved_dt_rank(self) -> int:
+    return self.dt_rank if self.dt_rank is not None else math.ceil(self.embed_dim / 16)
+
+  @property
+  def grid_size(self) -> tuple[int, int]:
+    """Patch grid (rows, cols): (H − p)//s + 1 per side, no padding (official PatchEmbed)."""
+    return tuple((s - self.patch_size) // self.stride + 1 for s in self.img_size)
+
+  @property
+  def num_patches(self) -> int:
+    return self.grid_size[0] * self.grid_size[1]
+
+  @property
+  def seq_len(self) -> int:
+    return self.num_patches + 1
+
+  @property
+  def cls_index(self) -> int:
+    """Where the cls token sits in the sequence: M//2 for the middle token, 0 at the head."""
+    return self.num_patches // 2 if self.cls_position == "middle" else 0
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+    return cls(**values)
+
+
+class PatchEmbed(nnx.Module):
+  """Conv2d(in_chans, dim, kernel=patch, stride=stride) + row-major flatten; stride 8 = long sequence."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    fan_in = cfg.in_chans * cfg.patch_size**2
+    self.proj = nnx.Conv(
+      cfg.in_chans,
+      cfg.embed_dim,
+      kernel_size=(cfg.patch_size, cfg.patch_size),
+      strides=(cfg.stride, cfg.stride),
+      padding="VALID",
+      dtype=jnp.dtype(cfg.dtype),
+      precision=cfg.matmul_precision,
+      kernel_init=layers.lecun_normal_timm_0_4(fan_in),  # segm_init_weights
+      bias_init=nnx.initializers.zeros,
+      rngs=rngs,
+    )
+
+  def __call__(self, images: jax.Array) -> jax.Array:
+    x = self.proj(images)  # (batch, gh, gw, dim)
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def _linear(cfg: ModelConfig, d_in: int, d_out: int, *, use_bias: bool, kernel_init, rngs, bias_init=None):
+  return nnx.Linear(
+    d_in,
+    d_out,
+    use_bias=use_bias,
+    dtype=jnp.dtype(cfg.dtype),
+    precision=cfg.matmul_precision,
+    kernel_init=kernel_init,
+    bias_init=bias_init or nnx.initializers.zeros,
+    rngs=rngs,
+  )
+
+
+def _direction_modules(cfg: ModelConfig, *, backward: bool, rngs: nnx.Rngs):
+  """conv1d, x_proj, dt_proj, A_log, D of one scan direction (the per-direction half of bimamba v2)."""
+  e, n, r = cfg.d_inner, cfg.d_state, cfg.resolved_dt_rank
+  conv1d = layers.DepthwiseConv1d(e, cfg.d_conv, rngs=rngs)
+  # x_proj: PyTorch Linear default U(±1/sqrt(E)), no bias.
+  x_proj = _linear(cfg, e, r + 2 * n, use_bias=False, kernel_init=layers.uniform_symmetric(e**-0.5), rngs=rngs)
+  if backward:
+    # Official quirk (vim_spec.md §2, §7.4): dt_proj_b is a plain Linear, so its weight keeps the
+    # PyTorch default U(±1/sqrt(R)) and `_init_weights` zeroes its bias: softplus(0) = ln 2.
+    dt_bias_init = nnx.initializers.zeros
+  else:
+    # Mamba's dt init: bias = inverse softplus of dt ~ log-uniform[dt_min, dt_max] (`_no_reinit`).
+    dt_bias_init = layers.mamba_dt_bias(cfg.dt_min, cfg.dt_max, cfg.dt_init_floor)
+  # Weight U(±R^-0.5): Mamba's "random" dt init (dt_scale 1) forward, the PyTorch default backward.
+  dt_proj = _linear(
+    cfg, r, e, use_bias=True, kernel_init=layers.uniform_symmetric(r**-0.5), bias_init=dt_bias_init, rngs=rngs
+  )
+  A_log = nnx.Param(layers.s4d_real_log(n)(None, (e, n)))
+  D = nnx.Param(jnp.ones((e,), jnp.float32))
+  return conv1d, x_proj, dt_proj, A_log, D
+
+
+class BiMambaMixer(nnx.Module):
+  """Mamba mixer, bimamba v2: shared in/out projections, one conv/x_proj/dt_proj/A/D per direction.
+
+  The backward direction runs on the reversed sequence (both x and the gate z), which here is an
+  anti-causal conv plus `selective_scan(..., reverse=True)`: no flipped copies are made.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, e = cfg.embed_dim, cfg.d_inner
+    self.in_proj = _linear(cfg, d, 2 * e, use_bias=False, kernel_init=layers.uniform_symmetric(d**-0.5), rngs=rngs)
+    # Official names: conv1d/x_proj/dt_proj/A_log/D forward, conv1d_b/x_proj_b/dt_proj_b/A_b_log/D_b backward.
+    self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D = _direction_modules(cfg, backward=False, rngs=rngs)
+    self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b = _direction_modules(
+      cfg, backward=True, rngs=rngs
+    )
+    # out_proj: kaiming_uniform(a=√5) = U(±1/√E), rescaled by 1/√depth (`_init_weights`, prenorm rule).
+    out_bound = 1.0 / math.sqrt(e * cfg.depth)
+    self.out_proj = _linear(cfg, e, d, use_bias=False, kernel_init=layers.uniform_symmetric(out_bound), rngs=rngs)
+
+  def _direction(self, x, z, conv, x_proj, dt_proj, A_log, D, *, reverse: bool) -> jax.Array:
+    cfg = self.cfg
+    r, n = cfg.resolved_dt_rank, cfg.d_state
+    u = jax.nn.silu(conv(x, reverse=reverse)).astype(x.dtype)
+    x_dbl = x_proj(u)
+    dt, B, C = jnp.split(x_dbl, [r, r + n], axis=-1)
+    delta = jnp.dot(dt, dt_proj.kernel[...].astype(dt.dtype), precision=cfg.matmul_precision)  # bias goes to the scan
+    return selective_scan(
+      u,
+      delta,
+      -jnp.exp(A_log[...].astype(jnp.float32)),
+      B,
+      C,
+      D[...],
+      z,
+      dt_proj.bias[...],
+      delta_softplus=True,
+      reverse=reverse,
+      impl=cfg.scan_impl,
+      interpret=cfg.scan_interpret,
+    )
+
+  def __call__(self, hidden: jax.Array) -> jax.Array:
+    """hidden: (batch, length, dim) normed tokens -> (batch, length, dim)."""
+    x, z = jnp.split(self.in_proj(hidden), 2, axis=-1)
+    y_fwd = self._direction(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, reverse=False)
+    y_bwd = self._direction(x, z, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b, reverse=True)
+    y = y_fwd.astype(jnp.float32) + y_bwd.astype(jnp.float32)
+    if self.cfg.divide_out:
+      y = y / 2
+    return self.out_proj(y.astype(hidden.dtype))
+
+
+class Block(nnx.Module):
+  """RMSNorm -> mixer, added to the float32 residual stream through drop path.
+
+  The official Block adds the *previous* mixer output at its start ("Add -> Norm -> Mixer"); adding
+  each mixer's output right after it with that mixer's drop rate is the same computation.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, drop_path_rate: float, rngs: nnx.Rngs):
+    self.norm = layers.RMSNorm(cfg.embed_dim, eps=cfg.norm_eps)
+    self.mixer = BiMambaMixer(cfg, rngs=rngs)
+    self.drop_path_rate = drop_path_rate
+    self.dtype = jnp.dtype(cfg.dtype)
+
+  def __call__(self, residual: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+    hidden = self.mixer(self.norm(residual, dtype=self.dtype))
+    return residual + layers.drop_path(hidden.astype(jnp.float32), self.drop_path_rate, rngs)
+
+
+class VisionMamba(nnx.Module):
+  """The Vim backbone and classifier. `model(images)` takes NHWC images and returns logits."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d = cfg.embed_dim
+    self.patch_embed = PatchEmbed(cfg, rngs=rngs)
+    self.cls_token = nnx.Param(layers.trunc_normal(0.02)(rngs.params(), (1, 1, d)))
+    self.pos_embed = nnx.Param(layers.trunc_normal(0.02)(rngs.params(), (1, cfg.seq_len, d)))
+    # Linear drop-path rule: mixer j's output is dropped with probability rate · j / (depth − 1).
+    rates = [cfg.drop_path_rate * j / max(cfg.depth - 1, 1) for j in range(cfg.depth)]
+    self.layers = nnx.List([Block(cfg, drop_path_rate=rate, rngs=rngs) for rate in rates])
+    self.norm_f = layers.RMSNorm(d, eps=cfg.norm_eps)
+    if cfg.num_classes > 0:
+      self.head = _linear(cfg, d, cfg.num_classes, use_bias=True, kernel_init=layers.trunc_normal(0.02), rngs=rngs)
+    else:
+      self.head = None
+
+  def _check_images(self, images: jax.Array) -> None:
+    cfg = self.cfg
+    expected = (*cfg.img_size, cfg.in_chans)
+    if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+      raise ValueError(
+        f"`images` must be NHWC with shape (batch, {expected[0]}, {expected[1]}, {expected[2]}) for this "
+        f"model (img_size={cfg.img_size}, in_chans={cfg.in_chans}), got {tuple(images.shape)}; build the "
+        "model for another size with create_model(..., img_size=...) or resize the position embedding"
+      )
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+      raise TypeError(f"`images` must be a floating-point array, got dtype {images.dtype}")
+
+  def embed(self, images: jax.Array) -> jax.Array:
+    """Patch tokens with the cls token inserted at `cfg.cls_index`, plus the position embedding (f32)."""
+    self._check_images(images)
+    cfg = self.cfg
+    x = self.patch_embed(images.astype(jnp.dtype(cfg.dtype))).astype(jnp.float32)
+    cls = jnp.broadcast_to(self.cls_token[...], (x.shape[0], 1, x.shape[-1]))
+    i = cfg.cls_index
+    x = jnp.concatenate([x[:, :i], cls, x[:, i:]], axis=1)
+    return x + self.pos_embed[...]
+
+  def forward_tokens(self, images: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+    """The final-normed token sequence (batch, length, dim), cls included: the dense-prediction output."""
+    residual = self.embed(images)
+    for block in self.layers:
+      residual = block(residual, rngs=rngs)
+    return self.norm_f(residual)
+
+  def forward_features(self, images: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+    """The pre-head feature (batch, dim): the final cls token."""
+    return self.forward_tokens(images, rngs=rngs)[:, self.cfg.cls_index]
+
+  def __call__(self, images: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+    """Logits (batch, num_classes) in float32; drop path is active only when `rngs` is given."""
+    features = self.forward_features(images, rngs=rngs)
+    if self.head is None:
+      return features
+    return self.head(features.astype(jnp.dtype(self.cfg.dtype))).astype(jnp.float32)
