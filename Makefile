@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) -m vim_jax.demo
+	$(PY) -m vim_jax.train --config=configs/demo.py --workdir=runs/demo/$$(date +%Y%m%d-%H%M%S)
 
 test: setup
 	$(PY) -m pytest -n 2 --durations=15 $(PYTEST_ARGS)

@@ -21,3 +21,10 @@ def vim_ref() -> dict:
     "logits64": np.load(VIM_REF / "logits_float64.npy"),
     "activations": dict(np.load(VIM_REF / "activations.npz")),
   }
+
+
+def pytest_configure(config):
+  """Eight CPU devices for the sharding tests (must be set before JAX initialises its backends)."""
+  import jax
+
+  jax.config.update("jax_num_cpu_devices", 8)

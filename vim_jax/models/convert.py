@@ -20,6 +20,8 @@ from flax import nnx
 from vim_jax.models import layers
 from vim_jax.models.vim import ModelConfig, VisionMamba
 
+log = logging.getLogger(__name__)
+
 _CONV1D_KERNELS = ("conv1d.kernel", "conv1d_b.kernel")
 _PATCH_KERNEL = "patch_embed.proj.kernel"
 
@@ -170,7 +172,7 @@ def adapt_state_dict(
   """Resize pos_embed from the checkpoint's patch grid to `cfg`'s (no-op when they match)."""
   state_dict = dict(state_dict)
   if checkpoint_grid != cfg.grid_size:
-    logging.info(
+    log.info(
       "resizing pos_embed from grid %s to %s (official_quirk=%s)", checkpoint_grid, cfg.grid_size, official_quirk
     )
     state_dict["pos_embed"] = layers.resize_pos_embed(

@@ -48,6 +48,7 @@ class ModelConfig:
   matmul_precision: str | None = None  # e.g. "highest" to avoid TF32 in float32 on GPUs
   scan_impl: str | None = None  # see kernels.selective_scan; None = by backend
   scan_interpret: bool = False  # Pallas interpret mode (CPU testing of GPU/TPU kernels)
+  remat: bool = False  # recompute each block in the backward pass (memory for long sequences)
 
   def __post_init__(self):
     if isinstance(self.img_size, int):
@@ -227,6 +228,10 @@ class Block(nnx.Module):
     return residual + layers.drop_path(hidden.astype(jnp.float32), self.drop_path_rate, rngs)
 
 
+def _apply_block(block: Block, residual: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
+  return block(residual, rngs=rngs)
+
+
 class VisionMamba(nnx.Module):
   """The Vim backbone and classifier. `model(images)` takes NHWC images and returns logits."""
 
@@ -270,8 +275,9 @@ class VisionMamba(nnx.Module):
   def forward_tokens(self, images: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
     """The final-normed token sequence (batch, length, dim), cls included: the dense-prediction output."""
     residual = self.embed(images)
+    apply = nnx.remat(_apply_block) if self.cfg.remat else _apply_block
     for block in self.layers:
-      residual = block(residual, rngs=rngs)
+      residual = apply(block, residual, rngs)
     return self.norm_f(residual)
 
   def forward_features(self, images: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:

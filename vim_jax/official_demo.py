@@ -1,6 +1,6 @@
 """Offline demo: load an official-format Vim checkpoint without torch, predict, and check the logits.
 
-  python -m vim_jax.demo [--checkpoint PATH.pth] [--img-size 64]
+  python -m vim_jax.official_demo [--checkpoint PATH.pth] [--img-size 64]
 
 By default it uses the small reference Vim shipped in tests/data (made by the official PyTorch code,
 in the layout of the released files: model, model_ema, optimizer and an argparse Namespace), runs both
@@ -79,7 +79,7 @@ def _checkpoint_demo(path: str, img_size: int, stride: int | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m vim_jax.demo", description=__doc__.split("\n\n")[0])
+  parser = argparse.ArgumentParser(prog="python -m vim_jax.official_demo", description=__doc__.split("\n\n")[0])
   parser.add_argument("--checkpoint", help="an official .pth file (default: the shipped reference model)")
   parser.add_argument("--img-size", type=int, default=224)
   parser.add_argument("--stride", type=int, default=None)

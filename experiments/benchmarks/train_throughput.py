@@ -1,0 +1,121 @@
+r"""Training throughput of Vim with the full recipe, and data-parallel scaling over 1..N devices.
+
+  python experiments/benchmarks/train_throughput.py --model=vim_tiny --per_device_batch=128 \
+      --devices=1,2,4 --out=experiments/results/train_throughput_h100.json
+
+For each device count n, the trainer's own jitted step (mixup/cutmix, label smoothing, AdamW with the
+official parameter groups, EMA, bf16 compute, f32 parameters) runs on a mesh of the first n devices
+with n × per_device_batch images, timed over --steps steps after warm-up on a fixed random batch (the
+input pipeline is measured on its own by input_pipeline.py). Peak device memory and XLA's temp size are
+reported. Then the same global batch is stepped on 1 and on n devices: the losses must agree.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from vim_jax import config_base, sharding, trainer
+
+_MODEL = flags.DEFINE_string("model", "vim_tiny", "Model variant.")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Image size.")
+_BATCH = flags.DEFINE_integer("per_device_batch", 128, "Images per device.")
+_DEVICES = flags.DEFINE_list("devices", ["1"], "Device counts to measure.")
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per device count.")
+_SCAN = flags.DEFINE_string("scan_impl", None, "kernels.selective_scan impl (None = by backend).")
+_EQUAL_BATCH = flags.DEFINE_integer("equality_batch", 64, "Global batch of the 1-vs-n loss check.")
+_OUT = flags.DEFINE_string("out", None, "JSON file for the results.")
+
+
+def _config(global_batch: int):
+  config = config_base.imagenet_config(_MODEL.value, batch_size=global_batch)
+  config.data.name = "digits"  # only for dataset_info; batches below are synthetic
+  config.data.image_size = _IMAGE_SIZE.value
+  config.model.num_classes = 1000
+  config.model.scan_impl = _SCAN.value
+  return config
+
+
+def _random_batch(n: int, seed: int = 0) -> dict:
+  rng = np.random.default_rng(seed)
+  size = _IMAGE_SIZE.value
+  return {
+    "image": rng.normal(size=(n, size, size, 3)).astype(np.float32),
+    "label": rng.integers(0, 1000, size=n).astype(np.int32),
+  }
+
+
+def _steps(config, devices, batch, num_steps):
+  """(losses, step seconds, compiled temp bytes) of `num_steps` train steps on `devices`."""
+  exp = trainer.Experiment.create(config, devices=devices)
+  with jax.set_mesh(exp.mesh):
+    state = exp.init_state()
+    train_step, _ = exp.jitted()
+    global_batch = sharding.global_batch(batch, exp.mesh)
+    compiled = train_step.lower(state, global_batch).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    losses, times = [], []
+    for _ in range(num_steps):
+      start = time.perf_counter()
+      state, metrics = compiled(state, global_batch)
+      losses.append(float(metrics["loss"]))  # blocks: one step per measurement
+      times.append(time.perf_counter() - start)
+  return losses, times, temp
+
+
+def main(argv):
+  del argv
+  device = jax.devices()[0]
+  results = {"device": device.device_kind, "platform": device.platform, "jax": jax.__version__, "runs": []}
+  print(f"{_MODEL.value} at {_IMAGE_SIZE.value}², {_BATCH.value} images per device, on {device.device_kind}")
+  for n in map(int, _DEVICES.value):
+    batch = _random_batch(n * _BATCH.value)
+    _, times, temp = _steps(_config(n * _BATCH.value), jax.devices()[:n], batch, _STEPS.value + 3)
+    step = float(np.median(times[3:]))
+    peak = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in jax.devices()[:n])  # None on CPU
+    run = {
+      "devices": n,
+      "global_batch": n * _BATCH.value,
+      "step_ms": 1e3 * step,
+      "images_per_sec": n * _BATCH.value / step,
+      "images_per_sec_per_device": _BATCH.value / step,
+      "xla_temp_mib": temp / 2**20,
+      "peak_mib_so_far": peak / 2**20,
+    }
+    results["runs"].append(run)
+    print(json.dumps(run))
+  base = results["runs"][0]["images_per_sec_per_device"]
+  for run in results["runs"]:
+    run["scaling_efficiency"] = run["images_per_sec_per_device"] / base
+  n_max = max(map(int, _DEVICES.value))
+  if n_max > 1:
+    batch = _random_batch(_EQUAL_BATCH.value, seed=1)
+    one, _, _ = _steps(_config(_EQUAL_BATCH.value), jax.devices()[:1], batch, 5)
+    many, _, _ = _steps(_config(_EQUAL_BATCH.value), jax.devices()[:n_max], batch, 5)
+    rel = float(np.max(np.abs(np.array(one) - np.array(many)) / np.abs(np.array(one))))
+    results["equal_losses"] = {
+      "global_batch": _EQUAL_BATCH.value,
+      "devices": [1, n_max],
+      "losses_1": one,
+      f"losses_{n_max}": many,
+      "max_rel_diff": rel,
+    }
+    print(json.dumps(results["equal_losses"]))
+  print("\n| devices | global batch | step (ms) | images/s | per device | efficiency | XLA temp (MiB) |")
+  print("|---|---|---|---|---|---|---|")
+  for r in results["runs"]:
+    print(
+      f"| {r['devices']} | {r['global_batch']} | {r['step_ms']:.1f} | {r['images_per_sec']:.0f} | "
+      f"{r['images_per_sec_per_device']:.0f} | {r['scaling_efficiency']:.2f} | {r['xla_temp_mib']:.0f} |"
+    )
+  if _OUT.value:
+    with open(_OUT.value, "w") as f:
+      json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)
