@@ -5,7 +5,8 @@ uses the paper's recipe (batch 1024, lr 1e-3 after scaling, wd 0.05) with drop p
       --config.data.data_dir=/path/to/tensorflow_datasets
 
 Hardware: 8+ GPUs or a TPU slice; parameters and optimizer state are split over `mesh.fsdp` devices.
-Expected: 81.9% top-1 (the released Vim-B). Arguments: `runlocal`.
+Expected: 81.9% top-1 (the released Vim-B; not yet reproduced here). Time: not measured yet.
+Arguments: `runlocal`.
 """
 
 from vim_jax import config_base

@@ -3,7 +3,8 @@ r"""Vim-S on ImageNet-1k, 300 epochs: the paper's recipe (pt-vim-s.sh: batch 512
   python -m vim_jax.train --config=configs/small.py --workdir=runs/vim_small \
       --config.data.data_dir=/path/to/tensorflow_datasets
 
-Hardware: written for 8 GPUs (global batch 512 = the official 8×64). Expected: 80.5% top-1.
+Hardware: written for 8 GPUs (global batch 512 = the official 8×64). Expected: 80.5% top-1 (the released
+Vim-S; not yet reproduced here). Time: not measured yet.
 Arguments: `official` = the per-epoch learning-rate schedule of the official scripts; `runlocal`.
 """
 

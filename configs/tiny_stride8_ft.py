@@ -1,11 +1,12 @@
 r"""Long-sequence fine-tuning of Vim-Ti: patch stride 8 (730 tokens at 224²), 30 epochs at lr 1e-5, wd 1e-8.
 
   python -m vim_jax.train --config=configs/tiny_stride8_ft.py --workdir=runs/vim_tiny_stride8 \
-      --config.init_from=vim_t_midclstok_*acc.pth --config.data.data_dir=/path/to/tensorflow_datasets
+      --config.init_from=vim_t_midclstok_76p1acc.pth --config.data.data_dir=/path/to/tensorflow_datasets
 
 `init_from` is a stride-16 checkpoint: an official .pth (converted on the fly, head kept) or a vim_jax
 model directory (e.g. runs/vim_tiny/best). Its 14×14 position embedding is resized to 27×27.
-Hardware: 8 GPUs (global batch 1024, as ft-vim-t.sh). Expected: 78.3% top-1 (the released Vim-Ti†).
+Hardware: 8 GPUs (global batch 1024, as ft-vim-t.sh). Expected: 78.3% top-1 (the released Vim-Ti†;
+not yet reproduced here).
 Arguments: `official` = resize pos_embed with the official code's quirk (vim_spec.md §1.3), as the
 released stride-8 weights were initialised, and the per-epoch schedule; `runlocal`.
 """
