@@ -1,7 +1,7 @@
 """Public selective scan: validates arguments, does the work every impl shares, dispatches.
 
-The impls (`reference`, `xla`) only run the recurrence on ready inputs; step-size bias and softplus,
-the D skip, the z gate, dtype handling and argument checks live here, once.
+The impls (`reference`, `xla`, `pallas_gpu`) only run the recurrence on ready inputs; step-size bias
+and softplus, the D skip, the z gate, dtype handling and argument checks live here, once.
 """
 
 import functools
@@ -11,16 +11,17 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from kernels.selective_scan import reference, xla
+from kernels.selective_scan import pallas_gpu, reference, xla
 
 _log = logging.getLogger(__name__)
 
 _SCANS: dict[str, Callable[..., tuple[jax.Array, jax.Array]]] = {
   "reference": reference.scan,
   "xla": xla.scan,
+  "pallas_gpu": pallas_gpu.scan,
 }
-_PALLAS = ("pallas", "pallas_gpu", "pallas_tpu")
-IMPLS = (*_SCANS, *_PALLAS)
+_NOT_YET = ("pallas_tpu",)
+IMPLS = (*_SCANS, "pallas", *_NOT_YET)
 
 # torch.nn.functional.softplus switches to the identity above this input (official kernels too).
 _SOFTPLUS_THRESHOLD = 20.0
@@ -29,9 +30,19 @@ _SOFTPLUS_THRESHOLD = 20.0
 @functools.cache
 def _default_impl(backend: str) -> str:
   """Impl for `impl=None` on `backend`; cached so the choice is logged once per backend."""
-  impl = "xla"  # Pallas kernels will take over on GPU/TPU once they exist.
+  impl = "xla"  # Pallas kernels will take over on GPU/TPU once they are benchmarked.
   _log.info("selective_scan: impl=None on backend %r -> %r", backend, impl)
   return impl
+
+
+def _pallas_impl(backend: str, interpret: bool) -> str:
+  """The Pallas kernel for `backend`: the GPU one on GPU, and on CPU in interpret mode (tests)."""
+  if backend == "gpu" or (backend == "cpu" and interpret):
+    return "pallas_gpu"
+  raise NotImplementedError(
+    f"selective_scan: impl='pallas' on backend {backend!r}: no Pallas kernel for it yet"
+    " (pallas_gpu runs on GPU, or on CPU with interpret=True); use impl='xla' or impl='reference'."
+  )
 
 
 def _softplus(x: jax.Array) -> jax.Array:
@@ -90,8 +101,10 @@ def selective_scan(
       caller flips nothing. `last_state` is then the state after position 0.
     return_last_state: also return the final state h.
     impl: "reference" (sequential lax.scan, the ground truth), "xla" (chunked associative scan,
-      bounded memory), or None to pick by backend (logged once). "pallas", "pallas_gpu" and
-      "pallas_tpu" are reserved and raise NotImplementedError; a named impl never falls back.
+      bounded memory), "pallas_gpu" (Pallas Triton forward kernel, gradients via the xla scan),
+      "pallas" (the Pallas kernel for the backend: pallas_gpu on GPU, or on CPU with `interpret`;
+      NotImplementedError elsewhere), or None to pick by backend (logged once; "xla" for now).
+      "pallas_tpu" is reserved and raises NotImplementedError; a named impl never falls back.
     interpret: run Pallas kernels in interpret mode (for CPU tests); ignored by the other impls.
 
   Returns:
@@ -116,9 +129,11 @@ def selective_scan(
 
   if impl is None:
     impl = _default_impl(jax.default_backend())
-  if impl in _PALLAS:
+  if impl == "pallas":
+    impl = _pallas_impl(jax.default_backend(), interpret)
+  if impl in _NOT_YET:
     raise NotImplementedError(
-      f"selective_scan: impl={impl!r}: the Pallas kernels are not implemented yet; use impl='xla' or impl='reference'."
+      f"selective_scan: impl={impl!r}: not implemented yet; use impl='xla' or impl='reference'."
     )
   if impl not in _SCANS:
     raise ValueError(f"selective_scan: unknown impl {impl!r}; valid impls: {IMPLS}")
@@ -130,7 +145,8 @@ def selective_scan(
     delta = delta + delta_bias.astype(dtype)
   if delta_softplus:
     delta = _softplus(delta)
-  y, last_state = _SCANS[impl](u, delta, A, B, C, reverse=reverse)
+  options = {"interpret": interpret} if impl.startswith("pallas") else {}
+  y, last_state = _SCANS[impl](u, delta, A, B, C, reverse=reverse, **options)
   if D is not None:
     y = y + D.astype(dtype) * u
   if z is not None:

@@ -1,4 +1,7 @@
-"""Tests for kernels.selective_scan: official float64 golden data, impl cross-checks, memory, validation."""
+"""Tests for kernels.selective_scan: official float64 golden data, impl cross-checks, memory, validation.
+
+Pallas kernels run in interpret mode, so on CPU they check the kernel's logic, not its GPU lowering
+(that is only compiled for CUDA here, never run)."""
 
 import functools
 import pathlib
@@ -11,9 +14,10 @@ import numpy as np
 import pytest
 
 import kernels
-from kernels.selective_scan import reference, selective_scan, xla
+from kernels.selective_scan import pallas_gpu, reference, selective_scan, xla
 
-IMPLS = ("reference", "xla")
+# Every impl that runs here; Pallas kernels run in interpret mode (the other impls ignore `interpret`).
+IMPLS = ("reference", "xla", "pallas_gpu")
 DATA = pathlib.Path(__file__).parents[1] / "data" / "selective_scan"
 ARRAY_ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
@@ -115,6 +119,7 @@ def test_matches_official_reference(impl, case, dtype, x64):
       delta_softplus=bool(data["delta_softplus"]),
       return_last_state=True,
       impl=impl,
+      interpret=True,
     )
     return jnp.sum(y * w), (y, last_state)
 
@@ -133,7 +138,7 @@ NO_OPTIONS = dict(D=False, z=False, delta_bias=False, delta_softplus=False)
 
 @pytest.mark.parametrize(
   "shape, options, dtype",
-  [  # shape = (batch, length, channels, state); xla.MAX_CHUNK = 64
+  [  # shape = (batch, length, channels, state); xla.MAX_CHUNK = 64, pallas_gpu.BLOCK_D = 32
     pytest.param((1, 1, 3, 2), ALL_OPTIONS, jnp.float32, id="l1-all-f32"),
     pytest.param((2, 7, 5, 3), NO_OPTIONS, jnp.bfloat16, id="l7-none-bf16"),
     pytest.param((2, 33, 8, 4), NO_OPTIONS | dict(D=True), jnp.float32, id="l33-D-f32"),
@@ -141,15 +146,19 @@ NO_OPTIONS = dict(D=False, z=False, delta_bias=False, delta_softplus=False)
     pytest.param((1, 197, 4, 4), ALL_OPTIONS | dict(D=False), jnp.bfloat16, id="l197-noD-bf16"),
     pytest.param((2, 300, 4, 3), ALL_OPTIONS, jnp.float32, id="l300-all-f32"),  # 5 of 60
     pytest.param((1, 301, 3, 2), NO_OPTIONS | dict(delta_bias=True, z=True), jnp.bfloat16, id="l301-z-bias-bf16"),
+    # Channel blocks: 2 blocks of 32 with 24 padded channels, and 1 block with 8 padded.
+    pytest.param((2, 33, 40, 16), ALL_OPTIONS, jnp.float32, id="l33-d40-n16-all-f32"),
+    pytest.param((1, 7, 24, 4), ALL_OPTIONS, jnp.bfloat16, id="l7-d24-n4-all-bf16"),
   ],
 )
-def test_xla_matches_reference(shape, options, dtype):
+@pytest.mark.parametrize("impl", ["xla", "pallas_gpu"])
+def test_matches_reference(impl, shape, options, dtype):
   rng = np.random.default_rng(sum(shape))
   arrays = random_inputs(rng, *shape, **options, dtype=dtype)
   cotangents = random_cotangents(rng, arrays, dtype)
   softplus = options["delta_softplus"]
 
-  (y, last_state), grads = forward_and_vjp(arrays, cotangents, delta_softplus=softplus, impl="xla")
+  (y, last_state), grads = forward_and_vjp(arrays, cotangents, delta_softplus=softplus, impl=impl, interpret=True)
   expected = forward_and_vjp(arrays, cotangents, delta_softplus=softplus, impl="reference")
 
   chex.assert_shape(y, arrays["u"].shape)
@@ -157,6 +166,27 @@ def test_xla_matches_reference(shape, options, dtype):
   chex.assert_trees_all_equal_dtypes((y, last_state, grads), (arrays["u"], cotangents[1], arrays))
   assert_close((y, last_state), expected[0], dtype, "fwd")
   assert_close(grads, expected[1], dtype, "grad")
+
+
+@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
+def test_pallas_gpu_lowers_for_cuda():
+  """The Triton lowering (forward kernel and the xla backward) for an H100, on any host: an abstract
+  device stands in for the GPU. Interpret mode never runs this path."""
+  if not hasattr(jax.sharding, "AbstractDevice"):
+    pytest.skip("this jax cannot name an abstract GPU to lower for")
+  shapes = {"u": (2, 197, 40), "delta": (2, 197, 40), "A": (40, 16), "B": (2, 197, 16), "C": (2, 197, 16)}
+  arrays = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()}
+
+  def fwd_bwd(arrays):
+    (y, last_state), vjp = jax.vjp(lambda a: pallas_gpu.scan(**a, reverse=True), arrays)
+    return vjp((y, last_state))
+
+  h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)):
+    hlo = jax.jit(fwd_bwd).trace(arrays).lower(lowering_platforms=("cuda",)).as_text()
+  # Channels padded to 64 (2 blocks of 32); the length stays 197.
+  assert re.search(r"custom_call @__gpu\$xla\.gpu\.triton\(.*name = \"selective_scan_fwd\"", hlo)
+  assert "(tensor<2x197x64xf32>, tensor<2x197x64xf32>, tensor<64x16xf32>" in hlo
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -169,7 +199,9 @@ def test_reverse_is_flip_scan_flip(impl):
   def flip(tree):  # every (batch, length, ...) array; A, D, delta_bias and the state have no length
     return {k: v[:, ::-1] if v.ndim == 3 else v for k, v in tree.items()}
 
-  (y, last_state), grads = forward_and_vjp(arrays, (ct_y, ct_state), delta_softplus=True, reverse=True, impl=impl)
+  (y, last_state), grads = forward_and_vjp(
+    arrays, (ct_y, ct_state), delta_softplus=True, reverse=True, impl=impl, interpret=True
+  )
   (y_flip, state_flip), grads_flip = forward_and_vjp(
     flip(arrays), (ct_y[:, ::-1], ct_state), delta_softplus=True, impl="reference"
   )
@@ -197,7 +229,7 @@ def test_softplus_matches_torch_and_has_finite_gradients(impl, x64):
   }
 
   def first_output(arrays):  # at t = 0, h = delta' * B * u, so y = (delta' + D) * silu(z)
-    return selective_scan(**arrays, delta_softplus=True, impl=impl)[0, 0]
+    return selective_scan(**arrays, delta_softplus=True, impl=impl, interpret=True)[0, 0]
 
   expected = np.where(x > 20, x, np.log1p(np.exp(np.minimum(x, 20))))
   chex.assert_trees_all_close(jit_run(first_output, arrays), (expected + 0.25) * jax.nn.silu(1.0), rtol=1e-14)
@@ -270,7 +302,7 @@ def test_xla_memory_does_not_grow_with_the_full_state():
   full_state_growth = batch * length * channels * state * 4
   growth = {
     impl: temp_bytes(impl, batch, 2 * length, channels, state) - temp_bytes(impl, batch, length, channels, state)
-    for impl in IMPLS
+    for impl in ("reference", "xla")
   }
   assert growth["reference"] >= full_state_growth, growth
   assert growth["xla"] < full_state_growth / 8, growth
@@ -322,10 +354,22 @@ def test_unknown_impl_lists_valid_impls():
     selective_scan(**valid_args(), impl="cuda")
 
 
-@pytest.mark.parametrize("impl", ["pallas", "pallas_gpu", "pallas_tpu"])
-def test_pallas_impls_are_not_silently_replaced(impl):
-  with pytest.raises(NotImplementedError, match="Pallas kernels are not implemented yet"):
-    selective_scan(**valid_args(), impl=impl, interpret=True)
+def test_pallas_tpu_is_not_silently_replaced():
+  with pytest.raises(NotImplementedError, match="impl='pallas_tpu': not implemented yet"):
+    selective_scan(**valid_args(), impl="pallas_tpu", interpret=True)
+
+
+def test_pallas_on_cpu_is_pallas_gpu_in_interpret_mode_only():
+  if jax.default_backend() != "cpu":
+    pytest.skip("checks the CPU choice")
+  args = valid_args()
+
+  def trace(impl):
+    return jax.make_jaxpr(lambda a: selective_scan(**a, impl=impl, interpret=True))(args)
+
+  assert str(trace("pallas")) == str(trace("pallas_gpu"))
+  with pytest.raises(NotImplementedError, match="impl='pallas' on backend 'cpu'"):
+    selective_scan(**args, impl="pallas")
 
 
 def test_kernels_is_this_projects_package():
