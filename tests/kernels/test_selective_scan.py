@@ -260,6 +260,16 @@ def test_xla_chunking_matches_reference_in_float64(max_chunk, x64):
   assert_close(grads, expected_grads, jnp.float64, "grad")
 
 
+@pytest.mark.parametrize("max_chunk", [1, 8, 32])
+def test_pallas_gpu_chunking_matches_reference_in_float64(max_chunk, x64):
+  """The kernel's chunk passes and the carry between chunks, both directions, same lengths as above."""
+  inputs = random_inputs(np.random.default_rng(max_chunk), 2, 33, 3, 2, **NO_OPTIONS, dtype=jnp.float64)
+  for reverse in (False, True):
+    kernel = functools.partial(pallas_gpu.forward, reverse=reverse, interpret=True, max_chunk=max_chunk)
+    out = jit_run(lambda a, f=kernel: f(**a), inputs)
+    assert_close(out, jit_run(lambda a, r=reverse: reference.scan(**a, reverse=r), inputs), jnp.float64, "fwd")
+
+
 def test_default_impl_on_cpu_is_xla_and_returns_only_y():
   if jax.default_backend() != "cpu":
     pytest.skip("checks the CPU choice")
