@@ -66,6 +66,17 @@ def assert_batches_equal(a: list[dict], b: list[dict]) -> None:
       np.testing.assert_array_equal(x[key], y[key], err_msg=key)
 
 
+def assert_resumes_identically(config, *, skip: int, process_index: int, process_count: int) -> None:
+  """After `skip` batches, a fresh iterator restored from get_state() yields the next 2 batches unchanged."""
+  iterator = pipeline.make_train_iterator(config, process_index=process_index, process_count=process_count)
+  take(iterator, skip)
+  state = iterator.get_state()
+  expected = take(iterator, 2)
+  resumed = pipeline.make_train_iterator(config, process_index=process_index, process_count=process_count)
+  resumed.set_state(state)
+  assert_batches_equal(take(resumed, 2), expected)
+
+
 # ------------------------------------------------------------------------------------------------
 # RASampler
 
@@ -208,11 +219,7 @@ def test_imagenet_sharding_determinism_resume(imagenet_dir):
 
   first = pipeline.make_train_iterator(config, process_index=1, process_count=2)
   assert_batches_equal(take(first, 2), labels[1])
-  state = first.get_state()
-  expected = take(first, 2)
-  resumed = pipeline.make_train_iterator(config, process_index=1, process_count=2)
-  resumed.set_state(state)
-  assert_batches_equal(take(resumed, 2), expected)
+  assert_resumes_identically(config, skip=2, process_index=1, process_count=2)
 
 
 def test_missing_imagenet_fails_fast_with_instructions(tmp_path):
@@ -282,13 +289,7 @@ def test_digits_train_determinism_and_resume():
 
   # Resume across an epoch boundary (93 steps per epoch).
   config.seed = 0
-  iterator = pipeline.make_train_iterator(config, process_index=0, process_count=1)
-  take(iterator, 92)
-  state = iterator.get_state()
-  expected = take(iterator, 2)
-  resumed = pipeline.make_train_iterator(config, process_index=0, process_count=1)
-  resumed.set_state(state)
-  assert_batches_equal(take(resumed, 2), expected)
+  assert_resumes_identically(config, skip=92, process_index=0, process_count=1)
 
 
 def test_digits_workers_match_in_process_and_restore_with_orbax_handler(tmp_path):
