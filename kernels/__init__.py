@@ -1,5 +1,5 @@
 """Accelerator kernels for vim_jax (the selective scan)."""
 
-from kernels.selective_scan import selective_scan
+from kernels.selective_scan import Direction, selective_scan, selective_scan_bidirectional
 
-__all__ = ["selective_scan"]
+__all__ = ["Direction", "selective_scan", "selective_scan_bidirectional"]

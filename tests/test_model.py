@@ -13,6 +13,7 @@ import numpy_vim
 import pytest
 from flax import nnx
 
+from kernels import selective_scan
 from vim_jax.models import convert, create_model, layers, model_config
 from vim_jax.models.vim import ModelConfig, VisionMamba
 
@@ -67,9 +68,10 @@ def test_numpy_reference_reproduces_official_float64_logits(vim_ref):
   np.testing.assert_allclose(logits, vim_ref["logits64"], rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("impl", ["reference", "xla"])
+@pytest.mark.parametrize("impl", ["reference", "xla", "pallas_gpu", "pallas_tpu"])
 def test_logits_equal_official(vim_ref, impl):
-  model = ref_model(vim_ref, scan_impl=impl)
+  """Every scan impl, the Pallas kernels in interpret mode (the GPU one with its fused bidirectional path)."""
+  model = ref_model(vim_ref, scan_impl=impl, scan_interpret=True)
   logits = logits_of(model, jnp.asarray(vim_ref["images"]))
   assert logits.dtype == jnp.float32
   assert_rel_close(logits, vim_ref["logits64"], 1e-5, "logits")
@@ -106,9 +108,13 @@ def test_layer0_mixer_internals_match_official(vim_ref):
   assert_rel_close(to_channel_major(jax.nn.silu(mixer.conv1d(x))), act["l0_fwd_conv_silu"], 1e-5, "fwd conv")
   bwd_conv = to_channel_major(jax.nn.silu(mixer.conv1d_b(x, reverse=True)))
   assert_rel_close(flip(bwd_conv), act["l0_bwd_conv_silu"], 1e-5, "bwd conv")
-  y_fwd = mixer._direction(x, z, mixer.conv1d, mixer.x_proj, mixer.dt_proj, mixer.A_log, mixer.D, reverse=False)
-  y_bwd = mixer._direction(
-    x, z, mixer.conv1d_b, mixer.x_proj_b, mixer.dt_proj_b, mixer.A_b_log, mixer.D_b, reverse=True
+  forward = mixer._direction(x, mixer.conv1d, mixer.x_proj, mixer.dt_proj, mixer.A_log, mixer.D, reverse=False)
+  backward = mixer._direction(
+    x, mixer.conv1d_b, mixer.x_proj_b, mixer.dt_proj_b, mixer.A_b_log, mixer.D_b, reverse=True
+  )
+  y_fwd, y_bwd = (
+    selective_scan(*args[:5], args.D, z, args.delta_bias, delta_softplus=True, reverse=reverse, impl="reference")
+    for args, reverse in ((forward, False), (backward, True))
   )
   assert_rel_close(to_channel_major(y_fwd), act["l0_fwd_out_z"], 1e-5, "fwd scan")
   assert_rel_close(flip(to_channel_major(y_bwd)), act["l0_bwd_out_z"], 1e-5, "bwd scan")
@@ -142,17 +148,18 @@ def test_bfloat16_compute_stays_close_and_keeps_f32_params(vim_ref):
   assert_rel_close(logits, vim_ref["logits64"], 5e-2, "bf16 logits")
 
 
-def test_gradients_agree_between_scan_impls(vim_ref):
+@pytest.mark.parametrize("impl", ["xla"])  # the kernels' gradients: tests/kernels (interpret mode is slow here)
+def test_gradients_agree_between_scan_impls(vim_ref, impl):
   images = jnp.asarray(vim_ref["images"])
 
   def grads(impl):
-    model = ref_model(vim_ref, scan_impl=impl)
+    model = ref_model(vim_ref, scan_impl=impl, scan_interpret=True)
     loss = lambda m: jnp.sum(m(images) ** 2)  # noqa: E731
     return nnx.state(nnx.jit(nnx.grad(loss))(model))
 
-  g_ref, g_xla = grads("reference"), grads("xla")
+  g_ref, g_impl = grads("reference"), grads(impl)
   chex.assert_tree_all_finite(g_ref)
-  chex.assert_trees_all_close(g_xla, g_ref, rtol=1e-4, atol=1e-6)
+  chex.assert_trees_all_close(g_impl, g_ref, rtol=1e-4, atol=1e-6)
 
 
 @pytest.fixture(scope="module")

@@ -1,154 +1,511 @@
-"""Selective scan forward as a Pallas GPU kernel on the Triton backend; gradients via `xla.scan`.
+"""Selective scan as Pallas GPU kernels on the Triton backend: fused forward and backward.
 
 Triton rather than Mosaic GPU (the backend Pallas is moving to): the scan is a sequential recurrence
 over length with a small per-channel state, which Triton expresses as one loop over values held in
 registers, with no shared-memory pipeline or warpgroup code to write; and it runs on jax 0.11 and 0.12
 (deprecated there since 0.11: lowering warns, so a Mosaic GPU port is due before it is removed).
 
-Each program owns `block_d` channels of one sequence and all of their state, (block_d, state) floats
-in registers, and walks the length one position at a time: the (batch, length, channels, state) states
-never touch HBM. Triton tensors need power-of-two sizes, so channels are zero-padded to a multiple of
-`block_d` and state to a power of two (A = B = C = 0 there keeps padded entries at h = 0 and out of y).
+Fused like the official CUDA kernel: the kernels read the raw arguments in their own dtype (bf16 or f32)
+and do all per-position work in float32 registers: delta + delta_bias, softplus, the recurrence,
+y = <h, C> + D u and the silu(z) gate. The forward reads u, delta, z, B, C once and writes y once; no
+float32 copy of anything crosses HBM, and the (batch, length, channels, state) states never do.
+
+Each program owns `block_d` channels of one chunk of one sequence, with their (block_d, state) state in
+registers, and walks the chunk one position at a time. Triton tensors need power-of-two sizes, so
+channels are zero-padded to a multiple of `block_d` and state to a power of two (A = B = C = 0 there
+keeps padded entries at h = 0); the length is never padded: a chunk past the end stops at the last
+position (a partial sub-chunk re-reads it as an identity step, delta = 0, whose writes repeat a value).
 
 Long sequences are split into chunks of at most `CHUNK` positions so that a small batch still gives
-enough programs to fill the GPU: pass 1 scans every chunk from a zero state and keeps only its end
-state; a short `lax.scan` over chunks (in XLA) carries the true state into each chunk, using the
-chunk's total decay exp(A · Σ delta); pass 2 rescans every chunk from its true start state and writes y.
-Padding positions (delta = 0, u = 0) are identity steps, in either direction.
+enough programs to fill the GPU: pass 1 scans every chunk from a zero state, keeping its end state and
+total step size; a short `lax.scan` over chunks (in XLA) carries the true state into each chunk with the
+chunk's total decay exp(A Σ delta); pass 2 rescans every chunk from its true start state and writes y.
+
+Backward (`jax.custom_vjp`; residuals are the inputs plus, with several chunks, each chunk's start state
+and total step size). The adjoint g_t = dL/dh_t runs against the scan: g_t = silu(z_t) dy_t C_t +
+exp(delta_{t+1} A) g_{t+1}, and every gradient is a product of g_t, h_{t-1} or h_t and the inputs at t.
+The states are recomputed: a forward pass from the chunk start states writes the state at the start of
+every sub-chunk of `SUB_CHUNK` positions (1/SUB_CHUNK of the full tensor, freed within the backward);
+the gradient kernel walks the sub-chunks backwards, recomputes each one's states into registers
+(unrolled: registers cannot be indexed dynamically), then walks its positions backwards. With several
+chunks, the adjoint entering each chunk from later ones is carried like the forward state: a zero-start
+adjoint pass per chunk, then a `lax.scan` over chunks. dB and dC (sums over channels) come out per
+channel block, dA, dD and d(delta_bias) (sums over positions) per chunk; XLA adds the partial sums.
 """
 
+import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.selective_scan.autodiff import with_xla_backward
+from kernels.selective_scan.padding import pad_to
+from kernels.selective_scan.softplus import softplus, softplus_grad
 
-# Untuned starting points: 32 channels x 16 states is 512 floats of state, 8 per thread with 2 warps;
-# Vim's 384 channels then give batch x 12 programs per chunk. Two stages may let Triton prefetch the
-# next position's inputs while the current one computes. CHUNK bounds the positions one program walks.
+# Chosen by experiments/benchmarks/scan_tune.py on an H100 (scan_tune_h100.json; 224² batch 128, bf16):
+# of 16/32/64 channels x 1/2/4 warps x 8/16 sub-chunk states, 32 x 1 x 8 was fastest forward+backward
+# (1.53 ms vs 1.62-4.6), within 2% of the fastest forward; 16 states spill registers in the backward.
+# CHUNK bounds the positions one program walks (long sequences then fill the GPU at batch 1).
 BLOCK_D = 32
-NUM_WARPS = 2
+NUM_WARPS = 1
 NUM_STAGES = 2
 CHUNK = 256
+SUB_CHUNK = 8
 
 
-def _kernel(u_ref, delta_ref, A_ref, B_ref, C_ref, h0_ref, *out_refs, chunk: int, reverse: bool, write_y: bool):
-  """One (sequence, channel block, chunk): refs are u/delta/y (chunk, block_d), B/C (chunk, state), A,
-  the chunk's start state and its end state (block_d, state)."""
-  *y_ref, h_ref = out_refs
-  A = A_ref[...]
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """The static geometry and options shared by the kernels of one call."""
 
-  def step(i, h):
-    t = chunk - 1 - i if reverse else i
-    delta = delta_ref[t, :]
-    drive = (delta * u_ref[t, :])[:, None] * B_ref[t, :][None, :]
-    h = jnp.exp(delta[:, None] * A) * h + drive
-    if write_y:
+  batch: int
+  length: int
+  chunk: int
+  num_chunks: int
+  sub_chunk: int
+  block_d: int
+  channels: int  # padded to a multiple of block_d
+  state: int  # padded to a power of two
+  reverse: bool
+  softplus: bool
+  gated: bool  # z given
+  dtype: jnp.dtype  # of the math: float32, or float64 for float64 inputs
+  num_warps: int
+  interpret: bool
+  # Set for the second direction of a fused bidirectional scan: y = (y + partner) * combine, then gated,
+  # where partner is the first direction's ungated output.
+  combine: float | None = None
+
+  @property
+  def sub_chunks(self) -> int:
+    return self.chunk // self.sub_chunk
+
+  def grid(self) -> tuple[int, int, int]:
+    return self.batch, self.channels // self.block_d, self.num_chunks
+
+
+class _Refs(NamedTuple):
+  """One program's blocks of the scan's arguments (z is None without a gate, partner without a combine)."""
+
+  u: jax.Array
+  delta: jax.Array
+  A: jax.Array
+  B: jax.Array
+  C: jax.Array
+  D: jax.Array
+  bias: jax.Array
+  z: jax.Array | None
+  partner: jax.Array | None
+
+
+def _split_refs(refs, plan: _Plan):
+  """(the argument refs, the refs after them)."""
+  refs = list(refs)
+  z = refs.pop(7) if plan.gated else None
+  partner = refs.pop(7) if plan.combine is not None else None
+  return _Refs(*refs[:7], z, partner), refs[7:]
+
+
+class _Chunk:
+  """This program's chunk: its positions in scan order, and the inputs at a position, in float32."""
+
+  def __init__(self, refs: _Refs, plan: _Plan):
+    self.refs, self.plan = refs, plan
+    self.size = jnp.minimum(plan.chunk, plan.length - pl.program_id(2) * plan.chunk)  # the last may be short
+    self.sub_chunks = (self.size + plan.sub_chunk - 1) // plan.sub_chunk
+    self.A = refs.A[...].astype(plan.dtype)
+    self.D = refs.D[...].astype(plan.dtype)
+    self.bias = refs.bias[...].astype(plan.dtype)
+
+  def position(self, step):
+    """The position of scan step `step` (< size) within the chunk."""
+    return self.size - 1 - step if self.plan.reverse else step
+
+  def clamped(self, step):
+    """(position, whether the step is real): steps past the chunk's end re-read its last position."""
+    return self.position(jnp.minimum(step, self.size - 1)), step < self.size
+
+  def load(self, ref, t):
+    return ref[t, :].astype(self.plan.dtype)
+
+  def inputs(self, t, real=True):
+    """u, the pre-softplus step x and the step size delta at t; delta = 0 (an identity step) if not real."""
+    x = self.load(self.refs.delta, t) + self.bias
+    delta = softplus(x) if self.plan.softplus else x
+    return self.load(self.refs.u, t), x, jnp.where(real, delta, 0.0)
+
+  def gate(self, t):
+    return jax.nn.silu(self.load(self.refs.z, t))
+
+
+def _step(chunk: _Chunk, h, t, u, delta):
+  """One step of the recurrence; also returns the decay exp(delta A) it used."""
+  decay = jnp.exp(delta[:, None] * chunk.A)
+  return decay * h + (delta * u)[:, None] * chunk.load(chunk.refs.B, t)[None, :], decay
+
+
+def _forward_kernel(*refs, plan: _Plan, outputs: tuple[str, ...]):
+  """Scans one (sequence, channel block, chunk) from its start state. `outputs` names the output refs:
+  "y", "sub_chunk_states" (the state entering each sub-chunk), "end_state", "total_delta"."""
+  args, (h0_ref, *out_refs) = _split_refs(refs, plan)
+  out = dict(zip(outputs, out_refs, strict=True))
+  chunk = _Chunk(args, plan)
+
+  def step(i, carry):  # unrolled within a sub-chunk: loads of later positions can be issued early
+    h, total = carry
+    t, real = chunk.clamped(i)
+    u, _, delta = chunk.inputs(t, real)
+    h, _ = _step(chunk, h, t, u, delta)
+    if "y" in out:
       # Multiply-and-sum rather than a dot: Triton dots need 16-wide operands and may use TF32.
-      y_ref[0][t, :] = jnp.sum(h * C_ref[t, :][None, :], axis=1)
-    return h
+      # A step past the end repeats the last position's step as an identity, so rewrites its y.
+      y = jnp.sum(h * chunk.load(args.C, t)[None, :], axis=1) + chunk.D * u
+      if plan.combine is not None:
+        y = (y + chunk.load(args.partner, t)) * plan.combine
+      if plan.gated:
+        y = y * chunk.gate(t)
+      out["y"][t, :] = y.astype(out["y"].dtype)
+    return h, total + delta
 
-  h_ref[...] = jax.lax.fori_loop(0, chunk, step, h0_ref[...])
+  def sub_chunk(j, carry):
+    if "sub_chunk_states" in out:
+      out["sub_chunk_states"][j] = carry[0]
+    for k in range(plan.sub_chunk):
+      carry = step(j * plan.sub_chunk + k, carry)
+    return carry
+
+  init = (h0_ref[...].astype(plan.dtype), jnp.zeros((plan.block_d,), plan.dtype))
+  h, total = jax.lax.fori_loop(0, chunk.sub_chunks, sub_chunk, init)
+  if "end_state" in out:
+    out["end_state"][...] = h
+  if "total_delta" in out:
+    out["total_delta"][...] = total
 
 
-def _pad_to(x: jax.Array, axis: int, size: int) -> jax.Array:
-  """Zero-pads `x` along `axis` up to `size`; a no-op (no copy) when it is already that size."""
-  if x.shape[axis] == size:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, widths)
+def _adjoint_kernel(*refs, plan: _Plan):
+  """What one chunk adds to the adjoint carried backwards between chunks: exp(delta A) g at its first
+  scan step when zero enters it from later positions."""
+  args, (dy_ref, out_ref) = _split_refs(refs, plan)
+  chunk = _Chunk(args, plan)
+
+  def step(i, g_next):
+    t = chunk.position(chunk.size - 1 - i)
+    dy = chunk.load(dy_ref, t) * (chunk.gate(t) if plan.gated else 1.0)
+    g = g_next + dy[:, None] * chunk.load(args.C, t)[None, :]
+    return jnp.exp(chunk.inputs(t)[2][:, None] * chunk.A) * g
+
+  out_ref[...] = jax.lax.fori_loop(0, chunk.size, step, jnp.zeros((plan.block_d, plan.state), plan.dtype))
 
 
-def _chunk_pass(u, delta, A, B, C, h0, *, chunk, reverse, write_y, block_d, num_warps, interpret):
-  """Scans every (sequence, channel block, chunk) from its start state h0 (batch, chunks, channels,
-  state); returns the end states of the chunks (same shape), and y (batch, length, channels) if asked."""
+def _grad_kernel(*refs, plan: _Plan):
+  """Gradients of one (sequence, channel block, chunk), walking it backwards from the adjoint g_in that
+  enters from later chunks; states recomputed per sub-chunk from `states`."""
+  args, (dy_ref, states_ref, g_in_ref, du_ref, ddelta_ref, *out_refs) = _split_refs(refs, plan)
+  dz_ref = out_refs.pop(0) if plan.gated else None
+  dB_ref, dC_ref, dA_ref, dD_ref, dbias_ref = out_refs
+  chunk = _Chunk(args, plan)
+  A, D = chunk.A, chunk.D
+
+  def sub_chunk(j_back, carry):
+    g_next, dA, dD, dbias = carry
+    j = chunk.sub_chunks - 1 - j_back
+    steps = [chunk.clamped(j * plan.sub_chunk + k) for k in range(plan.sub_chunk)]
+    inputs = [chunk.inputs(t, real) for t, real in steps]
+    hs, decays = [states_ref[j].astype(plan.dtype)], []
+    for (t, _), (u, _, delta) in zip(steps, inputs):
+      h, decay = _step(chunk, hs[-1], t, u, delta)
+      hs.append(h)
+      decays.append(decay)
+
+    for k in reversed(range(plan.sub_chunk)):
+      (t, real), (u, x, delta), decay = steps[k], inputs[k], decays[k]
+      h_prev, h = hs[k], hs[k + 1]
+      B, C = chunk.load(args.B, t), chunk.load(args.C, t)
+      dy = jnp.where(real, chunk.load(dy_ref, t), 0.0)  # a repeated step adds no output gradient
+      if plan.gated:
+        z = chunk.load(args.z, t)
+        sig = jax.nn.sigmoid(z)
+        y = jnp.sum(h * C[None, :], axis=1) + D * u
+        dz_ref[t, :] = (dy * y * sig * (1 + z * (1 - sig))).astype(dz_ref.dtype)
+        dy = dy * z * sig
+      g = g_next + dy[:, None] * C[None, :]
+      g_B = jnp.sum(g * B[None, :], axis=1)
+      g_decayed = g * decay * h_prev  # dL/d(delta A) of this step
+      ddelta = u * g_B + jnp.sum(g_decayed * A, axis=1)
+      if plan.softplus:
+        ddelta = ddelta * softplus_grad(x)
+      ddelta = jnp.where(real, ddelta, 0.0)
+      # Steps past the end are walked first, so the real step at the same position rewrites these.
+      du_ref[t, :] = (delta * g_B + D * dy).astype(du_ref.dtype)
+      ddelta_ref[t, :] = ddelta.astype(ddelta_ref.dtype)
+      dB_ref[t, :] = jnp.sum(g * (delta * u)[:, None], axis=0)
+      dC_ref[t, :] = jnp.sum(dy[:, None] * h, axis=0)
+      dA, dD, dbias = dA + g_decayed * delta[:, None], dD + dy * u, dbias + ddelta
+      g_next = decay * g
+    return g_next, dA, dD, dbias
+
+  vector = jnp.zeros((plan.block_d,), plan.dtype)
+  init = (g_in_ref[...].astype(plan.dtype), jnp.zeros_like(A), vector, vector)
+  _, dA, dD, dbias = jax.lax.fori_loop(0, chunk.sub_chunks, sub_chunk, init)
+  dA_ref[...], dD_ref[...], dbias_ref[...] = dA, dD, dbias
+
+
+class _Specs:
+  """Block specs over the grid (batch, channel block, chunk) for every array the kernels touch."""
+
+  def __init__(self, plan: _Plan):
+    d, n, c = plan.block_d, plan.state, plan.chunk
+    self.seq = pl.BlockSpec((None, c, d), lambda b, i, k: (b, k, i))  # (batch, length, channels)
+    self.seq_state = pl.BlockSpec((None, c, n), lambda b, i, k: (b, k, 0))  # (batch, length, state)
+    self.channel_state = pl.BlockSpec((d, n), lambda b, i, k: (i, 0))  # (channels, state)
+    self.channel = pl.BlockSpec((d,), lambda b, i, k: (i,))  # (channels,)
+    self.chunk_state = pl.BlockSpec((None, None, d, n), lambda b, i, k: (b, k, i, 0))  # (batch, chunks, ...)
+    self.chunk_channel = pl.BlockSpec((None, None, d), lambda b, i, k: (b, k, i))
+    # (batch, chunks x sub-chunks, channels, state), and (batch, channel blocks, length, state).
+    self.sub_chunk_states = pl.BlockSpec((None, plan.sub_chunks, d, n), lambda b, i, k: (b, k, i, 0))
+    self.block_seq_state = pl.BlockSpec((None, None, c, n), lambda b, i, k: (b, i, k, 0))
+    # u, delta, A, B, C, D, delta_bias[, z][, partner]
+    self.args = [self.seq, self.seq, self.channel_state, self.seq_state, self.seq_state, self.channel, self.channel]
+    self.args += [self.seq] * (plan.gated + (plan.combine is not None))
+
+
+def _call(kernel, plan: _Plan, args, extra, extra_specs, out_shapes, out_specs, name: str, **options):
+  return pl.pallas_call(
+    functools.partial(kernel, plan=plan, **options),
+    grid=plan.grid(),
+    in_specs=[*_Specs(plan).args, *extra_specs],
+    out_specs=out_specs,
+    out_shape=out_shapes,
+    compiler_params=plgpu.CompilerParams(num_warps=plan.num_warps, num_stages=NUM_STAGES),
+    interpret=plan.interpret,
+    name=name,
+  )(*args, *extra)
+
+
+def _padded(plan: _Plan, u, delta, A, B, C, D, bias, z) -> tuple:
+  """The arguments with channels and state padded for the kernels (z dropped when absent)."""
+  u, delta, z = (None if x is None else pad_to(x, 2, plan.channels) for x in (u, delta, z))
+  B, C = (pad_to(x, 2, plan.state) for x in (B, C))
+  A = pad_to(pad_to(A, 0, plan.channels), 1, plan.state)
+  D, bias = (pad_to(x, 0, plan.channels) for x in (D, bias))
+  return (u, delta, A, B, C, D, bias) + ((z,) if plan.gated else ())
+
+
+def _carry_across_chunks(decay, local, init, *, reverse: bool) -> jax.Array:
+  """The value entering each chunk of the recurrence c -> decay_k c + local_k run over the chunks
+  (arrays (batch, chunks, ...)), starting from `init`."""
+
+  def step(c, xs):
+    chunk_decay, chunk_local = xs
+    return chunk_decay * c + chunk_local, c
+
+  xs = (jnp.swapaxes(decay, 0, 1), jnp.swapaxes(local, 0, 1))
+  _, entering = jax.lax.scan(step, init, xs, reverse=reverse)
+  return jnp.swapaxes(entering, 0, 1)
+
+
+def _chunk_decay(plan: _Plan, total_delta, A) -> jax.Array:
+  return jnp.exp(total_delta[..., None] * A.astype(plan.dtype))
+
+
+def _forward(plan: _Plan, args: tuple):
+  """(y, last state, chunk start states or None, chunk total steps or None) of the padded `args`."""
+  specs = _Specs(plan)
+  per_chunk = jax.ShapeDtypeStruct((plan.batch, plan.num_chunks, plan.channels, plan.state), plan.dtype)
+  start = jnp.zeros(per_chunk.shape, plan.dtype)
+  total = None
+  if plan.num_chunks > 1:
+    totals = jax.ShapeDtypeStruct(per_chunk.shape[:3], plan.dtype)
+    end, total = _call(
+      _forward_kernel, plan, args, [start], [specs.chunk_state], [per_chunk, totals],
+      [specs.chunk_state, specs.chunk_channel], "selective_scan_chunk_ends", outputs=("end_state", "total_delta"),
+    )  # fmt: skip
+    start = _carry_across_chunks(
+      _chunk_decay(plan, total, args[2]), end, jnp.zeros_like(end[:, 0]), reverse=plan.reverse
+    )
+  u = args[0]
+  y, end = _call(
+    _forward_kernel, plan, args, [start], [specs.chunk_state], [jax.ShapeDtypeStruct(u.shape, u.dtype), per_chunk],
+    [specs.seq, specs.chunk_state], "selective_scan_fwd", outputs=("y", "end_state"),
+  )  # fmt: skip
+  last = end[:, 0 if plan.reverse else -1]
+  return y, last, (start if plan.num_chunks > 1 else None), total
+
+
+def _backward(plan: _Plan, args: tuple, start, total, dy, d_last) -> tuple:
+  """Gradients for the padded `args` (u, delta, A, B, C, D, bias[, z]) from the padded cotangents."""
+  specs = _Specs(plan)
+  u, delta, A, B, C, D, bias = args[:7]
+  batch, chunks = plan.batch, plan.num_chunks
+  per_chunk = jax.ShapeDtypeStruct((batch, chunks, plan.channels, plan.state), plan.dtype)
+  d_last = d_last.astype(plan.dtype)
+  if chunks == 1:
+    start, g_in = jnp.zeros(per_chunk.shape, plan.dtype), d_last[:, None]
+  else:
+    local = _call(
+      _adjoint_kernel, plan, args, [dy], [specs.seq], per_chunk, specs.chunk_state, "selective_scan_bwd_carry"
+    )
+    g_in = _carry_across_chunks(_chunk_decay(plan, total, A), local, d_last, reverse=not plan.reverse)
+
+  state_shape = (batch, chunks * plan.sub_chunks, plan.channels, plan.state)
+  (states,) = _call(
+    _forward_kernel, plan, args, [start], [specs.chunk_state], [jax.ShapeDtypeStruct(state_shape, plan.dtype)],
+    [specs.sub_chunk_states], "selective_scan_bwd_states", outputs=("sub_chunk_states",),
+  )  # fmt: skip
+
+  def like(x, spec):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype), spec
+
+  blocks = plan.channels // plan.block_d
+  partial_bc = jax.ShapeDtypeStruct((batch, blocks, plan.length, plan.state), plan.dtype)
+  per_chunk_vector = jax.ShapeDtypeStruct(per_chunk.shape[:3], plan.dtype)
+  outs = [like(u, specs.seq), like(delta, specs.seq)]
+  outs += [like(args[7], specs.seq)] if plan.gated else []
+  outs += [(partial_bc, specs.block_seq_state)] * 2 + [(per_chunk, specs.chunk_state)]
+  outs += [(per_chunk_vector, specs.chunk_channel)] * 2
+  grads = _call(
+    _grad_kernel, plan, args, [dy, states, g_in], [specs.seq, specs.sub_chunk_states, specs.chunk_state],
+    [shape for shape, _ in outs], [spec for _, spec in outs], "selective_scan_bwd",
+  )  # fmt: skip
+  du, ddelta, *grads = grads
+  dz = grads.pop(0) if plan.gated else None
+  dB, dC, dA, dD, dbias = grads
+  dB, dC = (x.sum(axis=1).astype(y.dtype) for x, y in ((dB, B), (dC, C)))
+  dA, dD, dbias = (x.sum(axis=(0, 1)).astype(y.dtype) for x, y in ((dA, A), (dD, D), (dbias, bias)))
+  return du, ddelta, dA, dB, dC, dD, dbias, dz
+
+
+def _plan(u, A, dtype, *, gated: bool, reverse: bool, softplus: bool, interpret: bool, tuning: dict) -> _Plan:
   batch, length, channels = u.shape
-  num_chunks, state = h0.shape[1], A.shape[1]
-  seq_spec = pl.BlockSpec((None, chunk, block_d), lambda b, d, k: (b, k, d))
-  bc_spec = pl.BlockSpec((None, chunk, state), lambda b, d, k: (b, k, 0))
-  chunk_state_spec = pl.BlockSpec((None, None, block_d, state), lambda b, d, k: (b, k, d, 0))
-  chunk_states = jax.ShapeDtypeStruct((batch, num_chunks, channels, state), u.dtype)
-  outputs = pl.pallas_call(
-    functools.partial(_kernel, chunk=chunk, reverse=reverse, write_y=write_y),
-    grid=(batch, channels // block_d, num_chunks),
-    in_specs=[
-      seq_spec,
-      seq_spec,
-      pl.BlockSpec((block_d, state), lambda b, d, k: (d, 0)),
-      bc_spec,
-      bc_spec,
-      chunk_state_spec,
-    ],
-    out_specs=[seq_spec, chunk_state_spec] if write_y else [chunk_state_spec],
-    out_shape=[jax.ShapeDtypeStruct(u.shape, u.dtype), chunk_states] if write_y else [chunk_states],
-    compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=NUM_STAGES),
+  sub_chunk = tuning.get("sub_chunk", SUB_CHUNK)
+  block_d = min(tuning.get("block_d", BLOCK_D), pl.next_power_of_2(channels))
+  num_chunks = pl.cdiv(length, tuning.get("max_chunk", CHUNK))
+  return _Plan(
+    batch=batch,
+    length=length,
+    chunk=pl.cdiv(pl.cdiv(length, num_chunks), sub_chunk) * sub_chunk,
+    num_chunks=num_chunks,
+    sub_chunk=sub_chunk,
+    block_d=block_d,
+    channels=pl.cdiv(channels, block_d) * block_d,
+    state=pl.next_power_of_2(A.shape[1]),
+    reverse=reverse,
+    softplus=softplus,
+    gated=gated,
+    dtype=jnp.dtype(dtype),
+    num_warps=tuning.get("num_warps", NUM_WARPS),
     interpret=interpret,
-    name="selective_scan_fwd" if write_y else "selective_scan_chunk_states",
-  )(u, delta, A, B, C, h0)
-  return outputs if write_y else (None, outputs[0])
+  )
 
 
-def _carry_into_chunks(delta, A, chunk_end, *, chunk: int, reverse: bool) -> jax.Array:
-  """The true state entering each chunk, from the chunks' zero-start end states and total decays."""
-  batch, length, channels = delta.shape
-  total_delta = delta.reshape(batch, length // chunk, chunk, channels).sum(axis=2)
-  decay = jnp.exp(total_delta[..., None] * A)  # (batch, chunks, channels, state)
-
-  def step(h, xs):
-    chunk_decay, end = xs
-    return chunk_decay * h + end, h  # emit the state entering this chunk
-
-  xs = (jnp.swapaxes(decay, 0, 1), jnp.swapaxes(chunk_end, 0, 1))
-  _, h_in = jax.lax.scan(step, jnp.zeros_like(chunk_end[:, 0]), xs, reverse=reverse)
-  return jnp.swapaxes(h_in, 0, 1)
+def _compute_dtype(*arrays) -> jnp.dtype:
+  """float32, or wider if an input is (float64 in x64 tests)."""
+  return jnp.dtype(jnp.result_type(jnp.float32, *(x for x in arrays if x is not None)))
 
 
-def forward(
+def _with_defaults(args: tuple, dtype) -> tuple:
+  """(u, delta, A, B, C, D, delta_bias) with absent D and delta_bias as zeros: the kernels read them."""
+  zeros = jnp.zeros((args[0].shape[2],), dtype)
+  return (*args[:5], *(zeros if x is None else x for x in args[5:]))
+
+
+def _cropped(grads: tuple, channels: int, state: int) -> tuple:
+  """The gradients (u, delta, A, B, C, D, delta_bias) without channel and state padding."""
+  du, ddelta, dA, dB, dC, dD, dbias = grads
+  by_channel = (du[..., :channels], ddelta[..., :channels], dA[:channels, :state])
+  return (*by_channel, dB[..., :state], dC[..., :state], dD[:channels], dbias[:channels])
+
+
+def scan(
   u: jax.Array,
   delta: jax.Array,
   A: jax.Array,
   B: jax.Array,
   C: jax.Array,
+  D: jax.Array | None = None,
+  z: jax.Array | None = None,
+  delta_bias: jax.Array | None = None,
   *,
-  reverse: bool,
+  delta_softplus: bool = False,
+  reverse: bool = False,
   interpret: bool = False,
-  block_d: int = BLOCK_D,
-  num_warps: int = NUM_WARPS,
-  max_chunk: int = CHUNK,
+  **tuning: int,
 ) -> tuple[jax.Array, jax.Array]:
-  """The kernel alone (no autodiff rule): same contract as `reference.scan`; `block_d` channels
-  (a power of two) per program, at most `max_chunk` positions per program."""
-  batch, length, channels = u.shape
-  state = A.shape[1]
-  block_d = min(block_d, pl.next_power_of_2(channels))
-  padded_channels = pl.cdiv(channels, block_d) * block_d
-  padded_state = pl.next_power_of_2(state)
-  num_chunks = pl.cdiv(length, max_chunk)
-  chunk = pl.cdiv(length, num_chunks)  # equal chunks: under num_chunks padding positions
-  padded_length = num_chunks * chunk
-  u, delta = (_pad_to(_pad_to(x, 2, padded_channels), 1, padded_length) for x in (u, delta))
-  B, C = (_pad_to(_pad_to(x, 2, padded_state), 1, padded_length) for x in (B, C))
-  A = _pad_to(_pad_to(A, 0, padded_channels), 1, padded_state)
+  """The whole selective scan (arguments as in `selective_scan`, already checked) in fused kernels,
+  differentiable. Returns (y in u's dtype, last state in the compute dtype). `tuning` may set
+  `block_d` (channels per program, a power of two), `num_warps`, `max_chunk` (positions per program at
+  most) and `sub_chunk` (states the backward kernel holds; chunks are rounded up to a multiple of it)."""
+  channels, state = A.shape
+  dtype = _compute_dtype(u, delta, A, B, C, D, z, delta_bias)
+  u, delta, A, B, C, D, delta_bias = _with_defaults((u, delta, A, B, C, D, delta_bias), dtype)
+  options = dict(reverse=reverse, softplus=delta_softplus, interpret=interpret, tuning=tuning)
+  plan = _plan(u, A, dtype, gated=z is not None, **options)
 
-  options = dict(chunk=chunk, reverse=reverse, block_d=block_d, num_warps=num_warps, interpret=interpret)
-  h0 = jnp.zeros((batch, num_chunks, padded_channels, padded_state), u.dtype)
-  if num_chunks > 1:
-    _, chunk_end = _chunk_pass(u, delta, A, B, C, h0, write_y=False, **options)
-    h0 = _carry_into_chunks(delta, A, chunk_end, chunk=chunk, reverse=reverse)
-  y, chunk_end = _chunk_pass(u, delta, A, B, C, h0, write_y=True, **options)
-  h_last = chunk_end[:, 0 if reverse else num_chunks - 1]
-  return y[:, :length, :channels], h_last[:, :channels, :state]
+  @jax.custom_vjp
+  def run(*arrays):
+    return run_fwd(*arrays)[0]
+
+  def run_fwd(*arrays):
+    y, last, start, total = _forward(plan, _padded(plan, *arrays))
+    return (y[..., :channels], last[:, :channels, :state]), (arrays, start, total)
+
+  def run_bwd(residuals, cotangents):
+    arrays, start, total = residuals
+    dy, d_last = cotangents
+    d_last = pad_to(pad_to(d_last, 1, plan.channels), 2, plan.state)
+    *grads, dz = _backward(plan, _padded(plan, *arrays), start, total, pad_to(dy, 2, plan.channels), d_last)
+    return (*_cropped(grads, channels, state), None if dz is None else dz[..., :channels])
+
+  run.defvjp(run_fwd, run_bwd)
+  return run(u, delta, A, B, C, D, delta_bias, z)
 
 
-_forward_with_xla_backward = with_xla_backward(forward)
+def bidirectional(
+  forward: tuple,
+  backward: tuple,
+  z: jax.Array | None,
+  *,
+  delta_softplus: bool = False,
+  divide_out: bool = True,
+  interpret: bool = False,
+  **tuning: int,
+) -> jax.Array:
+  """Vim's two directions and their combine, (y_forward + y_backward) [/ 2] * silu(z), in two kernels:
+  the forward direction writes its ungated output, and the backward direction's kernel reads it back,
+  adds its own, scales and gates. `forward` and `backward` are (u, delta, A, B, C, D, delta_bias); the
+  backward direction runs reverse=True. Returns y in the forward u's dtype."""
+  channels, state = forward[2].shape
+  scale = 0.5 if divide_out else 1.0
+  dtype = _compute_dtype(*forward, *backward, z)
+  forward, backward = _with_defaults(forward, dtype), _with_defaults(backward, dtype)
+  options = dict(softplus=delta_softplus, interpret=interpret, tuning=tuning)
+  first = _plan(forward[0], forward[2], dtype, gated=False, reverse=False, **options)
+  second = dataclasses.replace(
+    _plan(backward[0], backward[2], dtype, gated=z is not None, reverse=True, **options), combine=scale
+  )
+  # Gradients: each direction's output is (its ungated y) * scale * silu(z).
+  first_grads = dataclasses.replace(first, gated=z is not None)
+  second_grads = dataclasses.replace(second, combine=None)
 
+  @jax.custom_vjp
+  def run(forward, backward, z):
+    return run_fwd(forward, backward, z)[0]
 
-def scan(
-  u: jax.Array, delta: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, *, reverse: bool, interpret: bool = False
-) -> tuple[jax.Array, jax.Array]:
-  """Same contract as `reference.scan`: forward by the Pallas kernel, gradients by `xla.scan`."""
-  return _forward_with_xla_backward(u, delta, A, B, C, reverse=reverse, interpret=interpret)
+  def run_fwd(forward, backward, z):
+    partner, _, start_f, total_f = _forward(first, _padded(first, *forward, None))
+    y, _, start_b, total_b = _forward(second, (*_padded(second, *backward, z), partner))
+    return y[..., :channels], (forward, backward, z, start_f, total_f, start_b, total_b)
+
+  def run_bwd(residuals, dy):
+    forward, backward, z, start_f, total_f, start_b, total_b = residuals
+    dy = pad_to(dy * scale, 2, first.channels)
+    no_last = jnp.zeros((first.batch, first.channels, first.state), dtype)
+    *grads_f, dz_f = _backward(first_grads, _padded(first_grads, *forward, z), start_f, total_f, dy, no_last)
+    *grads_b, dz_b = _backward(second_grads, _padded(second_grads, *backward, z), start_b, total_b, dy, no_last)
+    dz = None if z is None else (dz_f + dz_b)[..., :channels]
+    return _cropped(grads_f, channels, state), _cropped(grads_b, channels, state), dz
+
+  run.defvjp(run_fwd, run_bwd)
+  return run(forward, backward, z)

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 import kernels
-from kernels.selective_scan import pallas_gpu, reference, selective_scan, xla
+from kernels.selective_scan import Direction, pallas_gpu, reference, selective_scan, selective_scan_bidirectional, xla
 
 # Every impl that runs here; Pallas kernels run in interpret mode (the other impls ignore `interpret`).
-IMPLS = ("reference", "xla", "pallas_gpu")
+IMPLS = ("reference", "xla", "pallas_gpu", "pallas_tpu")
 DATA = pathlib.Path(__file__).parents[1] / "data" / "selective_scan"
 ARRAY_ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
@@ -169,24 +169,31 @@ def test_matches_reference(impl, shape, options, dtype):
 
 
 @pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
-def test_pallas_gpu_lowers_for_cuda():
-  """The Triton lowering (forward kernel and the xla backward) for an H100, on any host: an abstract
-  device stands in for the GPU. Interpret mode never runs this path."""
+@pytest.mark.parametrize("batch, length", [(128, 197), (8, 6085)], ids=["224-b128", "1248-b8"])
+def test_pallas_gpu_lowers_for_cuda(batch, length):
+  """Every Triton kernel, forward and backward, at Vim-Ti shapes with bf16 I/O and all options, lowered
+  for an H100 on any host: an abstract device stands in for the GPU. Interpret mode never runs this path."""
   if not hasattr(jax.sharding, "AbstractDevice"):
     pytest.skip("this jax cannot name an abstract GPU to lower for")
-  shapes = {"u": (2, 197, 40), "delta": (2, 197, 40), "A": (40, 16), "B": (2, 197, 16), "C": (2, 197, 16)}
-  arrays = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()}
+  seq, vec = jax.ShapeDtypeStruct((batch, length, 384), jnp.bfloat16), jax.ShapeDtypeStruct((384,), jnp.float32)
+  bc = jax.ShapeDtypeStruct((batch, length, 16), jnp.bfloat16)
+  arrays = dict(
+    u=seq, delta=seq, A=jax.ShapeDtypeStruct((384, 16), jnp.float32), B=bc, C=bc, D=vec, z=seq, delta_bias=vec
+  )
 
   def fwd_bwd(arrays):
-    (y, last_state), vjp = jax.vjp(lambda a: pallas_gpu.scan(**a, reverse=True), arrays)
+    (y, last_state), vjp = jax.vjp(lambda a: pallas_gpu.scan(**a, delta_softplus=True, reverse=True), arrays)
     return vjp((y, last_state))
 
   h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
   with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)):
     hlo = jax.jit(fwd_bwd).trace(arrays).lower(lowering_platforms=("cuda",)).as_text()
-  # Channels padded to 64 (2 blocks of 32); the length stays 197.
-  assert re.search(r"custom_call @__gpu\$xla\.gpu\.triton\(.*name = \"selective_scan_fwd\"", hlo)
-  assert "(tensor<2x197x64xf32>, tensor<2x197x64xf32>, tensor<64x16xf32>" in hlo
+  names = set(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton\(.*name = \"(\w+)\"", hlo))
+  several_chunks = {"selective_scan_chunk_ends", "selective_scan_bwd_carry"} if length > pallas_gpu.CHUNK else set()
+  assert names == {"selective_scan_fwd", "selective_scan_bwd_states", "selective_scan_bwd"} | several_chunks
+  # The kernels read the bf16 arrays themselves: no float32 copy of u is made.
+  assert f"tensor<{batch}x{length}x384xbf16>, tensor<{batch}x{length}x384xbf16>, tensor<384x16xf32>" in hlo
+  assert f"tensor<{batch}x{length}x384xf32>" not in hlo
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -260,14 +267,105 @@ def test_xla_chunking_matches_reference_in_float64(max_chunk, x64):
   assert_close(grads, expected_grads, jnp.float64, "grad")
 
 
-@pytest.mark.parametrize("max_chunk", [1, 8, 32])
-def test_pallas_gpu_chunking_matches_reference_in_float64(max_chunk, x64):
-  """The kernel's chunk passes and the carry between chunks, both directions, same lengths as above."""
-  inputs = random_inputs(np.random.default_rng(max_chunk), 2, 33, 3, 2, **NO_OPTIONS, dtype=jnp.float64)
+@pytest.mark.parametrize("max_chunk, sub_chunk", [(1, 1), (8, 4), (32, 16)])
+def test_pallas_gpu_chunking_matches_reference_in_float64(max_chunk, sub_chunk, x64):
+  """The kernels' chunk passes, the carries between chunks (state forwards, adjoint backwards) and
+  partial sub-chunks, both directions, all options: on length 33, chunks of 1 (33 chunks), 8 (5 chunks,
+  the last short) and 32 (2 chunks of 32 and 1), sub-chunks of 1, 4 and 16."""
+  rng = np.random.default_rng(max_chunk)
+  inputs = random_inputs(rng, 2, 33, 3, 2, **ALL_OPTIONS, dtype=jnp.float64)
+  cotangents = random_cotangents(rng, inputs, jnp.float64)
+  options = dict(max_chunk=max_chunk, sub_chunk=sub_chunk, interpret=True, delta_softplus=True)
   for reverse in (False, True):
-    kernel = functools.partial(pallas_gpu.forward, reverse=reverse, interpret=True, max_chunk=max_chunk)
-    out = jit_run(lambda a, f=kernel: f(**a), inputs)
-    assert_close(out, jit_run(lambda a, r=reverse: reference.scan(**a, reverse=r), inputs), jnp.float64, "fwd")
+
+    def run(scan, inputs, cotangents, reverse=reverse):
+      out, vjp = jax.vjp(lambda a: scan(**a, reverse=reverse), inputs)
+      return out, vjp(cotangents)[0]
+
+    kernel = functools.partial(pallas_gpu.scan, **options)
+    expected = functools.partial(selective_scan, impl="reference", delta_softplus=True, return_last_state=True)
+    out, grads = jit_run(functools.partial(run, kernel), inputs, cotangents)
+    expected_out, expected_grads = jit_run(functools.partial(run, expected), inputs, cotangents)
+    assert_close(out, expected_out, jnp.float64, "fwd")
+    assert_close(grads, expected_grads, jnp.float64, "grad")
+
+
+# --- Bidirectional and mesh --------------------------------------------------------------------
+
+
+def bidirectional_inputs(rng, shape, dtype):
+  """(forward Direction, backward Direction, z) with all options."""
+  forward, backward = (random_inputs(rng, *shape, **ALL_OPTIONS, dtype=dtype) for _ in range(2))
+  z = forward.pop("z")
+  backward.pop("z")
+  return Direction(**forward), Direction(**backward), z
+
+
+def two_scans(forward, backward, z, *, divide_out, impl="reference"):
+  """The unfused definition: two gated scans, one reversed, and the combine."""
+  return selective_scan_bidirectional(forward, backward, z, delta_softplus=True, divide_out=divide_out, impl=impl)
+
+
+@pytest.mark.parametrize(
+  "shape, dtype, tuning",
+  [
+    pytest.param((2, 37, 40, 4), jnp.float32, {}, id="one-chunk-f32"),
+    pytest.param((2, 37, 8, 4), jnp.float32, dict(max_chunk=16, sub_chunk=4), id="three-chunks-f32"),
+    pytest.param((1, 20, 24, 16), jnp.bfloat16, dict(max_chunk=8, sub_chunk=4), id="three-chunks-bf16"),
+  ],
+)
+@pytest.mark.parametrize("divide_out", [True, False])
+def test_fused_bidirectional_matches_two_scans(shape, dtype, tuning, divide_out):
+  """The GPU kernels' fused bidirectional path (combine in the second kernel) against two reference scans,
+  forward and the gradients of all 15 arrays."""
+  rng = np.random.default_rng(sum(shape) + divide_out)
+  forward, backward, z = bidirectional_inputs(rng, shape, dtype)
+  dy = jnp.asarray(rng.normal(size=z.shape), dtype)
+  fused = functools.partial(pallas_gpu.bidirectional, delta_softplus=True, divide_out=divide_out, interpret=True)
+
+  def run(fn, *args):
+    y, vjp = jax.vjp(fn, *args)
+    return y, vjp(dy)
+
+  got = jit_run(lambda *a: run(lambda *b: fused(*b, **tuning), *a), forward, backward, z)
+  want = jit_run(lambda *a: run(functools.partial(two_scans, divide_out=divide_out), *a), forward, backward, z)
+  chex.assert_trees_all_equal_dtypes(got, want)
+  assert_close(got[0], want[0], dtype, "fwd")
+  assert_close(got[1], want[1], dtype, "grad")
+
+
+def test_bidirectional_public_function_with_each_impl_equals_two_scans():
+  forward, backward, z = bidirectional_inputs(np.random.default_rng(5), (2, 33, 8, 4), jnp.float32)
+  want = jit_run(functools.partial(two_scans, divide_out=True), forward, backward, z)
+  for impl in ("xla", "pallas_gpu"):
+    scan = functools.partial(selective_scan_bidirectional, delta_softplus=True, impl=impl, interpret=True)
+    assert_close(jit_run(scan, forward, backward, z), want, jnp.float32, "fwd")
+
+
+def test_bidirectional_names_the_bad_direction():
+  forward, backward, z = bidirectional_inputs(np.random.default_rng(6), (2, 9, 8, 4), jnp.float32)
+  with pytest.raises(ValueError, match=re.escape("`backward.B` must have shape (batch, length, state) = (2, 9, 4)")):
+    selective_scan_bidirectional(forward, backward._replace(B=backward.B[:, :-1]), z)
+
+
+@pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
+@pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
+def test_kernels_run_per_device_under_a_mesh(impl, axis_type):
+  """A Pallas call cannot be split by XLA's partitioner: under a mesh the kernels run in `shard_map`
+  over the batch, on all mesh axes, and give the unsharded results (values and gradients)."""
+  kind = getattr(jax.sharding.AxisType, axis_type)
+  mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(kind, kind))
+  arrays = random_inputs(np.random.default_rng(8), 8, 9, 8, 4, **ALL_OPTIONS, dtype=jnp.float32)
+
+  def loss(arrays, impl):
+    y, last = selective_scan(**arrays, delta_softplus=True, return_last_state=True, impl=impl, interpret=True)
+    return jnp.sum(jnp.sin(y)) + jnp.sum(last**2)
+
+  expected = jit_run(jax.value_and_grad(functools.partial(loss, impl="reference")), arrays)
+  with jax.set_mesh(mesh):
+    assert "shard_map" in str(jax.make_jaxpr(functools.partial(loss, impl=impl))(arrays))
+    got = jit_run(jax.value_and_grad(functools.partial(loss, impl=impl)), arrays)
+  assert_close(got, expected, jnp.float32, "grad")
 
 
 def test_default_impl_on_cpu_is_xla_and_returns_only_y():
@@ -362,11 +460,6 @@ def test_shape_error_gives_expected_and_actual_shape():
 def test_unknown_impl_lists_valid_impls():
   with pytest.raises(ValueError, match=r"unknown impl 'cuda'.*'reference', 'xla'"):
     selective_scan(**valid_args(), impl="cuda")
-
-
-def test_pallas_tpu_is_not_silently_replaced():
-  with pytest.raises(NotImplementedError, match="impl='pallas_tpu': not implemented yet"):
-    selective_scan(**valid_args(), impl="pallas_tpu", interpret=True)
 
 
 def test_pallas_on_cpu_is_pallas_gpu_in_interpret_mode_only():

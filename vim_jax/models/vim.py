@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kernels import selective_scan
+from kernels import Direction, selective_scan_bidirectional
 from vim_jax.models import layers
 
 CLS_POSITIONS = ("middle", "head")
@@ -177,36 +177,30 @@ class BiMambaMixer(nnx.Module):
     out_bound = 1.0 / math.sqrt(e * cfg.depth)
     self.out_proj = _linear(cfg, e, d, use_bias=False, kernel_init=layers.uniform_symmetric(out_bound), rngs=rngs)
 
-  def _direction(self, x, z, conv, x_proj, dt_proj, A_log, D, *, reverse: bool) -> jax.Array:
+  def _direction(self, x, conv, x_proj, dt_proj, A_log, D, *, reverse: bool) -> Direction:
+    """One direction's scan arguments: conv + SiLU, then x_proj split into the step, B and C."""
     cfg = self.cfg
     r, n = cfg.resolved_dt_rank, cfg.d_state
     u = jax.nn.silu(conv(x, reverse=reverse)).astype(x.dtype)
-    x_dbl = x_proj(u)
-    dt, B, C = jnp.split(x_dbl, [r, r + n], axis=-1)
+    dt, B, C = jnp.split(x_proj(u), [r, r + n], axis=-1)
     delta = jnp.dot(dt, dt_proj.kernel[...].astype(dt.dtype), precision=cfg.matmul_precision)  # bias goes to the scan
-    return selective_scan(
-      u,
-      delta,
-      -jnp.exp(A_log[...].astype(jnp.float32)),
-      B,
-      C,
-      D[...],
-      z,
-      dt_proj.bias[...],
-      delta_softplus=True,
-      reverse=reverse,
-      impl=cfg.scan_impl,
-      interpret=cfg.scan_interpret,
-    )
+    return Direction(u, delta, -jnp.exp(A_log[...].astype(jnp.float32)), B, C, D[...], dt_proj.bias[...])
 
   def __call__(self, hidden: jax.Array) -> jax.Array:
     """hidden: (batch, length, dim) normed tokens -> (batch, length, dim)."""
+    cfg = self.cfg
     x, z = jnp.split(self.in_proj(hidden), 2, axis=-1)
-    y_fwd = self._direction(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, reverse=False)
-    y_bwd = self._direction(x, z, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b, reverse=True)
-    y = y_fwd.astype(jnp.float32) + y_bwd.astype(jnp.float32)
-    if self.cfg.divide_out:
-      y = y / 2
+    forward = self._direction(x, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, reverse=False)
+    backward = self._direction(x, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b, reverse=True)
+    y = selective_scan_bidirectional(
+      forward,
+      backward,
+      z,
+      delta_softplus=True,
+      divide_out=cfg.divide_out,
+      impl=cfg.scan_impl,
+      interpret=cfg.scan_interpret,
+    )
     return self.out_proj(y.astype(hidden.dtype))
 
 

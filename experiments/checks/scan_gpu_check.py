@@ -1,0 +1,77 @@
+r"""The compiled Pallas GPU scan against the reference on the GPU itself (tests only run interpret mode).
+
+  python experiments/checks/scan_gpu_check.py
+  XLA_PYTHON_CLIENT_ALLOCATOR=platform compute-sanitizer --tool memcheck python experiments/checks/scan_gpu_check.py
+
+Forward (y, last state) and the gradients of all eight arrays, both directions, on shapes that exercise
+short last chunks, partial sub-chunks, padded channels and several chunks. Prints the worst relative error
+per case and exits non-zero above the tolerance. With the platform allocator every buffer is its own
+allocation, so compute-sanitizer sees any access past one.
+"""
+
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels import selective_scan
+
+# (batch, length, channels, state, dtype): odd and long lengths, channels off the 32-block, bf16 I/O.
+CASES = [
+  (2, 1, 3, 2, jnp.float32),
+  (2, 197, 40, 16, jnp.float32),
+  (1, 300, 384, 16, jnp.bfloat16),
+  (2, 777, 64, 16, jnp.float32),
+]
+TOLERANCE = {jnp.float32: 1e-4, jnp.bfloat16: 3e-2}
+
+
+def _inputs(key, batch, length, channels, state, dtype):
+  keys = jax.random.split(key, 9)
+  seq = (batch, length, channels)
+  return {
+    "u": jax.random.normal(keys[0], seq, dtype),
+    "delta": (0.5 * jax.random.normal(keys[1], seq)).astype(dtype),
+    "A": -jnp.exp(jnp.log(jnp.arange(1.0, state + 1)) + 0.3 * jax.random.normal(keys[2], (channels, state))),
+    "B": jax.random.normal(keys[3], (batch, length, state), dtype),
+    "C": jax.random.normal(keys[4], (batch, length, state), dtype),
+    "D": 1 + 0.5 * jax.random.normal(keys[5], (channels,)),
+    "z": jax.random.normal(keys[6], seq, dtype),
+    "delta_bias": jnp.log(jnp.expm1(jax.random.uniform(keys[7], (channels,), minval=0.02, maxval=0.22))),
+  }, jax.random.normal(keys[8], seq, dtype)
+
+
+def _run(impl, arrays, weights, reverse):
+  def loss(arrays):
+    y, last = selective_scan(**arrays, delta_softplus=True, reverse=reverse, return_last_state=True, impl=impl)
+    return jnp.sum(y.astype(jnp.float32) * weights) + jnp.sum(jnp.sin(last)), (y, last)
+
+  (_, outputs), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(arrays)
+  return outputs, grads
+
+
+def _relative_error(actual, expected):
+  actual, expected = (np.asarray(x, np.float64) for x in (actual, expected))
+  return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-30))
+
+
+def main() -> int:
+  print(f"{jax.devices()[0].device_kind}; jax {jax.__version__}")
+  worst_ratio = 0.0
+  for i, (batch, length, channels, state, dtype) in enumerate(CASES):
+    arrays, weights = _inputs(jax.random.key(i), batch, length, channels, state, dtype)
+    for reverse in (False, True):
+      got = _run("pallas_gpu", arrays, weights, reverse)
+      want = _run("reference", arrays, weights, reverse)
+      errors = jax.tree.map(_relative_error, got, want)
+      worst = max(jax.tree.leaves(errors))
+      worst_ratio = max(worst_ratio, worst / TOLERANCE[dtype])
+      name = f"b{batch} l{length} d{channels} n{state} {jnp.dtype(dtype).name} reverse={reverse}"
+      print(f"{name}: worst relative error {worst:.2e}; grads {jax.tree.map(lambda e: f'{e:.1e}', errors[1])}")
+  print("OK" if worst_ratio <= 1 else "FAILED", f"(worst error / tolerance = {worst_ratio:.2f})")
+  return 0 if worst_ratio <= 1 else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())

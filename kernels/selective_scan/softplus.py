@@ -1,0 +1,19 @@
+"""torch's softplus (threshold 20) and its derivative, shared by the XLA path and the kernels."""
+
+import jax
+import jax.numpy as jnp
+
+# torch.nn.functional.softplus switches to the identity above this input (official kernels too).
+THRESHOLD = 20.0
+
+
+def softplus(x: jax.Array) -> jax.Array:
+  """log1p(exp(x)), or x above the threshold. The exp branch gets 0 where it is unused, so neither it
+  nor its gradient overflows for large inputs (a `minimum` clamp would halve the gradient at 20)."""
+  above = x > THRESHOLD
+  return jnp.where(above, x, jnp.log1p(jnp.exp(jnp.where(above, 0.0, x))))
+
+
+def softplus_grad(x: jax.Array) -> jax.Array:
+  """d softplus / dx: sigmoid(x), or 1 above the threshold."""
+  return jnp.where(x > THRESHOLD, 1.0, jax.nn.sigmoid(x))
