@@ -1,6 +1,6 @@
 r"""Sweeps the Pallas GPU scan's launch parameters at Vim-Ti shapes, bf16 I/O, all options on.
 
-  python experiments/benchmarks/scan_tune.py --out=experiments/results/scan_tune_h100.json
+  PYTHONPATH=. python experiments/benchmarks/scan_tune.py --out=experiments/results/scan_tune_h100.json
 
 Times forward and forward+backward (as `scan_bench.py` does) for every combination of channels per
 program, warps, positions per chunk and backward sub-chunk; prints the best of each case.
@@ -49,7 +49,7 @@ def main(argv):
       loss = lambda x, f=scan, w=weights: jnp.sum(f(x).astype(jnp.float32) * w)  # noqa: E731
       try:
         fwd = time_call(jax.jit(scan), make, _REPS.value)
-        fwd_bwd = time_call(jax.jit(jax.grad(loss)), make, _REPS.value)
+        fwd_bwd = time_call(jax.jit(jax.value_and_grad(loss)), make, _REPS.value)  # the value keeps y alive
       except Exception as e:  # a setting Triton cannot compile (e.g. out of registers) is reported, not fatal
         print(json.dumps({"case": case, **options, "error": str(e)[:200]}))
         continue

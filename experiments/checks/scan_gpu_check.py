@@ -1,21 +1,28 @@
 r"""The compiled Pallas GPU scan against the reference on the GPU itself (tests only run interpret mode).
 
   python experiments/checks/scan_gpu_check.py
-  XLA_PYTHON_CLIENT_ALLOCATOR=platform compute-sanitizer --tool memcheck python experiments/checks/scan_gpu_check.py
+  XLA_PYTHON_CLIENT_ALLOCATOR=platform XLA_FLAGS=--xla_gpu_enable_command_buffer= \
+      compute-sanitizer --tool memcheck python experiments/checks/scan_gpu_check.py --case=1
 
-Forward (y, last state) and the gradients of all eight arrays, both directions, on shapes that exercise
-short last chunks, partial sub-chunks, padded channels and several chunks. Prints the worst relative error
-per case and exits non-zero above the tolerance. With the platform allocator every buffer is its own
-allocation, so compute-sanitizer sees any access past one.
+Forward (y, last state) and the gradients of all eight arrays, both directions, and the fused
+bidirectional scan with its gradients, on shapes that exercise short last chunks, partial sub-chunks,
+padded channels and several chunks (`--case=i` runs one of them, to keep sanitizer runs short).
+Prints the worst relative error per case and exits non-zero above the tolerance. With the platform
+allocator every buffer is its own allocation, so compute-sanitizer sees any access past one; command
+buffers (CUDA graphs) are off so that every kernel launch is its own.
 """
 
+import functools
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 
-from kernels import selective_scan
+from kernels import Direction, selective_scan, selective_scan_bidirectional
+
+_CASE = flags.DEFINE_integer("case", None, "Index into CASES to run only that case (default: all).")
 
 # (batch, length, channels, state, dtype): odd and long lengths, channels off the 32-block, bf16 I/O.
 CASES = [
@@ -51,27 +58,45 @@ def _run(impl, arrays, weights, reverse):
   return outputs, grads
 
 
+def _run_bidirectional(impl, arrays, weights):
+  """Both directions on different inputs (the second's u, delta, B, C rolled by one position)."""
+
+  def loss(arrays):
+    rolled = {k: jnp.roll(arrays[k], 1, axis=1) for k in ("u", "delta", "B", "C")}
+    forward = Direction(*(arrays[k] for k in Direction._fields))
+    backward = forward._replace(**rolled)
+    y = selective_scan_bidirectional(forward, backward, arrays["z"], delta_softplus=True, impl=impl)
+    return jnp.sum(y.astype(jnp.float32) * weights), y
+
+  (_, y), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(arrays)
+  return y, grads
+
+
 def _relative_error(actual, expected):
   actual, expected = (np.asarray(x, np.float64) for x in (actual, expected))
   return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-30))
 
 
-def main() -> int:
+def main(argv) -> int:
+  del argv
   print(f"{jax.devices()[0].device_kind}; jax {jax.__version__}")
   worst_ratio = 0.0
-  for i, (batch, length, channels, state, dtype) in enumerate(CASES):
+  cases = range(len(CASES)) if _CASE.value is None else [_CASE.value]
+  for i in cases:
+    batch, length, channels, state, dtype = CASES[i]
     arrays, weights = _inputs(jax.random.key(i), batch, length, channels, state, dtype)
-    for reverse in (False, True):
-      got = _run("pallas_gpu", arrays, weights, reverse)
-      want = _run("reference", arrays, weights, reverse)
-      errors = jax.tree.map(_relative_error, got, want)
+    runs = {f"reverse={reverse}": functools.partial(_run, arrays=arrays, weights=weights, reverse=reverse)
+            for reverse in (False, True)}  # fmt: skip
+    runs["bidirectional"] = functools.partial(_run_bidirectional, arrays=arrays, weights=weights)
+    for what, run in runs.items():
+      errors = jax.tree.map(_relative_error, run("pallas_gpu"), run("reference"))
       worst = max(jax.tree.leaves(errors))
       worst_ratio = max(worst_ratio, worst / TOLERANCE[dtype])
-      name = f"b{batch} l{length} d{channels} n{state} {jnp.dtype(dtype).name} reverse={reverse}"
+      name = f"b{batch} l{length} d{channels} n{state} {jnp.dtype(dtype).name} {what}"
       print(f"{name}: worst relative error {worst:.2e}; grads {jax.tree.map(lambda e: f'{e:.1e}', errors[1])}")
   print("OK" if worst_ratio <= 1 else "FAILED", f"(worst error / tolerance = {worst_ratio:.2f})")
   return 0 if worst_ratio <= 1 else 1
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  app.run(lambda argv: sys.exit(main(argv)))

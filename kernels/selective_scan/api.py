@@ -105,12 +105,15 @@ _DIMS = dict(u=_SEQ, delta=_SEQ, A=("channels", "state"), B=_SEQ_STATE, C=_SEQ_S
 
 def _checked(args: Direction, sizes: dict[str, int], prefix: str = "") -> Direction:
   """`args` checked against each other and `sizes` (u first: its shape names the sizes)."""
+  u = _check(prefix + "u", args.u, _SEQ, sizes)
+  if u.shape[1] == 0:
+    raise ValueError(f"selective_scan: `{prefix}u` must have length >= 1, got shape {tuple(u.shape)}")
   checked = {
-    name: None if x is None else _check(prefix + name, x, _DIMS[name], sizes) for name, x in args._asdict().items()
+    name: None if x is None else _check(prefix + name, x, _DIMS[name], sizes)
+    for name, x in args._asdict().items()
+    if name != "u"
   }
-  if sizes["length"] == 0:
-    raise ValueError(f"selective_scan: `{prefix}u` must have length >= 1, got shape {tuple(checked['u'].shape)}")
-  return Direction(**checked)
+  return Direction(u, **checked)
 
 
 def selective_scan(

@@ -45,9 +45,10 @@ from jax.experimental.pallas import triton as plgpu
 from kernels.selective_scan.padding import pad_to
 from kernels.selective_scan.softplus import softplus, softplus_grad
 
-# Chosen by experiments/benchmarks/scan_tune.py on an H100 (scan_tune_h100.json; 224² batch 128, bf16):
-# of 16/32/64 channels x 1/2/4 warps x 8/16 sub-chunk states, 32 x 1 x 8 was fastest forward+backward
-# (1.53 ms vs 1.62-4.6), within 2% of the fastest forward; 16 states spill registers in the backward.
+# Chosen with experiments/benchmarks/scan_tune.py on an H100 (224² batch 128, bf16; scan_tune_h100.json):
+# 32 channels x 1 warp and 64 x 2 were within 5% of each other, forward and backward; other pairs were up to
+# 2.7x slower. An earlier sweep found 16 sub-chunk states much slower in the backward than 8, where it
+# already uses 255 registers per thread (scan_ncu_h100.txt).
 # CHUNK bounds the positions one program walks (long sequences then fill the GPU at batch 1).
 BLOCK_D = 32
 NUM_WARPS = 1
@@ -130,20 +131,51 @@ class _Chunk:
   def load(self, ref, t):
     return ref[t, :].astype(self.plan.dtype)
 
-  def inputs(self, t, real=True):
-    """u, the pre-softplus step x and the step size delta at t; delta = 0 (an identity step) if not real."""
+  def step_size(self, t, real=True):
+    """The pre-softplus step x and the step size delta at t; delta = 0 (an identity step) if not real."""
     x = self.load(self.refs.delta, t) + self.bias
     delta = softplus(x) if self.plan.softplus else x
-    return self.load(self.refs.u, t), x, jnp.where(real, delta, 0.0)
+    return x, jnp.where(real, delta, 0.0)
 
   def gate(self, t):
     return jax.nn.silu(self.load(self.refs.z, t))
 
+  def sub_chunk(self, j, *, C: bool = False, z: bool = False, extra=None) -> list["_Position"]:
+    """What the steps of sub-chunk j read, loaded before any of them runs: a load issued after a store
+    waits for it (they might alias), so loading step by step would expose every load's latency."""
+    positions = []
+    for k in range(self.plan.sub_chunk):
+      t, real = self.clamped(j * self.plan.sub_chunk + k)
+      x, delta = self.step_size(t, real)
+      loads = [self.load(ref, t) if wanted else None for ref, wanted in ((self.refs.C, C), (self.refs.z, z))]
+      extra_t = None if extra is None else self.load(extra, t)
+      positions.append(
+        _Position(t, real, self.load(self.refs.u, t), x, delta, self.load(self.refs.B, t), *loads, extra_t)
+      )
+    return positions
 
-def _step(chunk: _Chunk, h, t, u, delta):
-  """One step of the recurrence; also returns the decay exp(delta A) it used."""
-  decay = jnp.exp(delta[:, None] * chunk.A)
-  return decay * h + (delta * u)[:, None] * chunk.load(chunk.refs.B, t)[None, :], decay
+
+class _Position(NamedTuple):
+  """The inputs of one scan step, in the compute dtype (C, z and extra only where asked for)."""
+
+  t: jax.Array
+  real: jax.Array  # False for a step past the chunk's end (an identity step)
+  u: jax.Array
+  x: jax.Array  # delta + delta_bias, before softplus
+  delta: jax.Array
+  B: jax.Array
+  C: jax.Array | None
+  z: jax.Array | None
+  extra: jax.Array | None  # the partner's y (forward) or dy (backward)
+
+
+def _decay(chunk: _Chunk, p: _Position):
+  return jnp.exp(p.delta[:, None] * chunk.A)
+
+
+def _step(chunk: _Chunk, h, p: _Position):
+  """One step of the recurrence."""
+  return _decay(chunk, p) * h + (p.delta * p.u)[:, None] * p.B[None, :]
 
 
 def _forward_kernel(*refs, plan: _Plan, outputs: tuple[str, ...]):
@@ -153,27 +185,28 @@ def _forward_kernel(*refs, plan: _Plan, outputs: tuple[str, ...]):
   out = dict(zip(outputs, out_refs, strict=True))
   chunk = _Chunk(args, plan)
 
-  def step(i, carry):  # unrolled within a sub-chunk: loads of later positions can be issued early
+  writes_y = "y" in out
+
+  def step(p: _Position, carry):
     h, total = carry
-    t, real = chunk.clamped(i)
-    u, _, delta = chunk.inputs(t, real)
-    h, _ = _step(chunk, h, t, u, delta)
-    if "y" in out:
+    h = _step(chunk, h, p)
+    if writes_y:
       # Multiply-and-sum rather than a dot: Triton dots need 16-wide operands and may use TF32.
       # A step past the end repeats the last position's step as an identity, so rewrites its y.
-      y = jnp.sum(h * chunk.load(args.C, t)[None, :], axis=1) + chunk.D * u
+      y = jnp.sum(h * p.C[None, :], axis=1) + chunk.D * p.u
       if plan.combine is not None:
-        y = (y + chunk.load(args.partner, t)) * plan.combine
+        y = (y + p.extra) * plan.combine
       if plan.gated:
-        y = y * chunk.gate(t)
-      out["y"][t, :] = y.astype(out["y"].dtype)
-    return h, total + delta
+        y = y * jax.nn.silu(p.z)
+      out["y"][p.t, :] = y.astype(out["y"].dtype)
+    return h, total + p.delta
 
-  def sub_chunk(j, carry):
+  def sub_chunk(j, carry):  # unrolled
     if "sub_chunk_states" in out:
       out["sub_chunk_states"][j] = carry[0]
-    for k in range(plan.sub_chunk):
-      carry = step(j * plan.sub_chunk + k, carry)
+    partner = args.partner if writes_y else None
+    for p in chunk.sub_chunk(j, C=writes_y, z=writes_y and plan.gated, extra=partner):
+      carry = step(p, carry)
     return carry
 
   init = (h0_ref[...].astype(plan.dtype), jnp.zeros((plan.block_d,), plan.dtype))
@@ -194,7 +227,7 @@ def _adjoint_kernel(*refs, plan: _Plan):
     t = chunk.position(chunk.size - 1 - i)
     dy = chunk.load(dy_ref, t) * (chunk.gate(t) if plan.gated else 1.0)
     g = g_next + dy[:, None] * chunk.load(args.C, t)[None, :]
-    return jnp.exp(chunk.inputs(t)[2][:, None] * chunk.A) * g
+    return jnp.exp(chunk.step_size(t)[1][:, None] * chunk.A) * g
 
   out_ref[...] = jax.lax.fori_loop(0, chunk.size, step, jnp.zeros((plan.block_d, plan.state), plan.dtype))
 
@@ -211,21 +244,17 @@ def _grad_kernel(*refs, plan: _Plan):
   def sub_chunk(j_back, carry):
     g_next, dA, dD, dbias = carry
     j = chunk.sub_chunks - 1 - j_back
-    steps = [chunk.clamped(j * plan.sub_chunk + k) for k in range(plan.sub_chunk)]
-    inputs = [chunk.inputs(t, real) for t, real in steps]
-    hs, decays = [states_ref[j].astype(plan.dtype)], []
-    for (t, _), (u, _, delta) in zip(steps, inputs):
-      h, decay = _step(chunk, hs[-1], t, u, delta)
-      hs.append(h)
-      decays.append(decay)
+    positions = chunk.sub_chunk(j, C=True, z=plan.gated, extra=dy_ref)
+    hs = [states_ref[j].astype(plan.dtype)]
+    for p in positions:
+      hs.append(_step(chunk, hs[-1], p))
 
     for k in reversed(range(plan.sub_chunk)):
-      (t, real), (u, x, delta), decay = steps[k], inputs[k], decays[k]
-      h_prev, h = hs[k], hs[k + 1]
-      B, C = chunk.load(args.B, t), chunk.load(args.C, t)
-      dy = jnp.where(real, chunk.load(dy_ref, t), 0.0)  # a repeated step adds no output gradient
+      # The decay is recomputed, not kept from the pass above (the same 255 registers and time in ncu).
+      p, decay, h_prev, h = positions[k], _decay(chunk, positions[k]), hs[k], hs[k + 1]
+      t, u, x, delta, B, C, z = p.t, p.u, p.x, p.delta, p.B, p.C, p.z
+      dy = jnp.where(p.real, p.extra, 0.0)  # a repeated step adds no output gradient
       if plan.gated:
-        z = chunk.load(args.z, t)
         sig = jax.nn.sigmoid(z)
         y = jnp.sum(h * C[None, :], axis=1) + D * u
         dz_ref[t, :] = (dy * y * sig * (1 + z * (1 - sig))).astype(dz_ref.dtype)
@@ -236,7 +265,7 @@ def _grad_kernel(*refs, plan: _Plan):
       ddelta = u * g_B + jnp.sum(g_decayed * A, axis=1)
       if plan.softplus:
         ddelta = ddelta * softplus_grad(x)
-      ddelta = jnp.where(real, ddelta, 0.0)
+      ddelta = jnp.where(p.real, ddelta, 0.0)
       # Steps past the end are walked first, so the real step at the same position rewrites these.
       du_ref[t, :] = (delta * g_B + D * dy).astype(du_ref.dtype)
       ddelta_ref[t, :] = ddelta.astype(ddelta_ref.dtype)
