@@ -15,7 +15,7 @@ from flax import nnx
 
 from kernels import selective_scan
 from vim_jax.models import convert, create_model, layers, model_config
-from vim_jax.models.vim import ModelConfig, VisionMamba
+from vim_jax.models.vim import ModelConfig, PatchEmbed, VisionMamba
 
 # Released parameter counts at 1000 classes (vim_spec.md §3).
 OFFICIAL_PARAM_COUNTS = {
@@ -138,6 +138,18 @@ def test_random_models_match_numpy_reference(overrides):
   images = np.random.default_rng(0).normal(size=(2, *cfg.img_size, 3)).astype(np.float32)
   expected = numpy_vim.forward(state_dict, images.transpose(0, 3, 1, 2), stride=cfg.stride, cls_index=cfg.cls_index)
   assert_rel_close(logits_of(model, jnp.asarray(images)), expected, 1e-5, "logits")
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-6), ("bfloat16", 1e-2)])
+def test_patch_embed_matmul_equals_the_convolution(dtype, tolerance):
+  """Non-overlapping patches run as a matmul; it must equal the strided convolution, remainder rows and
+  columns (50 and 37 are not multiples of 16) dropped alike."""
+  cfg = ModelConfig(img_size=(50, 37), embed_dim=24, dtype=dtype)
+  embed = PatchEmbed(cfg, rngs=nnx.Rngs(0))
+  images = jax.random.normal(jax.random.key(1), (2, 50, 37, 3))
+  conv = embed.proj(images).reshape(2, -1, 24)
+  assert conv.shape == (2, cfg.num_patches, 24)
+  assert_rel_close(embed(images), conv, tolerance, "patch tokens")
 
 
 def test_bfloat16_compute_stays_close_and_keeps_f32_params(vim_ref):

@@ -100,9 +100,14 @@ class ModelConfig:
 
 
 class PatchEmbed(nnx.Module):
-  """Conv2d(in_chans, dim, kernel=patch, stride=stride) + row-major flatten; stride 8 = long sequence."""
+  """Conv2d(in_chans, dim, kernel=patch, stride=stride) + row-major flatten; stride 8 = long sequence.
+
+  Non-overlapping patches (stride = patch) run as one matmul over the flattened patches: the same sums,
+  but cuDNN's convolution of 3-channel images took 0.38 ms of a Vim-Ti forward at 224² batch 128 on an
+  H200, where the matmul's work is a few microseconds."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.patch, self.stride = cfg.patch_size, cfg.stride
     fan_in = cfg.in_chans * cfg.patch_size**2
     self.proj = nnx.Conv(
       cfg.in_chans,
@@ -118,8 +123,17 @@ class PatchEmbed(nnx.Module):
     )
 
   def __call__(self, images: jax.Array) -> jax.Array:
-    x = self.proj(images)  # (batch, gh, gw, dim)
-    return x.reshape(x.shape[0], -1, x.shape[-1])
+    if self.stride != self.patch:
+      x = self.proj(images)  # (batch, gh, gw, dim)
+      return x.reshape(x.shape[0], -1, x.shape[-1])
+    batch, height, width, chans = images.shape
+    p, (gh, gw) = self.patch, (height // self.patch, width // self.patch)
+    patches = images[:, : gh * p, : gw * p].reshape(batch, gh, p, gw, p, chans).swapaxes(2, 3)
+    patches = patches.reshape(batch, gh * gw, p * p * chans)  # (row, col, channel) order, as the kernel's
+    proj = self.proj
+    kernel = proj.kernel[...].reshape(p * p * chans, -1)
+    patches, kernel, bias = (x.astype(proj.dtype) for x in (patches, kernel, proj.bias[...]))
+    return jnp.dot(patches, kernel, precision=proj.precision) + bias
 
 
 def _linear(cfg: ModelConfig, d_in: int, d_out: int, *, use_bias: bool, kernel_init, rngs, bias_init=None):
