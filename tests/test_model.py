@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import chex
 import jax
@@ -150,6 +151,30 @@ def test_patch_embed_matmul_equals_the_convolution(dtype, tolerance):
   conv = embed.proj(images).reshape(2, -1, 24)
   assert conv.shape == (2, cfg.num_patches, 24)
   assert_rel_close(embed(images), conv, tolerance, "patch tokens")
+
+
+@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("impl", ["xla", "pallas_gpu"])
+def test_training_step_holds_no_tensor_of_all_states(impl):
+  """Memory linear in length without the state factor: in a Vim-Ti-width training step at 448² (785
+  tokens), no array is a quarter the size of the (batch, length, channels, state) states, forward or
+  backward. The GPU kernel's step is lowered for an H100 on any host (an abstract device stands in)."""
+  if impl == "pallas_gpu" and not hasattr(jax.sharding, "AbstractDevice"):
+    pytest.skip("this jax cannot name an abstract GPU to lower for")
+  model = create_model("vim_tiny", img_size=448, depth=2, dtype="bfloat16", scan_impl=impl)
+  graphdef, params = nnx.split(model)
+  images = jax.ShapeDtypeStruct((2, 448, 448, 3), jnp.float32)
+  step = jax.jit(jax.value_and_grad(lambda params, images: jnp.mean(nnx.merge(graphdef, params)(images))))
+  if impl == "pallas_gpu":
+    h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)):
+      hlo = step.trace(params, images).lower(lowering_platforms=("cuda",)).as_text()
+    assert "selective_scan_bwd" in hlo
+  else:
+    hlo = step.trace(params, images).lower().as_text()
+  sizes = {math.prod(map(int, dims.split("x")[:-1])) for dims in re.findall(r"tensor<((?:\d+x)+)\w+>", hlo)}
+  all_states = 2 * model.cfg.seq_len * model.cfg.d_inner * model.cfg.d_state
+  assert max(sizes) < all_states / 4
 
 
 def test_bfloat16_compute_stays_close_and_keeps_f32_params(vim_ref):
