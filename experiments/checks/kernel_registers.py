@@ -1,0 +1,106 @@
+r"""Registers and spills of the Pallas GPU scan kernels, compiled for an H100 on any host (no GPU needed).
+
+  pip install -e '.[bench]'   # the `triton` package, for its compiler and ptxas
+  PYTHONPATH=. python experiments/checks/kernel_registers.py --tunings='{"sub_chunk": 8}' '{"sub_chunk": 4}'
+
+Lowers the scan's forward and backward at Vim-Ti 224², batch 128, bf16, for an abstract H100 (as the
+CUDA lowering test does), keeps each kernel's Triton IR as Pallas emits it, compiles it with the
+`triton` package for sm_90 and reads ptxas's report. Registers bound occupancy: an SM has 65,536, so a
+kernel of one-warp programs at R registers per thread keeps at most 65,536 / (32 R) of them resident.
+The package's Triton is not the one inside jaxlib, so counts may differ a little from what XLA builds
+(on an H100, Nsight Compute read 128 registers for the states pass, where this reads 140, and 255 for
+the backward, as here). Timing still needs the GPU: see ../benchmarks/scan_tune.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import tempfile
+
+import jax
+import jax._src.pallas.triton.pallas_call_registration as registration  # where Pallas emits Triton IR
+import jax.numpy as jnp
+import triton
+from absl import app, flags
+from triton.backends.compiler import GPUTarget
+
+from kernels.selective_scan import pallas_gpu
+
+_TUNINGS = flags.DEFINE_multi_string("tunings", ['{"sub_chunk": 8}'], "JSON keyword arguments of pallas_gpu.scan.")
+_LENGTH = flags.DEFINE_integer("length", 197, "Sequence length (197: 224², stride 16).")
+
+REGISTERS_PER_SM = 65536
+
+
+def _triton_modules(tuning: dict, length: int) -> dict[str, str]:
+  """{kernel name: Triton IR text} of one forward and backward, with `tuning`."""
+  modules, lower = {}, registration.lowering.lower_jaxpr_to_triton_module
+
+  def capture(*args, **kwargs):
+    result = lower(*args, **kwargs)
+    text = result.module.operation.get_asm(enable_debug_info=False)
+    modules[re.search(r"tt\.func public @(\w+)", text).group(1)] = text
+    return result
+
+  seq = jax.ShapeDtypeStruct((128, length, 384), jnp.bfloat16)
+  vec, bc = jax.ShapeDtypeStruct((384,), jnp.float32), jax.ShapeDtypeStruct((128, length, 16), jnp.bfloat16)
+  arrays = dict(
+    u=seq, delta=seq, A=jax.ShapeDtypeStruct((384, 16), jnp.float32), B=bc, C=bc, D=vec, z=seq, delta_bias=vec
+  )
+
+  def fwd_bwd(arrays):
+    outputs, vjp = jax.vjp(lambda a: pallas_gpu.scan(**a, delta_softplus=True, **tuning), arrays)
+    return outputs, vjp(outputs)
+
+  h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+  registration.lowering.lower_jaxpr_to_triton_module = capture
+  try:
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)):
+      jax.jit(fwd_bwd).trace(arrays).lower(lowering_platforms=("cuda",))
+  finally:
+    registration.lowering.lower_jaxpr_to_triton_module = lower
+  return modules
+
+
+def _ptxas_report(ir: str, num_warps: int) -> dict[str, int]:
+  with tempfile.TemporaryDirectory() as tmp:
+    source, ptx = os.path.join(tmp, "kernel.ttir"), os.path.join(tmp, "kernel.ptx")
+    with open(source, "w") as f:
+      f.write(ir)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    with open(ptx, "w") as f:
+      f.write(compiled.asm["ptx"])
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    report = subprocess.run(
+      [ptxas, "-v", "--gpu-name", "sm_90a", ptx, "-o", os.devnull], capture_output=True, text=True
+    )
+  numbers = {
+    "registers": r"Used (\d+) registers",
+    "spill_store_bytes": r"(\d+) bytes spill stores",
+    "spill_load_bytes": r"(\d+) bytes spill loads",
+  }
+  return {key: int(re.search(pattern, report.stderr).group(1)) for key, pattern in numbers.items()}
+
+
+def main(argv):
+  del argv
+  print(f"jax {jax.__version__}, triton {triton.__version__}, sm_90; batch 128, length {_LENGTH.value}, bf16")
+  print("| tuning | kernel | registers | spill stores (B) | spill loads (B) | resident warps per SM |")
+  print("|---|---|---|---|---|---|")
+  for tuning_json in _TUNINGS.value:
+    tuning = json.loads(tuning_json)
+    num_warps = tuning.get("num_warps", pallas_gpu.NUM_WARPS)
+    for name, ir in _triton_modules(tuning, _LENGTH.value).items():
+      r = _ptxas_report(ir, num_warps)
+      # At most 64 warps and 32 programs per SM, and what the registers allow, in whole programs.
+      warps = min(64, 32 * num_warps, REGISTERS_PER_SM // (32 * r["registers"]) // num_warps * num_warps)
+      print(
+        f"| {tuning_json} | {name} | {r['registers']} | {r['spill_store_bytes']} | {r['spill_load_bytes']} | {warps} |"
+      )
+
+
+if __name__ == "__main__":
+  app.run(main)
