@@ -65,6 +65,12 @@ def _triton_modules(tuning: dict, length: int) -> dict[str, str]:
   return modules
 
 
+def _instructions(ptx: str) -> int:
+  """PTX instructions in the kernel's text (a static count: loops are counted once)."""
+  lines = (line.strip() for line in ptx.splitlines())
+  return sum(1 for line in lines if re.match(r"(@!?%\w+\s+)?[a-z]\w*(\.\w+)*\s", line) and not line.startswith("ret;"))
+
+
 def _ptxas_report(ir: str, num_warps: int) -> dict[str, int]:
   with tempfile.TemporaryDirectory() as tmp:
     source, ptx = os.path.join(tmp, "kernel.ttir"), os.path.join(tmp, "kernel.ptx")
@@ -82,14 +88,17 @@ def _ptxas_report(ir: str, num_warps: int) -> dict[str, int]:
     "spill_store_bytes": r"(\d+) bytes spill stores",
     "spill_load_bytes": r"(\d+) bytes spill loads",
   }
-  return {key: int(re.search(pattern, report.stderr).group(1)) for key, pattern in numbers.items()}
+  counts = {key: int(re.search(pattern, report.stderr).group(1)) for key, pattern in numbers.items()}
+  return counts | {"instructions": _instructions(compiled.asm["ptx"])}
 
 
 def main(argv):
   del argv
   print(f"jax {jax.__version__}, triton {triton.__version__}, sm_90; batch 128, length {_LENGTH.value}, bf16")
-  print("| tuning | kernel | registers | spill stores (B) | spill loads (B) | resident warps per SM |")
-  print("|---|---|---|---|---|---|")
+  print(
+    "| tuning | kernel | registers | spill stores (B) | spill loads (B) | resident warps per SM | PTX instructions |"
+  )
+  print("|---|---|---|---|---|---|---|")
   for tuning_json in _TUNINGS.value:
     tuning = json.loads(tuning_json)
     num_warps = tuning.get("num_warps", pallas_gpu.NUM_WARPS)
@@ -98,7 +107,8 @@ def main(argv):
       # At most 64 warps and 32 programs per SM, and what the registers allow, in whole programs.
       warps = min(64, 32 * num_warps, REGISTERS_PER_SM // (32 * r["registers"]) // num_warps * num_warps)
       print(
-        f"| {tuning_json} | {name} | {r['registers']} | {r['spill_store_bytes']} | {r['spill_load_bytes']} | {warps} |"
+        f"| {tuning_json} | {name} | {r['registers']} | {r['spill_store_bytes']} | {r['spill_load_bytes']} | {warps} "
+        f"| {r['instructions']} |"
       )
 
 
