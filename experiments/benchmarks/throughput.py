@@ -11,8 +11,9 @@ call with --train_cases= (empty), the two Vim training steps with --cases=, the 
 merge the JSON files in plot_throughput.py (fits are per model, so they survive the split).
 
 A model is `name[:impl]`: the impl is the scan impl of a Vim (none = by backend: the Pallas kernel on
-GPU) and the `jax.nn.dot_product_attention` implementation of a DeiT. Everything runs in bf16 compute
-with f32 parameters, on the first device, whose name goes into the output.
+GPU) and the `jax.nn.dot_product_attention` implementation of a DeiT; `--models=vim_tiny:xla,vim_tiny:pallas_gpu
+--cases=224:128,1248:8 --train_cases=224:128,1248:8` shows what the scan kernels do for the whole model.
+Everything runs in bf16 compute with f32 parameters, on the first device, whose name goes into the output.
 
 Inference: jitted logits of a random batch, timed over --reps calls queued back to back after one warm-up.
 Training: forward, backward and AdamW on random labels, parameters and optimizer state donated.
