@@ -196,13 +196,24 @@ def test_bfloat16_compute_keeps_f32_params_and_stays_close():
 
 def test_drop_path_is_stochastic_only_with_rngs():
   model = tiny_model(drop_path_rate=0.5)
-  assert [b.drop_path_rate for b in model.blocks] == [0.0, 0.5]
+  assert model.drop_path_rates == (0.0, 0.5)
   images = jax.random.normal(jax.random.key(0), (8, 32, 32, 3))
   train = nnx.jit(lambda m, x, rngs: m(x, rngs=rngs))
   a, b = train(model, images, nnx.Rngs(dropout=1)), train(model, images, nnx.Rngs(dropout=2))
   assert not np.allclose(a, b)
   np.testing.assert_array_equal(a, train(model, images, nnx.Rngs(dropout=1)))
   np.testing.assert_array_equal(logits_of(model, images), logits_of(model, images))
+
+
+def test_scanned_blocks_equal_unrolled():
+  """One lax.scan over the blocks (the default, checked without drop path against NumPy above) computes
+  what the Python loop does, drop-path masks included."""
+  images = jax.random.normal(jax.random.key(0), (8, 32, 32, 3))
+  train = nnx.jit(lambda m, x, rngs: m(x, rngs=rngs))
+  scanned, unrolled = (tiny_model(drop_path_rate=0.5, scan_layers=scan) for scan in (True, False))
+  chex.assert_trees_all_equal(nnx.state(scanned), nnx.state(unrolled))
+  expected = train(unrolled, images, nnx.Rngs(dropout=1))
+  np.testing.assert_allclose(train(scanned, images, nnx.Rngs(dropout=1)), expected, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize(

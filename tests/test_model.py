@@ -15,8 +15,9 @@ import pytest
 from flax import nnx
 
 from kernels import selective_scan
+from kernels.selective_scan import pallas_gpu
 from vim_jax.models import convert, create_model, layers, model_config
-from vim_jax.models.vim import ModelConfig, PatchEmbed, VisionMamba
+from vim_jax.models.vim import Block, ModelConfig, PatchEmbed, VisionMamba
 
 # Released parameter counts at 1000 classes (vim_spec.md §3).
 OFFICIAL_PARAM_COUNTS = {
@@ -156,9 +157,10 @@ def test_patch_embed_matmul_equals_the_convolution(dtype, tolerance):
 @pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("impl", ["xla", "pallas_gpu"])
 def test_training_step_holds_no_tensor_of_all_states(impl):
-  """Memory linear in length without the state factor: in a Vim-Ti-width training step at 448² (785
-  tokens), no array is a quarter the size of the (batch, length, channels, state) states, forward or
-  backward. The GPU kernel's step is lowered for an H100 on any host (an abstract device stands in)."""
+  """No array of a Vim-Ti-width training step at 448² (785 tokens) holds the (batch, length, channels,
+  state) states of every position, forward or backward: XLA's chunked scan keeps under a quarter, the GPU
+  kernels' backward one state per `SUB_CHUNK` positions (a transient buffer; chunks are rounded up to whole
+  sub-chunks, hence 5% slack). The GPU step is lowered for an H100 on any host (an abstract device)."""
   if impl == "pallas_gpu" and not hasattr(jax.sharding, "AbstractDevice"):
     pytest.skip("this jax cannot name an abstract GPU to lower for")
   model = create_model("vim_tiny", img_size=448, depth=2, dtype="bfloat16", scan_impl=impl)
@@ -174,7 +176,8 @@ def test_training_step_holds_no_tensor_of_all_states(impl):
     hlo = step.trace(params, images).lower().as_text()
   sizes = {math.prod(map(int, dims.split("x")[:-1])) for dims in re.findall(r"tensor<((?:\d+x)+)\w+>", hlo)}
   all_states = 2 * model.cfg.seq_len * model.cfg.d_inner * model.cfg.d_state
-  assert max(sizes) < all_states / 4
+  kept = 1 / pallas_gpu.SUB_CHUNK if impl == "pallas_gpu" else 1 / 4
+  assert max(sizes) < 1.05 * kept * all_states
 
 
 def test_bfloat16_compute_stays_close_and_keeps_f32_params(vim_ref):
@@ -281,8 +284,13 @@ class TestDropPath:
     assert set(np.unique(per_sample)) == {0.0, np.float32(1 / 0.7)}
     assert abs((per_sample[:, 0] == 0).mean() - 0.3) < 0.03
 
+  def test_traced_rate_of_zero_is_exact_identity(self):
+    x = jax.random.normal(jax.random.key(0), (8, 3, 2))
+    out = jax.jit(lambda rate: layers.drop_path(x, rate, nnx.Rngs(dropout=0)))(jnp.float32(0.0))
+    np.testing.assert_array_equal(out, x)
+
   def test_linear_rule(self, model):
-    assert [b.drop_path_rate for b in model.layers] == [0.0, 0.25, 0.5]
+    assert model.drop_path_rates == (0.0, 0.25, 0.5)
 
 
 class TestBadInput:
@@ -326,3 +334,54 @@ def test_features_tokens_and_headless():
   assert jax.eval_shape(model.forward_features, images).shape == (2, 16)
   headless = VisionMamba(dataclasses.replace(model.cfg, num_classes=0), rngs=nnx.Rngs(0))
   assert headless.head is None and jax.eval_shape(headless, images).shape == (2, 16)
+
+
+SCAN_IMAGES = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
+
+
+def logits_and_grads(model: VisionMamba):
+  graphdef, params = nnx.split(model)
+
+  def loss(params):
+    logits = nnx.merge(graphdef, params)(SCAN_IMAGES)
+    return jnp.sum(jnp.tanh(logits)), logits
+
+  (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+  return logits, grads
+
+
+@pytest.fixture(scope="module")
+def unrolled_logits_and_grads():
+  return logits_and_grads(small_model(scan_layers=False, scan_impl="reference"))
+
+
+class TestScanLayers:
+  """`scan_layers` (one lax.scan over the stacked blocks) against the unrolled Python loop: the same function."""
+
+  def test_same_param_tree(self):
+    scanned, unrolled = small_model(scan_layers=True), small_model(scan_layers=False)
+    chex.assert_trees_all_equal(nnx.state(scanned), nnx.state(unrolled))
+    assert len(scanned.layers) == 3
+
+  @pytest.mark.parametrize("remat", [False, True])
+  def test_logits_and_gradients_equal_unrolled(self, unrolled_logits_and_grads, remat):
+    logits, grads = logits_and_grads(small_model(scan_layers=True, remat=remat, scan_impl="reference"))
+    expected_logits, expected_grads = unrolled_logits_and_grads
+    np.testing.assert_allclose(logits, expected_logits, rtol=1e-6, atol=1e-7)
+    chex.assert_trees_all_close(grads, expected_grads, rtol=1e-5, atol=1e-7)
+    chex.assert_tree_all_finite(grads)
+
+  def test_drop_path_draws_the_same_masks_as_unrolled(self):
+    scanned, unrolled = (small_model(scan_layers=scan, drop_path_rate=0.5) for scan in (True, False))
+    train = nnx.jit(lambda m, x, rngs: m(x, rngs=rngs))
+    logits = train(scanned, SCAN_IMAGES, nnx.Rngs(dropout=1))
+    np.testing.assert_allclose(logits, train(unrolled, SCAN_IMAGES, nnx.Rngs(dropout=1)), rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(logits, train(scanned, SCAN_IMAGES, nnx.Rngs(dropout=1)))
+    assert not np.allclose(logits, logits_of(scanned, SCAN_IMAGES))  # drop path did drop something
+
+  def test_blocks_of_different_structure_raise(self):
+    model = small_model(depth=2)
+    blocks = [model.layers[0], Block(dataclasses.replace(model.cfg, dtype="bfloat16"), rngs=nnx.Rngs(0))]
+    x = jnp.zeros((1, 5, 16))
+    with pytest.raises(ValueError, match=r"block 1 \(Block\) differs from block 0"):
+      layers.apply_blocks(blocks, x, None, rates=(0.0, 0.0), scan=True, remat=False)

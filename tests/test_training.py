@@ -130,7 +130,7 @@ class TestSharding:
 
     def config(fsdp_devices):
       config = demo_config(**{"mesh.fsdp": fsdp_devices, "batch_size": 16})
-      config.model.update(dict(embed_dim=32, scan_impl="reference"))
+      config.model.update(dict(embed_dim=32, scan_impl="reference", scan_layers=True))  # the layer scan under FSDP too
       return config
 
     batch = {

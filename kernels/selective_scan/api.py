@@ -8,12 +8,14 @@ input crosses memory.
 
 import functools
 import logging
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
+from jax.tree_util import keystr
 
 from kernels.selective_scan import pallas_gpu, pallas_tpu, reference, xla
 from kernels.selective_scan.softplus import softplus
@@ -69,18 +71,47 @@ def _resolve(impl: str | None, interpret: bool) -> str:
   return impl
 
 
-def _per_device(impl: str, fn: Callable, *args):
-  """fn(*args), one call per device when a mesh is set and `impl` is a kernel: XLA's partitioner cannot
-  split a Pallas call. The batch (dim 0 of the per-sequence arrays and of every output) is split over
-  all mesh axes; A, D and delta_bias are replicated. `args` may be pytrees with None leaves."""
+def _channel_axes(channel_axes: str | tuple[str, ...], channels: int) -> tuple[str, ...]:
+  """`channel_axes` as a tuple, checked against the mesh and the channel count whatever the impl, so that
+  a bad value fails the same way on every backend."""
+  axes = (channel_axes,) if isinstance(channel_axes, str) else tuple(channel_axes)
+  if not axes:
+    return axes
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    raise ValueError(f"selective_scan: `channel_axes` must be () without a mesh (jax.set_mesh), got {axes}")
+  if any(a not in mesh.axis_names for a in axes) or len(set(axes)) < len(axes):
+    raise ValueError(f"selective_scan: `channel_axes` must be distinct axes of the mesh {mesh.axis_names}, got {axes}")
+  shards = math.prod(mesh.shape[a] for a in axes)
+  if channels % shards:
+    raise ValueError(
+      f"selective_scan: `channel_axes` {axes} split the channels {shards} ways, so the channel count must be"
+      f" divisible by {shards}, got {channels}"
+    )
+  return axes
+
+
+def _per_device(impl: str, fn: Callable, arrays: dict, outputs: str | tuple[str, ...], channel_axes: tuple[str, ...]):
+  """fn(**arrays), one call per device when a mesh is set and `impl` is a kernel: XLA's partitioner cannot
+  split a Pallas call. Arrays (named by the last key of their path in `arrays`; None leaves allowed) and
+  the outputs named in `outputs` are split by their `_DIMS`: channels over `channel_axes`, batch over the
+  other mesh axes, the rest whole. So A, D and delta_bias are replicated over the batch axes and B and C
+  over the channel axes; their gradients are per-shard parts that the transpose of a `check_vma=False`
+  shard_map sums over the axes missing from the input's spec (the kernels declare no varying axes, so
+  vma checking cannot be on). The mesh tests check that sum."""
   mesh = jax.sharding.get_abstract_mesh()
   if impl not in _KERNELS or mesh.empty:
-    return fn(*args)
-  batch = P(mesh.axis_names)
-  specs = jax.tree.map(lambda x: batch if x.ndim == 3 else P(), args)
+    return fn(**arrays)
+  batch = tuple(a for a in mesh.axis_names if a not in channel_axes)
+
+  def spec(dims: tuple[str, ...]) -> P:
+    return P(*(batch if d == "batch" else channel_axes if d == "channels" else None for d in dims))
+
+  in_specs = jax.tree_util.tree_map_with_path(lambda path, _: spec(_DIMS[keystr(path[-1:], simple=True)]), arrays)
+  out_specs = jax.tree.map(lambda name: spec(_DIMS[name]), outputs)
   if jax.sharding.AxisType.Explicit in mesh.axis_types:  # explicit shardings must already match the specs
-    args = jax.tree.map(jax.sharding.reshard, args, specs)
-  return jax.shard_map(fn, in_specs=specs, out_specs=batch, check_vma=False)(*args)
+    arrays = jax.tree.map(jax.sharding.reshard, arrays, in_specs)
+  return jax.shard_map(lambda a: fn(**a), in_specs=(in_specs,), out_specs=out_specs, check_vma=False)(arrays)
 
 
 def _check(name: str, x, dims: tuple[str, ...], sizes: dict[str, int]) -> jax.Array:
@@ -101,6 +132,7 @@ def _check(name: str, x, dims: tuple[str, ...], sizes: dict[str, int]) -> jax.Ar
 
 _SEQ, _SEQ_STATE, _CHANNEL = ("batch", "length", "channels"), ("batch", "length", "state"), ("channels",)
 _DIMS = dict(u=_SEQ, delta=_SEQ, A=("channels", "state"), B=_SEQ_STATE, C=_SEQ_STATE, D=_CHANNEL, delta_bias=_CHANNEL)
+_DIMS.update(z=_SEQ, y=_SEQ, last_state=("batch", "channels", "state"))  # for `_per_device`
 
 
 def _checked(args: Direction, sizes: dict[str, int], prefix: str = "") -> Direction:
@@ -131,6 +163,7 @@ def selective_scan(
   return_last_state: bool = False,
   impl: str | None = None,
   interpret: bool = False,
+  channel_axes: str | tuple[str, ...] = (),
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Mamba's selective scan (S6), exactly the official `selective_scan_ref`, channel-last.
 
@@ -152,8 +185,14 @@ def selective_scan(
       bounded memory), "pallas_gpu" (fused Pallas Triton kernels), "pallas_tpu" (Pallas Mosaic TPU
       kernels), "pallas" (the backend's kernel; on CPU the GPU one with `interpret`), or None: by
       backend, the kernel on GPU and TPU, "xla" elsewhere (logged once). A named impl never falls back.
-      Under a mesh (`jax.set_mesh`) the kernels run per device on the batch split over all mesh axes.
+      Under a mesh (`jax.set_mesh`) the kernels run per device (`shard_map`), as XLA cannot split a
+      Pallas call: the channels split over `channel_axes`, the batch over the other mesh axes.
     interpret: run Pallas kernels in interpret mode (for CPU tests); ignored by the other impls.
+    channel_axes: mesh axes (a name or a tuple) over which the kernels split the channels, for tensor
+      parallelism: u, delta, z, A, D, delta_bias and the outputs by channel, B and C whole on every
+      channel shard (their gradients summed over the shards). () without a mesh; with one, distinct
+      mesh axes whose sizes multiply to a divisor of the channel count. Checked for every impl, but
+      used by the kernels only: XLA's partitioner splits the XLA impls as their inputs are sharded.
 
   Returns:
     y with u's shape and dtype, or (y, last_state) with last_state (batch, channels, state). The
@@ -165,13 +204,14 @@ def selective_scan(
   if z is not None:
     z = _check("z", z, _SEQ, sizes)
   impl = _resolve(impl, interpret)
+  channel_axes = _channel_axes(channel_axes, sizes["channels"])
   options = dict(reverse=reverse, **({"interpret": interpret} if impl in _KERNELS else {}))
   if impl in _FUSED:
 
     def fused(args: Direction, z):
       return _FUSED[impl](*args[:5], args.D, z, args.delta_bias, delta_softplus=delta_softplus, **options)
 
-    y, last_state = _per_device(impl, fused, args, z)
+    y, last_state = _per_device(impl, fused, dict(args=args, z=z), ("y", "last_state"), channel_axes)
     return (y, last_state) if return_last_state else y
 
   u, delta, A, B, C, D, delta_bias = args
@@ -182,7 +222,8 @@ def selective_scan(
   if delta_softplus:
     delta = softplus(delta)
   recurrence = functools.partial(_RECURRENCES[impl], **options)
-  y, last_state = _per_device(impl, recurrence, u, delta, A, B, C)
+  arrays = dict(u=u, delta=delta, A=A, B=B, C=C)
+  y, last_state = _per_device(impl, recurrence, arrays, ("y", "last_state"), channel_axes)
   if D is not None:
     y = y + D.astype(dtype) * u
   if z is not None:
@@ -200,13 +241,15 @@ def selective_scan_bidirectional(
   divide_out: bool = True,
   impl: str | None = None,
   interpret: bool = False,
+  channel_axes: str | tuple[str, ...] = (),
 ) -> jax.Array:
   """Vim's bidirectional scan: (y_f + y_b) / 2 (a plain sum if not `divide_out`), where
   y_f = selective_scan(*forward, z) and y_b = selective_scan(*backward, z, reverse=True) share the gate.
 
-  The same as two `selective_scan` calls and the combine (impls, `delta_softplus` and `interpret` as
-  there), but `pallas_gpu` fuses the combine into the second direction's kernel: it reads the first
-  direction's output back instead of both outputs and z again, about a quarter less memory traffic.
+  The same as two `selective_scan` calls and the combine (impls, `delta_softplus`, `interpret` and
+  `channel_axes` as there), but `pallas_gpu` fuses the combine into the second direction's kernel: it
+  reads the first direction's output back instead of both outputs and z again, about a quarter less
+  memory traffic.
   Returns y in forward.u's shape and dtype.
   """
   sizes: dict[str, int] = {}
@@ -215,14 +258,15 @@ def selective_scan_bidirectional(
   if z is not None:
     z = _check("z", z, _SEQ, sizes)
   impl = _resolve(impl, interpret)
+  channel_axes = _channel_axes(channel_axes, sizes["channels"])
   if impl == "pallas_gpu":
     fused = functools.partial(
       pallas_gpu.bidirectional, delta_softplus=delta_softplus, divide_out=divide_out, interpret=interpret
     )
-    return _per_device(impl, fused, forward, backward, z)
+    return _per_device(impl, fused, dict(forward=forward, backward=backward, z=z), "y", channel_axes)
   ys = [
     selective_scan(*args[:5], args.D, z, args.delta_bias, delta_softplus=delta_softplus, reverse=reverse,
-                   impl=impl, interpret=interpret).astype(jnp.float32)
+                   impl=impl, interpret=interpret, channel_axes=channel_axes).astype(jnp.float32)
     for args, reverse in ((forward, False), (backward, True))
   ]  # fmt: skip
   y = ys[0] + ys[1]

@@ -46,16 +46,20 @@ from jax.experimental.pallas import triton as plgpu
 from kernels.selective_scan.padding import pad_to
 from kernels.selective_scan.softplus import softplus, softplus_grad
 
-# Chosen with experiments/benchmarks/scan_tune.py on an H100 (224² batch 128, bf16; scan_tune_h100.json):
-# 32 channels x 1 warp and 64 x 2 were within 5% of each other, forward and backward; other pairs were up to
-# 2.7x slower. An earlier sweep found 16 sub-chunk states much slower in the backward than 8, where it
-# already uses 255 registers per thread (scan_ncu_h100.txt).
+# Chosen with experiments/benchmarks/scan_tune.py on an H100 (bf16; scan_tune_h100.json and, with the loads
+# pipelined, scan_tune_pipelined_h100.json): 32 channels x 1 warp and 64 x 2 are within 5% of each other,
+# other pairs up to 2.7x slower. The backward keeps one state per sub-chunk of SUB_CHUNK positions and holds
+# the sub-chunk's states in registers: 2 is fastest (224² batch 128, forward+backward 0.86 ms against 1.13
+# at 4 and 2.36 at 8, where the states spill), at the price of a transient buffer of half of all states
+# (freed within the backward; `sub_chunk=8` shrinks it to an eighth). The forward keeps no states; 4
+# positions of loads ahead are fastest for it (1248², batch 1: 0.49 ms against 0.76 at 2).
 # CHUNK bounds the positions one program walks (long sequences then fill the GPU at batch 1).
 BLOCK_D = 32
 NUM_WARPS = 1
 NUM_STAGES = 2
 CHUNK = 256
-SUB_CHUNK = 8
+SUB_CHUNK = 2
+FORWARD_SUB_CHUNK = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +70,8 @@ class _Plan:
   length: int
   chunk: int
   num_chunks: int
-  sub_chunk: int
+  sub_chunk: int  # positions per step of the loop; the backward keeps a state per sub-chunk
+  forward_sub_chunk: int  # the same for the forward passes, which keep no states (a divisor of chunk)
   block_d: int
   channels: int  # padded to a multiple of block_d
   state: int  # padded to a power of two
@@ -83,6 +88,10 @@ class _Plan:
   @property
   def sub_chunks(self) -> int:
     return self.chunk // self.sub_chunk
+
+  def forward(self) -> "_Plan":
+    """This plan for the forward passes: their loads run `forward_sub_chunk` positions ahead."""
+    return dataclasses.replace(self, sub_chunk=self.forward_sub_chunk)
 
   def grid(self) -> tuple[int, int, int]:
     return self.batch, self.channels // self.block_d, self.num_chunks
@@ -142,9 +151,24 @@ class _Chunk:
   def gate(self, t):
     return jax.nn.silu(self.load(self.refs.z, t))
 
+  def over_sub_chunks(self, body, init, load, *, backwards: bool = False):
+    """`fori_loop` over the sub-chunks (last first if `backwards`) of carry = body(j, load(j), carry),
+    software-pipelined: sub-chunk j+1's loads are issued before sub-chunk j runs, so they are in flight
+    while it computes. A load issued after a store waits for it (they might alias), so loading at the
+    top of each sub-chunk would expose one memory latency per sub-chunk."""
+
+    def index(i):
+      return self.sub_chunks - 1 - i if backwards else i
+
+    def step(i, carry):
+      carry, loaded = carry
+      upcoming = load(index(jnp.minimum(i + 1, self.sub_chunks - 1)))  # the last one re-reads itself
+      return body(index(i), loaded, carry), upcoming
+
+    return jax.lax.fori_loop(0, self.sub_chunks, step, (init, load(index(0))))[0]
+
   def sub_chunk(self, j, *, C: bool = False, z: bool = False, extra=None) -> list["_Position"]:
-    """What the steps of sub-chunk j read, loaded before any of them runs: a load issued after a store
-    waits for it (they might alias), so loading step by step would expose every load's latency."""
+    """What the steps of sub-chunk j read (loaded together, before any of them runs)."""
     positions = []
     for k in range(self.plan.sub_chunk):
       t, real = self.clamped(j * self.plan.sub_chunk + k)
@@ -204,16 +228,19 @@ def _forward_kernel(*refs, plan: _Plan, outputs: tuple[str, ...]):
       out["y"][p.t, :] = y.astype(out["y"].dtype)
     return h, total + p.delta
 
-  def sub_chunk(j, carry):  # unrolled
+  def load(j):
+    partner = args.partner if writes_y else None
+    return chunk.sub_chunk(j, C=writes_y, z=writes_y and plan.gated, extra=partner)
+
+  def sub_chunk(j, positions, carry):  # unrolled
     if "sub_chunk_states" in out:
       out["sub_chunk_states"][j] = carry[0]
-    partner = args.partner if writes_y else None
-    for p in chunk.sub_chunk(j, C=writes_y, z=writes_y and plan.gated, extra=partner):
+    for p in positions:
       carry = step(p, carry)
     return carry
 
   init = (h0_ref[...].astype(plan.dtype), jnp.zeros((plan.block_d,), plan.dtype))
-  h, total = jax.lax.fori_loop(0, chunk.sub_chunks, sub_chunk, init)
+  h, total = chunk.over_sub_chunks(sub_chunk, init, load)
   if "end_state" in out:
     out["end_state"][...] = h
   if "total_delta" in out:
@@ -244,11 +271,13 @@ def _grad_kernel(*refs, plan: _Plan):
   chunk = _Chunk(args, plan)
   A, D = chunk.A, chunk.D
 
-  def sub_chunk(j_back, carry):
+  def load(j):
+    return states_ref[j].astype(plan.dtype), chunk.sub_chunk(j, C=True, z=plan.gated, extra=dy_ref)
+
+  def sub_chunk(j, loaded, carry):
     g_next, dA, dD, dbias = carry
-    j = chunk.sub_chunks - 1 - j_back
-    positions = chunk.sub_chunk(j, C=True, z=plan.gated, extra=dy_ref)
-    hs = [states_ref[j].astype(plan.dtype)]
+    h_start, positions = loaded
+    hs = [h_start]
     for p in positions:
       hs.append(_step(chunk, hs[-1], p))
 
@@ -280,7 +309,7 @@ def _grad_kernel(*refs, plan: _Plan):
 
   vector = jnp.zeros((plan.block_d,), plan.dtype)
   init = (g_in_ref[...].astype(plan.dtype), jnp.zeros_like(A), vector, vector)
-  _, dA, dD, dbias = jax.lax.fori_loop(0, chunk.sub_chunks, sub_chunk, init)
+  _, dA, dD, dbias = chunk.over_sub_chunks(sub_chunk, init, load, backwards=True)
   dA_ref[...], dD_ref[...], dbias_ref[...] = dA, dD, dbias
 
 
@@ -344,6 +373,7 @@ def _chunk_decay(plan: _Plan, total_delta, A) -> jax.Array:
 
 def _forward(plan: _Plan, args: tuple):
   """(y, last state, chunk start states or None, chunk total steps or None) of the padded `args`."""
+  plan = plan.forward()
   specs = _Specs(plan)
   per_chunk = jax.ShapeDtypeStruct((plan.batch, plan.num_chunks, plan.channels, plan.state), plan.dtype)
   start = jnp.zeros(per_chunk.shape, plan.dtype)
@@ -412,14 +442,17 @@ def _backward(plan: _Plan, args: tuple, start, total, dy, d_last) -> tuple:
 def _plan(u, A, dtype, *, gated: bool, reverse: bool, softplus: bool, interpret: bool, tuning: dict) -> _Plan:
   batch, length, channels = u.shape
   sub_chunk = tuning.get("sub_chunk", SUB_CHUNK)
+  forward_sub_chunk = tuning.get("forward_sub_chunk", FORWARD_SUB_CHUNK)
   block_d = min(tuning.get("block_d", BLOCK_D), pl.next_power_of_2(channels))
-  num_chunks = pl.cdiv(length, tuning.get("max_chunk", CHUNK))
+  multiple = math.lcm(sub_chunk, forward_sub_chunk)  # chunks are whole sub-chunks of both kinds
+  num_chunks = pl.cdiv(length, pl.cdiv(tuning.get("max_chunk", CHUNK), multiple) * multiple)
   return _Plan(
     batch=batch,
     length=length,
-    chunk=pl.cdiv(pl.cdiv(length, num_chunks), sub_chunk) * sub_chunk,
+    chunk=pl.cdiv(pl.cdiv(length, num_chunks), multiple) * multiple,
     num_chunks=num_chunks,
     sub_chunk=sub_chunk,
+    forward_sub_chunk=forward_sub_chunk,
     block_d=block_d,
     channels=pl.cdiv(channels, block_d) * block_d,
     state=pl.next_power_of_2(A.shape[1]),
@@ -468,7 +501,8 @@ def scan(
   """The whole selective scan (arguments as in `selective_scan`, already checked) in fused kernels,
   differentiable. Returns (y in u's dtype, last state in the compute dtype). `tuning` may set
   `block_d` (channels per program, a power of two), `num_warps`, `max_chunk` (positions per program at
-  most) and `sub_chunk` (states the backward kernel holds; chunks are rounded up to a multiple of it)."""
+  most), `sub_chunk` (positions per state the backward keeps; its buffer is 1/sub_chunk of all states)
+  and `forward_sub_chunk` (positions the forward loads ahead); chunks are rounded up to a multiple of both."""
   channels, state = A.shape
   dtype = _compute_dtype(u, delta, A, B, C, D, z, delta_bias)
   u, delta, A, B, C, D, delta_bias = _with_defaults((u, delta, A, B, C, D, delta_bias), dtype)

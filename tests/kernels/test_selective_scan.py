@@ -4,6 +4,7 @@ Pallas kernels run in interpret mode, so on CPU they check the kernel's logic, n
 (that is only compiled for CUDA here, never run)."""
 
 import functools
+import math
 import pathlib
 import re
 
@@ -267,15 +268,17 @@ def test_xla_chunking_matches_reference_in_float64(max_chunk, x64):
   assert_close(grads, expected_grads, jnp.float64, "grad")
 
 
-@pytest.mark.parametrize("max_chunk, sub_chunk", [(1, 1), (8, 4), (32, 16)])
-def test_pallas_gpu_chunking_matches_reference_in_float64(max_chunk, sub_chunk, x64):
+@pytest.mark.parametrize("max_chunk, sub_chunk, forward_sub_chunk", [(1, 1, 1), (8, 4, 2), (32, 16, 8), (6, 2, 4)])
+def test_pallas_gpu_chunking_matches_reference_in_float64(max_chunk, sub_chunk, forward_sub_chunk, x64):
   """The kernels' chunk passes, the carries between chunks (state forwards, adjoint backwards) and
   partial sub-chunks, both directions, all options: on length 33, chunks of 1 (33 chunks), 8 (5 chunks,
-  the last short) and 32 (2 chunks of 32 and 1), sub-chunks of 1, 4 and 16."""
+  the last short), 32 (2 chunks of 32 and 1) and 6 (rounded up to 8, whole sub-chunks of 2 and 4)."""
   rng = np.random.default_rng(max_chunk)
   inputs = random_inputs(rng, 2, 33, 3, 2, **ALL_OPTIONS, dtype=jnp.float64)
   cotangents = random_cotangents(rng, inputs, jnp.float64)
-  options = dict(max_chunk=max_chunk, sub_chunk=sub_chunk, interpret=True, delta_softplus=True)
+  options = dict(
+    max_chunk=max_chunk, sub_chunk=sub_chunk, forward_sub_chunk=forward_sub_chunk, interpret=True, delta_softplus=True
+  )
   for reverse in (False, True):
 
     def run(scan, inputs, cotangents, reverse=reverse):
@@ -348,23 +351,72 @@ def test_bidirectional_names_the_bad_direction():
     selective_scan_bidirectional(forward, backward._replace(B=backward.B[:, :-1]), z)
 
 
-@pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
-@pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
-def test_kernels_run_per_device_under_a_mesh(impl, axis_type):
-  """A Pallas call cannot be split by XLA's partitioner: under a mesh the kernels run in `shard_map`
-  over the batch, on all mesh axes, and give the unsharded results (values and gradients)."""
-  kind = getattr(jax.sharding.AxisType, axis_type)
-  mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(kind, kind))
-  arrays = random_inputs(np.random.default_rng(8), 8, 9, 8, 4, **ALL_OPTIONS, dtype=jnp.float32)
+# (mesh shape, axis names, channel_axes, axis type): the batch alone over all 8 devices, or channels over
+# "model" (Explicit once per split: it only adds a reshard to the specs).
+MESHES = [
+  pytest.param((4, 2), ("data", "fsdp"), (), "Auto", id="batch-Auto"),
+  pytest.param((4, 2), ("data", "fsdp"), (), "Explicit", id="batch-Explicit"),
+  pytest.param((4, 2), ("data", "model"), "model", "Auto", id="channels-over-2-Auto"),
+  pytest.param((4, 2), ("data", "model"), "model", "Explicit", id="channels-over-2-Explicit"),
+  pytest.param((2, 4), ("data", "model"), ("model",), "Auto", id="channels-over-4-Auto"),
+]
 
-  def loss(arrays, impl):
-    y, last = selective_scan(**arrays, delta_softplus=True, return_last_state=True, impl=impl, interpret=True)
+
+def shard_map_output_shapes(fn, *args) -> list[list[tuple[int, ...]]]:
+  """The per-device output shapes of each `shard_map` in fn's jaxpr: they show how it was split."""
+  eqns = jax.make_jaxpr(fn)(*args).eqns
+  return [[v.aval.shape for v in e.params["jaxpr"].outvars] for e in eqns if e.primitive.name == "shard_map"]
+
+
+def channel_shards(mesh, channel_axes) -> int:
+  return math.prod(mesh.shape[a] for a in ((channel_axes,) if isinstance(channel_axes, str) else channel_axes))
+
+
+@pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
+@pytest.mark.parametrize("mesh_shape, axis_names, channel_axes, axis_type", MESHES)
+def test_kernels_run_per_device_under_a_mesh(impl, mesh_shape, axis_names, channel_axes, axis_type):
+  """A Pallas call cannot be split by XLA's partitioner: under a mesh the kernels run in `shard_map`,
+  channels over `channel_axes` and the batch over the other axes, and give the unsharded results: values
+  and all gradients. Those of B and C, whole on every channel shard, are sums over the channel shards."""
+  kind = getattr(jax.sharding.AxisType, axis_type)
+  mesh = jax.make_mesh(mesh_shape, axis_names, axis_types=(kind, kind))
+  batch, length, channels, state = 8, 9, 8, 4
+  arrays = random_inputs(np.random.default_rng(8), batch, length, channels, state, **ALL_OPTIONS, dtype=jnp.float32)
+
+  def loss(arrays, impl, **kwargs):
+    y, last = selective_scan(**arrays, delta_softplus=True, return_last_state=True, impl=impl, interpret=True, **kwargs)
     return jnp.sum(jnp.sin(y)) + jnp.sum(last**2)
 
   expected = jit_run(jax.value_and_grad(functools.partial(loss, impl="reference")), arrays)
   with jax.set_mesh(mesh):
-    assert "shard_map" in str(jax.make_jaxpr(functools.partial(loss, impl=impl))(arrays))
-    got = jit_run(jax.value_and_grad(functools.partial(loss, impl=impl)), arrays)
+    sharded = functools.partial(loss, impl=impl, channel_axes=channel_axes)
+    c = channel_shards(mesh, channel_axes)
+    local_batch, local_channels = batch * c // mesh.size, channels // c
+    local = [(local_batch, length, local_channels), (local_batch, local_channels, state)]
+    assert shard_map_output_shapes(sharded, arrays) == [local]
+    got = jit_run(jax.value_and_grad(sharded), arrays)
+  assert_close(got, expected, jnp.float32, "grad")
+
+
+@pytest.mark.parametrize(
+  "impl, axis_type", [("pallas_gpu", "Auto"), ("pallas_gpu", "Explicit"), ("pallas_tpu", "Auto")]
+)
+def test_bidirectional_kernels_split_channels_under_a_mesh(impl, axis_type):
+  """As above for the bidirectional scan (fused on GPU, two scans on TPU): value and all 15 gradients."""
+  kind = getattr(jax.sharding.AxisType, axis_type)
+  mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(kind, kind))
+  inputs = bidirectional_inputs(np.random.default_rng(9), (8, 9, 8, 4), jnp.float32)
+
+  def loss(inputs, impl, **kwargs):
+    y = selective_scan_bidirectional(*inputs, delta_softplus=True, impl=impl, interpret=True, **kwargs)
+    return jnp.sum(jnp.sin(y))
+
+  expected = jit_run(jax.value_and_grad(functools.partial(loss, impl="reference")), inputs)
+  with jax.set_mesh(mesh):
+    sharded = functools.partial(loss, impl=impl, channel_axes="model")
+    y, last = (2, 9, 4), (2, 4, 4)
+    assert shard_map_output_shapes(sharded, inputs) == ([[y]] if impl == "pallas_gpu" else [[y, last]] * 2)
+    got = jit_run(jax.value_and_grad(sharded), inputs)
   assert_close(got, expected, jnp.float32, "grad")
 
 
@@ -460,6 +512,32 @@ def test_shape_error_gives_expected_and_actual_shape():
 def test_unknown_impl_lists_valid_impls():
   with pytest.raises(ValueError, match=r"unknown impl 'cuda'.*'reference', 'xla'"):
     selective_scan(**valid_args(), impl="cuda")
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas_gpu"])
+@pytest.mark.parametrize(
+  "channels, channel_axes, message",
+  [
+    pytest.param(8, "tensor", "`channel_axes` must be distinct axes of the mesh ('data', 'model'), got ('tensor',)",
+                 id="unknown-axis"),
+    pytest.param(8, ("model", "model"), "`channel_axes` must be distinct axes", id="repeated-axis"),
+    pytest.param(6, "data", "`channel_axes` ('data',) split the channels 4 ways, so the channel count must be"
+                 " divisible by 4, got 6", id="indivisible"),
+  ],
+)  # fmt: skip
+def test_bad_channel_axes_are_named_whatever_the_impl(impl, channels, channel_axes, message):
+  args = random_inputs(np.random.default_rng(0), 4, 5, channels, 4, **ALL_OPTIONS, dtype=jnp.float32)
+  with jax.set_mesh(jax.make_mesh((4, 2), ("data", "model"))):
+    with pytest.raises(ValueError, match=re.escape(message)):
+      selective_scan(**args, delta_softplus=True, impl=impl, interpret=True, channel_axes=channel_axes)
+    forward = Direction(**{k: v for k, v in args.items() if k != "z"})
+    with pytest.raises(ValueError, match=re.escape(message)):
+      selective_scan_bidirectional(forward, forward, args["z"], impl=impl, interpret=True, channel_axes=channel_axes)
+
+
+def test_channel_axes_without_a_mesh_is_an_error():
+  with pytest.raises(ValueError, match=re.escape("`channel_axes` must be () without a mesh")):
+    selective_scan(**valid_args(), channel_axes="model")
 
 
 def test_pallas_on_cpu_is_pallas_gpu_in_interpret_mode_only():

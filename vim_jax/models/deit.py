@@ -42,6 +42,9 @@ class DeiTConfig:
   # `implementation` of jax.nn.dot_product_attention: None (XLA), "xla" or "cudnn" (flash attention, bf16/fp16
   # only; jax 0.11's cuDNN backward also refuses odd sequence lengths such as 197 at 224², inference runs).
   attention_impl: str | None = None
+  # One lax.scan over the blocks compiles once, not once per layer (H100, Vim-Ti training step: 17 s against
+  # 32 s), but the scan stacks every residual: 85 ms and 16.7 GB against 59 ms and 5.2 GB unrolled.
+  scan_layers: bool = False
 
   def __post_init__(self):
     if isinstance(self.img_size, int):
@@ -130,17 +133,17 @@ class Mlp(nnx.Module):
 class Block(nnx.Module):
   """Pre-norm transformer block; both branches join the float32 residual stream through drop path."""
 
-  def __init__(self, cfg: DeiTConfig, *, drop_path_rate: float, rngs: nnx.Rngs):
+  def __init__(self, cfg: DeiTConfig, *, rngs: nnx.Rngs):
     dtype = jnp.dtype(cfg.dtype)
     self.norm1 = nnx.LayerNorm(cfg.embed_dim, epsilon=cfg.norm_eps, dtype=dtype, rngs=rngs)
     self.attn = Attention(cfg, rngs=rngs)
     self.norm2 = nnx.LayerNorm(cfg.embed_dim, epsilon=cfg.norm_eps, dtype=dtype, rngs=rngs)
     self.mlp = Mlp(cfg, rngs=rngs)
-    self.drop_path_rate = drop_path_rate
 
-  def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
-    x = x + layers.drop_path(self.attn(self.norm1(x)).astype(jnp.float32), self.drop_path_rate, rngs)
-    return x + layers.drop_path(self.mlp(self.norm2(x)).astype(jnp.float32), self.drop_path_rate, rngs)
+  def __call__(self, x: jax.Array, *, drop_rate: float | jax.Array = 0.0, rngs: nnx.Rngs | None = None) -> jax.Array:
+    """`drop_rate` is an argument, not an attribute, so that all blocks share one structure (layer scan)."""
+    x = x + layers.drop_path(self.attn(self.norm1(x)).astype(jnp.float32), drop_rate, rngs)
+    return x + layers.drop_path(self.mlp(self.norm2(x)).astype(jnp.float32), drop_rate, rngs)
 
 
 class DeiT(nnx.Module):
@@ -157,9 +160,8 @@ class DeiT(nnx.Module):
       param[...] = conv_init(rngs.params(), param.shape)
     self.cls_token = nnx.Param(_TRUNC_NORMAL(rngs.params(), (1, 1, d)))
     self.pos_embed = nnx.Param(_TRUNC_NORMAL(rngs.params(), (1, cfg.seq_len, d)))
-    # timm's linspace(0, rate, depth): block j drops with probability rate · j / (depth − 1).
-    rates = [cfg.drop_path_rate * j / max(cfg.depth - 1, 1) for j in range(cfg.depth)]
-    self.blocks = nnx.List([Block(cfg, drop_path_rate=rate, rngs=rngs) for rate in rates])
+    self.drop_path_rates = layers.drop_path_rates(cfg.drop_path_rate, cfg.depth)
+    self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
     self.norm = nnx.LayerNorm(d, epsilon=cfg.norm_eps, dtype=jnp.float32, rngs=rngs)
     if cfg.num_classes > 0:
       self.head = _linear(cfg, d, cfg.num_classes, use_bias=True, kernel_init=_TRUNC_NORMAL, rngs=rngs)
@@ -180,9 +182,9 @@ class DeiT(nnx.Module):
 
   def forward_tokens(self, images: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
     """The final-normed token sequence (batch, 1 + patches, dim), float32, cls first."""
-    x = self.embed(images)
-    for block in self.blocks:
-      x = block(x, rngs=rngs)
+    x = layers.apply_blocks(
+      self.blocks, self.embed(images), rngs, rates=self.drop_path_rates, scan=self.cfg.scan_layers, remat=False
+    )
     return self.norm(x)
 
   def forward_features(self, images: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:

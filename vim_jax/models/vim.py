@@ -49,6 +49,9 @@ class ModelConfig:
   scan_impl: str | None = None  # see kernels.selective_scan; None = by backend
   scan_interpret: bool = False  # Pallas interpret mode (CPU testing of GPU/TPU kernels)
   remat: bool = False  # recompute each block in the backward pass (memory for long sequences)
+  # One lax.scan over the blocks compiles once, not once per layer (H100, Vim-Ti training step: 17 s against
+  # 32 s), but the scan stacks every residual: 85 ms and 16.7 GB against 59 ms and 5.2 GB unrolled.
+  scan_layers: bool = False
 
   def __post_init__(self):
     if isinstance(self.img_size, int):
@@ -225,19 +228,17 @@ class Block(nnx.Module):
   each mixer's output right after it with that mixer's drop rate is the same computation.
   """
 
-  def __init__(self, cfg: ModelConfig, *, drop_path_rate: float, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.norm = layers.RMSNorm(cfg.embed_dim, eps=cfg.norm_eps)
     self.mixer = BiMambaMixer(cfg, rngs=rngs)
-    self.drop_path_rate = drop_path_rate
     self.dtype = jnp.dtype(cfg.dtype)
 
-  def __call__(self, residual: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+  def __call__(
+    self, residual: jax.Array, *, drop_rate: float | jax.Array = 0.0, rngs: nnx.Rngs | None = None
+  ) -> jax.Array:
+    """`drop_rate` is an argument, not an attribute, so that all blocks share one structure (layer scan)."""
     hidden = self.mixer(self.norm(residual, dtype=self.dtype))
-    return residual + layers.drop_path(hidden.astype(jnp.float32), self.drop_path_rate, rngs)
-
-
-def _apply_block(block: Block, residual: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
-  return block(residual, rngs=rngs)
+    return residual + layers.drop_path(hidden.astype(jnp.float32), drop_rate, rngs)
 
 
 class VisionMamba(nnx.Module):
@@ -250,8 +251,8 @@ class VisionMamba(nnx.Module):
     self.cls_token = nnx.Param(layers.trunc_normal(0.02)(rngs.params(), (1, 1, d)))
     self.pos_embed = nnx.Param(layers.trunc_normal(0.02)(rngs.params(), (1, cfg.seq_len, d)))
     # Linear drop-path rule: mixer j's output is dropped with probability rate · j / (depth − 1).
-    rates = [cfg.drop_path_rate * j / max(cfg.depth - 1, 1) for j in range(cfg.depth)]
-    self.layers = nnx.List([Block(cfg, drop_path_rate=rate, rngs=rngs) for rate in rates])
+    self.drop_path_rates = layers.drop_path_rates(cfg.drop_path_rate, cfg.depth)
+    self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
     self.norm_f = layers.RMSNorm(d, eps=cfg.norm_eps)
     if cfg.num_classes > 0:
       self.head = _linear(cfg, d, cfg.num_classes, use_bias=True, kernel_init=layers.trunc_normal(0.02), rngs=rngs)
@@ -282,10 +283,10 @@ class VisionMamba(nnx.Module):
 
   def forward_tokens(self, images: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
     """The final-normed token sequence (batch, length, dim), cls included: the dense-prediction output."""
-    residual = self.embed(images)
-    apply = nnx.remat(_apply_block) if self.cfg.remat else _apply_block
-    for block in self.layers:
-      residual = apply(block, residual, rngs)
+    cfg = self.cfg
+    residual = layers.apply_blocks(
+      self.layers, self.embed(images), rngs, rates=self.drop_path_rates, scan=cfg.scan_layers, remat=cfg.remat
+    )
     return self.norm_f(residual)
 
   def forward_features(self, images: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
