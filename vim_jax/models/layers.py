@@ -130,7 +130,6 @@ def apply_blocks(
   if len(rates) != len(blocks):
     raise ValueError(f"`rates` has {len(rates)} entries for {len(blocks)} blocks")
   stochastic = rngs is not None and any(rate > 0 for rate in rates)
-  rate_array = jnp.asarray(rates, jnp.float32) if stochastic else None
   keys = jax.random.split(rngs.dropout(), len(blocks)) if stochastic else None
 
   def apply(block, x, rate, key):
@@ -140,8 +139,8 @@ def apply_blocks(
 
   if not scan:
     apply = nnx.remat(apply) if remat else apply
-    for i, block in enumerate(blocks):
-      x = apply(block, x, *((rate_array[i], keys[i]) if stochastic else (None, None)))
+    for i, block in enumerate(blocks):  # static rates: a rate of 0 skips drop path altogether
+      x = apply(block, x, rates[i], keys[i] if stochastic else None)
     return x
 
   graphdef, stacked = _stack_states(blocks)
@@ -153,7 +152,7 @@ def apply_blocks(
     return apply(nnx.merge(graphdef, state), x, rate, key), None
 
   body = jax.checkpoint(body, prevent_cse=False) if remat else body
-  xs = (stacked, rate_array, keys)
+  xs = (stacked, jnp.asarray(rates, jnp.float32) if stochastic else None, keys)
   x, _ = jax.lax.scan(body, _sharded_like_output(body, x, xs), xs)
   return x
 
