@@ -14,7 +14,7 @@ from flax import nnx
 from jax.flatten_util import ravel_pytree
 
 from vim_jax.models import DeiT, DeiTConfig, create_model
-from vim_jax.models.deit import Attention
+from vim_jax.models.deit import Attention, _attention
 
 # timm's parameter counts at 1000 classes (sum of p.numel() of deit_*_patch16_224).
 TIMM_PARAM_COUNTS = {"deit_tiny": 5_717_416, "deit_small": 22_050_664, "deit_base": 86_567_656}
@@ -125,6 +125,35 @@ def test_attention_equals_softmax_qk_v(impl):
   x = np.random.default_rng(0).normal(size=(2, 7, 16))
   expected = np_attention(x, flat_params(attn), cfg.num_heads)
   assert_rel_close(attn(jnp.asarray(x, jnp.float32)), expected, 1e-5)
+
+
+def test_even_padding_for_cudnn_keeps_output_and_gradients():
+  """The cuDNN path pads an odd length by one masked key (jax 0.11.2's cuDNN training rule refuses odd lengths);
+  run through the XLA path, output and gradients equal the unpadded attention's. An unmasked zero key would not."""
+  q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 7, 4, 8))
+  w = jax.random.normal(jax.random.key(1), (2, 7, 4, 8))
+
+  def loss(qkv, pad):
+    return jnp.sum(w * jnp.tanh(_attention(*qkv, implementation="xla", pad_to_even=pad)))
+
+  plain, padded = (jax.jit(jax.value_and_grad(loss), static_argnums=1)((q, k, v), pad) for pad in (False, True))
+  chex.assert_trees_all_close(padded, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_cudnn_config_pads_odd_lengths(monkeypatch):
+  """Attention with attention_impl="cudnn" hands cuDNN an even length, here through a stand-in on CPU."""
+  lengths, original = [], jax.nn.dot_product_attention
+
+  def stand_in(q, k, v, implementation=None, **kwargs):
+    lengths.append((implementation, q.shape[1]))
+    return original(q, k, v, implementation="xla", **kwargs)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", stand_in)
+  x = jax.random.normal(jax.random.key(0), (2, 7, 16))
+  cfgs = (DeiTConfig(**TINY, dtype="bfloat16", attention_impl=impl) for impl in ("cudnn", "xla"))
+  cudnn, xla = (Attention(cfg, rngs=nnx.Rngs(0)) for cfg in cfgs)
+  assert_rel_close(cudnn(x), xla(x), 1e-2)
+  assert lengths == [("cudnn", 8), ("xla", 7)]
 
 
 def test_logits_equal_numpy_reference():

@@ -34,7 +34,7 @@ def _load(paths: list[str]) -> tuple[str, list[dict]]:
 
 
 def plot(device: str, rows: list[dict], out: str) -> None:
-  """Two panels, images/s (log) and memory (MiB), against image size; one line per model."""
+  """Two panels, images/s and memory (MiB), both log scale, against image size; one line per model."""
   fig, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4.2))
   sizes = sorted({r["image_size"] for r in rows})
   batches = {r["image_size"]: r["batch"] for r in rows}
@@ -48,8 +48,8 @@ def plot(device: str, rows: list[dict], out: str) -> None:
       axis.plot(failed, [0] * len(failed), "x", **marks)
   speed.set_yscale("log")
   speed.set_ylabel("images / s")
+  memory.set_yscale("log")  # XLA attention's quadratic memory would flatten every other line
   memory.set_ylabel("memory (MiB)")
-  memory.set_ylim(bottom=0)
   for axis in (speed, memory):
     axis.set_xticks(sizes, [f"{s}\nb{batches[s]}" for s in sizes])
     axis.set_xlabel("resolution (batch)")

@@ -13,7 +13,10 @@ ops run on several threads, and a sum above the busy time says that events overl
 
 Each event is labelled "kernel name | HLO op | op_name" (the op_name metadata of that HLO op in the compiled
 module; it carries the name scope of a Pallas call, `selective_scan_fwd` say, also when the kernel runs in
-interpret mode) and goes to the first category of CATEGORIES whose regex matches the label.
+interpret mode) and goes to the first category of CATEGORIES whose regex matches the label. Each kernel
+row lists its op_names by time: the model's name scopes (`in_proj`, `conv_silu`, `scan`, ...) say which code
+a fusion came from. On GPU, kernels inside XLA's command buffers carry the buffer as their HLO op and so no
+op_name: set XLA_FLAGS=--xla_gpu_enable_command_buffer= to attribute them (at some cost in launch time).
 """
 
 from __future__ import annotations
@@ -112,14 +115,17 @@ def breakdown(trace: dict, op_names: dict[str, str], calls: int, top: int = 10) 
   """Milliseconds per call by category and by kernel and category (kernel names without instance numbers)."""
   source, events, tracks = _op_events(trace)
   by_category, by_kernel = collections.Counter(), collections.defaultdict(lambda: [0.0, 0])
+  sources = collections.defaultdict(collections.Counter)  # kernel -> ms per op_name: which model code ran it
   for e, us in _self_times(events):
     args = e.get("args", {})
     hlo_op = args.get("hlo_op", "")
-    category = _category(f"{e['name']} | {hlo_op} | {op_names.get(hlo_op) or args.get('name', '')}")
+    op_name = op_names.get(hlo_op) or args.get("name", "")
+    category = _category(f"{e['name']} | {hlo_op} | {op_name}")
     by_category[category] += us / 1e3 / calls
-    kernel = by_kernel[re.sub(r"(\.|_+)\d+$", "", e["name"]), category]  # "fusion.3", "selective_scan_fwd__1"
-    kernel[0] += us / 1e3 / calls
-    kernel[1] += 1
+    key = re.sub(r"(\.|_+)\d+$", "", e["name"]), category  # "fusion.3", "selective_scan_fwd__1"
+    by_kernel[key][0] += us / 1e3 / calls
+    by_kernel[key][1] += 1
+    sources[key][op_name] += us / 1e3 / calls
   total = sum(by_category.values())
   ranked = sorted(by_kernel.items(), key=lambda item: -item[1][0])
   return {
@@ -129,7 +135,14 @@ def breakdown(trace: dict, op_names: dict[str, str], calls: int, top: int = 10) 
     "busy_ms": _busy_us(events) / 1e3 / calls,
     "categories": {name: {"ms": ms, "pct": 100 * ms / total} for name, ms in by_category.most_common()},
     "kernels": [
-      {"name": name, "category": c, "ms": ms, "count_per_call": n / calls, "pct": 100 * ms / total}
+      {
+        "name": name,
+        "category": c,
+        "ms": ms,
+        "count_per_call": n / calls,
+        "pct": 100 * ms / total,
+        "op_names": dict(sources[name, c].most_common(3)),
+      }
       for (name, c), (ms, n) in ranked[:top]
     ],
   }
@@ -157,9 +170,12 @@ def _print(name: str, result: dict) -> None:
   print("| category | ms per call | % |\n|---|---|---|")
   for category, c in result["categories"].items():
     print(f"| {category} | {c['ms']:.3f} | {c['pct']:.1f} |")
-  print("\n| kernel | category | ms per call | per call | % |\n|---|---|---|---|---|")
+  print("\n| kernel | category | ms per call | per call | % | top op_name |\n|---|---|---|---|---|---|")
   for k in result["kernels"]:
-    print(f"| `{k['name'][:70]}` | {k['category']} | {k['ms']:.3f} | {k['count_per_call']:g} | {k['pct']:.1f} |")
+    source = next(iter(k["op_names"]), "")[-90:]
+    print(
+      f"| `{k['name'][:70]}` | {k['category']} | {k['ms']:.3f} | {k['count_per_call']:g} | {k['pct']:.1f} | {source} |"
+    )
 
 
 def main(argv):

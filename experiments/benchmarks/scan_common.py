@@ -7,7 +7,13 @@ import jax.numpy as jnp
 
 from kernels import Direction, selective_scan, selective_scan_bidirectional
 
-CASES = {"224_b128": (128, 197), "224s8_b128": (128, 730), "1248_b8": (8, 6085), "1248_b1": (1, 6085)}
+CASES = {
+  "224_b128": (128, 197),
+  "224s8_b128": (128, 730),
+  "1248_b32": (32, 6085),
+  "1248_b8": (8, 6085),
+  "1248_b1": (1, 6085),
+}
 CHANNELS, STATE = 384, 16
 
 

@@ -5,13 +5,13 @@ r"""Vim vs DeiT inference throughput and memory over resolution (the paper's Fig
       --cases=224:128,512:128,736:64,1024:32,1248:32 --train_cases=224:128 \
       --out=experiments/results/throughput_h100.json
 
-Compiling is most of the time (H100, jax 0.11.2, blocks unrolled: a Vim-Ti forward 54 s at 224², 73 s at
-1248²; its training step over 2 minutes; DeiT-Ti 4-15 s per case), so under a 10-minute limit run it in
-parts, then merge the JSON files in plot_throughput.py (fits are per model, so they survive the split).
+Compiling is much of the time (H100, jax 0.11.2: a Vim-Ti forward 11 s, its training step 32 s; DeiT-Ti
+4-5 s per case); under a time limit run it in parts on the same card, then merge the JSON files in
+plot_throughput.py (fits are per model, so they survive the split).
 
-A model is `name[:impl][:unrolled]`: the impl is the scan impl of a Vim (none = by backend: the Pallas kernel
-on GPU) and the `jax.nn.dot_product_attention` implementation of a DeiT; `unrolled` runs the blocks as a
-Python loop instead of one `lax.scan` (`scan_layers=False`). `--models=vim_tiny:xla,vim_tiny:pallas_gpu
+A model is `name[:impl][:scanned]`: the impl is the scan impl of a Vim (none = by backend: the Pallas kernel
+on GPU) and the `jax.nn.dot_product_attention` implementation of a DeiT; `scanned` runs the blocks as one
+`lax.scan` (`scan_layers=True`) instead of the default Python loop. `--models=vim_tiny:xla,vim_tiny:pallas_gpu
 --cases=224:128,1248:8 --train_cases=224:128,1248:8` shows what the scan kernels do for the whole model.
 Everything runs in bf16 compute with f32 parameters, on the first device, whose name goes into the output.
 
@@ -58,12 +58,10 @@ MIB = 2**20
 def _create(spec: str, size: int):
   name, impl, *options = spec.split(":") + [""]
   options = [o for o in options if o]
-  if any(o != "unrolled" for o in options):
-    raise ValueError(f"--models: {spec!r}: the only option after name:impl is 'unrolled', got {options}")
+  if any(o != "scanned" for o in options):
+    raise ValueError(f"--models: {spec!r}: the only option after name:impl is 'scanned', got {options}")
   field = "attention_impl" if name in DEIT_VARIANTS else "scan_impl"
-  return create_model(
-    name, img_size=size, dtype="bfloat16", scan_layers="unrolled" not in options, **{field: impl or None}
-  )
+  return create_model(name, img_size=size, dtype="bfloat16", scan_layers="scanned" in options, **{field: impl or None})
 
 
 def _device_peak() -> float | None:

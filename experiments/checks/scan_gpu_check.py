@@ -1,15 +1,20 @@
 r"""The compiled Pallas GPU scan against the reference on the GPU itself (tests only run interpret mode).
 
   python experiments/checks/scan_gpu_check.py
-  XLA_PYTHON_CLIENT_ALLOCATOR=platform XLA_FLAGS=--xla_gpu_enable_command_buffer= \
-      compute-sanitizer --tool memcheck python experiments/checks/scan_gpu_check.py --case=1
+  export JAX_COMPILATION_CACHE_DIR=/tmp/jaxcache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 \
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=-1 XLA_PYTHON_CLIENT_ALLOCATOR=platform \
+      XLA_FLAGS=--xla_gpu_enable_command_buffer=
+  python experiments/checks/scan_gpu_check.py --case=1   # compiles into the cache
+  compute-sanitizer --tool memcheck python experiments/checks/scan_gpu_check.py --case=1
 
 Forward (y, last state) and the gradients of all eight arrays, both directions, and the fused
 bidirectional scan with its gradients, on shapes that exercise short last chunks, partial sub-chunks,
 padded channels and several chunks (`--case=i` runs one of them, to keep sanitizer runs short).
 Prints the worst relative error per case and exits non-zero above the tolerance. With the platform
 allocator every buffer is its own allocation, so compute-sanitizer sees any access past one; command
-buffers (CUDA graphs) are off so that every kernel launch is its own.
+buffers (CUDA graphs) are off so that every kernel launch is its own. XLA's compiler crashes under the
+sanitizer (segmentation fault, jax 0.11.2), so the sanitized run loads the executables that a plain run
+left in the persistent compilation cache.
 """
 
 import functools

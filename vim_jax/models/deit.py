@@ -40,7 +40,7 @@ class DeiTConfig:
   dtype: str = "float32"  # compute dtype of matmuls and activations; "bfloat16" on accelerators
   matmul_precision: str | None = None  # e.g. "highest" to avoid TF32 in float32 on GPUs
   # `implementation` of jax.nn.dot_product_attention: None (XLA), "xla" or "cudnn" (flash attention, bf16/fp16
-  # only; jax 0.11's cuDNN backward also refuses odd sequence lengths such as 197 at 224², inference runs).
+  # only; training needs an even length there, so `_attention` pads an odd one, such as 197 at 224², by a masked key).
   attention_impl: str | None = None
   # One lax.scan over the blocks compiles once, not once per layer (H100, Vim-Ti training step: 17 s against
   # 32 s), but the scan stacks every residual: 85 ms and 16.7 GB against 59 ms and 5.2 GB unrolled.
@@ -94,6 +94,18 @@ class DeiTConfig:
     return cls(**values)
 
 
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | None, pad_to_even: bool) -> jax.Array:
+  """jax.nn.dot_product_attention on (batch, length, heads, head_dim); `pad_to_even` pads an odd length by one
+  token, masked as a key and sliced off the output, which leaves the result and its gradients unchanged."""
+  n = q.shape[1]
+  if not (pad_to_even and n % 2):
+    return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+  q, k, v = (jnp.pad(t, ((0, 0), (0, 1), (0, 0), (0, 0))) for t in (q, k, v))
+  lengths = jnp.full((q.shape[0],), n, jnp.int32)
+  out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation=implementation)
+  return out[:, :n]
+
+
 # timm `_init_weights`: every Linear weight, the cls token and the position embedding ~ trunc_normal(.02).
 _TRUNC_NORMAL = layers.trunc_normal(0.02)
 
@@ -114,7 +126,8 @@ class Attention(nnx.Module):
     # timm's qkv layout: output features are (3, heads, head_dim), so imported weights split the same way.
     q, k, v = jnp.unstack(self.qkv(x).reshape(b, n, 3, cfg.num_heads, cfg.head_dim), axis=2)
     with jax.default_matmul_precision(cfg.matmul_precision):  # the XLA path has no precision argument
-      out = jax.nn.dot_product_attention(q, k, v, implementation=cfg.attention_impl)
+      # jax 0.11.2's cuDNN training rule raises "Unsupported sequence length Q 197, KV 197." for odd lengths.
+      out = _attention(q, k, v, cfg.attention_impl, pad_to_even=cfg.attention_impl == "cudnn")
     return self.proj(out.reshape(b, n, d))
 
 

@@ -198,27 +198,35 @@ class BiMambaMixer(nnx.Module):
     """One direction's scan arguments: conv + SiLU, then x_proj split into the step, B and C."""
     cfg = self.cfg
     r, n = cfg.resolved_dt_rank, cfg.d_state
-    u = jax.nn.silu(conv(x, reverse=reverse)).astype(x.dtype)
-    dt, B, C = jnp.split(x_proj(u), [r, r + n], axis=-1)
-    delta = jnp.dot(dt, dt_proj.kernel[...].astype(dt.dtype), precision=cfg.matmul_precision)  # bias goes to the scan
+    with jax.named_scope("conv_silu"):
+      u = jax.nn.silu(conv(x, reverse=reverse)).astype(x.dtype)
+    with jax.named_scope("x_proj"):
+      dt, B, C = jnp.split(x_proj(u), [r, r + n], axis=-1)
+    with jax.named_scope("dt_proj"):  # its bias goes to the scan
+      delta = jnp.dot(dt, dt_proj.kernel[...].astype(dt.dtype), precision=cfg.matmul_precision)
     return Direction(u, delta, -jnp.exp(A_log[...].astype(jnp.float32)), B, C, D[...], dt_proj.bias[...])
 
   def __call__(self, hidden: jax.Array) -> jax.Array:
     """hidden: (batch, length, dim) normed tokens -> (batch, length, dim)."""
     cfg = self.cfg
-    x, z = jnp.split(self.in_proj(hidden), 2, axis=-1)
-    forward = self._direction(x, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, reverse=False)
-    backward = self._direction(x, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b, reverse=True)
-    y = selective_scan_bidirectional(
-      forward,
-      backward,
-      z,
-      delta_softplus=True,
-      divide_out=cfg.divide_out,
-      impl=cfg.scan_impl,
-      interpret=cfg.scan_interpret,
-    )
-    return self.out_proj(y.astype(hidden.dtype))
+    with jax.named_scope("in_proj"):
+      x, z = jnp.split(self.in_proj(hidden), 2, axis=-1)
+    with jax.named_scope("forward"):
+      forward = self._direction(x, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, reverse=False)
+    with jax.named_scope("backward"):
+      backward = self._direction(x, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b, reverse=True)
+    with jax.named_scope("scan"):
+      y = selective_scan_bidirectional(
+        forward,
+        backward,
+        z,
+        delta_softplus=True,
+        divide_out=cfg.divide_out,
+        impl=cfg.scan_impl,
+        interpret=cfg.scan_interpret,
+      )
+    with jax.named_scope("out_proj"):
+      return self.out_proj(y.astype(hidden.dtype))
 
 
 class Block(nnx.Module):
@@ -237,8 +245,11 @@ class Block(nnx.Module):
     self, residual: jax.Array, *, drop_rate: float | jax.Array = 0.0, rngs: nnx.Rngs | None = None
   ) -> jax.Array:
     """`drop_rate` is an argument, not an attribute, so that all blocks share one structure (layer scan)."""
-    hidden = self.mixer(self.norm(residual, dtype=self.dtype))
-    return residual + layers.drop_path(hidden.astype(jnp.float32), drop_rate, rngs)
+    with jax.named_scope("norm"):
+      normed = self.norm(residual, dtype=self.dtype)
+    hidden = self.mixer(normed)
+    with jax.named_scope("residual"):
+      return residual + layers.drop_path(hidden.astype(jnp.float32), drop_rate, rngs)
 
 
 class VisionMamba(nnx.Module):
