@@ -188,7 +188,7 @@ def test_bfloat16_compute_stays_close_and_keeps_f32_params(vim_ref):
   assert_rel_close(logits, vim_ref["logits64"], 5e-2, "bf16 logits")
 
 
-@pytest.mark.parametrize("impl", ["xla"])  # the kernels' gradients: tests/kernels (interpret mode is slow here)
+@pytest.mark.parametrize("impl", ["xla", "pallas_gpu"])  # pallas_gpu: the fused mixer, interpret mode
 def test_gradients_agree_between_scan_impls(vim_ref, impl):
   images = jnp.asarray(vim_ref["images"])
 
