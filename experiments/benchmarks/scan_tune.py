@@ -3,7 +3,7 @@ r"""Sweeps the Pallas GPU scan's launch parameters at Vim-Ti shapes, bf16 I/O, a
   PYTHONPATH=. python experiments/benchmarks/scan_tune.py --out=experiments/results/scan_tune_h100.json
 
 Times forward and forward+backward (as `scan_bench.py` does) for every combination of channels per
-program, warps, positions per chunk and backward sub-chunk; prints the best of each case.
+program, warps, positions per chunk and the backward's and forward's sub-chunks; prints the best of each case.
 """
 
 import itertools
@@ -19,8 +19,9 @@ from kernels.selective_scan import pallas_gpu
 _CASES = flags.DEFINE_list("cases", ["224_b128", "1248_b8"], "Shapes (scan_bench.CASES).")
 _BLOCK_D = flags.DEFINE_list("block_d", ["16", "32", "64"], "Channels per program.")
 _WARPS = flags.DEFINE_list("num_warps", ["1", "2", "4"], "Warps per program.")
-_CHUNKS = flags.DEFINE_list("max_chunk", ["128", "256"], "Positions per program at most.")
-_SUB_CHUNKS = flags.DEFINE_list("sub_chunk", ["8", "16"], "States the backward holds in registers.")
+_CHUNKS = flags.DEFINE_list("max_chunk", ["256"], "Positions per program at most.")
+_SUB_CHUNKS = flags.DEFINE_list("sub_chunk", ["2", "4"], "Positions per state the backward keeps.")
+_FORWARD_SUB_CHUNKS = flags.DEFINE_list("forward_sub_chunk", ["4"], "Positions the forward loads ahead.")
 _REPS = flags.DEFINE_integer("reps", 30, "Timed calls per setting.")
 _OUT = flags.DEFINE_string("out", None, "JSON file for the results.")
 
@@ -42,9 +43,12 @@ def main(argv):
     batch, length = CASES[case]
     make = lambda seed, b=batch, n=length: make_inputs(b, n, jnp.bfloat16, seed)  # noqa: E731
     weights = jax.random.normal(jax.random.key(9), (batch, length, CHANNELS), jnp.bfloat16)
-    grid = itertools.product(_BLOCK_D.value, _WARPS.value, _CHUNKS.value, _SUB_CHUNKS.value)
-    for block_d, warps, chunk, sub in grid:
-      options = dict(block_d=int(block_d), num_warps=int(warps), max_chunk=int(chunk), sub_chunk=int(sub))
+    grid = itertools.product(_BLOCK_D.value, _WARPS.value, _CHUNKS.value, _SUB_CHUNKS.value, _FORWARD_SUB_CHUNKS.value)
+    for block_d, warps, chunk, sub, forward_sub in grid:
+      options = dict(
+        block_d=int(block_d), num_warps=int(warps), max_chunk=int(chunk), sub_chunk=int(sub),
+        forward_sub_chunk=int(forward_sub),
+      )  # fmt: skip
       scan = _scan(options)
       loss = lambda x, f=scan, w=weights: jnp.sum(f(x).astype(jnp.float32) * w)  # noqa: E731
       try:

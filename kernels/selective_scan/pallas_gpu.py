@@ -125,12 +125,11 @@ def _split_refs(refs, plan: _Plan):
 class _Chunk:
   """This program's chunk: its positions in scan order, and the inputs at a position, in float32."""
 
-  def __init__(self, refs: _Refs, plan: _Plan):
-    self.refs, self.plan = refs, plan
-    self.size = jnp.minimum(plan.chunk, plan.length - pl.program_id(2) * plan.chunk)  # the last may be short
+  def __init__(self, refs: _Refs, plan: _Plan, index):
+    self.refs, self.plan, self.index = refs, plan, index  # index: the chunk's, in the sequence
+    self.size = jnp.minimum(plan.chunk, plan.length - index * plan.chunk)  # the last may be short
     self.sub_chunks = (self.size + plan.sub_chunk - 1) // plan.sub_chunk
     self.A = refs.A[...].astype(plan.dtype)
-    self.A_log2 = self.A * math.log2(math.e)  # exp(delta A) = exp2(delta A log2 e), as the official kernel
     self.D = refs.D[...].astype(plan.dtype)
     self.bias = refs.bias[...].astype(plan.dtype)
 
@@ -199,8 +198,9 @@ class _Position(NamedTuple):
 
 
 def _decay(chunk: _Chunk, delta):
-  """exp(delta A) as exp2: a multiply and the hardware's ex2, where exp compiles to ten instructions."""
-  return jnp.exp2(delta[:, None] * chunk.A_log2)
+  """exp(delta A) as exp2(delta log2(e) A), as the official kernel: a multiply and the hardware's ex2,
+  where exp compiles to ten instructions. log2(e) scales delta, so no second (block_d, state) tile of A."""
+  return jnp.exp2((delta * math.log2(math.e))[:, None] * chunk.A)
 
 
 def _step(chunk: _Chunk, h, p: _Position):
@@ -221,7 +221,7 @@ def _entering(chunk: _Chunk, refs: list, start: str, *, reverse: bool) -> jax.Ar
     return refs.pop(0)[...].astype(plan.dtype)
   init = refs.pop(0)[...].astype(plan.dtype) if start == "carried_from" else zero
   local_ref, total_ref = refs.pop(0), refs.pop(0)
-  k, last = pl.program_id(2), plan.num_chunks - 1
+  k, last = chunk.index, plan.num_chunks - 1
 
   def carry(i, c):
     j = last - i if reverse else i
@@ -230,12 +230,12 @@ def _entering(chunk: _Chunk, refs: list, start: str, *, reverse: bool) -> jax.Ar
   return jax.lax.fori_loop(0, last - k if reverse else k, carry, init)
 
 
-def _forward_kernel(*refs, plan: _Plan, outputs: tuple[str, ...], start: str):
+def _forward_kernel(*refs, plan: _Plan, chunk_index, outputs: tuple[str, ...], start: str):
   """Scans one (sequence, channel block, chunk) from its start state (`_entering`). `outputs` names the
   output refs: "y", "sub_chunk_states" (the state entering each sub-chunk), "start_state", "end_state",
   "total_delta"."""
   args, refs = _split_refs(refs, plan)
-  chunk = _Chunk(args, plan)
+  chunk = _Chunk(args, plan, chunk_index)
   h0 = _entering(chunk, refs, start, reverse=plan.reverse)
   out = dict(zip(outputs, refs, strict=True))
   if "start_state" in out:
@@ -275,11 +275,11 @@ def _forward_kernel(*refs, plan: _Plan, outputs: tuple[str, ...], start: str):
     out["total_delta"][...] = total
 
 
-def _adjoint_kernel(*refs, plan: _Plan):
+def _adjoint_kernel(*refs, plan: _Plan, chunk_index):
   """What one chunk adds to the adjoint carried backwards between chunks: exp(delta A) g at its first
   scan step when zero enters it from later positions."""
   args, (dy_ref, out_ref) = _split_refs(refs, plan)
-  chunk = _Chunk(args, plan)
+  chunk = _Chunk(args, plan, chunk_index)
 
   def step(i, g_next):
     t = chunk.position(chunk.size - 1 - i)
@@ -290,11 +290,11 @@ def _adjoint_kernel(*refs, plan: _Plan):
   out_ref[...] = jax.lax.fori_loop(0, chunk.size, step, jnp.zeros((plan.block_d, plan.state), plan.dtype))
 
 
-def _grad_kernel(*refs, plan: _Plan, start: str):
+def _grad_kernel(*refs, plan: _Plan, chunk_index, start: str):
   """Gradients of one (sequence, channel block, chunk), walking it backwards from the adjoint that
   enters from later chunks (`_entering`, against the scan); states recomputed per sub-chunk from `states`."""
   args, (dy_ref, states_ref, *refs) = _split_refs(refs, plan)
-  chunk = _Chunk(args, plan)
+  chunk = _Chunk(args, plan, chunk_index)
   g_in = _entering(chunk, refs, start, reverse=not plan.reverse)
   du_ref, ddelta_ref, *out_refs = refs
   dz_ref = out_refs.pop(0) if plan.gated else None
@@ -366,17 +366,73 @@ class _Specs:
     self.args += [self.seq] * (plan.gated + (plan.combine is not None))
 
 
-def _call(kernel, plan: _Plan, args, extra, extra_specs, out_shapes, out_specs, name: str, **options):
-  return pl.pallas_call(
-    functools.partial(kernel, plan=plan, **options),
-    grid=plan.grid(),
-    in_specs=[*_Specs(plan).args, *extra_specs],
-    out_specs=out_specs,
-    out_shape=out_shapes,
+class _Job(NamedTuple):
+  """One scan's share of a kernel launch: its plan, arguments, extra inputs and outputs with their specs."""
+
+  plan: _Plan
+  args: tuple
+  extra: list
+  extra_specs: list
+  out_shapes: list
+  out_specs: list
+
+
+def _launch(kernel, jobs: list[_Job], name: str, **options) -> list[list[jax.Array]]:
+  """Runs `kernel` over several independent scans of one geometry (Vim's two directions) in one launch,
+  their programs stacked along the grid's batch axis; returns each job's outputs.
+
+  Why: the gradient kernel needs 248 registers, so an H100 holds 8 of its one-warp programs per SM, 1,056
+  at once; one direction at 224², batch 128 is 1,536 programs, 1.45 waves that take as long as two. Two
+  directions in one launch are 2.9 waves, 3 where two launches take 4."""
+  grids = {job.plan.grid()[1:] for job in jobs}
+  if len(grids) != 1:
+    raise ValueError(f"jobs launched together need one channel-block and chunk grid, got {sorted(grids)}")
+  starts = [sum(job.plan.batch for job in jobs[:j]) for j in range(len(jobs))]
+
+  def specs(job: _Job, start: int) -> tuple[list, list]:
+    ins, outs = [*_Specs(job.plan).args, *job.extra_specs], job.out_specs
+    if len(jobs) == 1:
+      return ins, outs
+
+    def shifted(spec):  # this job's blocks at its own batch index (clamped where another job runs)
+      index = lambda b, i, k: spec.index_map(jnp.clip(b - start, 0, job.plan.batch - 1), i, k)  # noqa: E731
+      return pl.BlockSpec(spec.block_shape, index)
+
+    return [shifted(x) for x in ins], [shifted(x) for x in outs]
+
+  in_specs, out_specs = zip(*(specs(job, start) for job, start in zip(jobs, starts)), strict=True)
+  in_counts = [len(x) for x in in_specs]
+  out_counts = [len(x) for x in out_specs]
+
+  def body(*refs):
+    ins, outs = list(refs[: sum(in_counts)]), list(refs[sum(in_counts) :])
+    # Program ids are read here, outside `pl.when`: interpret mode cannot evaluate them in a branch.
+    b, chunk_index = pl.program_id(0), pl.program_id(2)
+    for job, start, n_in, n_out in zip(jobs, starts, in_counts, out_counts, strict=True):
+      run = functools.partial(kernel, *ins[:n_in], *outs[:n_out], plan=job.plan, chunk_index=chunk_index, **options)
+      ins, outs = ins[n_in:], outs[n_out:]
+      if len(jobs) == 1:
+        run()
+      else:
+        pl.when((b >= start) & (b < start + job.plan.batch))(run)
+
+  plan = jobs[0].plan
+  flat = pl.pallas_call(
+    body,
+    grid=(sum(job.plan.batch for job in jobs), *plan.grid()[1:]),
+    in_specs=[spec for x in in_specs for spec in x],
+    out_specs=[spec for x in out_specs for spec in x],
+    out_shape=[shape for job in jobs for shape in job.out_shapes],
     compiler_params=plgpu.CompilerParams(num_warps=plan.num_warps, num_stages=NUM_STAGES),
     interpret=plan.interpret,
     name=name,
-  )(*args, *extra)
+  )(*(x for job in jobs for x in (*job.args, *job.extra)))
+  return [flat[sum(out_counts[:j]) : sum(out_counts[: j + 1])] for j in range(len(jobs))]
+
+
+def _call(kernel, plan: _Plan, args, extra, extra_specs, out_shapes, out_specs, name: str, **options) -> list:
+  """`_launch` of one scan."""
+  return _launch(kernel, [_Job(plan, args, extra, extra_specs, out_shapes, out_specs)], name, **options)[0]
 
 
 def _padded(plan: _Plan, u, delta, A, B, C, D, bias, z) -> tuple:
@@ -413,51 +469,82 @@ def _forward(plan: _Plan, args: tuple):
   return y, end[:, 0 if plan.reverse else -1], start, total
 
 
-def _backward(plan: _Plan, args: tuple, start, total, dy, d_last) -> tuple:
-  """Gradients for the padded `args` (u, delta, A, B, C, D, bias[, z]) from the padded cotangents."""
-  specs = _Specs(plan)
-  u, delta, A, B, C, D, bias = args[:7]
-  batch, chunks = plan.batch, plan.num_chunks
-  per_chunk = jax.ShapeDtypeStruct((batch, chunks, plan.channels, plan.state), plan.dtype)
-  d_last = d_last.astype(plan.dtype)
-  if chunks == 1:
-    states_start, g_start = ([], [], "zero"), ([d_last], [specs.channel_state_of_seq], "given")
-  else:
-    local = _call(
-      _adjoint_kernel, plan, args, [dy], [specs.seq], per_chunk, specs.chunk_state, "selective_scan_bwd_carry"
-    )
-    states_start = ([start], [specs.chunk_state], "given")
-    carried = [specs.channel_state_of_seq, specs.all_chunk_states, specs.all_chunk_channels]
-    g_start = ([d_last, local, total], carried, "carried_from")
+class _Scan(NamedTuple):
+  """What the backward of one scan starts from: its plan, padded arguments (u, delta, A, B, C, D, bias[, z]),
+  forward residuals (chunk start states and total steps, None for one chunk) and padded cotangents."""
 
-  state_shape = (batch, chunks * plan.sub_chunks, plan.channels, plan.state)
-  refs, ref_specs, start_kind = states_start
-  (states,) = _call(
-    _forward_kernel, plan, args, refs, ref_specs, [jax.ShapeDtypeStruct(state_shape, plan.dtype)],
-    [specs.sub_chunk_states], "selective_scan_bwd_states", outputs=("sub_chunk_states",), start=start_kind,
-  )  # fmt: skip
+  plan: _Plan
+  args: tuple
+  start: jax.Array | None
+  total: jax.Array | None
+  dy: jax.Array
+  d_last: jax.Array
 
-  def like(x, spec):
-    return jax.ShapeDtypeStruct(x.shape, x.dtype), spec
 
-  blocks = plan.channels // plan.block_d
-  partial_bc = jax.ShapeDtypeStruct((batch, blocks, plan.length, plan.state), plan.dtype)
-  per_chunk_vector = jax.ShapeDtypeStruct(per_chunk.shape[:3], plan.dtype)
-  outs = [like(u, specs.seq), like(delta, specs.seq)]
-  outs += [like(args[7], specs.seq)] if plan.gated else []
-  outs += [(partial_bc, specs.block_seq_state)] * 2 + [(per_chunk, specs.chunk_state)]
-  outs += [(per_chunk_vector, specs.chunk_channel)] * 2
-  refs, ref_specs, start_kind = g_start
-  grads = _call(
-    _grad_kernel, plan, args, [dy, states, *refs], [specs.seq, specs.sub_chunk_states, *ref_specs],
-    [shape for shape, _ in outs], [spec for _, spec in outs], "selective_scan_bwd", start=start_kind,
-  )  # fmt: skip
-  du, ddelta, *grads = grads
-  dz = grads.pop(0) if plan.gated else None
-  dB, dC, dA, dD, dbias = grads
-  dB, dC = (x.sum(axis=1).astype(y.dtype) for x, y in ((dB, B), (dC, C)))
-  dA, dD, dbias = (x.sum(axis=(0, 1)).astype(y.dtype) for x, y in ((dA, A), (dD, D), (dbias, bias)))
-  return du, ddelta, dA, dB, dC, dD, dbias, dz
+def _per_chunk(plan: _Plan, *, state: bool = True) -> jax.ShapeDtypeStruct:
+  """(batch, chunks, channels[, state]) in the compute dtype."""
+  shape = (plan.batch, plan.num_chunks, plan.channels) + ((plan.state,) if state else ())
+  return jax.ShapeDtypeStruct(shape, plan.dtype)
+
+
+def _starts(scan: _Scan, specs: _Specs, local) -> tuple[tuple, tuple]:
+  """How the states pass and the gradient kernel start (`_entering`): each (refs, their specs, kind)."""
+  if scan.plan.num_chunks == 1:
+    return ([], [], "zero"), ([scan.d_last], [specs.channel_state_of_seq], "given")
+  carried = [specs.channel_state_of_seq, specs.all_chunk_states, specs.all_chunk_channels]
+  return ([scan.start], [specs.chunk_state], "given"), ([scan.d_last, local, scan.total], carried, "carried_from")
+
+
+def _grad_outputs(scan: _Scan, specs: _Specs) -> tuple[list, list]:
+  """The gradient kernel's output shapes and specs: du, ddelta[, dz], then dB and dC per channel block,
+  dA per chunk, dD and dbias per chunk."""
+  plan, args = scan.plan, scan.args
+  partial_bc = jax.ShapeDtypeStruct((plan.batch, plan.channels // plan.block_d, plan.length, plan.state), plan.dtype)
+  like = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in args[:2] + args[7:]]  # u, delta[, z]
+  shapes = [
+    *like,
+    partial_bc,
+    partial_bc,
+    _per_chunk(plan),
+    _per_chunk(plan, state=False),
+    _per_chunk(plan, state=False),
+  ]
+  out_specs = [specs.seq] * len(like) + [specs.block_seq_state] * 2 + [specs.chunk_state] + [specs.chunk_channel] * 2
+  return shapes, out_specs
+
+
+def _backward(scans: list[_Scan]) -> list[tuple]:
+  """Gradients (du, ddelta, dA, dB, dC, dD, dbias, dz or None) of each scan; each kernel runs once for all
+  scans (`_launch`)."""
+  specs = [_Specs(scan.plan) for scan in scans]
+  locals_ = [None] * len(scans)
+  if scans[0].plan.num_chunks > 1:  # the adjoint each chunk passes on from zero
+    jobs = [_Job(x.plan, x.args, [x.dy], [s.seq], [_per_chunk(x.plan)], [s.chunk_state]) for x, s in zip(scans, specs)]
+    locals_ = [local for (local,) in _launch(_adjoint_kernel, jobs, "selective_scan_bwd_carry")]
+  starts = [_starts(*x) for x in zip(scans, specs, locals_)]
+
+  jobs = []
+  for scan, s, ((refs, ref_specs, _), _) in zip(scans, specs, starts):
+    plan = scan.plan
+    shape = jax.ShapeDtypeStruct((plan.batch, plan.num_chunks * plan.sub_chunks, plan.channels, plan.state), plan.dtype)
+    jobs.append(_Job(plan, scan.args, refs, ref_specs, [shape], [s.sub_chunk_states]))
+  kind = starts[0][0][2]
+  states = _launch(_forward_kernel, jobs, "selective_scan_bwd_states", outputs=("sub_chunk_states",), start=kind)
+
+  jobs = []
+  for scan, s, (_, (refs, ref_specs, _)), (sub_chunk_states,) in zip(scans, specs, starts, states):
+    extra, extra_specs = [scan.dy, sub_chunk_states, *refs], [s.seq, s.sub_chunk_states, *ref_specs]
+    jobs.append(_Job(scan.plan, scan.args, extra, extra_specs, *_grad_outputs(scan, s)))
+  results = []
+  for scan, grads in zip(scans, _launch(_grad_kernel, jobs, "selective_scan_bwd", start=starts[0][1][2])):
+    u, delta, A, B, C, D, bias = scan.args[:7]
+    du, ddelta, *grads = grads
+    dz = grads.pop(0) if scan.plan.gated else None
+    dB, dC, dA, dD, dbias = grads
+    dB, dC = (x.sum(axis=1).astype(y.dtype) for x, y in ((dB, B), (dC, C)))
+    dA, dD, dbias = (x.sum(axis=(0, 1)).astype(y.dtype) for x, y in ((dA, A), (dD, D), (dbias, bias)))
+    results.append((du, ddelta, dA, dB, dC, dD, dbias, dz))
+  return results
 
 
 def _plan(u, A, dtype, *, gated: bool, reverse: bool, softplus: bool, interpret: bool, tuning: dict) -> _Plan:
@@ -542,7 +629,9 @@ def scan(
     arrays, start, total = residuals
     dy, d_last = cotangents
     d_last = pad_to(pad_to(d_last, 1, plan.channels), 2, plan.state)
-    *grads, dz = _backward(plan, _padded(plan, *arrays), start, total, pad_to(dy, 2, plan.channels), d_last)
+    d_last = d_last.astype(plan.dtype)
+    scan = _Scan(plan, _padded(plan, *arrays), start, total, pad_to(dy, 2, plan.channels), d_last)
+    ((*grads, dz),) = _backward([scan])
     return (*_cropped(grads, channels, state), None if dz is None else dz[..., :channels])
 
   run.defvjp(run_fwd, run_bwd)
@@ -589,8 +678,10 @@ def bidirectional(
     forward, backward, z, start_f, total_f, start_b, total_b = residuals
     dy = pad_to(dy * scale, 2, first.channels)
     no_last = jnp.zeros((first.batch, first.channels, first.state), dtype)
-    *grads_f, dz_f = _backward(first_grads, _padded(first_grads, *forward, z), start_f, total_f, dy, no_last)
-    *grads_b, dz_b = _backward(second_grads, _padded(second_grads, *backward, z), start_b, total_b, dy, no_last)
+    (*grads_f, dz_f), (*grads_b, dz_b) = _backward([
+      _Scan(first_grads, _padded(first_grads, *forward, z), start_f, total_f, dy, no_last),
+      _Scan(second_grads, _padded(second_grads, *backward, z), start_b, total_b, dy, no_last),
+    ])  # fmt: skip
     dz = None if z is None else (dz_f + dz_b)[..., :channels]
     return _cropped(grads_f, channels, state), _cropped(grads_b, channels, state), dz
 
