@@ -206,18 +206,11 @@ class BiMambaMixer(nnx.Module):
       delta = jnp.dot(dt, dt_proj.kernel[...].astype(dt.dtype), precision=cfg.matmul_precision)
     return Direction(u, delta, -jnp.exp(A_log[...].astype(jnp.float32)), B, C, D[...], dt_proj.bias[...])
 
-  def _in_proj(self, hidden: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(x, z): in_proj as two matmuls over the halves of its weight. z goes to the scan kernel as its own
-    buffer, and half of one matmul's output would be copied there (15 µs a layer at 224², batch 128, H100)."""
-    proj, e = self.in_proj, self.cfg.d_inner
-    hidden, kernel = (a.astype(proj.dtype) for a in (hidden, proj.kernel[...]))
-    return tuple(jnp.dot(hidden, w, precision=proj.precision) for w in (kernel[:, :e], kernel[:, e:]))
-
   def __call__(self, hidden: jax.Array) -> jax.Array:
     """hidden: (batch, length, dim) normed tokens -> (batch, length, dim)."""
     cfg = self.cfg
     with jax.named_scope("in_proj"):
-      x, z = self._in_proj(hidden)
+      x, z = jnp.split(self.in_proj(hidden), 2, axis=-1)
     with jax.named_scope("forward"):
       forward = self._direction(x, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, reverse=False)
     with jax.named_scope("backward"):
