@@ -446,11 +446,17 @@ def _padded(plan: _Plan, u, delta, A, B, C, D, bias, z) -> tuple:
   return (u, delta, A, B, C, D, bias) + ((z,) if plan.gated else ())
 
 
+def _per_chunk(plan: _Plan, *, state: bool = True) -> jax.ShapeDtypeStruct:
+  """(batch, chunks, channels[, state]) in the compute dtype."""
+  shape = (plan.batch, plan.num_chunks, plan.channels) + ((plan.state,) if state else ())
+  return jax.ShapeDtypeStruct(shape, plan.dtype)
+
+
 def _forward(plan: _Plan, args: tuple):
   """(y, last state, chunk start states or None, chunk total steps or None) of the padded `args`."""
   plan = plan.forward()
   specs = _Specs(plan)
-  per_chunk = jax.ShapeDtypeStruct((plan.batch, plan.num_chunks, plan.channels, plan.state), plan.dtype)
+  per_chunk = _per_chunk(plan)
   u = args[0]
   if plan.num_chunks == 1:
     y, end = _call(
@@ -458,7 +464,7 @@ def _forward(plan: _Plan, args: tuple):
       [specs.seq, specs.chunk_state], "selective_scan_fwd", outputs=("y", "end_state"), start="zero",
     )  # fmt: skip
     return y, end[:, 0], None, None
-  totals = jax.ShapeDtypeStruct(per_chunk.shape[:3], plan.dtype)
+  totals = _per_chunk(plan, state=False)
   local_end, total = _call(
     _forward_kernel, plan, args, [], [], [per_chunk, totals], [specs.chunk_state, specs.chunk_channel],
     "selective_scan_chunk_ends", outputs=("end_state", "total_delta"), start="zero",
@@ -481,12 +487,6 @@ class _Scan(NamedTuple):
   total: jax.Array | None
   dy: jax.Array
   d_last: jax.Array
-
-
-def _per_chunk(plan: _Plan, *, state: bool = True) -> jax.ShapeDtypeStruct:
-  """(batch, chunks, channels[, state]) in the compute dtype."""
-  shape = (plan.batch, plan.num_chunks, plan.channels) + ((plan.state,) if state else ())
-  return jax.ShapeDtypeStruct(shape, plan.dtype)
 
 
 def _starts(scan: _Scan, specs: _Specs, local) -> tuple[tuple, tuple]:
