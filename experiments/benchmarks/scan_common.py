@@ -10,6 +10,8 @@ from kernels import Direction, selective_scan, selective_scan_bidirectional
 CASES = {
   "224_b128": (128, 197),
   "224s8_b128": (128, 730),
+  "512_b128": (128, 1025),
+  "736_b64": (64, 2117),
   "1248_b32": (32, 6085),
   "1248_b8": (8, 6085),
   "1248_b1": (1, 6085),

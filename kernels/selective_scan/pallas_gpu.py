@@ -16,12 +16,13 @@ channels are zero-padded to a multiple of `block_d` and state to a power of two 
 keeps padded entries at h = 0); the length is never padded: a chunk past the end stops at the last
 position (a partial sub-chunk re-reads it as an identity step, delta = 0, whose writes repeat a value).
 
-Long sequences are split into chunks of at most `CHUNK` positions so that a small batch still gives
-enough programs to fill the GPU: pass 1 scans every chunk from a zero state, keeping its end state and
-total step size; pass 2 rescans every chunk from its true start state and writes y. Each pass-2 program
-first carries the state across the chunks before its own (h -> exp(A Σ delta) h + end state, at most
-chunks - 1 steps of one (block_d, state) tile): no XLA loop over chunks (at 1248², batch 32, Vim-Ti's
-forward spent 5.6 of its 113 ms in the 2,300 tiny kernels of one, H100).
+Long sequences are split into chunks of at most `CHUNK` positions when the sequences alone give fewer
+than `FILLING_PROGRAMS` programs, so that a small batch still fills the GPU: pass 1 scans every chunk
+from a zero state, keeping its end state and total step size; pass 2 rescans every chunk from its true
+start state and writes y. Each pass-2 program first carries the state across the chunks before its own
+(h -> exp(A Σ delta) h + end state, at most chunks - 1 steps of one (block_d, state) tile): no XLA loop
+over chunks (at 1248², batch 32, Vim-Ti's forward spent 5.6 of its 113 ms in the 2,300 tiny kernels of
+one, H100).
 
 Backward (`jax.custom_vjp`; residuals are the inputs plus, with several chunks, each chunk's start state
 and total step size). The adjoint g_t = dL/dh_t runs against the scan: g_t = silu(z_t) dy_t C_t +
@@ -57,11 +58,17 @@ from kernels.selective_scan.softplus import softplus, softplus_grad
 # at 4 and 2.36 at 8, where the states spill), at the price of a transient buffer of half of all states
 # (freed within the backward; `sub_chunk=8` shrinks it to an eighth). The forward keeps no states; 4
 # positions of loads ahead are fastest for it (1248², batch 1: 0.49 ms against 0.76 at 2).
-# CHUNK bounds the positions one program walks (long sequences then fill the GPU at batch 1).
+# CHUNK bounds the positions one program walks when there are fewer than FILLING_PROGRAMS (batch x channel
+# blocks) of whole sequences (long sequences then fill the GPU at batch 1). Splitting costs a second pass,
+# so it pays only where programs are scarce (scan_tune_max_chunk*_h100.json, Vim-Ti, forward / forward+backward
+# in ms, chunks of 256 against whole sequences): 1.55 / 6.76 against 2.18 / 12.3 at 1248², batch 32 (384
+# programs); 1.12 / 4.82 against 0.98 / 4.94 at 736², batch 64 (768); 1.06 / 4.63 against 0.64 / 4.19 at
+# 512², batch 128 (1,536); 0.77 / 3.58 against 0.45 / 2.98 at 224² stride 8, batch 128 (1,536).
 BLOCK_D = 32
 NUM_WARPS = 1
 NUM_STAGES = 2
 CHUNK = 256
+FILLING_PROGRAMS = 1024
 SUB_CHUNK = 2
 FORWARD_SUB_CHUNK = 4
 
@@ -560,7 +567,10 @@ def _plan(u, A, dtype, *, gated: bool, reverse: bool, softplus: bool, interpret:
   forward_sub_chunk = tuning.get("forward_sub_chunk", FORWARD_SUB_CHUNK)
   block_d = min(tuning.get("block_d", BLOCK_D), pl.next_power_of_2(channels))
   multiple = math.lcm(sub_chunk, forward_sub_chunk)  # chunks are whole sub-chunks of both kinds
-  num_chunks = pl.cdiv(length, pl.cdiv(tuning.get("max_chunk", CHUNK), multiple) * multiple)
+  if "max_chunk" in tuning or batch * pl.cdiv(channels, block_d) < FILLING_PROGRAMS:
+    num_chunks = pl.cdiv(length, pl.cdiv(tuning.get("max_chunk", CHUNK), multiple) * multiple)
+  else:
+    num_chunks = 1
   return _Plan(
     batch=batch,
     length=length,
@@ -614,10 +624,11 @@ def scan(
   **tuning: int,
 ) -> tuple[jax.Array, jax.Array]:
   """The whole selective scan (arguments as in `selective_scan`, already checked) in fused kernels,
-  differentiable. Returns (y in u's dtype, last state in the compute dtype). `tuning` may set
-  `block_d` (channels per program, a power of two), `num_warps`, `max_chunk` (positions per program at
-  most), `sub_chunk` (positions per state the backward keeps; its buffer is 1/sub_chunk of all states)
-  and `forward_sub_chunk` (positions the forward loads ahead); chunks are rounded up to a multiple of both."""
+  differentiable. Returns (y in u's dtype, last state in the compute dtype). `tuning` may set `block_d`
+  (channels per program, a power of two), `num_warps`, `max_chunk` (positions per program at most; by
+  default CHUNK if batch x channel blocks < FILLING_PROGRAMS, else whole sequences), `sub_chunk` (positions
+  per state the backward keeps; its buffer is 1/sub_chunk of all states) and `forward_sub_chunk` (positions
+  the forward loads ahead); chunks are rounded up to a multiple of both."""
   channels, state = A.shape
   dtype = _compute_dtype(u, delta, A, B, C, D, z, delta_bias)
   u, delta, A, B, C, D, delta_bias = _with_defaults((u, delta, A, B, C, D, delta_bias), dtype)

@@ -293,6 +293,18 @@ def test_pallas_gpu_chunking_matches_reference_in_float64(max_chunk, sub_chunk, 
     assert_close(grads, expected_grads, jnp.float64, "grad")
 
 
+@pytest.mark.parametrize("batch, chunks, chunk", [(24, 5, 208), (32, 1, 1028)])
+def test_pallas_gpu_splits_sequences_only_when_programs_are_scarce(batch, chunks, chunk):
+  """Chunks cost a second pass: 1,024 programs of whole sequences (32 x 32 channel blocks) are enough to
+  fill the GPU, 768 are not, and then a 1,025-long sequence splits into chunks of at most CHUNK (256);
+  chunks are whole sub-chunks (4 positions). An explicit `max_chunk` always splits."""
+  u, A = jax.ShapeDtypeStruct((batch, 1025, 1024), jnp.bfloat16), jax.ShapeDtypeStruct((1024, 16), jnp.float32)
+  options = dict(gated=True, reverse=False, softplus=True, interpret=True, tuning={})
+  plan = pallas_gpu._plan(u, A, jnp.float32, **options)
+  assert (plan.num_chunks, plan.chunk) == (chunks, chunk)
+  assert pallas_gpu._plan(u, A, jnp.float32, **{**options, "tuning": {"max_chunk": 256}}).num_chunks == 5
+
+
 # --- Bidirectional and mesh --------------------------------------------------------------------
 
 
