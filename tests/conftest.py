@@ -23,6 +23,15 @@ def vim_ref() -> dict:
   }
 
 
+@pytest.fixture
+def x64():
+  """float64 for this test only: the context manager restores the previous setting on exit."""
+  import jax
+
+  with jax.enable_x64(True):
+    yield
+
+
 def pytest_configure(config):
   """Eight CPU devices for the sharding tests (must be set before JAX initialises its backends)."""
   import jax

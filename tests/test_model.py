@@ -107,13 +107,11 @@ def test_layer0_mixer_internals_match_official(vim_ref):
   xz = mixer.in_proj(jnp.asarray(act["layer0_mixer_in"]))
   assert_rel_close(to_channel_major(xz), act["l0_xz"], 1e-5, "xz")
   x, z = xz[..., :e], xz[..., e:]
-  assert_rel_close(to_channel_major(jax.nn.silu(mixer.conv1d(x))), act["l0_fwd_conv_silu"], 1e-5, "fwd conv")
-  bwd_conv = to_channel_major(jax.nn.silu(mixer.conv1d_b(x, reverse=True)))
-  assert_rel_close(flip(bwd_conv), act["l0_bwd_conv_silu"], 1e-5, "bwd conv")
-  forward = mixer._direction(x, mixer.conv1d, mixer.x_proj, mixer.dt_proj, mixer.A_log, mixer.D, reverse=False)
-  backward = mixer._direction(
-    x, mixer.conv1d_b, mixer.x_proj_b, mixer.dt_proj_b, mixer.A_b_log, mixer.D_b, reverse=True
-  )
+  u_f, u_b = jax.nn.silu(mixer.conv1d(x)), jax.nn.silu(mixer.conv1d_b(x, reverse=True))
+  assert_rel_close(to_channel_major(u_f), act["l0_fwd_conv_silu"], 1e-5, "fwd conv")
+  assert_rel_close(flip(to_channel_major(u_b)), act["l0_bwd_conv_silu"], 1e-5, "bwd conv")
+  forward = mixer._direction(u_f, mixer.x_proj, mixer.dt_proj, mixer.A_log, mixer.D)
+  backward = mixer._direction(u_b, mixer.x_proj_b, mixer.dt_proj_b, mixer.A_b_log, mixer.D_b)
   y_fwd, y_bwd = (
     selective_scan(*args[:5], args.D, z, args.delta_bias, delta_softplus=True, reverse=reverse, impl="reference")
     for args, reverse in ((forward, False), (backward, True))

@@ -37,13 +37,6 @@ def assert_close(actual, expected, dtype, kind):
   chex.assert_trees_all_close(actual, expected, rtol=tol, atol=tol)
 
 
-@pytest.fixture
-def x64():
-  """float64 for this test only: the context manager restores the previous setting on exit."""
-  with jax.enable_x64(True):
-    yield
-
-
 # These tests check numbers and buffers, not speed; on CPU, XLA's backend (LLVM) optimisation is most
 # of the chunked scan's compile time.
 FAST_COMPILE = {"xla_backend_optimization_level": 0}

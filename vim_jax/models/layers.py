@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kernels import conv_silu
+
 Initializer = nnx.Initializer
 
 
@@ -205,16 +207,7 @@ class DepthwiseConv1d(nnx.Module):
 
   def __call__(self, x: jax.Array, *, reverse: bool = False) -> jax.Array:
     """x: (batch, length, channels) -> float32 of the same shape (the SiLU after it stays in f32)."""
-    k = self.kernel_size
-    length = x.shape[1]
-    pad = ((0, 0), (0, k - 1), (0, 0)) if reverse else ((0, 0), (k - 1, 0), (0, 0))
-    xp = jnp.pad(x.astype(jnp.float32), pad)
-    kernel = self.kernel[...].astype(jnp.float32)
-    out = self.bias[...].astype(jnp.float32)
-    for tap in range(k):
-      start = (k - 1 - tap) if reverse else tap
-      out = out + kernel[tap] * xp[:, start : start + length]
-    return out
+    return conv_silu.conv(x, self.kernel[...], self.bias[...], reverse=reverse)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,8 +15,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kernels import Direction, selective_scan_bidirectional
+from kernels import Direction, conv_silu_bidirectional, selective_scan_bidirectional
 from vim_jax.models import layers
+
+# The conv + SiLU impl for each scan impl that has a GPU kernel (the rest run the conv in XLA).
+_CONV_IMPLS = {None: None, "pallas": "pallas", "pallas_gpu": "pallas_gpu"}
 
 CLS_POSITIONS = ("middle", "head")
 
@@ -46,7 +49,9 @@ class ModelConfig:
   # Numerics and kernels.
   dtype: str = "float32"  # compute dtype of matmuls and activations; "bfloat16" on accelerators
   matmul_precision: str | None = None  # e.g. "highest" to avoid TF32 in float32 on GPUs
-  scan_impl: str | None = None  # see kernels.selective_scan; None = by backend
+  # See kernels.selective_scan; None = by backend. The conv + SiLU follows it: its Pallas GPU kernels where
+  # the scan's are ("pallas_gpu", "pallas", None on GPU), XLA otherwise.
+  scan_impl: str | None = None
   scan_interpret: bool = False  # Pallas interpret mode (CPU testing of GPU/TPU kernels)
   remat: bool = False  # recompute each block in the backward pass (memory for long sequences)
   # One lax.scan over the blocks compiles once, not once per layer (H100, Vim-Ti training step: 17 s against
@@ -194,12 +199,10 @@ class BiMambaMixer(nnx.Module):
     out_bound = 1.0 / math.sqrt(e * cfg.depth)
     self.out_proj = _linear(cfg, e, d, use_bias=False, kernel_init=layers.uniform_symmetric(out_bound), rngs=rngs)
 
-  def _direction(self, x, conv, x_proj, dt_proj, A_log, D, *, reverse: bool) -> Direction:
-    """One direction's scan arguments: conv + SiLU, then x_proj split into the step, B and C."""
+  def _direction(self, u, x_proj, dt_proj, A_log, D) -> Direction:
+    """One direction's scan arguments from its conv output u: x_proj split into the step, B and C."""
     cfg = self.cfg
     r, n = cfg.resolved_dt_rank, cfg.d_state
-    with jax.named_scope("conv_silu"):
-      u = jax.nn.silu(conv(x, reverse=reverse)).astype(x.dtype)
     with jax.named_scope("x_proj"):
       dt, B, C = jnp.split(x_proj(u), [r, r + n], axis=-1)
     with jax.named_scope("dt_proj"):  # its bias goes to the scan
@@ -211,10 +214,18 @@ class BiMambaMixer(nnx.Module):
     cfg = self.cfg
     with jax.named_scope("in_proj"):
       x, z = jnp.split(self.in_proj(hidden), 2, axis=-1)
+    with jax.named_scope("conv_silu"):  # both directions in one pass over x
+      u_f, u_b = conv_silu_bidirectional(
+        x,
+        (self.conv1d.kernel[...], self.conv1d.bias[...]),
+        (self.conv1d_b.kernel[...], self.conv1d_b.bias[...]),
+        impl=_CONV_IMPLS.get(cfg.scan_impl, "xla"),
+        interpret=cfg.scan_interpret,
+      )
     with jax.named_scope("forward"):
-      forward = self._direction(x, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, reverse=False)
+      forward = self._direction(u_f, self.x_proj, self.dt_proj, self.A_log, self.D)
     with jax.named_scope("backward"):
-      backward = self._direction(x, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b, reverse=True)
+      backward = self._direction(u_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b)
     with jax.named_scope("scan"):
       y = selective_scan_bidirectional(
         forward,

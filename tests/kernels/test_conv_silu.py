@@ -1,0 +1,109 @@
+"""The fused conv + SiLU kernels (interpret mode) against the XLA conv, forward and gradients."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels import conv_silu
+
+
+def _inputs(rng, batch, length, channels, taps, dtype):
+  x = jnp.asarray(rng.standard_normal((batch, length, channels)), dtype)
+  weights = [
+    (
+      jnp.asarray(rng.standard_normal((taps, channels)) / taps, dtype),
+      jnp.asarray(rng.standard_normal(channels), dtype),
+    )
+    for _ in range(2)
+  ]
+  return x, *weights
+
+
+def _run(impl, x, forward, backward, cotangents):
+  fn = lambda x, f, b: conv_silu.conv_silu_bidirectional(x, f, b, impl=impl, interpret=True)  # noqa: E731
+  out, vjp = jax.vjp(fn, x, forward, backward)
+  return out, vjp(cotangents)
+
+
+@pytest.mark.parametrize(
+  "batch, length, channels, taps",
+  [(2, 37, 5, 4), (1, 3, 130, 4), (2, 70, 16, 3), (1, 33, 8, 1)],
+)
+def test_kernels_match_xla_in_float64(batch, length, channels, taps, x64):
+  """Several position blocks with a short last one (37, 70), a sequence shorter than the window (3),
+  channels padded to the block (5, 130), odd and trivial kernel widths (3, 1)."""
+  rng = np.random.default_rng(length)
+  x, forward, backward = _inputs(rng, batch, length, channels, taps, jnp.float64)
+  cotangents = tuple(jnp.asarray(rng.standard_normal(x.shape)) for _ in range(2))
+  out, grads = jax.jit(_run, static_argnums=0)("pallas_gpu", x, forward, backward, cotangents)
+  expected_out, expected_grads = jax.jit(_run, static_argnums=0)("xla", x, forward, backward, cotangents)
+  for got, want in zip(jax.tree.leaves((out, grads)), jax.tree.leaves((expected_out, expected_grads))):
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_kernels_keep_bfloat16_inputs_and_float32_weights():
+  rng = np.random.default_rng(0)
+  x, forward, backward = _inputs(rng, 2, 19, 8, 4, jnp.float32)
+  x = x.astype(jnp.bfloat16)
+  cotangents = tuple(jnp.asarray(rng.standard_normal(x.shape), jnp.bfloat16) for _ in range(2))
+  out, grads = _run("pallas_gpu", x, forward, backward, cotangents)
+  expected_out, expected_grads = _run("xla", x, forward, backward, cotangents)
+  assert [a.dtype for a in jax.tree.leaves((out, grads))] == [
+    a.dtype for a in jax.tree.leaves((expected_out, expected_grads))
+  ]
+  for got, want in zip(jax.tree.leaves((out, grads)), jax.tree.leaves((expected_out, expected_grads))):
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2e-2, atol=2e-2)
+
+
+def test_bad_arguments_name_what_was_expected():
+  x = jnp.zeros((2, 5, 8))
+  good = (jnp.zeros((4, 8)), jnp.zeros(8))
+  with pytest.raises(ValueError, match=r"`backward` must be \(kernel \(K, 8\), bias \(8,\)\)"):
+    conv_silu.conv_silu_bidirectional(x, good, (jnp.zeros((4, 7)), jnp.zeros(8)))
+  with pytest.raises(ValueError, match="unknown impl 'cuda'"):
+    conv_silu.conv_silu_bidirectional(x, good, good, impl="cuda")
+
+
+@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
+def test_kernels_lower_for_cuda_at_vim_tiny_shapes():
+  """Forward and backward lowered for an H100 on any host (interpret mode never runs this path): two
+  kernels, reading the bf16 x itself (no float32 copy of it)."""
+  x = jax.ShapeDtypeStruct((128, 197, 384), jnp.bfloat16)
+  weights = (jax.ShapeDtypeStruct((4, 384), jnp.float32), jax.ShapeDtypeStruct((384,), jnp.float32))
+
+  def fwd_bwd(x, forward, backward):
+    u, vjp = jax.vjp(conv_silu.fused, x, forward, backward)
+    return vjp(u)
+
+  h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)):
+    hlo = jax.jit(fwd_bwd).trace(x, weights, weights).lower(lowering_platforms=("cuda",)).as_text()
+  assert set(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton\(.*name = \"(\w+)\"", hlo)) == {
+    "conv_silu_fwd",
+    "conv_silu_bwd",
+  }
+  assert "tensor<128x197x384xf32>" not in hlo
+
+
+@pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
+def test_kernels_run_per_device_under_a_mesh(axis_type):
+  """Under a mesh the kernels run per device, the batch split over all 8 devices; the weights' gradients
+  are the sums of the per-device parts."""
+  kind = getattr(jax.sharding.AxisType, axis_type)
+  mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(kind, kind))
+  x, forward, backward = _inputs(np.random.default_rng(3), 8, 21, 8, 4, jnp.float32)
+
+  def loss(x, forward, backward, impl):
+    u_f, u_b = conv_silu.conv_silu_bidirectional(x, forward, backward, impl=impl, interpret=True)
+    return jnp.sum(jnp.sin(u_f) * u_b)
+
+  grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)), static_argnums=3)
+  expected = grad(x, forward, backward, "xla")
+  with jax.set_mesh(mesh):
+    got = grad(x, forward, backward, "pallas_gpu")
+    assert "shard_map" in str(jax.make_jaxpr(loss, static_argnums=3)(x, forward, backward, "pallas_gpu"))
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
