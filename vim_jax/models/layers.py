@@ -206,7 +206,7 @@ class DepthwiseConv1d(nnx.Module):
     self.bias = nnx.Param(uniform_symmetric(bound)(rngs.params(), (channels,)))
 
   def __call__(self, x: jax.Array, *, reverse: bool = False) -> jax.Array:
-    """x: (batch, length, channels) -> float32 of the same shape (the SiLU after it stays in f32)."""
+    """x: (batch, length, channels) -> float32 (float64 for float64 inputs) of the same shape."""
     return conv_silu.conv(x, self.kernel[...], self.bias[...], reverse=reverse)
 
 
