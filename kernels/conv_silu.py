@@ -25,7 +25,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jax.sharding import PartitionSpec as P
 
-from kernels.selective_scan.padding import pad_to
+from kernels.selective_scan.padding import compute_dtype, pad_to
 
 IMPLS = ("xla", "pallas_gpu", "pallas", None)
 BLOCK_D = 128  # channels per program, one per thread of 4 warps
@@ -36,7 +36,7 @@ BACKWARD_BLOCK_T = 16
 
 def conv(x: jax.Array, kernel: jax.Array, bias: jax.Array, *, reverse: bool = False) -> jax.Array:
   """The conv alone in XLA, in float32 (or wider): causal, or anti-causal if `reverse`."""
-  dtype = _compute_dtype(x, kernel, bias)
+  dtype = compute_dtype(x, kernel, bias)
   taps, length = kernel.shape[0], x.shape[1]
   pad = ((0, 0), (0, taps - 1), (0, 0)) if reverse else ((0, 0), (taps - 1, 0), (0, 0))
   padded = jnp.pad(x.astype(dtype), pad)
@@ -112,11 +112,6 @@ def _per_device(fn, x, forward, backward):
     x = jax.sharding.reshard(x, batch)
     forward, backward = jax.tree.map(lambda w: jax.sharding.reshard(w, P()), (forward, backward))
   return jax.shard_map(fn, in_specs=(batch, *weights), out_specs=(batch, batch), check_vma=False)(x, forward, backward)
-
-
-def _compute_dtype(*arrays) -> jnp.dtype:
-  """float32, or wider if an input is (float64 in x64 tests)."""
-  return jnp.dtype(jnp.result_type(jnp.float32, *arrays))
 
 
 def _silu_grad(pre: jax.Array) -> jax.Array:
@@ -203,7 +198,7 @@ def fused(x, forward, backward, *, interpret: bool = False):
   taps = forward[0].shape[0]
   block_d = min(BLOCK_D, pl.next_power_of_2(channels))
   padded = pl.cdiv(channels, block_d) * block_d
-  dtype = _compute_dtype(x, *forward, *backward)
+  dtype = compute_dtype(x, *forward, *backward)
   seq = pl.BlockSpec((None, length, block_d), lambda b, i, c: (b, 0, i))
   weight_specs = [
     pl.BlockSpec((taps, block_d), lambda b, i, c: (0, i)),

@@ -51,7 +51,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.selective_scan.padding import pad_to
+from kernels.selective_scan.padding import compute_dtype, pad_to
 from kernels.selective_scan.softplus import softplus, softplus_grad
 
 # Chosen with experiments/benchmarks/scan_tune.py on an H100 (bf16; scan_tune_h100.json and, with the loads
@@ -593,11 +593,6 @@ def _plan(u, A, dtype, *, gated: bool, reverse: bool, softplus: bool, interpret:
   )
 
 
-def _compute_dtype(*arrays) -> jnp.dtype:
-  """float32, or wider if an input is (float64 in x64 tests)."""
-  return jnp.dtype(jnp.result_type(jnp.float32, *(x for x in arrays if x is not None)))
-
-
 def _with_defaults(args: tuple, dtype) -> tuple:
   """(u, delta, A, B, C, D, delta_bias) with absent D and delta_bias as zeros: the kernels read them."""
   zeros = jnp.zeros((args[0].shape[2],), dtype)
@@ -633,7 +628,7 @@ def scan(
   per state the backward keeps; its buffer is 1/sub_chunk of all states) and `forward_sub_chunk` (positions
   the forward loads ahead); chunks are rounded up to a multiple of both."""
   channels, state = A.shape
-  dtype = _compute_dtype(u, delta, A, B, C, D, z, delta_bias)
+  dtype = compute_dtype(u, delta, A, B, C, D, z, delta_bias)
   u, delta, A, B, C, D, delta_bias = _with_defaults((u, delta, A, B, C, D, delta_bias), dtype)
   options = dict(reverse=reverse, softplus=delta_softplus, interpret=interpret, tuning=tuning)
   plan = _plan(u, A, dtype, gated=z is not None, **options)
@@ -675,7 +670,7 @@ def bidirectional(
   backward direction runs reverse=True. Returns y in the forward u's dtype."""
   channels, state = forward[2].shape
   scale = 0.5 if divide_out else 1.0
-  dtype = _compute_dtype(*forward, *backward, z)
+  dtype = compute_dtype(*forward, *backward, z)
   forward, backward = _with_defaults(forward, dtype), _with_defaults(backward, dtype)
   options = dict(softplus=delta_softplus, interpret=interpret, tuning=tuning)
   first = _plan(forward[0], forward[2], dtype, gated=False, reverse=False, **options)
