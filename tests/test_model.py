@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 
@@ -150,6 +151,27 @@ def test_patch_embed_matmul_equals_the_convolution(dtype, tolerance):
   conv = embed.proj(images).reshape(2, -1, 24)
   assert conv.shape == (2, cfg.num_patches, 24)
   assert_rel_close(embed(images), conv, tolerance, "patch tokens")
+
+
+def test_matmul_halves_equal_one_matmul_split_in_value_and_gradient(x64):
+  """in_proj as two matmuls (no split copy) computes what one matmul and a split does, backward too."""
+  rng = np.random.default_rng(0)
+  x, kernel = jnp.asarray(rng.normal(size=(2, 5, 6))), jnp.asarray(rng.normal(size=(6, 8)))
+  weights = jnp.asarray(rng.normal(size=(2, 2, 5, 4)))
+
+  def loss(halves, x, kernel):
+    first, second = halves(x, kernel)
+    return jnp.sum(jnp.sin(first) * weights[0]) + jnp.sum(jnp.cos(second) * first * weights[1])
+
+  def split(x, kernel):
+    return jnp.split(x @ kernel, 2, axis=-1)
+
+  def two_matmuls(x, kernel):
+    return layers.matmul_halves(x, kernel, None)
+
+  want = jax.value_and_grad(functools.partial(loss, split), argnums=(0, 1))(x, kernel)
+  got = jax.jit(jax.value_and_grad(functools.partial(loss, two_matmuls), argnums=(0, 1)))(x, kernel)
+  chex.assert_trees_all_close(got, want, rtol=1e-13, atol=0)
 
 
 @pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")

@@ -22,9 +22,9 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 
+from experiments.checks.gpu_check import Tally
 from kernels import Direction, selective_scan, selective_scan_bidirectional
 
 _CASE = flags.DEFINE_integer("case", None, "Index into CASES to run only that case (default: all).")
@@ -77,15 +77,9 @@ def _run_bidirectional(impl, arrays, weights):
   return y, grads
 
 
-def _relative_error(actual, expected):
-  actual, expected = (np.asarray(x, np.float64) for x in (actual, expected))
-  return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-30))
-
-
 def main(argv) -> int:
   del argv
-  print(f"{jax.devices()[0].device_kind}; jax {jax.__version__}")
-  worst_ratio = 0.0
+  tally = Tally()
   cases = range(len(CASES)) if _CASE.value is None else [_CASE.value]
   for i in cases:
     batch, length, channels, state, dtype = CASES[i]
@@ -94,13 +88,10 @@ def main(argv) -> int:
             for reverse in (False, True)}  # fmt: skip
     runs["bidirectional"] = functools.partial(_run_bidirectional, arrays=arrays, weights=weights)
     for what, run in runs.items():
-      errors = jax.tree.map(_relative_error, run("pallas_gpu"), run("reference"))
-      worst = max(jax.tree.leaves(errors))
-      worst_ratio = max(worst_ratio, worst / TOLERANCE[dtype])
+      errors, worst = tally.compare(run("pallas_gpu"), run("reference"), TOLERANCE[dtype])
       name = f"b{batch} l{length} d{channels} n{state} {jnp.dtype(dtype).name} {what}"
       print(f"{name}: worst relative error {worst:.2e}; grads {jax.tree.map(lambda e: f'{e:.1e}', errors[1])}")
-  print("OK" if worst_ratio <= 1 else "FAILED", f"(worst error / tolerance = {worst_ratio:.2f})")
-  return 0 if worst_ratio <= 1 else 1
+  return tally.verdict()
 
 
 if __name__ == "__main__":

@@ -212,8 +212,10 @@ class BiMambaMixer(nnx.Module):
   def __call__(self, hidden: jax.Array) -> jax.Array:
     """hidden: (batch, length, dim) normed tokens -> (batch, length, dim)."""
     cfg = self.cfg
-    with jax.named_scope("in_proj"):
-      x, z = jnp.split(self.in_proj(hidden), 2, axis=-1)
+    with jax.named_scope("in_proj"):  # x and z each written contiguous, for the conv and scan kernels
+      dtype = jnp.dtype(cfg.dtype)
+      kernel = self.in_proj.kernel[...].astype(dtype)
+      x, z = layers.matmul_halves(hidden.astype(dtype), kernel, cfg.matmul_precision)
     with jax.named_scope("conv_silu"):  # both directions in one pass over x
       u_f, u_b = conv_silu_bidirectional(
         x,
