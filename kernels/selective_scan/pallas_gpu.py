@@ -20,7 +20,8 @@ keeps padded entries at h = 0); the length is never padded: a chunk past the end
 position (a partial sub-chunk re-reads it as an identity step, delta = 0, whose writes repeat a value).
 
 Long sequences are split into chunks of at most `CHUNK` positions when the sequences alone give fewer
-than `FILLING_PROGRAMS` programs, so that a small batch still fills the GPU: pass 1 scans every chunk
+than `FILLING_PROGRAMS` programs (`FORWARD_FILLING_PROGRAMS` where nothing is differentiated), so that a
+small batch still fills the GPU: pass 1 scans every chunk
 from a zero state, keeping its end state and total step size; pass 2 rescans every chunk from its true
 start state and writes y. Each pass-2 program first carries the state across the chunks before its own
 (h -> exp(A Σ delta) h + end state, at most chunks - 1 steps of one (block_d, state) tile): no XLA loop
@@ -66,12 +67,15 @@ from kernels.selective_scan.softplus import softplus, softplus_grad
 # so it pays only where programs are scarce (scan_tune_max_chunk*_h100.json, Vim-Ti, forward / forward+backward
 # in ms, chunks of 256 against whole sequences): 1.55 / 6.76 against 2.18 / 12.3 at 1248², batch 32 (384
 # programs); 1.12 / 4.82 against 0.98 / 4.94 at 736², batch 64 (768); 1.06 / 4.63 against 0.64 / 4.19 at
-# 512², batch 128 (1,536); 0.77 / 3.58 against 0.45 / 2.98 at 224² stride 8, batch 128 (1,536).
+# 512², batch 128 (1,536); 0.77 / 3.58 against 0.45 / 2.98 at 224² stride 8, batch 128 (1,536). A forward
+# alone is faster whole from 768 programs on, so inference (the custom_vjp's primal) splits only below that:
+# Vim-Ti's forward at 736², batch 64 went from 71.4 to 64.6 ms (ab_inference_chunk_rule_vim_tiny_736_h100.json).
 BLOCK_D = 32
 NUM_WARPS = 1
 NUM_STAGES = 2
 CHUNK = 256
 FILLING_PROGRAMS = 1024
+FORWARD_FILLING_PROGRAMS = 768
 SUB_CHUNK = 2
 FORWARD_SUB_CHUNK = 4
 
@@ -564,13 +568,16 @@ def _backward(scans: list[_Scan]) -> list[tuple]:
   return results
 
 
-def _plan(u, A, dtype, *, gated: bool, reverse: bool, softplus: bool, interpret: bool, tuning: dict) -> _Plan:
+def _plan(
+  u, A, dtype, *, gated: bool, reverse: bool, softplus: bool, interpret: bool, tuning: dict, filling: int
+) -> _Plan:
+  """The geometry of one scan; sequences split into chunks if they give fewer than `filling` programs."""
   batch, length, channels = u.shape
   sub_chunk = tuning.get("sub_chunk", SUB_CHUNK)
   forward_sub_chunk = tuning.get("forward_sub_chunk", FORWARD_SUB_CHUNK)
   block_d = min(tuning.get("block_d", BLOCK_D), pl.next_power_of_2(channels))
   multiple = math.lcm(sub_chunk, forward_sub_chunk)  # chunks are whole sub-chunks of both kinds
-  if "max_chunk" in tuning or batch * pl.cdiv(channels, block_d) < FILLING_PROGRAMS:
+  if "max_chunk" in tuning or batch * pl.cdiv(channels, block_d) < filling:
     num_chunks = pl.cdiv(length, pl.cdiv(tuning.get("max_chunk", CHUNK), multiple) * multiple)
   else:
     num_chunks = 1
@@ -624,22 +631,29 @@ def scan(
   """The whole selective scan (arguments as in `selective_scan`, already checked) in fused kernels,
   differentiable. Returns (y in u's dtype, last state in the compute dtype). `tuning` may set `block_d`
   (channels per program, a power of two), `num_warps`, `max_chunk` (positions per program at most; by
-  default CHUNK if batch x channel blocks < FILLING_PROGRAMS, else whole sequences), `sub_chunk` (positions
+  default CHUNK if batch x channel blocks < FILLING_PROGRAMS, or FORWARD_FILLING_PROGRAMS without gradients,
+  else whole sequences), `sub_chunk` (positions
   per state the backward keeps; its buffer is 1/sub_chunk of all states) and `forward_sub_chunk` (positions
   the forward loads ahead); chunks are rounded up to a multiple of both."""
   channels, state = A.shape
   dtype = compute_dtype(u, delta, A, B, C, D, z, delta_bias)
   u, delta, A, B, C, D, delta_bias = _with_defaults((u, delta, A, B, C, D, delta_bias), dtype)
   options = dict(reverse=reverse, softplus=delta_softplus, interpret=interpret, tuning=tuning)
-  plan = _plan(u, A, dtype, gated=z is not None, **options)
+  plan, inference = (
+    _plan(u, A, dtype, gated=z is not None, filling=n, **options) for n in (FILLING_PROGRAMS, FORWARD_FILLING_PROGRAMS)
+  )
+
+  def outputs(plan, arrays):
+    y, last, start, total = _forward(plan, _padded(plan, *arrays))
+    return (y[..., :channels], last[:, :channels, :state]), (start, total)
 
   @jax.custom_vjp
   def run(*arrays):
-    return run_fwd(*arrays)[0]
+    return outputs(inference, arrays)[0]
 
   def run_fwd(*arrays):
-    y, last, start, total = _forward(plan, _padded(plan, *arrays))
-    return (y[..., :channels], last[:, :channels, :state]), (arrays, start, total)
+    out, (start, total) = outputs(plan, arrays)
+    return out, (arrays, start, total)
 
   def run_bwd(residuals, cotangents):
     arrays, start, total = residuals
@@ -673,22 +687,29 @@ def bidirectional(
   dtype = compute_dtype(*forward, *backward, z)
   forward, backward = _with_defaults(forward, dtype), _with_defaults(backward, dtype)
   options = dict(softplus=delta_softplus, interpret=interpret, tuning=tuning)
-  first = _plan(forward[0], forward[2], dtype, gated=False, reverse=False, **options)
-  second = dataclasses.replace(
-    _plan(backward[0], backward[2], dtype, gated=z is not None, reverse=True, **options), combine=scale
-  )
+
+  def plans(filling: int) -> tuple[_Plan, _Plan]:
+    first = _plan(forward[0], forward[2], dtype, gated=False, reverse=False, filling=filling, **options)
+    second = _plan(backward[0], backward[2], dtype, gated=z is not None, reverse=True, filling=filling, **options)
+    return first, dataclasses.replace(second, combine=scale)
+
+  (first, second), inference = plans(FILLING_PROGRAMS), plans(FORWARD_FILLING_PROGRAMS)
   # Gradients: each direction's output is (its ungated y) * scale * silu(z).
   first_grads = dataclasses.replace(first, gated=z is not None)
   second_grads = dataclasses.replace(second, combine=None)
 
-  @jax.custom_vjp
-  def run(forward, backward, z):
-    return run_fwd(forward, backward, z)[0]
-
-  def run_fwd(forward, backward, z):
+  def outputs(first, second, forward, backward, z):
     partner, _, start_f, total_f = _forward(first, _padded(first, *forward, None))
     y, _, start_b, total_b = _forward(second, (*_padded(second, *backward, z), partner))
-    return y[..., :channels], (forward, backward, z, start_f, total_f, start_b, total_b)
+    return y[..., :channels], (start_f, total_f, start_b, total_b)
+
+  @jax.custom_vjp
+  def run(forward, backward, z):
+    return outputs(*inference, forward, backward, z)[0]
+
+  def run_fwd(forward, backward, z):
+    y, kept = outputs(first, second, forward, backward, z)
+    return y, (forward, backward, z, *kept)
 
   def run_bwd(residuals, dy):
     forward, backward, z, start_f, total_f, start_b, total_b = residuals

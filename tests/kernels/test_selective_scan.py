@@ -162,11 +162,9 @@ def test_matches_reference(impl, shape, options, dtype):
   assert_close(grads, expected[1], dtype, "grad")
 
 
-@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
-@pytest.mark.parametrize("batch, length", [(128, 197), (8, 6085)], ids=["224-b128", "1248-b8"])
-def test_pallas_gpu_lowers_for_cuda(batch, length):
-  """Every Triton kernel, forward and backward, at Vim-Ti shapes with bf16 I/O and all options, lowered
-  for an H100 on any host: an abstract device stands in for the GPU. Interpret mode never runs this path."""
+def _vim_tiny_scan_for_h100(fn, batch: int, length: int) -> tuple[str, set[str]]:
+  """(HLO text, names of the Triton kernels) of fn(arrays) lowered for an H100 on any host, at Vim-Ti's
+  channels and state with bf16 I/O and all options; an abstract device stands in for the GPU."""
   if not hasattr(jax.sharding, "AbstractDevice"):
     pytest.skip("this jax cannot name an abstract GPU to lower for")
   seq, vec = jax.ShapeDtypeStruct((batch, length, 384), jnp.bfloat16), jax.ShapeDtypeStruct((384,), jnp.float32)
@@ -174,20 +172,37 @@ def test_pallas_gpu_lowers_for_cuda(batch, length):
   arrays = dict(
     u=seq, delta=seq, A=jax.ShapeDtypeStruct((384, 16), jnp.float32), B=bc, C=bc, D=vec, z=seq, delta_bias=vec
   )
-
-  def fwd_bwd(arrays):
-    (y, last_state), vjp = jax.vjp(lambda a: pallas_gpu.scan(**a, delta_softplus=True, reverse=True), arrays)
-    return vjp((y, last_state))
-
   h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
   with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)):
-    hlo = jax.jit(fwd_bwd).trace(arrays).lower(lowering_platforms=("cuda",)).as_text()
-  names = set(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton\(.*name = \"(\w+)\"", hlo))
+    hlo = jax.jit(fn).trace(arrays).lower(lowering_platforms=("cuda",)).as_text()
+  return hlo, set(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton\(.*name = \"(\w+)\"", hlo))
+
+
+def _scan_with_gradients(arrays):
+  (y, last_state), vjp = jax.vjp(lambda a: pallas_gpu.scan(**a, delta_softplus=True, reverse=True), arrays)
+  return vjp((y, last_state))
+
+
+@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("batch, length", [(128, 197), (8, 6085)], ids=["224-b128", "1248-b8"])
+def test_pallas_gpu_lowers_for_cuda(batch, length):
+  """Every Triton kernel, forward and backward, at Vim-Ti shapes lowered for an H100: interpret mode never
+  runs this path."""
+  hlo, names = _vim_tiny_scan_for_h100(_scan_with_gradients, batch, length)
   several_chunks = {"selective_scan_chunk_ends", "selective_scan_bwd_carry"} if length > pallas_gpu.CHUNK else set()
   assert names == {"selective_scan_fwd", "selective_scan_bwd_states", "selective_scan_bwd"} | several_chunks
   # The kernels read the bf16 arrays themselves: no float32 copy of u is made.
   assert f"tensor<{batch}x{length}x384xbf16>, tensor<{batch}x{length}x384xbf16>, tensor<384x16xf32>" in hlo
   assert f"tensor<{batch}x{length}x384xf32>" not in hlo
+
+
+@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
+def test_pallas_gpu_inference_splits_sequences_later_than_training():
+  """Vim-Ti at 736², batch 64 gives 768 programs of whole sequences: enough for a forward alone, which
+  then runs in one pass; with gradients the sequences are split into chunks (2 forward passes)."""
+  inference = lambda arrays: pallas_gpu.scan(**arrays, delta_softplus=True)  # noqa: E731
+  assert _vim_tiny_scan_for_h100(inference, 64, 2117)[1] == {"selective_scan_fwd"}
+  assert "selective_scan_chunk_ends" in _vim_tiny_scan_for_h100(_scan_with_gradients, 64, 2117)[1]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -286,13 +301,18 @@ def test_pallas_gpu_chunking_matches_reference_in_float64(max_chunk, sub_chunk, 
     assert_close(grads, expected_grads, jnp.float64, "grad")
 
 
-@pytest.mark.parametrize("batch, chunks, chunk", [(24, 5, 208), (32, 1, 1028)])
-def test_pallas_gpu_splits_sequences_only_when_programs_are_scarce(batch, chunks, chunk):
-  """Chunks cost a second pass: 1,024 programs of whole sequences (32 x 32 channel blocks) are enough to
-  fill the GPU, 768 are not, and then a 1,025-long sequence splits into chunks of at most CHUNK (256);
-  chunks are whole sub-chunks (4 positions). An explicit `max_chunk` always splits."""
+@pytest.mark.parametrize(
+  "batch, filling, chunks, chunk",
+  [(24, pallas_gpu.FILLING_PROGRAMS, 5, 208), (32, pallas_gpu.FILLING_PROGRAMS, 1, 1028),
+   (16, pallas_gpu.FORWARD_FILLING_PROGRAMS, 5, 208), (24, pallas_gpu.FORWARD_FILLING_PROGRAMS, 1, 1028)],
+)  # fmt: skip
+def test_pallas_gpu_splits_sequences_only_when_programs_are_scarce(batch, filling, chunks, chunk):
+  """Chunks cost a second pass: with gradients, 1,024 programs of whole sequences (32 x 32 channel blocks)
+  are enough to fill the GPU, 768 are not, and then a 1,025-long sequence splits into chunks of at most
+  CHUNK (256); a forward alone is faster whole from 768 programs on. Chunks are whole sub-chunks (4
+  positions). An explicit `max_chunk` always splits."""
   u, A = jax.ShapeDtypeStruct((batch, 1025, 1024), jnp.bfloat16), jax.ShapeDtypeStruct((1024, 16), jnp.float32)
-  options = dict(gated=True, reverse=False, softplus=True, interpret=True, tuning={})
+  options = dict(gated=True, reverse=False, softplus=True, interpret=True, tuning={}, filling=filling)
   plan = pallas_gpu._plan(u, A, jnp.float32, **options)
   assert (plan.num_chunks, plan.chunk) == (chunks, chunk)
   assert pallas_gpu._plan(u, A, jnp.float32, **{**options, "tuning": {"max_chunk": 256}}).num_chunks == 5
