@@ -21,12 +21,11 @@ position (a partial sub-chunk re-reads it as an identity step, delta = 0, whose 
 
 Long sequences are split into chunks of at most `CHUNK` positions when the sequences alone give fewer
 than `FILLING_PROGRAMS` programs (`FORWARD_FILLING_PROGRAMS` where nothing is differentiated), so that a
-small batch still fills the GPU: pass 1 scans every chunk
-from a zero state, keeping its end state and total step size; pass 2 rescans every chunk from its true
-start state and writes y. Each pass-2 program first carries the state across the chunks before its own
-(h -> exp(A Σ delta) h + end state, at most chunks - 1 steps of one (block_d, state) tile): no XLA loop
-over chunks (at 1248², batch 32, Vim-Ti's forward spent 5.6 of its 113 ms in the 2,300 tiny kernels of
-one, H100).
+small batch still fills the GPU: pass 1 scans every chunk from a zero state, keeping its end state and
+total step size; pass 2 rescans every chunk from its true start state and writes y. Each pass-2 program
+first carries the state across the chunks before its own (h -> exp(A Σ delta) h + end state, at most
+chunks - 1 steps of one (block_d, state) tile): no XLA loop over chunks (at 1248², batch 32, Vim-Ti's
+forward spent 5.6 of its 113 ms in the 2,300 tiny kernels of one, H100).
 
 Backward (`jax.custom_vjp`; residuals are the inputs plus, with several chunks, each chunk's start state
 and total step size). The adjoint g_t = dL/dh_t runs against the scan: g_t = silu(z_t) dy_t C_t +
@@ -631,10 +630,10 @@ def scan(
   """The whole selective scan (arguments as in `selective_scan`, already checked) in fused kernels,
   differentiable. Returns (y in u's dtype, last state in the compute dtype). `tuning` may set `block_d`
   (channels per program, a power of two), `num_warps`, `max_chunk` (positions per program at most; by
-  default CHUNK if batch x channel blocks < FILLING_PROGRAMS, or FORWARD_FILLING_PROGRAMS without gradients,
-  else whole sequences), `sub_chunk` (positions
-  per state the backward keeps; its buffer is 1/sub_chunk of all states) and `forward_sub_chunk` (positions
-  the forward loads ahead); chunks are rounded up to a multiple of both."""
+  default CHUNK if batch x channel blocks < FILLING_PROGRAMS, or FORWARD_FILLING_PROGRAMS without
+  gradients, else whole sequences), `sub_chunk` (positions per state the backward keeps; its buffer is
+  1/sub_chunk of all states) and `forward_sub_chunk` (positions the forward loads ahead); chunks are
+  rounded up to a multiple of both."""
   channels, state = A.shape
   dtype = compute_dtype(u, delta, A, B, C, D, z, delta_bias)
   u, delta, A, B, C, D, delta_bias = _with_defaults((u, delta, A, B, C, D, delta_bias), dtype)
