@@ -98,6 +98,8 @@ class _Plan:
   dtype: jnp.dtype  # of the math: float32, or float64 for float64 inputs
   num_warps: int
   interpret: bool
+  # `_Chunk.over_sub_chunks` runs pairs of sub-chunks (the backward's kernels), not one at a time.
+  paired: bool = True
   # Set for the second direction of a fused bidirectional scan: y = (y + partner) * combine, then gated,
   # where partner is the first direction's ungated output.
   combine: float | None = None
@@ -108,7 +110,7 @@ class _Plan:
 
   def forward(self) -> "_Plan":
     """This plan for the forward passes: their loads run `forward_sub_chunk` positions ahead."""
-    return dataclasses.replace(self, sub_chunk=self.forward_sub_chunk)
+    return dataclasses.replace(self, sub_chunk=self.forward_sub_chunk, paired=False)
 
   def grid(self) -> tuple[int, int, int]:
     return self.batch, self.channels // self.block_d, self.num_chunks
@@ -160,7 +162,11 @@ class _Chunk:
 
   def step_size(self, t, real=True):
     """The pre-softplus step x and the step size delta at t; delta = 0 (an identity step) if not real."""
-    x = self.load(self.refs.delta, t) + self.bias
+    return self.step_size_of(self.refs.delta[t, :], real)
+
+  def step_size_of(self, delta, real):
+    """`step_size` from delta as loaded."""
+    x = delta.astype(self.plan.dtype) + self.bias
     delta = softplus(x) if self.plan.softplus else x
     return x, jnp.where(real, delta, 0.0)
 
@@ -169,32 +175,87 @@ class _Chunk:
 
   def over_sub_chunks(self, body, init, load, *, backwards: bool = False):
     """`fori_loop` over the sub-chunks (last first if `backwards`) of carry = body(j, load(j), carry),
-    software-pipelined: sub-chunk j+1's loads are issued before sub-chunk j runs, so they are in flight
-    while it computes. A load issued after a store waits for it (they might alias), so loading at the
-    top of each sub-chunk would expose one memory latency per sub-chunk."""
+    software-pipelined: each sub-chunk's loads (`sub_chunk`) are issued one sub-chunk ahead, so that they
+    are in flight while the one before computes. (A load issued after a store waits for it, as they might
+    alias: loads at the top of each sub-chunk would expose one memory latency per sub-chunk.)
 
-    def index(i):
-      return self.sub_chunks - 1 - i if backwards else i
+    With `plan.paired` (the backward's kernels) the loop runs pairs of sub-chunks and `body` converts the
+    loads (`positions`). A use right after a load waits for it, and a loop carrying one sub-chunk's loads
+    copies them into its carried registers at its end, waiting there too; one sub-chunk at a time, the
+    gradient kernel's first use of a load came 38-93 instructions after it (offline SASS), paired 184 and
+    more. Here the second sub-chunk's loads are issued before the first runs and the next pair's first
+    after it, so what the loop carries are the loads' own registers. An odd count gets one sub-chunk past
+    the end (identity steps), so paired chunks are whole pairs (`_plan`). The forward passes go one
+    sub-chunk at a time, converting as they load: paired, their kernels need more registers (168 against
+    158 for the bidirectional second direction, offline) and Vim-Ti's forward at 224², batch 128 measured
+    slower (ab_paired_loads_h100.json)."""
+    if not self.plan.paired:
 
-    def step(i, carry):
-      carry, loaded = carry
-      upcoming = load(index(jnp.minimum(i + 1, self.sub_chunks - 1)))  # the last one re-reads itself
-      return body(index(i), loaded, carry), upcoming
+      def index(i):
+        return self.sub_chunks - 1 - i if backwards else i
 
-    return jax.lax.fori_loop(0, self.sub_chunks, step, (init, load(index(0))))[0]
+      def step(i, carry):
+        carry, loaded = carry
+        upcoming = load(index(jnp.minimum(i + 1, self.sub_chunks - 1)))  # the last one re-reads itself
+        return body(index(i), loaded, carry), upcoming
 
-  def sub_chunk(self, j, *, C: bool = False, z: bool = False, extra=None) -> list["_Position"]:
-    """What the steps of sub-chunk j read (loaded together, before any of them runs)."""
-    positions = []
+      return jax.lax.fori_loop(0, self.sub_chunks, step, (init, load(index(0))))[0]
+
+    pairs = (self.sub_chunks + 1) // 2
+
+    def paired_index(i):
+      return 2 * pairs - 1 - i if backwards else i
+
+    def pair(i, carry):
+      carry, first = carry
+      second = load(paired_index(2 * i + 1))
+      carry = body(paired_index(2 * i), first, carry)
+      upcoming = load(paired_index(jnp.minimum(2 * i + 2, 2 * pairs - 1)))  # the last pair re-reads its second
+      return body(paired_index(2 * i + 1), second, carry), upcoming
+
+    return jax.lax.fori_loop(0, pairs, pair, (init, load(paired_index(0))))[0]
+
+  def sub_chunk(self, j, *, C: bool = False, z: bool = False, extra=None) -> list:
+    """What the steps of sub-chunk j read: `_Loads` as loaded for a paired plan, else each load converted
+    as it is issued (`_Position`s, softplus right after delta's load: the order the forward was timed in).
+    `positions` makes `_Position`s of either."""
+    paired = self.plan.paired
+    read = (lambda ref, t: ref[t, :]) if paired else self.load
+    steps = []
     for k in range(self.plan.sub_chunk):
       t, real = self.clamped(j * self.plan.sub_chunk + k)
-      x, delta = self.step_size(t, real)
-      loads = [self.load(ref, t) if wanted else None for ref, wanted in ((self.refs.C, C), (self.refs.z, z))]
-      extra_t = None if extra is None else self.load(extra, t)
-      positions.append(
-        _Position(t, real, self.load(self.refs.u, t), x, delta, self.load(self.refs.B, t), *loads, extra_t)
-      )
-    return positions
+      delta = read(self.refs.delta, t)
+      step_size = None if paired else self.step_size_of(delta, real)
+      optional = [read(ref, t) if wanted else None for ref, wanted in ((self.refs.C, C), (self.refs.z, z))]
+      extra_t = None if extra is None else read(extra, t)
+      loads = _Loads(t, real, read(self.refs.u, t), delta, read(self.refs.B, t), *optional, extra_t)
+      steps.append(loads if paired else self._position(loads, step_size))
+    return steps
+
+  def positions(self, steps: list) -> list["_Position"]:
+    """`sub_chunk`'s steps in the compute dtype."""
+    if not self.plan.paired:
+      return steps
+    return [self._position(loads, self.step_size_of(loads.delta, loads.real)) for loads in steps]
+
+  def _position(self, loads: "_Loads", step_size) -> "_Position":
+    u, B, C, z, extra = (
+      None if v is None else v.astype(self.plan.dtype) for v in (loads.u, loads.B, loads.C, loads.z, loads.extra)
+    )
+    return _Position(loads.t, loads.real, u, *step_size, B, C, z, extra)
+
+
+class _Loads(NamedTuple):
+  """One position's loads in the refs' dtypes (C, z and extra only where asked for)."""
+
+  t: jax.Array
+  real: jax.Array
+  u: jax.Array
+  delta: jax.Array
+  B: jax.Array
+  C: jax.Array | None
+  z: jax.Array | None
+  extra: jax.Array | None
 
 
 class _Position(NamedTuple):
@@ -275,10 +336,10 @@ def _forward_kernel(*refs, plan: _Plan, chunk_index, outputs: tuple[str, ...], s
     partner = args.partner if writes_y else None
     return chunk.sub_chunk(j, C=writes_y, z=writes_y and plan.gated, extra=partner)
 
-  def sub_chunk(j, positions, carry):  # unrolled
+  def sub_chunk(j, steps, carry):  # unrolled
     if "sub_chunk_states" in out:
       out["sub_chunk_states"][j] = carry[0]
-    for p in positions:
+    for p in chunk.positions(steps):
       carry = step(p, carry)
     return carry
 
@@ -316,11 +377,11 @@ def _grad_kernel(*refs, plan: _Plan, chunk_index, start: str):
   A, D = chunk.A, chunk.D
 
   def load(j):
-    return states_ref[j].astype(plan.dtype), chunk.sub_chunk(j, C=True, z=plan.gated, extra=dy_ref)
+    return states_ref[j], chunk.sub_chunk(j, C=True, z=plan.gated, extra=dy_ref)
 
   def sub_chunk(j, loaded, carry):
     g_next, dA, dD, dbias = carry
-    h_start, positions = loaded
+    h_start, positions = loaded[0].astype(plan.dtype), chunk.positions(loaded[1])
     hs = [h_start]
     for p in positions:
       hs.append(_step(chunk, hs[-1], p))
@@ -575,7 +636,8 @@ def _plan(
   sub_chunk = tuning.get("sub_chunk", SUB_CHUNK)
   forward_sub_chunk = tuning.get("forward_sub_chunk", FORWARD_SUB_CHUNK)
   block_d = min(tuning.get("block_d", BLOCK_D), pl.next_power_of_2(channels))
-  multiple = math.lcm(sub_chunk, forward_sub_chunk)  # chunks are whole sub-chunks of both kinds
+  # Chunks are whole pairs of the backward's sub-chunks and whole forward sub-chunks (`over_sub_chunks`).
+  multiple = math.lcm(2 * sub_chunk, forward_sub_chunk)
   if "max_chunk" in tuning or batch * pl.cdiv(channels, block_d) < filling:
     num_chunks = pl.cdiv(length, pl.cdiv(tuning.get("max_chunk", CHUNK), multiple) * multiple)
   else:

@@ -279,8 +279,9 @@ def test_xla_chunking_matches_reference_in_float64(max_chunk, x64):
 @pytest.mark.parametrize("max_chunk, sub_chunk, forward_sub_chunk", [(1, 1, 1), (8, 4, 2), (32, 16, 8), (6, 2, 4)])
 def test_pallas_gpu_chunking_matches_reference_in_float64(max_chunk, sub_chunk, forward_sub_chunk, x64):
   """The kernels' chunk passes, the carries between chunks (state forwards, adjoint backwards) and
-  partial sub-chunks, both directions, all options: on length 33, chunks of 1 (33 chunks), 8 (5 chunks,
-  the last short), 32 (2 chunks of 32 and 1) and 6 (rounded up to 8, whole sub-chunks of 2 and 4)."""
+  partial sub-chunks, both directions, all options: on length 33, chunks of 1 (rounded up to a pair of
+  the backward's sub-chunks, 2: 17 chunks, the last of one position), 8 (5 chunks, the last short), 32
+  (2 chunks of 32 and 1) and 6 (rounded up to 8, whole pairs of sub-chunks of 2 and sub-chunks of 4)."""
   rng = np.random.default_rng(max_chunk)
   inputs = random_inputs(rng, 2, 33, 3, 2, **ALL_OPTIONS, dtype=jnp.float64)
   cotangents = random_cotangents(rng, inputs, jnp.float64)
@@ -299,6 +300,18 @@ def test_pallas_gpu_chunking_matches_reference_in_float64(max_chunk, sub_chunk, 
     expected_out, expected_grads = jit_run(functools.partial(run, expected), inputs, cotangents)
     assert_close(out, expected_out, jnp.float64, "fwd")
     assert_close(grads, expected_grads, jnp.float64, "grad")
+
+
+def test_pallas_gpu_backward_walks_pairs_of_sub_chunks_and_the_forward_single_ones():
+  """The backward's kernels walk pairs of sub-chunks (`_Chunk.over_sub_chunks`), so a chunk holds whole
+  pairs of them (an odd count in the last chunk gets one past the end); the forward passes walk one at a
+  time and need whole forward sub-chunks only."""
+  u, A = jax.ShapeDtypeStruct((1, 1000, 64), jnp.float32), jax.ShapeDtypeStruct((64, 16), jnp.float32)
+  tuning = {"sub_chunk": 4, "forward_sub_chunk": 2, "max_chunk": 100}
+  options = dict(gated=True, reverse=False, softplus=True, interpret=True, tuning=tuning, filling=0)
+  plan = pallas_gpu._plan(u, A, jnp.float32, **options)
+  assert plan.paired and not plan.forward().paired
+  assert (plan.chunk, plan.num_chunks) == (104, 10)  # 100 rounded up to whole pairs of 4
 
 
 @pytest.mark.parametrize(
