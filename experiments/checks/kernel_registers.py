@@ -71,6 +71,52 @@ def _instructions(ptx: str) -> int:
   return sum(1 for line in lines if re.match(r"(@!?%\w+\s+)?[a-z]\w*(\.\w+)*\s", line) and not line.startswith("ret;"))
 
 
+_SASS_LINE = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_LOAD_WIDTHS = {"LDG.E.64": 2, "LDG.E.128": 4}
+
+
+def _main_loop(sass: str) -> list[str]:
+  """The instructions of the kernel's last loop (the sub-chunk loop: any carry loop comes before it)."""
+  lines = [(int(m.group(1), 16), m.group(2)) for m in map(_SASS_LINE.match, sass.splitlines()) if m]
+  branches = [(at, int(m.group(1), 16)) for at, ins in lines if (m := re.search(r"BRA 0x([0-9a-f]+)", ins))]
+  end, start = [(at, target) for at, target in branches if target < at][-1]
+  return [ins for at, ins in lines if start <= at <= end]
+
+
+def _load_to_use(sass: str) -> int:
+  """The fewest instructions between a global load in the main loop and the first instruction that reads
+  what it loaded (around the loop's back edge too). A use that comes soon waits for the memory latency:
+  loads meant to be in flight for a whole sub-chunk should be used hundreds of instructions later."""
+  loop = _main_loop(sass)
+
+  def registers(operands: str) -> set[int]:
+    return {int(r) for r in re.findall(r"\bR(\d+)\b", operands)}
+
+  def reads_and_writes(ins: str) -> tuple[set[int], set[int]]:
+    op, _, operands = re.sub(r"^@!?U?P\w+\s+", "", ins).partition(" ")
+    first, _, rest = operands.partition(",")
+    if op.startswith(("ST", "BRA", "BAR")):
+      return registers(operands), set()
+    return registers(rest), registers(first)
+
+  distances = []
+  for i, ins in enumerate(loop):
+    op = re.sub(r"^@!?U?P\w+\s+", "", ins).split(" ")[0]
+    if not op.startswith("LDG"):
+      continue
+    base = min(reads_and_writes(ins)[1])
+    pending = set(range(base, base + _LOAD_WIDTHS.get(op, 1)))
+    for step in range(1, len(loop)):
+      reads, writes = reads_and_writes(loop[(i + step) % len(loop)])
+      if pending & reads:
+        distances.append(step)
+        break
+      pending -= writes
+      if not pending:
+        break
+  return min(distances)
+
+
 def _ptxas_report(ir: str, num_warps: int) -> dict[str, int]:
   with tempfile.TemporaryDirectory() as tmp:
     source, ptx = os.path.join(tmp, "kernel.ttir"), os.path.join(tmp, "kernel.ptx")
@@ -79,26 +125,33 @@ def _ptxas_report(ir: str, num_warps: int) -> dict[str, int]:
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     with open(ptx, "w") as f:
       f.write(compiled.asm["ptx"])
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     report = subprocess.run(
-      [ptxas, "-v", "--gpu-name", "sm_90a", ptx, "-o", os.devnull], capture_output=True, text=True
+      [os.path.join(bin_dir, "ptxas"), "-v", "--gpu-name", "sm_90a", ptx, "-o", os.devnull],
+      capture_output=True,
+      text=True,
     )
+    cubin = os.path.join(tmp, "kernel.cubin")
+    with open(cubin, "wb") as f:
+      f.write(compiled.asm["cubin"])
+    sass = subprocess.run([os.path.join(bin_dir, "cuobjdump"), "-sass", cubin], capture_output=True, text=True)
   numbers = {
     "registers": r"Used (\d+) registers",
     "spill_store_bytes": r"(\d+) bytes spill stores",
     "spill_load_bytes": r"(\d+) bytes spill loads",
   }
   counts = {key: int(re.search(pattern, report.stderr).group(1)) for key, pattern in numbers.items()}
-  return counts | {"instructions": _instructions(compiled.asm["ptx"])}
+  return counts | {"instructions": _instructions(compiled.asm["ptx"]), "load_to_use": _load_to_use(sass.stdout)}
 
 
 def main(argv):
   del argv
   print(f"jax {jax.__version__}, triton {triton.__version__}, sm_90; batch 128, length {_LENGTH.value}, bf16")
   print(
-    "| tuning | kernel | registers | spill stores (B) | spill loads (B) | resident warps per SM | PTX instructions |"
+    "| tuning | kernel | registers | spill stores (B) | spill loads (B) | resident warps per SM | PTX instructions "
+    "| nearest use of a load (SASS instructions) |"
   )
-  print("|---|---|---|---|---|---|---|")
+  print("|---|---|---|---|---|---|---|---|")
   for tuning_json in _TUNINGS.value:
     tuning = json.loads(tuning_json)
     num_warps = tuning.get("num_warps", pallas_gpu.NUM_WARPS)
@@ -108,7 +161,7 @@ def main(argv):
       warps = min(64, 32 * num_warps, REGISTERS_PER_SM // (32 * r["registers"]) // num_warps * num_warps)
       print(
         f"| {tuning_json} | {name} | {r['registers']} | {r['spill_store_bytes']} | {r['spill_load_bytes']} | {warps} "
-        f"| {r['instructions']} |"
+        f"| {r['instructions']} | {r['load_to_use']} |"
       )
 
 

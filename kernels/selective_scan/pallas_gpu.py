@@ -182,13 +182,13 @@ class _Chunk:
     With `plan.paired` (the backward's kernels) the loop runs pairs of sub-chunks and `body` converts the
     loads (`positions`). A use right after a load waits for it, and a loop carrying one sub-chunk's loads
     copies them into its carried registers at its end, waiting there too; one sub-chunk at a time, the
-    gradient kernel's first use of a load came 38-93 instructions after it (offline SASS), paired 184 and
-    more. Here the second sub-chunk's loads are issued before the first runs and the next pair's first
-    after it, so what the loop carries are the loads' own registers. An odd count gets one sub-chunk past
-    the end (identity steps), so paired chunks are whole pairs (`_plan`). The forward passes go one
-    sub-chunk at a time, converting as they load: paired, their kernels need more registers (168 against
-    158 for the bidirectional second direction, offline) and Vim-Ti's forward at 224², batch 128 measured
-    slower (ab_paired_loads_h100.json)."""
+    gradient kernel used a load 38 instructions after it at the nearest, paired 178 (offline SASS,
+    experiments/checks/kernel_registers.py). Here the second sub-chunk's loads are issued before the
+    first runs and the next pair's first after it, so what the loop carries are the loads' own registers.
+    An odd count gets one sub-chunk past the end (identity steps), so paired chunks are whole pairs
+    (`_plan`). The forward passes go one sub-chunk at a time, converting as they load: paired, their
+    kernels need more registers (168 against 158 for the bidirectional second direction, offline) and
+    Vim-Ti's forward at 224², batch 128 measured slower (ab_paired_loads_h100.json)."""
     if not self.plan.paired:
 
       def index(i):
