@@ -83,7 +83,7 @@ def _main_loop(sass: str) -> list[str]:
   return [ins for at, ins in lines if start <= at <= end]
 
 
-def _load_to_use(sass: str) -> int:
+def _load_to_use(sass: str) -> int | None:
   """The fewest instructions between a global load in the main loop and the first instruction that reads
   what it loaded (around the loop's back edge too). A use that comes soon waits for the memory latency:
   loads meant to be in flight for a whole sub-chunk should be used hundreds of instructions later."""
@@ -114,7 +114,7 @@ def _load_to_use(sass: str) -> int:
       pending -= writes
       if not pending:
         break
-  return min(distances)
+  return min(distances, default=None)  # None: no global load in the loop
 
 
 def _ptxas_report(ir: str, num_warps: int) -> dict[str, int]:
