@@ -17,7 +17,7 @@ from flax import nnx
 
 from kernels import selective_scan
 from kernels.selective_scan import pallas_gpu
-from vim_jax.models import convert, create_model, layers, model_config
+from vim_jax.models import convert, create_model, layers, model_config, vim
 from vim_jax.models.vim import Block, ModelConfig, PatchEmbed, VisionMamba
 
 # Released parameter counts at 1000 classes (vim_spec.md §3).
@@ -172,6 +172,42 @@ def test_matmul_halves_equal_one_matmul_split_in_value_and_gradient(x64):
   want = jax.value_and_grad(functools.partial(loss, split), argnums=(0, 1))(x, kernel)
   got = jax.jit(jax.value_and_grad(functools.partial(loss, two_matmuls), argnums=(0, 1)))(x, kernel)
   chex.assert_trees_all_close(got, want, rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("batch", [6, 128])
+def test_dense_equals_a_matmul_in_value_and_gradient(x64, batch):
+  """x_proj, dt_proj and out_proj sum their weight gradients over groups of samples (64 groups of 2 at
+  batch 128, 2 of 3 at batch 6): the same gradients as autodiff of one matmul."""
+  rng = np.random.default_rng(0)
+  x, kernel = jnp.asarray(rng.normal(size=(batch, 5, 6))), jnp.asarray(rng.normal(size=(6, 7)))
+  weights = jnp.asarray(rng.normal(size=(batch, 5, 7)))
+
+  def loss(dense, x, kernel):
+    return jnp.sum(jnp.sin(dense(x, kernel)) * weights)
+
+  want = jax.value_and_grad(functools.partial(loss, jnp.dot), argnums=(0, 1))(x, kernel)
+  got = jax.jit(jax.value_and_grad(functools.partial(loss, lambda x, k: layers.dense(x, k, None)), argnums=(0, 1)))(
+    x, kernel
+  )
+  chex.assert_trees_all_close(got, want, rtol=1e-12, atol=0)
+
+
+def test_padded_step_rank_changes_no_value():
+  """Vim-Ti's step rank 12 runs zero-padded to 16 (`BiMambaMixer._direction`): logits and every gradient
+  equal those of the same model with the padding off, in float32."""
+  model = create_model("vim_tiny", img_size=32, depth=2, scan_impl="xla")
+  graphdef, params = nnx.split(model)
+  images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+
+  def grads(aligned_rank):
+    vim._ALIGNED_RANK = aligned_rank
+    try:
+      return jax.value_and_grad(lambda p: jnp.sum(jnp.sin(nnx.merge(graphdef, p)(images))))(params)
+    finally:
+      vim._ALIGNED_RANK = 8
+
+  assert model.cfg.resolved_dt_rank == 12
+  chex.assert_trees_all_close(grads(8), grads(1), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")

@@ -98,7 +98,7 @@ class _Plan:
   dtype: jnp.dtype  # of the math: float32, or float64 for float64 inputs
   num_warps: int
   interpret: bool
-  # `_Chunk.over_sub_chunks` runs pairs of sub-chunks (the backward's kernels), not one at a time.
+  # `_Chunk.over_sub_chunks` runs pairs of sub-chunks (a one-direction scan's backward), not one at a time.
   paired: bool = True
   # Set for the second direction of a fused bidirectional scan: y = (y + partner) * combine, then gated,
   # where partner is the first direction's ungated output.
@@ -188,7 +188,8 @@ class _Chunk:
     An odd count gets one sub-chunk past the end (identity steps), so paired chunks are whole pairs
     (`_plan`). The forward passes go one sub-chunk at a time, converting as they load: paired, their
     kernels need more registers (168 against 158 for the bidirectional second direction, offline) and
-    Vim-Ti's forward at 224², batch 128 measured slower (ab_paired_loads_h100.json)."""
+    Vim-Ti's forward at 224², batch 128 measured slower (ab_paired_loads_h100.json). So does the fused
+    bidirectional backward (`bidirectional`)."""
     if not self.plan.paired:
 
       def index(i):
@@ -755,9 +756,12 @@ def bidirectional(
     return first, dataclasses.replace(second, combine=scale)
 
   (first, second), inference = plans(FILLING_PROGRAMS), plans(FORWARD_FILLING_PROGRAMS)
-  # Gradients: each direction's output is (its ungated y) * scale * silu(z).
-  first_grads = dataclasses.replace(first, gated=z is not None)
-  second_grads = dataclasses.replace(second, combine=None)
+  # Gradients: each direction's output is (its ungated y) * scale * silu(z). Their backward goes one sub-chunk
+  # at a time (`over_sub_chunks`): paired, the two directions' gradient kernels in one launch measured slower
+  # (H100, bf16, both directions forward+backward: 1.60 against 1.57 ms at 224², batch 128, 14.6 against
+  # 13.9 at 1248², batch 32; 1% faster at 224² stride 8 and 736²), where one direction gains 3-4%.
+  first_grads = dataclasses.replace(first, gated=z is not None, paired=False)
+  second_grads = dataclasses.replace(second, combine=None, paired=False)
 
   def outputs(first, second, forward, backward, z):
     partner, _, start_f, total_f = _forward(first, _padded(first, *forward, None))

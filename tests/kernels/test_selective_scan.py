@@ -314,6 +314,22 @@ def test_pallas_gpu_backward_walks_pairs_of_sub_chunks_and_the_forward_single_on
   assert (plan.chunk, plan.num_chunks) == (104, 10)  # 100 rounded up to whole pairs of 4
 
 
+def test_pallas_gpu_fused_bidirectional_backward_walks_single_sub_chunks(monkeypatch):
+  """Paired, both directions' gradient kernels in one launch measured slower than one sub-chunk at a time
+  (where one direction's backward gains), so the fused bidirectional backward does not pair."""
+  paired, backward = [], pallas_gpu._backward
+  monkeypatch.setattr(
+    pallas_gpu, "_backward", lambda scans: paired.extend(s.plan.paired for s in scans) or backward(scans)
+  )
+  forward, reverse, z = bidirectional_inputs(np.random.default_rng(0), (1, 9, 8, 4), jnp.float32)
+
+  def loss(forward):
+    return pallas_gpu.bidirectional(forward, tuple(reverse), z, delta_softplus=True, interpret=True).sum()
+
+  jax.make_jaxpr(jax.grad(loss))(tuple(forward))
+  assert paired == [False, False]
+
+
 @pytest.mark.parametrize(
   "batch, filling, chunks, chunk",
   [(24, pallas_gpu.FILLING_PROGRAMS, 5, 208), (32, pallas_gpu.FILLING_PROGRAMS, 1, 1028),

@@ -126,6 +126,57 @@ def _matmul_halves_bwd(precision, residuals, cotangents):
 matmul_halves.defvjp(_matmul_halves_fwd, _matmul_halves_bwd)
 
 
+# Groups of rows whose weight-gradient partial sums `dense` adds at the end (at most; a divisor of the batch).
+WEIGHT_GRADIENT_GROUPS = 64
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def dense(x: jax.Array, kernel: jax.Array, precision: jax.lax.PrecisionLike) -> jax.Array:
+  """x · kernel over x's last axis (a bias-free Linear), whose weight gradient is `weight_gradient`'s."""
+  return jnp.dot(x, kernel, precision=precision)
+
+
+def _dense_fwd(x, kernel, precision):
+  return dense(x, kernel, precision), (x, kernel)
+
+
+def _dense_bwd(precision, residuals, d_out):
+  x, kernel = residuals
+  d_x = jnp.dot(d_out, kernel.T, precision=precision, out_sharding=_sharded_like(x))
+  d_kernel = weight_gradient(x, d_out, precision).astype(kernel.dtype)
+  sharding = _sharded_like(kernel)
+  return d_x.astype(x.dtype), d_kernel if sharding is None else jax.sharding.reshard(d_kernel, sharding)
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+def weight_gradient(x: jax.Array, d_out: jax.Array, precision: jax.lax.PrecisionLike) -> jax.Array:
+  """xᵀ · d_out summed over all leading axes, as one matmul per group of whole samples, added in float32.
+
+  The sum runs over batch × tokens rows (25,216 for Vim-Ti at 224², batch 128), which XLA's GPU matmuls
+  split into partial sums themselves, padding both operands to a multiple of the split first: 240 pads
+  (2.1 ms) in a Vim-Ti training step on an H100. Groups of whole samples split the rows exactly: with
+  them the step took a median 50.5 against 51.5 ms (rounds: 48.5-54.0 against 51.2-53.4), with 1 GB less
+  temporary memory
+  (ab_weight_gradients_aligned_rank_vim_tiny_h100.json)."""
+  groups = math.gcd(x.shape[0], WEIGHT_GRADIENT_GROUPS)
+  x, d_out = (_in_groups(a, groups) for a in (x, d_out))
+  accumulate = jnp.promote_types(x.dtype, jnp.float32)
+  partial_sums = jax.lax.dot_general(
+    x, d_out, (((1,), (1,)), ((0,), (0,))), precision=precision, preferred_element_type=accumulate
+  )
+  return partial_sums.sum(0)
+
+
+def _in_groups(a: jax.Array, groups: int) -> jax.Array:
+  """a (batch, ..., features) as (groups, rows, features), the groups split over devices as the batch is."""
+  sharding = jax.typeof(a).sharding
+  explicit = jax.sharding.AxisType.Explicit in sharding.mesh.axis_types
+  spec = jax.sharding.PartitionSpec(sharding.spec[0] if sharding.spec else None) if explicit else None
+  return a.reshape(groups, -1, a.shape[-1], out_sharding=spec)
+
+
 def _sharded_like(primal: jax.Array) -> jax.sharding.NamedSharding | None:
   """How autodiff lays out a gradient (explicit meshes need it said): as its primal, or replicated on the
   current mesh where the primal is on none (a parameter closed over)."""
