@@ -114,7 +114,9 @@ def _matmul_halves_fwd(x, kernel, precision):
 
 def _matmul_halves_bwd(precision, residuals, cotangents):
   x, kernel = residuals
-  d_out = jnp.concatenate(cotangents, axis=-1)
+  # Written once: XLA gave each of the two matmuls its own copy of the concatenation. Vim-Ti's training step at
+  # 224², batch 128, H100: 48.7-48.8 -> 47.8 ms (ab_in_proj_gradient_written_once_vim_tiny_h100.json).
+  d_out = jax.lax.optimization_barrier(jnp.concatenate(cotangents, axis=-1))
   rows = tuple(range(x.ndim - 1))
   d_x = jnp.dot(d_out, kernel.T, precision=precision, out_sharding=_sharded_like(x))
   d_kernel = jax.lax.dot_general(
