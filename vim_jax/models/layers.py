@@ -1,4 +1,5 @@
-"""Small layers of the Vim backbone: initialisers, RMSNorm, drop path, layer scan, depthwise conv, pos-embed resize.
+"""Small layers of the Vim backbone: initialisers, RMSNorm, matmuls with their own backward, drop path, layer
+scan, depthwise conv, pos-embed resize.
 
 Each initialiser reproduces one rule of the official PyTorch code (vim_spec.md §2) so that a freshly
 built model has the same statistics as the official one.
@@ -159,9 +160,8 @@ def weight_gradient(x: jax.Array, d_out: jax.Array, precision: jax.lax.Precision
   The sum runs over batch × tokens rows (25,216 for Vim-Ti at 224², batch 128), which XLA's GPU matmuls
   split into partial sums themselves, padding both operands to a multiple of the split first: 240 pads
   (2.1 ms) in a Vim-Ti training step on an H100. Groups of whole samples split the rows exactly: with
-  them the step took a median 50.5 against 51.5 ms (rounds: 48.5-54.0 against 51.2-53.4), with 1 GB less
-  temporary memory
-  (ab_weight_gradients_aligned_rank_vim_tiny_h100.json)."""
+  them the step took a median 50.5 against 51.5 ms (rounds: 48.5-54.0 against 51.2-53.4) and 1 GB less
+  temporary memory (ab_weight_gradients_aligned_rank_vim_tiny_h100.json)."""
   groups = math.gcd(x.shape[0], WEIGHT_GRADIENT_GROUPS)
   x, d_out = (_in_groups(a, groups) for a in (x, d_out))
   accumulate = jnp.promote_types(x.dtype, jnp.float32)
