@@ -192,6 +192,27 @@ def test_dense_equals_a_matmul_in_value_and_gradient(x64, batch):
   chex.assert_trees_all_close(got, want, rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
+def test_dense_weight_gradient_under_a_mesh(axis_type):
+  """With the batch split over 8 devices, the groups of samples split with it (Explicit axes need the
+  grouping's sharding said) and the weight gradient still sums over every sample."""
+  kind = getattr(jax.sharding.AxisType, axis_type)
+  mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(kind, kind))
+  rng = np.random.default_rng(1)
+  x, kernel, weights = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((128, 3, 6), (6, 5), (128, 3, 5)))
+
+  def loss(x, kernel, weights):
+    return jnp.sum(jnp.sin(layers.dense(x, kernel, None)) * weights)
+
+  grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+  expected = grad(x, kernel, weights)
+  with jax.set_mesh(mesh):
+    batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    got = grad(jax.device_put(x, batch), kernel, jax.device_put(weights, batch))
+  assert got[1][0].sharding.is_equivalent_to(batch, x.ndim)  # dx split as x is
+  chex.assert_trees_all_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_padded_step_rank_changes_no_value():
   """Vim-Ti's step rank 12 runs zero-padded to 16 (`BiMambaMixer._direction`): logits and every gradient
   equal those of the same model with the padding off, in float32."""
