@@ -179,7 +179,7 @@ class _Chunk:
     are in flight while the one before computes. (A load issued after a store waits for it, as they might
     alias: loads at the top of each sub-chunk would expose one memory latency per sub-chunk.)
 
-    With `plan.paired` (the backward's kernels) the loop runs pairs of sub-chunks and `body` converts the
+    With `plan.paired` (a one-direction scan's backward) the loop runs pairs of sub-chunks and `body` converts the
     loads (`positions`). A use right after a load waits for it, and a loop carrying one sub-chunk's loads
     copies them into its carried registers at its end, waiting there too; one sub-chunk at a time, the
     gradient kernel used a load 38 instructions after it at the nearest, paired 178 (offline SASS,
