@@ -37,8 +37,9 @@ the gradient kernel walks the sub-chunks backwards, recomputes each one's states
 chunks, the adjoint entering each chunk from later ones is carried like the forward state: a zero-start
 adjoint pass per chunk, whose results the gradient kernel carries across the chunks after its own. dB
 and dC (sums over channels) come out per channel block, dA, dD and d(delta_bias) (sums over positions)
-per chunk; XLA adds the partial sums. The fused bidirectional call runs both directions' gradient kernels
-in one launch (`_launch`): at 248 registers an H100 holds only 1,056 of their programs at once.
+per chunk; XLA adds the partial sums. The fused bidirectional call takes the z gate's backward to XLA
+(`gate_backward`, from the ungated output its forward keeps) and runs both directions' ungated gradient
+kernels in one launch (`_launch`): at 248 registers an H100 holds only 1,056 of their programs at once.
 """
 
 import dataclasses
@@ -309,7 +310,7 @@ def _entering(chunk: _Chunk, refs: list, start: str, *, reverse: bool) -> jax.Ar
 def _forward_kernel(*refs, plan: _Plan, chunk_index, outputs: tuple[str, ...], start: str):
   """Scans one (sequence, channel block, chunk) from its start state (`_entering`). `outputs` names the
   output refs: "y", "sub_chunk_states" (the state entering each sub-chunk), "start_state", "end_state",
-  "total_delta"."""
+  "total_delta", "ungated" (y before the gate)."""
   args, refs = _split_refs(refs, plan)
   chunk = _Chunk(args, plan, chunk_index)
   h0 = _entering(chunk, refs, start, reverse=plan.reverse)
@@ -328,6 +329,8 @@ def _forward_kernel(*refs, plan: _Plan, chunk_index, outputs: tuple[str, ...], s
       y = jnp.sum(h * p.C[None, :], axis=1) + chunk.D * p.u
       if plan.combine is not None:
         y = (y + p.extra) * plan.combine
+      if "ungated" in out:
+        out["ungated"][p.t, :] = y.astype(out["ungated"].dtype)
       if plan.gated:
         y = y * jax.nn.silu(p.z)
       out["y"][p.t, :] = y.astype(out["y"].dtype)
@@ -527,29 +530,42 @@ def _per_chunk(plan: _Plan, *, state: bool = True) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(shape, plan.dtype)
 
 
-def _forward(plan: _Plan, args: tuple):
-  """(y, last state, chunk start states or None, chunk total steps or None) of the padded `args`."""
+class _Outputs(NamedTuple):
+  """What `_forward` returns: y, the last state, the chunk start states and total steps (None for one chunk),
+  and the combined output before the gate (None unless asked for)."""
+
+  y: jax.Array
+  last: jax.Array
+  start: jax.Array | None
+  total: jax.Array | None
+  ungated: jax.Array | None
+
+
+def _forward(plan: _Plan, args: tuple, *, ungated: bool = False) -> _Outputs:
+  """The forward of the padded `args`; with `ungated`, y before the gate is written too."""
   plan = plan.forward()
   specs = _Specs(plan)
   per_chunk = _per_chunk(plan)
   u = args[0]
+  seq = jax.ShapeDtypeStruct(u.shape, u.dtype)
+  extra = ([seq], [specs.seq], ("ungated",)) if ungated else ([], [], ())
   if plan.num_chunks == 1:
-    y, end = _call(
-      _forward_kernel, plan, args, [], [], [jax.ShapeDtypeStruct(u.shape, u.dtype), per_chunk],
-      [specs.seq, specs.chunk_state], "selective_scan_fwd", outputs=("y", "end_state"), start="zero",
+    y, end, *kept = _call(
+      _forward_kernel, plan, args, [], [], [seq, per_chunk, *extra[0]], [specs.seq, specs.chunk_state, *extra[1]],
+      "selective_scan_fwd", outputs=("y", "end_state", *extra[2]), start="zero",
     )  # fmt: skip
-    return y, end[:, 0], None, None
+    return _Outputs(y, end[:, 0], None, None, *kept or [None])
   totals = _per_chunk(plan, state=False)
   local_end, total = _call(
     _forward_kernel, plan, args, [], [], [per_chunk, totals], [specs.chunk_state, specs.chunk_channel],
     "selective_scan_chunk_ends", outputs=("end_state", "total_delta"), start="zero",
   )  # fmt: skip
-  y, start, end = _call(
+  y, start, end, *kept = _call(
     _forward_kernel, plan, args, [local_end, total], [specs.all_chunk_states, specs.all_chunk_channels],
-    [jax.ShapeDtypeStruct(u.shape, u.dtype), per_chunk, per_chunk], [specs.seq, specs.chunk_state, specs.chunk_state],
-    "selective_scan_fwd", outputs=("y", "start_state", "end_state"), start="carried",
+    [seq, per_chunk, per_chunk, *extra[0]], [specs.seq, specs.chunk_state, specs.chunk_state, *extra[1]],
+    "selective_scan_fwd", outputs=("y", "start_state", "end_state", *extra[2]), start="carried",
   )  # fmt: skip
-  return y, end[:, 0 if plan.reverse else -1], start, total
+  return _Outputs(y, end[:, 0 if plan.reverse else -1], start, total, *kept or [None])
 
 
 class _Scan(NamedTuple):
@@ -706,7 +722,7 @@ def scan(
   )
 
   def outputs(plan, arrays):
-    y, last, start, total = _forward(plan, _padded(plan, *arrays))
+    y, last, start, total, _ = _forward(plan, _padded(plan, *arrays))
     return (y[..., :channels], last[:, :channels, :state]), (start, total)
 
   @jax.custom_vjp
@@ -728,6 +744,20 @@ def scan(
 
   run.defvjp(run_fwd, run_bwd)
   return run(u, delta, A, B, C, D, delta_bias, z)
+
+
+def gate_backward(dy: jax.Array, y_ungated: jax.Array, z: jax.Array, scale: float) -> tuple[jax.Array, jax.Array]:
+  """For y = y_ungated * silu(z), y_ungated = (y_forward + y_backward) * scale: (the cotangent of each
+  direction's y in float32, dz), in XLA. Both directions' gradient kernels then run ungated: neither
+  recomputes its y for dz, reads z or writes a dz for XLA to add to the other's. The forward keeps
+  y_ungated for this (one more (batch, length, channels) residual). Vim-Ti's training step at 224², batch
+  128, H100: 47.7-47.8 -> 45.3-45.4 ms in most rounds, with 443 MiB (10%) more temporary memory; the
+  cotangent in bf16 was no faster (ab_gate_backward_in_xla_h100.json)."""
+  wide = jnp.promote_types(dy.dtype, jnp.float32)
+  dy, y_ungated, z_ = (x.astype(wide) for x in (dy, y_ungated, z))
+  sig = jax.nn.sigmoid(z_)
+  dz = dy * y_ungated * sig * (1 + z_ * (1 - sig))
+  return dy * z_ * sig * scale, dz.astype(z.dtype)
 
 
 def bidirectional(
@@ -756,35 +786,39 @@ def bidirectional(
     return first, dataclasses.replace(second, combine=scale)
 
   (first, second), inference = plans(FILLING_PROGRAMS), plans(FORWARD_FILLING_PROGRAMS)
-  # Gradients: each direction's output is (its ungated y) * scale * silu(z). Their backward goes one sub-chunk
-  # at a time (`over_sub_chunks`): paired, the two directions' gradient kernels in one launch measured slower
-  # (H100, bf16, both directions forward+backward: 1.60 against 1.57 ms at 224², batch 128, 14.6 against
-  # 13.9 at 1248², batch 32; 1% faster at 224² stride 8 and 736²), where one direction gains 3-4%.
-  first_grads = dataclasses.replace(first, gated=z is not None, paired=False)
-  second_grads = dataclasses.replace(second, combine=None, paired=False)
+  # The backward takes the gate outside the kernels (`gate_backward`), so both directions' gradient kernels
+  # run ungated. They go one sub-chunk at a time (`over_sub_chunks`): paired, the two in one launch measured
+  # slower (H100, bf16, both directions forward+backward: 1.60 against 1.57 ms at 224², batch 128, 14.6
+  # against 13.9 at 1248², batch 32; 1% faster at 224² stride 8 and 736²), where one direction gains 3-4%.
+  first_grads = dataclasses.replace(first, paired=False)
+  second_grads = dataclasses.replace(second, combine=None, gated=False, paired=False)
 
-  def outputs(first, second, forward, backward, z):
-    partner, _, start_f, total_f = _forward(first, _padded(first, *forward, None))
-    y, _, start_b, total_b = _forward(second, (*_padded(second, *backward, z), partner))
-    return y[..., :channels], (start_f, total_f, start_b, total_b)
+  def outputs(first, second, forward, backward, z, *, ungated: bool = False):
+    partner, _, start_f, total_f, _ = _forward(first, _padded(first, *forward, None))
+    y, _, start_b, total_b, y_ungated = _forward(second, (*_padded(second, *backward, z), partner), ungated=ungated)
+    return y[..., :channels], (y_ungated, start_f, total_f, start_b, total_b)
 
   @jax.custom_vjp
   def run(forward, backward, z):
     return outputs(*inference, forward, backward, z)[0]
 
   def run_fwd(forward, backward, z):
-    y, kept = outputs(first, second, forward, backward, z)
+    y, kept = outputs(first, second, forward, backward, z, ungated=z is not None)
     return y, (forward, backward, z, *kept)
 
   def run_bwd(residuals, dy):
-    forward, backward, z, start_f, total_f, start_b, total_b = residuals
-    dy = pad_to(dy * scale, 2, first.channels)
+    forward, backward, z, y_ungated, start_f, total_f, start_b, total_b = residuals
+    dz = None
+    if z is None:
+      dy = dy * scale
+    else:
+      dy, dz = gate_backward(dy, y_ungated[..., :channels], z, scale)
+    dy = pad_to(dy, 2, first.channels)
     no_last = jnp.zeros((first.batch, first.channels, first.state), dtype)
-    (*grads_f, dz_f), (*grads_b, dz_b) = _backward([
-      _Scan(first_grads, _padded(first_grads, *forward, z), start_f, total_f, dy, no_last),
-      _Scan(second_grads, _padded(second_grads, *backward, z), start_b, total_b, dy, no_last),
+    (*grads_f, _), (*grads_b, _) = _backward([
+      _Scan(first_grads, _padded(first_grads, *forward, None), start_f, total_f, dy, no_last),
+      _Scan(second_grads, _padded(second_grads, *backward, None), start_b, total_b, dy, no_last),
     ])  # fmt: skip
-    dz = None if z is None else (dz_f + dz_b)[..., :channels]
     return _cropped(grads_f, channels, state), _cropped(grads_b, channels, state), dz
 
   run.defvjp(run_fwd, run_bwd)

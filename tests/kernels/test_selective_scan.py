@@ -314,20 +314,19 @@ def test_pallas_gpu_backward_walks_pairs_of_sub_chunks_and_the_forward_single_on
   assert (plan.chunk, plan.num_chunks) == (104, 10)  # 100 rounded up to whole pairs of 4
 
 
-def test_pallas_gpu_fused_bidirectional_backward_walks_single_sub_chunks(monkeypatch):
-  """Paired, both directions' gradient kernels in one launch measured slower than one sub-chunk at a time
-  (where one direction's backward gains), so the fused bidirectional backward does not pair."""
-  paired, backward = [], pallas_gpu._backward
-  monkeypatch.setattr(
-    pallas_gpu, "_backward", lambda scans: paired.extend(s.plan.paired for s in scans) or backward(scans)
-  )
+def test_pallas_gpu_fused_bidirectional_backward_kernels_run_ungated_one_sub_chunk_at_a_time(monkeypatch):
+  """The gate's backward runs in XLA from the ungated output the forward keeps, so neither direction's
+  gradient kernel reads z. Paired, both directions' gradient kernels in one launch measured slower than one
+  sub-chunk at a time (where one direction's backward gains), so the fused bidirectional backward does not pair."""
+  plans, backward = [], pallas_gpu._backward
+  monkeypatch.setattr(pallas_gpu, "_backward", lambda scans: plans.extend(s.plan for s in scans) or backward(scans))
   forward, reverse, z = bidirectional_inputs(np.random.default_rng(0), (1, 9, 8, 4), jnp.float32)
 
   def loss(forward):
     return pallas_gpu.bidirectional(forward, tuple(reverse), z, delta_softplus=True, interpret=True).sum()
 
   jax.make_jaxpr(jax.grad(loss))(tuple(forward))
-  assert paired == [False, False]
+  assert [(plan.paired, plan.gated, plan.combine) for plan in plans] == [(False, False, None)] * 2
 
 
 @pytest.mark.parametrize(
