@@ -748,16 +748,16 @@ def scan(
 
 def gate_backward(dy: jax.Array, y_ungated: jax.Array, z: jax.Array, scale: float) -> tuple[jax.Array, jax.Array]:
   """For y = y_ungated * silu(z), y_ungated = (y_forward + y_backward) * scale: (the cotangent of each
-  direction's y in float32, dz), in XLA. Both directions' gradient kernels then run ungated: neither
+  direction's y, dz), in XLA and in dy's dtype. Both directions' gradient kernels then run ungated: neither
   recomputes its y for dz, reads z or writes a dz for XLA to add to the other's. The forward keeps
   y_ungated for this (one more (batch, length, channels) residual). Vim-Ti's training step at 224², batch
-  128, H100: 47.7-47.8 -> 45.3-45.4 ms in most rounds, with 443 MiB (10%) more temporary memory; the
-  cotangent in bf16 was no faster (ab_gate_backward_in_xla_h100.json)."""
+  128, H100: median 47.8 -> 45.4 ms, with 443 MiB (10%) more temporary memory (ab_gate_backward_in_xla_h100.json).
+  The cotangent in float32 (one bf16 rounding fewer) was slower in 7 of 8 rounds (ab_gate_cotangent_dtype_h100.json)."""
   wide = jnp.promote_types(dy.dtype, jnp.float32)
-  dy, y_ungated, z_ = (x.astype(wide) for x in (dy, y_ungated, z))
+  dy_, y_ungated, z_ = (x.astype(wide) for x in (dy, y_ungated, z))
   sig = jax.nn.sigmoid(z_)
-  dz = dy * y_ungated * sig * (1 + z_ * (1 - sig))
-  return dy * z_ * sig * scale, dz.astype(z.dtype)
+  dz = dy_ * y_ungated * sig * (1 + z_ * (1 - sig))
+  return (dy_ * z_ * sig * scale).astype(dy.dtype), dz.astype(z.dtype)
 
 
 def bidirectional(
