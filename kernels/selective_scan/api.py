@@ -264,9 +264,10 @@ def selective_scan_bidirectional(
       pallas_gpu.bidirectional, delta_softplus=delta_softplus, divide_out=divide_out, interpret=interpret
     )
     return _per_device(impl, fused, dict(forward=forward, backward=backward, z=z), "y", channel_axes)
+  combine_dtype = jnp.promote_types(forward.u.dtype, jnp.float32)  # float64 stays float64
   ys = [
     selective_scan(*args[:5], args.D, z, args.delta_bias, delta_softplus=delta_softplus, reverse=reverse,
-                   impl=impl, interpret=interpret, channel_axes=channel_axes).astype(jnp.float32)
+                   impl=impl, interpret=interpret, channel_axes=channel_axes).astype(combine_dtype)
     for args, reverse in ((forward, False), (backward, True))
   ]  # fmt: skip
   y = ys[0] + ys[1]

@@ -390,6 +390,23 @@ def test_fused_bidirectional_matches_two_scans(shape, dtype, tuning, divide_out)
   assert_close(got[1], want[1], dtype, "grad")
 
 
+@pytest.mark.parametrize("tuning", [{}, dict(max_chunk=16, sub_chunk=4)], ids=["one-chunk", "three-chunks"])
+def test_fused_bidirectional_gradients_match_two_scans_in_float64(tuning, x64):
+  """The fused path's backward (the z gate's gradient in XLA from the kept ungated output, ungated gradient
+  kernels for both directions) against two reference scans, all 15 gradients, in float64."""
+  rng = np.random.default_rng(11)
+  forward, backward, z = bidirectional_inputs(rng, (2, 37, 8, 4), jnp.float64)
+  dy = jnp.asarray(rng.normal(size=z.shape))
+
+  def grads(fn):
+    return jax.vjp(fn, forward, backward, z)[1](dy)
+
+  fused = functools.partial(pallas_gpu.bidirectional, delta_softplus=True, interpret=True, **tuning)
+  got = jit_run(lambda: grads(fused))
+  want = jit_run(lambda: grads(functools.partial(two_scans, divide_out=True)))
+  assert_close(got, want, jnp.float64, "grad")
+
+
 def test_fused_bidirectional_backward_launches_each_gradient_kernel_once():
   """Both directions' gradient kernels share one launch (fills 3 waves of an H100 where two take 4); the
   states passes stay one launch per direction, as measured faster."""
