@@ -196,6 +196,28 @@ def test_pallas_gpu_lowers_for_cuda(batch, length):
   assert f"tensor<{batch}x{length}x384xf32>" not in hlo
 
 
+def _bidirectional_with_gradients(arrays):
+  """Vim's fused bidirectional call as the model trains it: both directions from the same arrays."""
+  direction = tuple(arrays[k] for k in ("u", "delta", "A", "B", "C", "D", "delta_bias"))
+  y, vjp = jax.vjp(
+    lambda forward, backward: pallas_gpu.bidirectional(forward, backward, arrays["z"], delta_softplus=True),
+    direction,
+    direction,
+  )
+  return vjp(y)
+
+
+@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("batch, length", [(128, 197), (8, 6085)], ids=["224-b128", "1248-b8"])
+def test_pallas_gpu_bidirectional_lowers_for_cuda(batch, length):
+  """The fused bidirectional path's kernels (the second direction's forward writing its ungated output too,
+  both directions' ungated gradient kernels in one launch) lowered for an H100."""
+  hlo, names = _vim_tiny_scan_for_h100(_bidirectional_with_gradients, batch, length)
+  several_chunks = {"selective_scan_chunk_ends", "selective_scan_bwd_carry"} if length > pallas_gpu.CHUNK else set()
+  assert names == {"selective_scan_fwd", "selective_scan_bwd_states", "selective_scan_bwd"} | several_chunks
+  assert len(re.findall(r'name = "selective_scan_bwd"', hlo)) == 1  # both directions in one launch
+
+
 @pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
 def test_pallas_gpu_inference_splits_sequences_later_than_training():
   """Vim-Ti at 736², batch 64 gives 768 programs of whole sequences: enough for a forward alone, which
