@@ -26,6 +26,7 @@ from jax.experimental.pallas import triton as plgpu
 from jax.sharding import PartitionSpec as P
 
 from kernels.selective_scan.padding import compute_dtype, pad_to
+from kernels.selective_scan.softplus import silu_grad
 
 IMPLS = ("xla", "pallas_gpu", "pallas", None)
 BLOCK_D = 128  # channels per program, one per thread of 4 warps
@@ -114,11 +115,6 @@ def _per_device(fn, x, forward, backward):
   return jax.shard_map(fn, in_specs=(batch, *weights), out_specs=(batch, batch), check_vma=False)(x, forward, backward)
 
 
-def _silu_grad(pre: jax.Array) -> jax.Array:
-  sigmoid = jax.nn.sigmoid(pre)
-  return sigmoid * (1 + pre * (1 - sigmoid))
-
-
 class _Window:
   """A program's view of its (length, block_d) block of x: zero rows outside the sequence, and the two
   directions' pre-activations at the centre of a window of 2K - 1 consecutive rows."""
@@ -175,8 +171,8 @@ def _backward_kernel(x_ref, duf_ref, dub_ref, *refs, length: int, taps: int, blo
   dpre_f, dpre_b = [], []
   for i in range(span):
     pre_f, pre_b = window.pre(rows[i : i + 2 * half + 1])
-    dpre_f.append(du_f[i] * _silu_grad(pre_f))
-    dpre_b.append(du_b[i] * _silu_grad(pre_b))
+    dpre_f.append(du_f[i] * silu_grad(pre_f))
+    dpre_b.append(du_b[i] * silu_grad(pre_b))
   for j in range(block_t):  # dx[t0 + j]: dpre index of position t is t - t0 + half
     dx = sum(w * dpre_f[j + 2 * half - k] + v * dpre_b[j + k] for k, (w, v) in enumerate(zip(window.wf, window.wb)))
 

@@ -213,7 +213,7 @@ def test_dense_weight_gradient_under_a_mesh(axis_type):
   chex.assert_trees_all_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_padded_step_rank_changes_no_value():
+def test_padded_step_rank_changes_no_value(monkeypatch):
   """Vim-Ti's step rank 12 runs zero-padded to 16 (`BiMambaMixer._direction`): logits and every gradient
   equal those of the same model with the padding off, in float32."""
   model = create_model("vim_tiny", img_size=32, depth=2, scan_impl="xla")
@@ -221,11 +221,8 @@ def test_padded_step_rank_changes_no_value():
   images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
 
   def grads(aligned_rank):
-    vim._ALIGNED_RANK = aligned_rank
-    try:
-      return jax.value_and_grad(lambda p: jnp.sum(jnp.sin(nnx.merge(graphdef, p)(images))))(params)
-    finally:
-      vim._ALIGNED_RANK = 8
+    monkeypatch.setattr(vim, "_ALIGNED_RANK", aligned_rank)
+    return jax.value_and_grad(lambda p: jnp.sum(jnp.sin(nnx.merge(graphdef, p)(images))))(params)
 
   assert model.cfg.resolved_dt_rank == 12
   chex.assert_trees_all_close(grads(8), grads(1), rtol=1e-5, atol=1e-6)

@@ -53,7 +53,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels.selective_scan.padding import compute_dtype, pad_to
-from kernels.selective_scan.softplus import softplus, softplus_grad
+from kernels.selective_scan.softplus import silu_grad, softplus, softplus_grad
 
 # Chosen with experiments/benchmarks/scan_tune.py on an H100 (bf16; scan_tune_h100.json and, with the loads
 # pipelined, scan_tune_pipelined_h100.json): 32 channels x 1 warp and 64 x 2 are within 5% of each other,
@@ -548,11 +548,12 @@ def _forward(plan: _Plan, args: tuple, *, ungated: bool = False) -> _Outputs:
   per_chunk = _per_chunk(plan)
   u = args[0]
   seq = jax.ShapeDtypeStruct(u.shape, u.dtype)
-  extra = ([seq], [specs.seq], ("ungated",)) if ungated else ([], [], ())
+  # The ungated output, if asked for, comes last: its shape, spec and name.
+  more_shapes, more_specs, more_names = ([seq], [specs.seq], ("ungated",)) if ungated else ([], [], ())
   if plan.num_chunks == 1:
     y, end, *kept = _call(
-      _forward_kernel, plan, args, [], [], [seq, per_chunk, *extra[0]], [specs.seq, specs.chunk_state, *extra[1]],
-      "selective_scan_fwd", outputs=("y", "end_state", *extra[2]), start="zero",
+      _forward_kernel, plan, args, [], [], [seq, per_chunk, *more_shapes], [specs.seq, specs.chunk_state, *more_specs],
+      "selective_scan_fwd", outputs=("y", "end_state", *more_names), start="zero",
     )  # fmt: skip
     return _Outputs(y, end[:, 0], None, None, kept[0] if kept else None)
   totals = _per_chunk(plan, state=False)
@@ -562,8 +563,8 @@ def _forward(plan: _Plan, args: tuple, *, ungated: bool = False) -> _Outputs:
   )  # fmt: skip
   y, start, end, *kept = _call(
     _forward_kernel, plan, args, [local_end, total], [specs.all_chunk_states, specs.all_chunk_channels],
-    [seq, per_chunk, per_chunk, *extra[0]], [specs.seq, specs.chunk_state, specs.chunk_state, *extra[1]],
-    "selective_scan_fwd", outputs=("y", "start_state", "end_state", *extra[2]), start="carried",
+    [seq, per_chunk, per_chunk, *more_shapes], [specs.seq, specs.chunk_state, specs.chunk_state, *more_specs],
+    "selective_scan_fwd", outputs=("y", "start_state", "end_state", *more_names), start="carried",
   )  # fmt: skip
   return _Outputs(y, end[:, 0 if plan.reverse else -1], start, total, kept[0] if kept else None)
 
@@ -755,9 +756,8 @@ def gate_backward(dy: jax.Array, y_ungated: jax.Array, z: jax.Array, scale: floa
   The cotangent in float32 (one bf16 rounding fewer) was slower in 7 of 8 rounds (ab_gate_cotangent_dtype_h100.json)."""
   wide = jnp.promote_types(dy.dtype, jnp.float32)
   dy_, y_ungated, z_ = (x.astype(wide) for x in (dy, y_ungated, z))
-  sig = jax.nn.sigmoid(z_)
-  dz = dy_ * y_ungated * sig * (1 + z_ * (1 - sig))
-  return (dy_ * z_ * sig * scale).astype(dy.dtype), dz.astype(z.dtype)
+  dz = dy_ * y_ungated * silu_grad(z_)
+  return (dy_ * jax.nn.silu(z_) * scale).astype(dy.dtype), dz.astype(z.dtype)
 
 
 def bidirectional(

@@ -1,4 +1,4 @@
-"""torch's softplus (threshold 20) and its derivative, shared by the XLA path and the kernels."""
+"""torch's softplus (threshold 20) and its derivative, and SiLU's derivative: shared by the XLA path and the kernels."""
 
 import jax
 import jax.numpy as jnp
@@ -17,3 +17,9 @@ def softplus(x: jax.Array) -> jax.Array:
 def softplus_grad(x: jax.Array) -> jax.Array:
   """d softplus / dx: sigmoid(x), or 1 above the threshold."""
   return jnp.where(x > THRESHOLD, 1.0, jax.nn.sigmoid(x))
+
+
+def silu_grad(x: jax.Array) -> jax.Array:
+  """d silu / dx = sigmoid(x) (1 + x (1 - sigmoid(x)))."""
+  sigmoid = jax.nn.sigmoid(x)
+  return sigmoid * (1 + x * (1 - sigmoid))
