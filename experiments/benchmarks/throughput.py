@@ -15,7 +15,8 @@ on GPU) and the `jax.nn.dot_product_attention` implementation of a DeiT; `scanne
 --cases=224:128,1248:8 --train_cases=224:128,1248:8` shows what the scan kernels do for the whole model.
 Everything runs in bf16 compute with f32 parameters, on the first device, whose name goes into the output.
 
-Inference: jitted logits of a random batch, timed over --reps calls queued back to back after one warm-up.
+Inference: jitted logits of a random batch; `ms` is the median of --rounds rounds, each of --reps calls queued
+back to back after one warm-up (every round in `ms_rounds`).
 Training: forward, backward and AdamW on random labels, parameters and optimizer state donated.
 Memory per case is XLA's account of the compiled program: `model_mib` = arguments (weights, optimizer state,
 images) + outputs − donated + temporaries, i.e. everything the step holds, the number the paper's memory plot
@@ -49,7 +50,13 @@ _MODELS = flags.DEFINE_list(
 )
 _CASES = flags.DEFINE_list("cases", ["224:128", "512:128", "736:64", "1024:32", "1248:32"], "Inference image:batch.")
 _TRAIN_CASES = flags.DEFINE_list("train_cases", ["224:128"], "Training-step image:batch.")
-_REPS = flags.DEFINE_integer("reps", 10, "Timed calls per measurement.")
+_REPS = flags.DEFINE_integer("reps", 10, "Timed calls per round.")
+_ROUNDS = flags.DEFINE_integer(
+  "rounds",
+  3,
+  "Rounds of --reps calls, back to back; `ms` is their median (an H200's training step took 41 ms in "
+  "a process's first rounds and 48 in its fourth: ab_command_buffers_vim_tiny_h200.json).",
+)
 _OUT = flags.DEFINE_string("out", None, "JSON file for the results (rewritten after every case).")
 
 MIB = 2**20
@@ -78,7 +85,11 @@ def _case(spec: str, mode: str, size: int, batch: int) -> dict:
     start = time.perf_counter()
     step = (forward_step if mode == "inference" else train_step)(model, batch)
     row["compile_s"] = time.perf_counter() - start
-    seconds, _ = time_per_call(step, _REPS.value)
+    rounds = []
+    for _ in range(_ROUNDS.value):
+      seconds, args = time_per_call(step, _REPS.value)
+      step, rounds = step._replace(args=args), [*rounds, seconds]
+    seconds = float(np.median(rounds))
   except (RuntimeError, ValueError) as e:  # JaxRuntimeError (e.g. RESOURCE_EXHAUSTED), NotImplementedError
     return row | {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"}
   m = step.compiled.memory_analysis()
@@ -86,6 +97,7 @@ def _case(spec: str, mode: str, size: int, batch: int) -> dict:
   peak = _device_peak()
   return row | {
     "ms": 1e3 * seconds,
+    "ms_rounds": [1e3 * r for r in rounds],
     "images_per_s": batch / seconds,
     "model_mib": held / MIB,
     "temp_mib": m.temp_size_in_bytes / MIB,
@@ -126,7 +138,10 @@ def _num(value, fmt: str = ",.0f") -> str:
 
 
 def _print_tables(results: dict) -> None:
-  print(f"\n{results['device']}, jax {results['jax']}, bf16 compute; {_REPS.value} reps after one warm-up")
+  print(
+    f"\n{results['device']}, jax {results['jax']}, bf16 compute; "
+    f"median of {_ROUNDS.value} rounds of {_REPS.value} calls"
+  )
   print("| model | mode | image, batch | tokens | ms | images/s | model MiB | temp | args | device peak | compile s |")
   print("|---|---|---|---|---|---|---|---|---|---|---|")
   for r in results["rows"]:
