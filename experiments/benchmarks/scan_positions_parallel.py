@@ -138,26 +138,19 @@ def forward(u, delta, A, B, C, D, z, delta_bias, *, block_t=16, block_d=16, num_
   )(u, delta, z, B, C, A, D, delta_bias)
 
 
-_CASES = flags.DEFINE_list("cases", ["224_b128", "1248_b8", "1248_b32", "1248_b1"], "Shapes (scan_common.CASES).")
-_BLOCK_T = flags.DEFINE_list("block_t", ["8", "16"], "Positions per scanned block.")
-_BLOCK_D = flags.DEFINE_list("block_d", ["16", "32"], "Channels per program.")
-_WARPS = flags.DEFINE_list("num_warps", ["2", "4"], "Warps per program.")
-_REPS = flags.DEFINE_integer("reps", 30, "Timed calls per setting.")
-_OUT = flags.DEFINE_string("out", None, "JSON file for the results.")
-
-
 def main(argv):
   del argv
+  options = flags.FLAGS
   print(f"{jax.devices()[0].device_kind}; jax {jax.__version__}")
   names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
   rows = []
-  for case in _CASES.value:
+  for case in options.cases:
     batch, length = CASES[case]
     make = lambda seed, b=batch, n=length: make_inputs(b, n, jnp.bfloat16, seed)  # noqa: E731
     x = make(0)
     expected = scan_fn("reference")(x).astype(jnp.float32)
     candidates = {"triton (shipped)": jax.jit(scan_fn("pallas_gpu"))}
-    for block_t, block_d, warps in itertools.product(_BLOCK_T.value, _BLOCK_D.value, _WARPS.value):
+    for block_t, block_d, warps in itertools.product(options.block_t, options.block_d, options.num_warps):
       fn = functools.partial(forward, block_t=int(block_t), block_d=int(block_d), num_warps=int(warps))
       candidates[f"positions block_t={block_t} block_d={block_d} warps={warps}"] = jax.jit(
         lambda x, f=fn: f(*(x[k] for k in names))
@@ -165,15 +158,22 @@ def main(argv):
     for name, fn in candidates.items():
       try:
         error = float(jnp.max(jnp.abs(fn(x).astype(jnp.float32) - expected)))
-        row = {"case": case, "kernel": name, "fwd_ms": 1e3 * time_call(fn, make, _REPS.value), "max_abs_error": error}
+        row = {"case": case, "kernel": name, "fwd_ms": 1e3 * time_call(fn, make, options.reps), "max_abs_error": error}
       except Exception as e:  # a setting that does not compile is reported, not fatal
         row = {"case": case, "kernel": name, "error": str(e)[:300]}
       print(json.dumps(row), flush=True)
       rows.append(row)
-  if _OUT.value:
-    with open(_OUT.value, "w") as f:
+  if options.out:
+    with open(options.out, "w") as f:
       json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
+  # Defined here, not at import: the tests import this module beside scan_mosaic_gpu, whose flags share names.
+  flags.DEFINE_list("cases", ["224_b128", "1248_b8", "1248_b32", "1248_b1"], "Shapes (scan_common.CASES).")
+  flags.DEFINE_list("block_t", ["8", "16"], "Positions per scanned block.")
+  flags.DEFINE_list("block_d", ["16", "32"], "Channels per program.")
+  flags.DEFINE_list("num_warps", ["2", "4"], "Warps per program.")
+  flags.DEFINE_integer("reps", 30, "Timed calls per setting.")
+  flags.DEFINE_string("out", None, "JSON file for the results.")
   app.run(main)
