@@ -1,5 +1,6 @@
 """Shapes, inputs and timing shared by the selective-scan benchmarks."""
 
+import json
 import time
 
 import jax
@@ -80,3 +81,31 @@ def copy_bandwidth() -> float:
   copy = jax.jit(lambda a: a * 1.0000001)
   seconds = time_call(lambda _: copy(x), lambda seed: None, 10)
   return 2 * x.nbytes / seconds
+
+
+def compare_forwards(cases: list[str], variants: dict, reps: int, out: str | None) -> list[dict]:
+  """Time the shipped Triton forward and each variant (name -> fn(u, delta, A, B, C, D, z, delta_bias) with
+  delta_softplus and the gate) at `cases` in bf16, with each one's largest error against the reference; a
+  variant that fails is a row with its error. Prints each row as JSON and writes them all to `out`."""
+  names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+  print(f"{jax.devices()[0].device_kind}; jax {jax.__version__}")
+  rows = []
+  for case in cases:
+    batch, length = CASES[case]
+    make = lambda seed, b=batch, n=length: make_inputs(b, n, jnp.bfloat16, seed)  # noqa: E731
+    x = make(0)
+    expected = scan_fn("reference")(x).astype(jnp.float32)
+    candidates = {"triton (shipped)": jax.jit(scan_fn("pallas_gpu"))}
+    candidates |= {name: jax.jit(lambda x, f=fn: f(*(x[k] for k in names))) for name, fn in variants.items()}
+    for name, fn in candidates.items():
+      try:
+        error = float(jnp.max(jnp.abs(fn(x).astype(jnp.float32) - expected)))
+        row = {"case": case, "kernel": name, "fwd_ms": 1e3 * time_call(fn, make, reps), "max_abs_error": error}
+      except Exception as e:  # a setting that does not compile is reported, not fatal
+        row = {"case": case, "kernel": name, "error": str(e)[:300]}
+      print(json.dumps(row), flush=True)
+      rows.append(row)
+  if out:
+    with open(out, "w") as f:
+      json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "rows": rows}, f, indent=1)
+  return rows

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import math
 
 import jax
@@ -32,7 +31,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from experiments.benchmarks.scan_common import CASES, make_inputs, scan_fn, time_call
+from experiments.benchmarks.scan_common import compare_forwards
 
 _ROWS = plgpu.Layout.WGMMA.reduce(1)  # a per-channel vector, as the rows of the state tile hold it
 _COLS = plgpu.Layout.WGMMA.reduce(0)  # a per-state vector, as its columns hold it
@@ -156,31 +155,13 @@ _OUT = flags.DEFINE_string("out", None, "JSON file for the results.")
 
 def main(argv):
   del argv
-  print(f"{jax.devices()[0].device_kind}; jax {jax.__version__}")
-  names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
-  rows = []
-  for case in _CASES.value:
-    batch, length = CASES[case]
-    make = lambda seed, b=batch, n=length: make_inputs(b, n, jnp.bfloat16, seed)  # noqa: E731
-    x = make(0)
-    expected = scan_fn("reference")(x).astype(jnp.float32)
-    triton = jax.jit(scan_fn("pallas_gpu"))
-    candidates = {"triton (shipped)": triton}
-    for block_d, block_t, unroll in itertools.product(_BLOCK_D.value, _BLOCK_T.value, _UNROLL.value):
-      fn = functools.partial(forward, block_d=int(block_d), block_t=int(block_t), unroll=int(unroll))
-      name = f"mosaic block_d={block_d} block_t={block_t} unroll={unroll}"
-      candidates[name] = jax.jit(lambda x, f=fn: f(*(x[k] for k in names)))
-    for name, fn in candidates.items():
-      try:
-        error = float(jnp.max(jnp.abs(fn(x).astype(jnp.float32) - expected)))
-        row = {"case": case, "kernel": name, "fwd_ms": 1e3 * time_call(fn, make, _REPS.value), "max_abs_error": error}
-      except Exception as e:  # a setting that does not compile is reported, not fatal
-        row = {"case": case, "kernel": name, "error": str(e)[:300]}
-      print(json.dumps(row), flush=True)
-      rows.append(row)
-  if _OUT.value:
-    with open(_OUT.value, "w") as f:
-      json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "rows": rows}, f, indent=1)
+  variants = {
+    f"mosaic block_d={d} block_t={t} unroll={u}": functools.partial(
+      forward, block_d=int(d), block_t=int(t), unroll=int(u)
+    )
+    for d, t, u in itertools.product(_BLOCK_D.value, _BLOCK_T.value, _UNROLL.value)
+  }
+  compare_forwards(_CASES.value, variants, _REPS.value, _OUT.value)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import math
 
 import jax
@@ -47,7 +46,7 @@ from jax.experimental.pallas import triton as plgpu
 from jax.extend import core as jex_core
 from jax.interpreters import mlir
 
-from experiments.benchmarks.scan_common import CASES, make_inputs, scan_fn, time_call
+from experiments.benchmarks.scan_common import compare_forwards
 from kernels.selective_scan.padding import compute_dtype
 from kernels.selective_scan.softplus import softplus
 
@@ -141,31 +140,13 @@ def forward(u, delta, A, B, C, D, z, delta_bias, *, block_t=16, block_d=16, num_
 def main(argv):
   del argv
   options = flags.FLAGS
-  print(f"{jax.devices()[0].device_kind}; jax {jax.__version__}")
-  names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
-  rows = []
-  for case in options.cases:
-    batch, length = CASES[case]
-    make = lambda seed, b=batch, n=length: make_inputs(b, n, jnp.bfloat16, seed)  # noqa: E731
-    x = make(0)
-    expected = scan_fn("reference")(x).astype(jnp.float32)
-    candidates = {"triton (shipped)": jax.jit(scan_fn("pallas_gpu"))}
-    for block_t, block_d, warps in itertools.product(options.block_t, options.block_d, options.num_warps):
-      fn = functools.partial(forward, block_t=int(block_t), block_d=int(block_d), num_warps=int(warps))
-      candidates[f"positions block_t={block_t} block_d={block_d} warps={warps}"] = jax.jit(
-        lambda x, f=fn: f(*(x[k] for k in names))
-      )
-    for name, fn in candidates.items():
-      try:
-        error = float(jnp.max(jnp.abs(fn(x).astype(jnp.float32) - expected)))
-        row = {"case": case, "kernel": name, "fwd_ms": 1e3 * time_call(fn, make, options.reps), "max_abs_error": error}
-      except Exception as e:  # a setting that does not compile is reported, not fatal
-        row = {"case": case, "kernel": name, "error": str(e)[:300]}
-      print(json.dumps(row), flush=True)
-      rows.append(row)
-  if options.out:
-    with open(options.out, "w") as f:
-      json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "rows": rows}, f, indent=1)
+  variants = {
+    f"positions block_t={t} block_d={d} warps={w}": functools.partial(
+      forward, block_t=int(t), block_d=int(d), num_warps=int(w)
+    )
+    for t, d, w in itertools.product(options.block_t, options.block_d, options.num_warps)
+  }
+  compare_forwards(options.cases, variants, options.reps, options.out)
 
 
 if __name__ == "__main__":
