@@ -88,7 +88,8 @@ def _case(spec: str, mode: str, size: int, batch: int) -> dict:
     rounds = []
     for _ in range(_ROUNDS.value):
       seconds, args = time_per_call(step, _REPS.value)
-      step, rounds = step._replace(args=args), [*rounds, seconds]
+      step = step._replace(args=args)
+      rounds.append(seconds)
     seconds = float(np.median(rounds))
   except (RuntimeError, ValueError) as e:  # JaxRuntimeError (e.g. RESOURCE_EXHAUSTED), NotImplementedError
     return row | {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"}

@@ -9,22 +9,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from forward_inputs import forward_inputs
 
 from experiments.benchmarks import scan_mosaic_gpu
 from kernels import selective_scan
 
 
-def _inputs(batch: int, length: int, channels: int, dtype) -> tuple:
-  keys = jax.random.split(jax.random.key(0), 8)
-  seq = lambda key: jax.random.normal(key, (batch, length, channels), jnp.float32).astype(dtype)  # noqa: E731
-  state = lambda key: jax.random.normal(key, (batch, length, 16), jnp.float32).astype(dtype)  # noqa: E731
-  A = -jnp.exp(jax.random.normal(keys[5], (channels, 16)))
-  D, bias = jax.random.normal(keys[6], (channels,)), 0.1 * jax.random.normal(keys[7], (channels,))
-  return seq(keys[0]), seq(keys[1]), A, state(keys[3]), state(keys[4]), D, seq(keys[2]), bias
-
-
 def test_forward_matches_reference_in_interpret_mode():
-  args = _inputs(2, 11, 64, jnp.float32)
+  args = forward_inputs(2, 11, 64, jnp.float32)
   y = scan_mosaic_gpu.forward(*args, interpret=scan_mosaic_gpu.plgpu.InterpretGPUParams())
   expected = selective_scan(*args, delta_softplus=True, impl="reference")
   np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
@@ -32,7 +24,7 @@ def test_forward_matches_reference_in_interpret_mode():
 
 @pytest.mark.parametrize("block_d, block_t, unroll", [(128, 16, 1), (64, 32, 4)])
 def test_forward_lowers_for_cuda_at_vim_tiny_shapes(block_d, block_t, unroll):
-  args = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in _inputs(1, 1, 384, jnp.bfloat16)]
+  args = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in forward_inputs(1, 1, 384, jnp.bfloat16)]
   args = [jax.ShapeDtypeStruct((128, 197, *x.shape[2:]), x.dtype) if x.ndim == 3 else x for x in args]
   forward = functools.partial(scan_mosaic_gpu.forward, block_d=block_d, block_t=block_t, unroll=unroll)
   text = jax.jit(forward).trace(*args).lower(lowering_platforms=("cuda",)).as_text()

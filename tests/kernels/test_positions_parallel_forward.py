@@ -8,19 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from forward_inputs import forward_inputs
 
 from experiments.benchmarks import scan_positions_parallel as positions
 from kernels import selective_scan
-
-
-def _inputs(batch: int, length: int, channels: int, dtype, seed: int = 0) -> tuple:
-  keys = jax.random.split(jax.random.key(seed), 8)
-  seq = lambda key: jax.random.normal(key, (batch, length, channels), jnp.float32).astype(dtype)  # noqa: E731
-  state = lambda key: jax.random.normal(key, (batch, length, 16), jnp.float32).astype(dtype)  # noqa: E731
-  A = -jnp.exp(jax.random.normal(keys[5], (channels, 16), jnp.float32)).astype(dtype)
-  D = jax.random.normal(keys[6], (channels,), jnp.float32).astype(dtype)
-  bias = (0.1 * jax.random.normal(keys[7], (channels,), jnp.float32)).astype(dtype)
-  return seq(keys[0]), seq(keys[1]), A, state(keys[3]), state(keys[4]), D, seq(keys[2]), bias
 
 
 def test_linear_recurrence_is_the_sequential_recurrence(x64):
@@ -37,7 +28,7 @@ def test_linear_recurrence_is_the_sequential_recurrence(x64):
 @pytest.mark.parametrize("length, block_t", [(37, 8), (32, 8), (8, 8), (50, 16)])
 def test_forward_matches_reference_in_float64(length, block_t, x64):
   """37: a last block that starts early and skips what was done; 32: whole blocks; 8: one block."""
-  args = _inputs(2, length, 32, jnp.float64, seed=length)
+  args = forward_inputs(2, length, 32, jnp.float64, seed=length)
   forward = functools.partial(positions.forward, block_t=block_t, block_d=16, interpret=True)
   y = jax.jit(forward)(*args)
   expected = selective_scan(*args, delta_softplus=True, impl="reference")
@@ -45,7 +36,7 @@ def test_forward_matches_reference_in_float64(length, block_t, x64):
 
 
 def test_bad_shapes_are_named():
-  args = _inputs(1, 4, 24, jnp.float32)
+  args = forward_inputs(1, 4, 24, jnp.float32)
   with pytest.raises(ValueError, match=r"channels \(24\) must be a multiple of block_d \(16\) and length \(4\)"):
     positions.forward(*args, block_t=8, block_d=16, interpret=True)
 
@@ -53,7 +44,7 @@ def test_bad_shapes_are_named():
 @pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("block_t, block_d, num_warps", [(16, 16, 4), (32, 32, 8)])
 def test_forward_lowers_for_cuda_at_vim_tiny_shapes(block_t, block_d, num_warps):
-  args = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in _inputs(1, 1, 384, jnp.bfloat16)]
+  args = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in forward_inputs(1, 1, 384, jnp.bfloat16)]
   args = [jax.ShapeDtypeStruct((32, 6085, *x.shape[2:]), x.dtype) if x.ndim == 3 else x for x in args]
   forward = functools.partial(positions.forward, block_t=block_t, block_d=block_d, num_warps=num_warps)
   h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
