@@ -25,6 +25,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jax.sharding import PartitionSpec as P
 
+from kernels.selective_scan import ptx
 from kernels.selective_scan.padding import compute_dtype, pad_to
 from kernels.selective_scan.softplus import silu_grad
 
@@ -119,8 +120,8 @@ class _Window:
   """A program's view of its (length, block_d) block of x: zero rows outside the sequence, and the two
   directions' pre-activations at the centre of a window of 2K - 1 consecutive rows."""
 
-  def __init__(self, x_ref, weight_refs, length: int, taps: int, dtype):
-    self.x_ref, self.length, self.taps, self.dtype = x_ref, length, taps, dtype
+  def __init__(self, x_ref, weight_refs, length: int, taps: int, dtype, native: bool):
+    self.x_ref, self.length, self.taps, self.dtype, self.native = x_ref, length, taps, dtype, native
     wf_ref, bf_ref, wb_ref, bb_ref = weight_refs
     self.wf = [wf_ref[k, :].astype(dtype) for k in range(taps)]
     self.wb = [wb_ref[k, :].astype(dtype) for k in range(taps)]
@@ -134,16 +135,25 @@ class _Window:
   def pre(self, rows: tuple) -> tuple[jax.Array, jax.Array]:
     """(forward, backward) pre-activations at the centre of rows t - (K-1) .. t + (K-1)."""
     last = 2 * (self.taps - 1)
-    pre_f = self.bf + sum(w * rows[k] for k, w in enumerate(self.wf))
-    pre_b = self.bb + sum(w * rows[last - k] for k, w in enumerate(self.wb))
+    pre_f = self.sum_of_products(zip(self.wf, rows), self.bf)
+    pre_b = self.sum_of_products(((w, rows[last - k]) for k, w in enumerate(self.wb)), self.bb)
     return pre_f, pre_b
 
+  def sum_of_products(self, pairs, start):
+    return ptx.sum_of_products(pairs, start, native=self.native)
 
-def _forward_kernel(x_ref, *refs, length: int, taps: int, block_t: int, dtype):
+  def silu(self, x):
+    return x * ptx.sigmoid(x, native=self.native)
+
+  def silu_grad(self, x):
+    return silu_grad(x, functools.partial(ptx.sigmoid, native=self.native))
+
+
+def _forward_kernel(x_ref, *refs, length: int, taps: int, block_t: int, dtype, native: bool):
   """u_f and u_b for positions t0 .. t0 + block_t of one block of channels. All rows are loaded before
   the first store: a load after a store waits for it (the compiler cannot rule out aliasing)."""
   *weight_refs, uf_ref, ub_ref = refs
-  window = _Window(x_ref, weight_refs, length, taps, dtype)
+  window = _Window(x_ref, weight_refs, length, taps, dtype, native)
   t0, half = pl.program_id(2) * block_t, taps - 1
   rows = [window.row(x_ref, t0 - half + k) for k in range(block_t + 2 * half)]
   for i in range(block_t):
@@ -151,18 +161,18 @@ def _forward_kernel(x_ref, *refs, length: int, taps: int, block_t: int, dtype):
 
     @pl.when(t0 + i < length)
     def _store(i=i, pre_f=pre_f, pre_b=pre_b):
-      uf_ref[t0 + i, :] = jax.nn.silu(pre_f).astype(uf_ref.dtype)
-      ub_ref[t0 + i, :] = jax.nn.silu(pre_b).astype(ub_ref.dtype)
+      uf_ref[t0 + i, :] = window.silu(pre_f).astype(uf_ref.dtype)
+      ub_ref[t0 + i, :] = window.silu(pre_b).astype(ub_ref.dtype)
 
 
-def _backward_kernel(x_ref, duf_ref, dub_ref, *refs, length: int, taps: int, block_t: int, dtype):
+def _backward_kernel(x_ref, duf_ref, dub_ref, *refs, length: int, taps: int, block_t: int, dtype, native: bool):
   """dx for positions t0 .. t0 + block_t, and this block's sums of the weight and bias gradients.
 
   dL/d(pre-activation) is recomputed for s = t0 - (K-1) .. t0 + block_t + (K-1) (zero outside the
   sequence, where du reads as zero), then dx[t] = Σ_k w_f[k] dpre_f[t + (K-1) - k] + w_b[k] dpre_b[t - (K-1) + k];
   the weight and bias gradients sum over this block's own positions only."""
   *weight_refs, dx_ref, dwf_ref, dbf_ref, dwb_ref, dbb_ref = refs
-  window = _Window(x_ref, weight_refs, length, taps, dtype)
+  window = _Window(x_ref, weight_refs, length, taps, dtype, native)
   t0, half = pl.program_id(2) * block_t, taps - 1
   span = block_t + 2 * half  # positions s of dpre: t0 - half + i
   rows = [window.row(x_ref, t0 - 2 * half + k) for k in range(span + 2 * half)]  # x at s + k - half
@@ -171,10 +181,11 @@ def _backward_kernel(x_ref, duf_ref, dub_ref, *refs, length: int, taps: int, blo
   dpre_f, dpre_b = [], []
   for i in range(span):
     pre_f, pre_b = window.pre(rows[i : i + 2 * half + 1])
-    dpre_f.append(du_f[i] * silu_grad(pre_f))
-    dpre_b.append(du_b[i] * silu_grad(pre_b))
+    dpre_f.append(du_f[i] * window.silu_grad(pre_f))
+    dpre_b.append(du_b[i] * window.silu_grad(pre_b))
   for j in range(block_t):  # dx[t0 + j]: dpre index of position t is t - t0 + half
-    dx = sum(w * dpre_f[j + 2 * half - k] + v * dpre_b[j + k] for k, (w, v) in enumerate(zip(window.wf, window.wb)))
+    taps_f = [(w, dpre_f[j + 2 * half - k]) for k, w in enumerate(window.wf)]
+    dx = window.sum_of_products(taps_f + [(v, dpre_b[j + k]) for k, v in enumerate(window.wb)], 0.0)
 
     @pl.when(t0 + j < length)
     def _store(j=j, dx=dx):
@@ -182,8 +193,8 @@ def _backward_kernel(x_ref, duf_ref, dub_ref, *refs, length: int, taps: int, blo
 
   own = range(half, half + block_t)  # s = t0 .. t0 + block_t - 1; dpre is zero past the end
   for k in range(taps):
-    dwf_ref[k, :] = sum(dpre_f[i] * rows[i + k] for i in own)
-    dwb_ref[k, :] = sum(dpre_b[i] * rows[i + 2 * half - k] for i in own)
+    dwf_ref[k, :] = window.sum_of_products(((dpre_f[i], rows[i + k]) for i in own), 0.0)
+    dwb_ref[k, :] = window.sum_of_products(((dpre_b[i], rows[i + 2 * half - k]) for i in own), 0.0)
   dbf_ref[...] = sum(dpre_f[i] for i in own)
   dbb_ref[...] = sum(dpre_b[i] for i in own)
 
@@ -195,6 +206,7 @@ def fused(x, forward, backward, *, interpret: bool = False):
   block_d = min(BLOCK_D, pl.next_power_of_2(channels))
   padded = pl.cdiv(channels, block_d) * block_d
   dtype = compute_dtype(x, *forward, *backward)
+  native = not interpret and dtype == jnp.float32  # exp, sigmoid and multiply-adds as PTX (`ptx`)
   seq = pl.BlockSpec((None, length, block_d), lambda b, i, c: (b, 0, i))
   weight_specs = [
     pl.BlockSpec((taps, block_d), lambda b, i, c: (0, i)),
@@ -204,7 +216,7 @@ def fused(x, forward, backward, *, interpret: bool = False):
   def call(kernel, block_t: int, **kwargs):
     """A pallas_call of `kernel` over (sequence, channel block, block of block_t positions)."""
     return pl.pallas_call(
-      functools.partial(kernel, length=length, taps=taps, block_t=block_t, dtype=dtype),
+      functools.partial(kernel, length=length, taps=taps, block_t=block_t, dtype=dtype, native=native),
       grid=(batch, padded // block_d, pl.cdiv(length, block_t)),
       interpret=interpret,
       compiler_params=plgpu.CompilerParams(num_warps=max(1, block_d // 32), num_stages=1),

@@ -86,6 +86,9 @@ def test_kernels_lower_for_cuda_at_vim_tiny_shapes():
     "conv_silu_bwd",
   }
   assert "tensor<128x197x384xf32>" not in hlo
+  # SiLU and the taps' multiply-adds as single PTX instructions (kernels.selective_scan.ptx).
+  assert all(op in hlo for op in ("ex2.approx.ftz.f32", "rcp.approx.ftz.f32", "fma.rn.f32"))
+  assert "__nv_exp" not in hlo
 
 
 @pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])

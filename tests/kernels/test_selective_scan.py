@@ -15,7 +15,15 @@ import numpy as np
 import pytest
 
 import kernels
-from kernels.selective_scan import Direction, pallas_gpu, reference, selective_scan, selective_scan_bidirectional, xla
+from kernels.selective_scan import (
+  Direction,
+  pallas_gpu,
+  ptx,
+  reference,
+  selective_scan,
+  selective_scan_bidirectional,
+  xla,
+)
 
 # Every impl that runs here; Pallas kernels run in interpret mode (the other impls ignore `interpret`).
 IMPLS = ("reference", "xla", "pallas_gpu", "pallas_tpu")
@@ -194,6 +202,15 @@ def test_pallas_gpu_lowers_for_cuda(batch, length):
   # The kernels read the bf16 arrays themselves: no float32 copy of u is made.
   assert f"tensor<{batch}x{length}x384xbf16>, tensor<{batch}x{length}x384xbf16>, tensor<384x16xf32>" in hlo
   assert f"tensor<{batch}x{length}x384xf32>" not in hlo
+  # exp, sigmoid and multiply-adds as single PTX instructions (`ptx`), not libdevice's exact forms.
+  assert all(op in hlo for op in ("ex2.approx.ftz.f32", "rcp.approx.ftz.f32", "fma.rn.f32"))
+  assert "__nv_exp" not in hlo
+
+
+def test_ptx_forms_take_float32_only():
+  """The PTX forms are float32 instructions: anything else is refused by name, not miscompiled."""
+  with pytest.raises(TypeError, match="fma.rn.f32.*float32.*bfloat16"):
+    ptx.fma(*[jnp.ones((2,), jnp.bfloat16)] * 3, native=True)
 
 
 def _bidirectional_with_gradients(arrays):

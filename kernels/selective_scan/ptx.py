@@ -1,0 +1,70 @@
+"""float32 exp, sigmoid and multiply-add as single PTX instructions in the Triton kernels.
+
+Nsight Compute on the forward as XLA builds it (H200, jax 0.11.2; the offline compile with the `triton`
+package hid this) counted 300 instructions per position and warp at 224², batch 128, because:
+- `jnp.exp2` becomes libdevice's `__nv_exp2f`, which keeps denormal results: a compare and two predicated
+  multiplies around each `MUFU.EX2`, four instructions per decay where `ex2.approx.ftz.f32` is one. A decay
+  below 2^-126 (1e-38) flushes to zero instead, a change no float32 tolerance sees;
+- `jnp.exp` and the sigmoid's division become libdevice's exact `expf` and IEEE division, about ten
+  instructions each, where `ex2.approx.ftz.f32` of x log2(e) and `rcp.approx.ftz.f32` are within two ulps;
+- no multiply feeding an add is contracted: every `a * b + c` is an `FMUL` and an `FADD`, where `fma.rn.f32`
+  is one instruction, and rounds once instead of twice.
+
+With these the forward needs 214 instructions per position and takes 107 instead of 125 µs (ncu); Vim-Ti's
+forward at 224², batch 128, 9.58 -> 8.78 ms and its training step 42.2 -> 40.1 ms (H200,
+experiments/results/README.md, fourteenth session). Interpret mode and float64 take the jnp forms: inline PTX
+only runs on an NVIDIA GPU.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas import triton as plgpu
+
+
+def exp2(x: jax.Array, *, native: bool) -> jax.Array:
+  """2**x; with `native`, the hardware's approximate ex2 with denormals flushed."""
+  if not native:
+    return jnp.exp2(x)
+  return _asm("ex2.approx.ftz.f32 $0, $1;", x)
+
+
+def exp(x: jax.Array, *, native: bool) -> jax.Array:
+  """e**x; with `native`, as the hardware's ex2 of x log2(e)."""
+  return exp2(x * math.log2(math.e), native=True) if native else jnp.exp(x)
+
+
+def sigmoid(x: jax.Array, *, native: bool) -> jax.Array:
+  """1 / (1 + e**-x); with `native`, the reciprocal is the hardware's approximate one (0 where e**-x is inf)."""
+  if not native:
+    return jax.nn.sigmoid(x)
+  return _asm("rcp.approx.ftz.f32 $0, $1;", 1.0 + exp(-x, native=True))
+
+
+def fma(a: jax.Array, b: jax.Array, c: jax.Array, *, native: bool) -> jax.Array:
+  """a * b + c, broadcast; with `native`, one fused multiply-add."""
+  if not native:
+    return a * b + c
+  shape = jnp.broadcast_shapes(jnp.shape(a), jnp.shape(b), jnp.shape(c))
+  a, b, c = (jnp.float32(x) if isinstance(x, float) else x for x in (a, b, c))  # a Python 0.0 start
+  return _asm("fma.rn.f32 $0, $1, $2, $3;", *(jnp.broadcast_to(x, shape) for x in (a, b, c)))
+
+
+def sum_of_products(pairs, start, *, native: bool) -> jax.Array:
+  """start + Σ a b over (a, b) in `pairs`, as a chain of `fma`s."""
+  total = start
+  for a, b in pairs:
+    total = fma(a, b, total, native=native)
+  return total
+
+
+def _asm(asm: str, *args: jax.Array) -> jax.Array:
+  """One float32 PTX instruction applied elementwise to same-shaped float32 arguments."""
+  if any(x.dtype != jnp.float32 for x in args):
+    raise TypeError(f"ptx: {asm!r} takes float32 arguments, got {[str(x.dtype) for x in args]}")
+  constraints = ",".join(["=f"] + ["f"] * len(args))
+  (result,) = plgpu.elementwise_inline_asm(
+    asm, args=list(args), constraints=constraints, pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct.like(args[0])]
+  )
+  return result
