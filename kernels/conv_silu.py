@@ -143,7 +143,7 @@ class _Window:
     return ptx.sum_of_products(pairs, start, native=self.native)
 
   def silu(self, x):
-    return x * ptx.sigmoid(x, native=self.native)
+    return ptx.silu(x, native=self.native)
 
   def silu_grad(self, x):
     return silu_grad(x, functools.partial(ptx.sigmoid, native=self.native))
@@ -206,7 +206,7 @@ def fused(x, forward, backward, *, interpret: bool = False):
   block_d = min(BLOCK_D, pl.next_power_of_2(channels))
   padded = pl.cdiv(channels, block_d) * block_d
   dtype = compute_dtype(x, *forward, *backward)
-  native = not interpret and dtype == jnp.float32  # exp, sigmoid and multiply-adds as PTX (`ptx`)
+  native = ptx.native_for(dtype, interpret=interpret)  # exp, sigmoid and multiply-adds as PTX
   seq = pl.BlockSpec((None, length, block_d), lambda b, i, c: (b, 0, i))
   weight_specs = [
     pl.BlockSpec((taps, block_d), lambda b, i, c: (0, i)),

@@ -110,8 +110,8 @@ class _Plan:
 
   @property
   def native(self) -> bool:
-    """Whether float32 exp2 and multiply-adds are written as PTX (`ptx`): compiled float32 kernels only."""
-    return not self.interpret and self.dtype == jnp.float32
+    """Whether exp, sigmoid and multiply-adds are written as PTX (`ptx`)."""
+    return ptx.native_for(self.dtype, interpret=self.interpret)
 
   @property
   def sub_chunks(self) -> int:
@@ -186,7 +186,7 @@ class _Chunk:
     return ptx.sigmoid(x, native=self.plan.native)
 
   def silu(self, x):
-    return x * self.sigmoid(x)
+    return ptx.silu(x, native=self.plan.native)
 
   def gate(self, t):
     return self.silu(self.load(self.refs.z, t))

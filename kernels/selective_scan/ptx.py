@@ -23,6 +23,11 @@ import jax.numpy as jnp
 from jax.experimental.pallas import triton as plgpu
 
 
+def native_for(dtype, *, interpret: bool) -> bool:
+  """Whether a kernel computing in `dtype` takes the PTX forms: compiled (not interpret mode) float32 only."""
+  return not interpret and jnp.dtype(dtype) == jnp.float32
+
+
 def exp2(x: jax.Array, *, native: bool) -> jax.Array:
   """2**x; with `native`, the hardware's approximate ex2 with denormals flushed."""
   if not native:
@@ -40,6 +45,11 @@ def sigmoid(x: jax.Array, *, native: bool) -> jax.Array:
   if not native:
     return jax.nn.sigmoid(x)
   return _asm("rcp.approx.ftz.f32 $0, $1;", 1.0 + exp(-x, native=True))
+
+
+def silu(x: jax.Array, *, native: bool) -> jax.Array:
+  """x sigmoid(x)."""
+  return x * sigmoid(x, native=native)
 
 
 def fma(a: jax.Array, b: jax.Array, c: jax.Array, *, native: bool) -> jax.Array:
