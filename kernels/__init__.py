@@ -1,6 +1,6 @@
 """Accelerator kernels for vim_jax (the selective scan, and the conv + SiLU before it)."""
 
 from kernels.conv_silu import conv_silu_bidirectional
-from kernels.selective_scan import Direction, selective_scan, selective_scan_bidirectional
+from kernels.selective_scan import Columns, Direction, selective_scan, selective_scan_bidirectional
 
-__all__ = ["Direction", "conv_silu_bidirectional", "selective_scan", "selective_scan_bidirectional"]
+__all__ = ["Columns", "Direction", "conv_silu_bidirectional", "selective_scan", "selective_scan_bidirectional"]

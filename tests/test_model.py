@@ -214,18 +214,19 @@ def test_dense_weight_gradient_under_a_mesh(axis_type):
 
 
 def test_padded_step_rank_changes_no_value(monkeypatch):
-  """Vim-Ti's step rank 12 runs zero-padded to 16 (`BiMambaMixer._direction`): logits and every gradient
-  equal those of the same model with the padding off, in float32."""
+  """Vim-Ti's step rank 12 runs zero-padded to 16 (`BiMambaMixer._direction`), B and C read as windows of
+  x_proj's output: logits and every gradient equal those of the same model with the padding off (B and C
+  then sliced), in float32."""
   model = create_model("vim_tiny", img_size=32, depth=2, scan_impl="xla")
   graphdef, params = nnx.split(model)
   images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
 
-  def grads(aligned_rank):
-    monkeypatch.setattr(vim, "_ALIGNED_RANK", aligned_rank)
+  def grads(padded_rank):
+    monkeypatch.setattr(vim, "_padded_rank", padded_rank)
     return jax.value_and_grad(lambda p: jnp.sum(jnp.sin(nnx.merge(graphdef, p)(images))))(params)
 
-  assert model.cfg.resolved_dt_rank == 12
-  chex.assert_trees_all_close(grads(8), grads(1), rtol=1e-5, atol=1e-6)
+  assert model.cfg.resolved_dt_rank == 12 and vim._padded_rank(12, 16) == 16
+  chex.assert_trees_all_close(grads(vim._padded_rank), grads(lambda rank, state: rank), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")

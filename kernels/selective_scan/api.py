@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 from jax.tree_util import keystr
 
 from kernels.selective_scan import pallas_gpu, pallas_tpu, reference, xla
+from kernels.selective_scan.columns import Columns
 from kernels.selective_scan.softplus import softplus
 
 _log = logging.getLogger(__name__)
@@ -37,8 +38,8 @@ class Direction(NamedTuple):
   u: jax.Array
   delta: jax.Array
   A: jax.Array
-  B: jax.Array
-  C: jax.Array
+  B: jax.Array | Columns
+  C: jax.Array | Columns
   D: jax.Array | None = None
   delta_bias: jax.Array | None = None
 
@@ -114,14 +115,17 @@ def _per_device(impl: str, fn: Callable, arrays: dict, outputs: str | tuple[str,
   return jax.shard_map(lambda a: fn(**a), in_specs=(in_specs,), out_specs=out_specs, check_vma=False)(arrays)
 
 
-def _check(name: str, x, dims: tuple[str, ...], sizes: dict[str, int]) -> jax.Array:
+def _check(name: str, x, dims: tuple[str, ...], sizes: dict[str, int]) -> jax.Array | Columns:
   """Checks `x` is a floating array of shape `dims` (named sizes already in `sizes` must match),
-  records the sizes it defines, and returns it as a jax array."""
-  x = jnp.asarray(x)
+  records the sizes it defines, and returns it as a jax array; B and C may be `Columns` windows."""
+  if isinstance(x, Columns) and dims == _SEQ_STATE:
+    x = Columns(jnp.asarray(x.array), x.start, x.size)
+  else:
+    x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise TypeError(f"selective_scan: `{name}` must have a floating dtype, got {x.dtype}")
   expected = tuple(sizes.get(d, d) for d in dims)
-  if x.ndim != len(dims) or any(e != s for e, s in zip(expected, x.shape) if isinstance(e, int)):
+  if len(x.shape) != len(dims) or any(e != s for e, s in zip(expected, x.shape) if isinstance(e, int)):
     want = f"({', '.join(dims)})"
     if expected != dims:
       want += f" = ({', '.join(map(str, expected))})"
@@ -130,9 +134,15 @@ def _check(name: str, x, dims: tuple[str, ...], sizes: dict[str, int]) -> jax.Ar
   return x
 
 
+def _sliced(args: Direction) -> Direction:
+  """`args` with `Columns` windows sliced, for the impls that take plain arrays."""
+  return Direction(*(x.value() if isinstance(x, Columns) else x for x in args))
+
+
 _SEQ, _SEQ_STATE, _CHANNEL = ("batch", "length", "channels"), ("batch", "length", "state"), ("channels",)
 _DIMS = dict(u=_SEQ, delta=_SEQ, A=("channels", "state"), B=_SEQ_STATE, C=_SEQ_STATE, D=_CHANNEL, delta_bias=_CHANNEL)
 _DIMS.update(z=_SEQ, y=_SEQ, last_state=("batch", "channels", "state"))  # for `_per_device`
+_DIMS.update(array=_SEQ_STATE)  # a `Columns` window's array (B or C), split like them
 
 
 def _checked(args: Direction, sizes: dict[str, int], prefix: str = "") -> Direction:
@@ -174,7 +184,8 @@ def selective_scan(
   Args:
     u, delta, z: (batch, length, channels).
     A: (channels, state), real (negative in Mamba).
-    B, C: (batch, length, state), shared by all channels.
+    B, C: (batch, length, state), shared by all channels; or `Columns` windows of one wider array (x_proj's
+      output), which the GPU kernel reads in place where a window is a whole state-wide block of columns.
     D, delta_bias: (channels,).
     delta_softplus: apply softplus to delta (+ delta_bias).
     reverse: run the recurrence from the last position to the first (Vim's backward direction);
@@ -214,7 +225,7 @@ def selective_scan(
     y, last_state = _per_device(impl, fused, dict(args=args, z=z), ("y", "last_state"), channel_axes)
     return (y, last_state) if return_last_state else y
 
-  u, delta, A, B, C, D, delta_bias = args
+  u, delta, A, B, C, D, delta_bias = args = _sliced(args)
   dtype = jnp.result_type(jnp.float32, *(x for x in (*args, z) if x is not None))
   u, delta, A, B, C = (x.astype(dtype) for x in (u, delta, A, B, C))
   if delta_bias is not None:

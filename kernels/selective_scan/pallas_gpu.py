@@ -55,6 +55,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels.selective_scan import ptx
+from kernels.selective_scan.columns import Columns
 from kernels.selective_scan.padding import compute_dtype, pad_to
 from kernels.selective_scan.softplus import silu_grad, softplus, softplus_grad
 
@@ -107,6 +108,9 @@ class _Plan:
   # Set for the second direction of a fused bidirectional scan: y = (y + partner) * combine, then gated,
   # where partner is the first direction's ungated output.
   combine: float | None = None
+  # B's and C's column block in the arrays the kernels read: a `Columns` window read in place, or None for
+  # a (batch, length, state) array (`_read_in_place`).
+  columns: tuple[int | None, int | None] = (None, None)
 
   @property
   def native(self) -> bool:
@@ -450,7 +454,6 @@ class _Specs:
   def __init__(self, plan: _Plan):
     d, n, c = plan.block_d, plan.state, plan.chunk
     self.seq = pl.BlockSpec((None, c, d), lambda b, i, k: (b, k, i))  # (batch, length, channels)
-    self.seq_state = pl.BlockSpec((None, c, n), lambda b, i, k: (b, k, 0))  # (batch, length, state)
     self.channel_state = pl.BlockSpec((d, n), lambda b, i, k: (i, 0))  # (channels, state)
     self.channel = pl.BlockSpec((d,), lambda b, i, k: (i,))  # (channels,)
     self.chunk_state = pl.BlockSpec((None, None, d, n), lambda b, i, k: (b, k, i, 0))  # (batch, chunks, ...)
@@ -463,7 +466,9 @@ class _Specs:
     self.sub_chunk_states = pl.BlockSpec((None, plan.sub_chunks, d, n), lambda b, i, k: (b, k, i, 0))
     self.block_seq_state = pl.BlockSpec((None, None, c, n), lambda b, i, k: (b, i, k, 0))
     # u, delta, A, B, C, D, delta_bias[, z][, partner]
-    self.args = [self.seq, self.seq, self.channel_state, self.seq_state, self.seq_state, self.channel, self.channel]
+    # (batch, length, state), or the state-wide block of columns `plan.columns` names.
+    B, C = (pl.BlockSpec((None, c, n), lambda b, i, k, j=j or 0: (b, k, j)) for j in plan.columns)
+    self.args = [self.seq, self.seq, self.channel_state, B, C, self.channel, self.channel]
     self.args += [self.seq] * (plan.gated + (plan.combine is not None))
 
 
@@ -537,10 +542,20 @@ def _call(kernel, plan: _Plan, args, extra, extra_specs, out_shapes, out_specs, 
   return _launch(kernel, [_Job(plan, args, extra, extra_specs, out_shapes, out_specs)], name, **options)[0]
 
 
+def _read_in_place(B, C, state: int) -> tuple[int | None, int | None]:
+  """`_Plan.columns`: the block of `state` columns that each `Columns` window of B and C is, read in place;
+  None for a plain array or a window that is no such block (sliced by `_padded`)."""
+  return tuple(x.block(state) if isinstance(x, Columns) else None for x in (B, C))
+
+
 def _padded(plan: _Plan, u, delta, A, B, C, D, bias, z) -> tuple:
-  """The arguments with channels and state padded for the kernels (z dropped when absent)."""
+  """The arguments with channels and state padded for the kernels (z dropped when absent); B and C as
+  `plan.columns` reads them."""
   u, delta, z = (None if x is None else pad_to(x, 2, plan.channels) for x in (u, delta, z))
-  B, C = (pad_to(x, 2, plan.state) for x in (B, C))
+  B, C = (
+    x.array if column is not None else pad_to(x.value() if isinstance(x, Columns) else x, 2, plan.state)
+    for x, column in zip((B, C), plan.columns, strict=True)
+  )
   A = pad_to(pad_to(A, 0, plan.channels), 1, plan.state)
   D, bias = (pad_to(x, 0, plan.channels) for x in (D, bias))
   return (u, delta, A, B, C, D, bias) + ((z,) if plan.gated else ())
@@ -669,10 +684,23 @@ def _backward(scans: list[_Scan]) -> list[tuple]:
 
 
 def _plan(
-  u, A, dtype, *, gated: bool, reverse: bool, softplus: bool, interpret: bool, tuning: dict, filling: int
+  u,
+  A,
+  dtype,
+  *,
+  gated: bool,
+  reverse: bool,
+  softplus: bool,
+  interpret: bool,
+  tuning: dict,
+  filling: int,
+  B=None,
+  C=None,
 ) -> _Plan:
-  """The geometry of one scan; sequences split into chunks if they give fewer than `filling` programs."""
+  """The geometry of one scan; sequences split into chunks if they give fewer than `filling` programs. B and C
+  (given where they may be `Columns`) set `columns`."""
   batch, length, channels = u.shape
+  state = pl.next_power_of_2(A.shape[1])
   sub_chunk = tuning.get("sub_chunk", SUB_CHUNK)
   forward_sub_chunk = tuning.get("forward_sub_chunk", FORWARD_SUB_CHUNK)
   block_d = min(tuning.get("block_d", BLOCK_D), pl.next_power_of_2(channels))
@@ -691,13 +719,14 @@ def _plan(
     forward_sub_chunk=forward_sub_chunk,
     block_d=block_d,
     channels=pl.cdiv(channels, block_d) * block_d,
-    state=pl.next_power_of_2(A.shape[1]),
+    state=state,
     reverse=reverse,
     softplus=softplus,
     gated=gated,
     dtype=jnp.dtype(dtype),
     num_warps=tuning.get("num_warps", NUM_WARPS),
     interpret=interpret,
+    columns=_read_in_place(B, C, state),
   )
 
 
@@ -707,11 +736,15 @@ def _with_defaults(args: tuple, dtype) -> tuple:
   return (*args[:5], *(zeros if x is None else x for x in args[5:]))
 
 
-def _cropped(grads: tuple, channels: int, state: int) -> tuple:
-  """The gradients (u, delta, A, B, C, D, delta_bias) without channel and state padding."""
+def _cropped(grads: tuple, args: tuple) -> tuple:
+  """The gradients (u, delta, A, B, C, D, delta_bias) of `args` (unpadded, as given) without channel and state
+  padding; a `Columns` window's as the whole array's."""
   du, ddelta, dA, dB, dC, dD, dbias = grads
+  channels, state = args[2].shape
   by_channel = (du[..., :channels], ddelta[..., :channels], dA[:channels, :state])
-  return (*by_channel, dB[..., :state], dC[..., :state], dD[:channels], dbias[:channels])
+  dB, dC = (dx[..., :state] for dx in (dB, dC))
+  dB, dC = (x.cotangent(dx) if isinstance(x, Columns) else dx for x, dx in zip(args[3:5], (dB, dC)))
+  return (*by_channel, dB, dC, dD[:channels], dbias[:channels])
 
 
 def scan(
@@ -741,7 +774,8 @@ def scan(
   u, delta, A, B, C, D, delta_bias = _with_defaults((u, delta, A, B, C, D, delta_bias), dtype)
   options = dict(reverse=reverse, softplus=delta_softplus, interpret=interpret, tuning=tuning)
   plan, inference = (
-    _plan(u, A, dtype, gated=z is not None, filling=n, **options) for n in (FILLING_PROGRAMS, FORWARD_FILLING_PROGRAMS)
+    _plan(u, A, dtype, gated=z is not None, filling=n, B=B, C=C, **options)
+    for n in (FILLING_PROGRAMS, FORWARD_FILLING_PROGRAMS)
   )
 
   def outputs(plan, arrays):
@@ -763,7 +797,7 @@ def scan(
     d_last = d_last.astype(plan.dtype)
     scan = _Scan(plan, _padded(plan, *arrays), start, total, pad_to(dy, 2, plan.channels), d_last)
     ((*grads, dz),) = _backward([scan])
-    return (*_cropped(grads, channels, state), None if dz is None else dz[..., :channels])
+    return (*_cropped(grads, arrays), None if dz is None else dz[..., :channels])
 
   run.defvjp(run_fwd, run_bwd)
   return run(u, delta, A, B, C, D, delta_bias, z)
@@ -803,8 +837,10 @@ def bidirectional(
   options = dict(softplus=delta_softplus, interpret=interpret, tuning=tuning)
 
   def plans(filling: int) -> tuple[_Plan, _Plan]:
-    first = _plan(forward[0], forward[2], dtype, gated=False, reverse=False, filling=filling, **options)
-    second = _plan(backward[0], backward[2], dtype, gated=z is not None, reverse=True, filling=filling, **options)
+    first, second = (
+      _plan(u, A, dtype, gated=gated, reverse=reverse, filling=filling, B=B, C=C, **options)
+      for (u, _, A, B, C, *_), gated, reverse in ((forward, False, False), (backward, z is not None, True))
+    )
     return first, dataclasses.replace(second, combine=scale)
 
   (first, second), inference = plans(FILLING_PROGRAMS), plans(FORWARD_FILLING_PROGRAMS)
@@ -841,7 +877,7 @@ def bidirectional(
       _Scan(first_grads, _padded(first_grads, *forward, None), start_f, total_f, dy, no_last),
       _Scan(second_grads, _padded(second_grads, *backward, None), start_b, total_b, dy, no_last),
     ])  # fmt: skip
-    return _cropped(grads_f, channels, state), _cropped(grads_b, channels, state), dz
+    return _cropped(grads_f, forward), _cropped(grads_b, backward), dz
 
   run.defvjp(run_fwd, run_bwd)
   return run(forward, backward, z)

@@ -475,6 +475,87 @@ def test_bidirectional_names_the_bad_direction():
     selective_scan_bidirectional(forward, backward._replace(B=backward.B[:, :-1]), z)
 
 
+# --- Columns: B and C as windows of one array (x_proj's output) --------------------------------------
+
+
+def b_and_c(whole: jax.Array, starts: tuple[int, int], windows: bool, state: int = 4) -> dict:
+  """B and C at `starts` of `whole`: its `Columns` windows, or slices."""
+  return {k: kernels.Columns(whole, s, state) if windows else whole[..., s : s + state] for k, s in zip("BC", starts)}
+
+
+# Windows that are whole state-wide blocks (read in place by the GPU kernels) and windows that are not (sliced).
+WINDOWS = [pytest.param((8, 12), 16, id="blocks"), pytest.param((5, 10), 15, id="unaligned")]
+
+
+@pytest.mark.parametrize("starts, width", WINDOWS)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_columns_windows_equal_sliced_arrays(impl, starts, width):
+  """B and C given as windows of one array: y, the last state and the whole array's gradient (the windows'
+  gradients in place, zero elsewhere) equal those of B and C sliced out of it, for every impl."""
+  rng = np.random.default_rng(sum(starts))
+  arrays = random_inputs(rng, 2, 9, 8, 4, **ALL_OPTIONS, dtype=jnp.float32)
+  whole = jnp.asarray(rng.normal(size=(2, 9, width)), jnp.float32)
+
+  def loss(whole, windows: bool):
+    args = {**arrays, **b_and_c(whole, starts, windows)}
+    y, last = selective_scan(**args, delta_softplus=True, return_last_state=True, impl=impl, interpret=True)
+    return jnp.sum(jnp.sin(y)) + jnp.sum(last**2)
+
+  got = jit_run(jax.value_and_grad(functools.partial(loss, windows=True)), whole)
+  want = jit_run(jax.value_and_grad(functools.partial(loss, windows=False)), whole)
+  assert_close(got, want, jnp.float32, "grad")
+  outside = np.ones(width, bool)
+  outside[starts[0] : starts[0] + 4] = outside[starts[1] : starts[1] + 4] = False
+  assert np.all(np.asarray(got[1])[..., outside] == 0)
+
+
+@pytest.mark.parametrize("starts, width", WINDOWS)
+def test_fused_bidirectional_with_columns_windows_equals_sliced_arrays(starts, width):
+  """The fused GPU path with both directions' B and C windows of one array each: y and the arrays' gradients
+  equal those with sliced B and C."""
+  rng = np.random.default_rng(7)
+  forward, backward, z = bidirectional_inputs(rng, (2, 37, 8, 4), jnp.float32)
+  wholes = [jnp.asarray(rng.normal(size=(2, 37, width)), jnp.float32) for _ in range(2)]
+
+  def loss(wholes, windows: bool):
+    def direction(d, whole):
+      return d._replace(**b_and_c(whole, starts, windows))
+
+    y = pallas_gpu.bidirectional(direction(forward, wholes[0]), direction(backward, wholes[1]), z,
+                                 delta_softplus=True, interpret=True)  # fmt: skip
+    return jnp.sum(jnp.sin(y))
+
+  got = jit_run(jax.value_and_grad(functools.partial(loss, windows=True)), wholes)
+  want = jit_run(jax.value_and_grad(functools.partial(loss, windows=False)), wholes)
+  assert_close(got, want, jnp.float32, "grad")
+
+
+@pytest.mark.parametrize("starts, width, sliced", [((8, 12), 16, False), ((5, 10), 15, True)])
+def test_pallas_gpu_reads_block_windows_in_place(starts, width, sliced):
+  """A window that is a whole state-wide block reaches the kernel unsliced (its block index selects it);
+  any other is sliced first."""
+  rng = np.random.default_rng(2)
+  arrays = random_inputs(rng, 2, 9, 8, 4, **ALL_OPTIONS, dtype=jnp.float32)
+  windowed = {**arrays, **b_and_c(jnp.zeros((2, 9, width)), starts, windows=True)}
+  jaxpr = jax.make_jaxpr(lambda a: selective_scan(**a, delta_softplus=True, impl="pallas_gpu", interpret=True))(
+    windowed
+  )
+  assert bool(re.findall(r"\bslice\[", str(jaxpr))) == sliced
+  plan = pallas_gpu._plan(arrays["u"], arrays["A"], jnp.float32, gated=True, reverse=False, softplus=True,
+                          interpret=True, tuning={}, filling=1, B=windowed["B"], C=windowed["C"])  # fmt: skip
+  assert plan.columns == ((None, None) if sliced else (2, 3))
+
+
+def test_bad_columns_windows_are_named():
+  whole = jnp.zeros((2, 33, 12))
+  with pytest.raises(ValueError, match=r"Columns: start=10, size=4 must lie within the array's last axis of 12"):
+    kernels.Columns(whole, 10, 4)
+  args = {**valid_args(), "B": kernels.Columns(whole, 0, 3)}
+  message = "`B` must have shape (batch, length, state) = (2, 33, 4), got (2, 33, 3)"
+  with pytest.raises(ValueError, match=re.escape(message)):
+    selective_scan(**args)
+
+
 # (mesh shape, axis names, channel_axes, axis type): the batch alone over all 8 devices, or channels over
 # "model" (Explicit once per split: it only adds a reshard to the specs).
 MESHES = [

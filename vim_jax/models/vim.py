@@ -15,15 +15,21 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kernels import Direction, conv_silu_bidirectional, selective_scan_bidirectional
+from kernels import Columns, Direction, conv_silu_bidirectional, selective_scan_bidirectional
 from vim_jax.models import layers
 
 # The conv + SiLU impl for each scan impl that has a GPU kernel (the rest run the conv in XLA).
 _CONV_IMPLS = {None: None, "pallas": "pallas", "pallas_gpu": "pallas_gpu"}
 
 CLS_POSITIONS = ("middle", "head")
-# x_proj's step part is zero-padded to a multiple of this many columns (see `BiMambaMixer._direction`).
+# x_proj's step part is zero-padded to a multiple of this many columns, or of d_state if larger.
 _ALIGNED_RANK = 8
+
+
+def _padded_rank(rank: int, state: int) -> int:
+  """The step's rank as x_proj's output holds it (`BiMambaMixer._direction`)."""
+  multiple = max(_ALIGNED_RANK, state)
+  return -(-rank // multiple) * multiple
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,24 +208,25 @@ class BiMambaMixer(nnx.Module):
     self.out_proj = _linear(cfg, e, d, use_bias=False, kernel_init=layers.uniform_symmetric(out_bound), rngs=rngs)
 
   def _direction(self, u, x_proj, dt_proj, A_log, D) -> Direction:
-    """One direction's scan arguments from its conv output u: x_proj split into the step, B and C.
+    """One direction's scan arguments from its conv output u: x_proj's output holds the step, B and C.
 
-    The step's rank is zero-padded to a multiple of 8 (Vim-Ti's 12 to 16: x_proj's output gets zero columns
-    after the step's, dt_proj's kernel zero rows), which changes no value: the matmuls get 16-byte-aligned
-    bf16 rows and the B and C slices aligned starts. Vim-Ti's forward at 224², batch 128, H100: 9.8-9.9 ->
-    9.4-9.5 ms (ab_weight_gradients_aligned_rank_vim_tiny_h100.json)."""
+    The step's rank is zero-padded to a multiple of d_state, or of 8 if larger (Vim-Ti's 12 and Vim-S's 24 to
+    16 and 32: x_proj's output gets zero columns after the step's, dt_proj's kernel zero rows), which changes
+    no value: the matmuls get 16-byte-aligned bf16 rows (Vim-Ti's forward at 224², batch 128, H100: 9.8-9.9
+    -> 9.4-9.5 ms, ab_weight_gradients_aligned_rank_vim_tiny_h100.json), and B and C start on whole blocks of
+    d_state columns, which the GPU scan reads in place (`Columns`). Nothing is sliced: dt_proj takes the
+    whole output, with zero rows for B's and C's columns."""
     cfg = self.cfg
     r, n, dtype = cfg.resolved_dt_rank, cfg.d_state, jnp.dtype(cfg.dtype)
-    padding = -r % _ALIGNED_RANK
+    rank = _padded_rank(r, n)
     with jax.named_scope("x_proj"):
       kernel = x_proj.kernel[...].astype(dtype)
-      kernel = jnp.concatenate([jnp.pad(kernel[:, :r], ((0, 0), (0, padding))), kernel[:, r:]], axis=1)
-      dt, B, C = jnp.split(
-        layers.dense(u.astype(dtype), kernel, cfg.matmul_precision), [r + padding, r + padding + n], axis=-1
-      )
+      kernel = jnp.concatenate([jnp.pad(kernel[:, :r], ((0, 0), (0, rank - r))), kernel[:, r:]], axis=1)
+      projected = layers.dense(u.astype(dtype), kernel, cfg.matmul_precision)
     with jax.named_scope("dt_proj"):  # its bias goes to the scan
-      kernel = jnp.pad(dt_proj.kernel[...].astype(dtype), ((0, padding), (0, 0)))
-      delta = layers.dense(dt, kernel, cfg.matmul_precision)
+      kernel = jnp.pad(dt_proj.kernel[...].astype(dtype), ((0, rank - r + 2 * n), (0, 0)))
+      delta = layers.dense(projected, kernel, cfg.matmul_precision)
+    B, C = Columns(projected, rank, n), Columns(projected, rank + n, n)
     return Direction(u, delta, -jnp.exp(A_log[...].astype(jnp.float32)), B, C, D[...], dt_proj.bias[...])
 
   def __call__(self, hidden: jax.Array) -> jax.Array:
