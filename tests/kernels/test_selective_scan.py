@@ -603,6 +603,25 @@ def test_kernels_run_per_device_under_a_mesh(impl, mesh_shape, axis_names, chann
   assert_close(got, expected, jnp.float32, "grad")
 
 
+@pytest.mark.parametrize("channel_axes", [(), "model"])
+def test_columns_windows_run_per_device_under_a_mesh(channel_axes):
+  """B and C as windows of one array under a mesh (the model's training on GPUs): the window's array splits
+  over the batch like B and C, and value and the array's gradient equal the unsharded reference's."""
+  mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  rng = np.random.default_rng(4)
+  arrays = random_inputs(rng, 8, 9, 8, 4, **ALL_OPTIONS, dtype=jnp.float32)
+  whole = jnp.asarray(rng.normal(size=(8, 9, 16)), jnp.float32)
+
+  def loss(whole, impl, **kwargs):
+    args = {**arrays, **b_and_c(whole, (8, 12), windows=True)}
+    return jnp.sum(jnp.sin(selective_scan(**args, delta_softplus=True, impl=impl, interpret=True, **kwargs)))
+
+  expected = jit_run(jax.value_and_grad(functools.partial(loss, impl="reference")), whole)
+  with jax.set_mesh(mesh):
+    got = jit_run(jax.value_and_grad(functools.partial(loss, impl="pallas_gpu", channel_axes=channel_axes)), whole)
+  assert_close(got, expected, jnp.float32, "grad")
+
+
 @pytest.mark.parametrize(
   "impl, axis_type", [("pallas_gpu", "Auto"), ("pallas_gpu", "Explicit"), ("pallas_tpu", "Auto")]
 )
