@@ -9,6 +9,7 @@ the window in place through its block index; the other impls slice it (`value`).
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 
 
 @jax.tree_util.register_dataclass
@@ -47,4 +48,4 @@ class Columns:
     """The cotangent of the whole array (zero outside the window) from the window's."""
     width = self.array.shape[-1]
     pad = [(0, 0)] * (self.array.ndim - 1) + [(self.start, width - self.start - self.size)]
-    return Columns(jax.numpy.pad(window_cotangent.astype(self.array.dtype), pad), self.start, self.size)
+    return Columns(jnp.pad(window_cotangent.astype(self.array.dtype), pad), self.start, self.size)

@@ -830,7 +830,7 @@ def bidirectional(
   the forward direction writes its ungated output, and the backward direction's kernel reads it back,
   adds its own, scales and gates. `forward` and `backward` are (u, delta, A, B, C, D, delta_bias); the
   backward direction runs reverse=True. Returns y in the forward u's dtype."""
-  channels, state = forward[2].shape
+  channels = forward[2].shape[0]
   scale = 0.5 if divide_out else 1.0
   dtype = compute_dtype(*forward, *backward, z)
   forward, backward = _with_defaults(forward, dtype), _with_defaults(backward, dtype)

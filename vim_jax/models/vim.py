@@ -214,8 +214,8 @@ class BiMambaMixer(nnx.Module):
     16 and 32: x_proj's output gets zero columns after the step's, dt_proj's kernel zero rows), which changes
     no value: the matmuls get 16-byte-aligned bf16 rows (Vim-Ti's forward at 224², batch 128, H100: 9.8-9.9
     -> 9.4-9.5 ms, ab_weight_gradients_aligned_rank_vim_tiny_h100.json), and B and C start on whole blocks of
-    d_state columns, which the GPU scan reads in place (`Columns`). Nothing is sliced: dt_proj takes the
-    whole output, with zero rows for B's and C's columns."""
+    d_state columns, which the GPU scan reads in place (`Columns`; other impls slice them). dt_proj takes
+    the whole output, with zero rows for B's and C's columns, so the step is not sliced either."""
     cfg = self.cfg
     r, n, dtype = cfg.resolved_dt_rank, cfg.d_state, jnp.dtype(cfg.dtype)
     rank = _padded_rank(r, n)
