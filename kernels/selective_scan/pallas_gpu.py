@@ -13,7 +13,8 @@ and do all per-position work in float32 registers: delta + delta_bias, softplus,
 y = <h, C> + D u and the silu(z) gate. The forward reads u, delta, z, B, C once and writes y once; no
 float32 copy of anything crosses HBM, and the (batch, length, channels, state) states never do. In float32,
 exp, sigmoid and multiply-adds are single PTX instructions (`ptx`): jaxlib's Triton pipeline compiles the jnp
-forms to libdevice's exact ones and contracts no multiply-add (forward 14% faster, H200).
+forms to libdevice's exact ones and contracts no multiply-add (forward 14% faster, H200). softplus's log1p is a
+series or the hardware's lg2 (`ptx.log1p`): the forward's loop needs 11% fewer instructions (offline compile).
 
 Each program owns `block_d` channels of one chunk of one sequence, with their (block_d, state) state in
 registers, and walks the chunk one position at a time. Triton tensors need power-of-two sizes, so
@@ -182,11 +183,14 @@ class _Chunk:
   def step_size_of(self, delta, real):
     """`step_size` from delta as loaded."""
     x = delta.astype(self.plan.dtype) + self.bias
-    delta = softplus(x, self.exp) if self.plan.softplus else x
+    delta = softplus(x, self.exp, self.log1p) if self.plan.softplus else x
     return x, jnp.where(real, delta, 0.0)
 
   def exp(self, x):
     return ptx.exp(x, native=self.plan.native)
+
+  def log1p(self, x):
+    return ptx.log1p(x, native=self.plan.native)
 
   def sigmoid(self, x):
     return ptx.sigmoid(x, native=self.plan.native)

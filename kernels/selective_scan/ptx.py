@@ -1,4 +1,4 @@
-"""float32 exp, sigmoid and multiply-add as single PTX instructions in the Triton kernels.
+"""float32 exp, sigmoid and multiply-add as single PTX instructions in the Triton kernels; log1p in a few.
 
 Nsight Compute on the forward as XLA builds it (H200, jax 0.11.2; the offline compile with the `triton`
 package hid this) counted 300 instructions per position and warp at 224², batch 128, because:
@@ -16,6 +16,7 @@ experiments/results/README.md, fourteenth session). Interpret mode and float64 t
 only runs on an NVIDIA GPU.
 """
 
+import functools
 import math
 
 import jax
@@ -38,6 +39,29 @@ def exp2(x: jax.Array, *, native: bool) -> jax.Array:
 def exp(x: jax.Array, *, native: bool) -> jax.Array:
   """e**x; with `native`, as the hardware's ex2 of x log2(e)."""
   return exp2(x * math.log2(math.e), native=True) if native else jnp.exp(x)
+
+
+def log1p(y: jax.Array, *, native: bool) -> jax.Array:
+  """log(1 + y) for y >= 0 (softplus's log1p(exp(x))). With `native`, libdevice's `log1pf` (range reduction,
+  a degree-9 polynomial and a branch for special values: 34 instructions per position of the forward, a
+  sixth of its loop in SASS) gives way to `_log1p_pieces` with the hardware's approximate lg2."""
+  if not native:
+    return jnp.log1p(y)
+  return _log1p_pieces(y, lambda u: _asm("lg2.approx.ftz.f32 $0, $1;", u), functools.partial(fma, native=True))
+
+
+# Below this, log1p's series to its 7th power is within 6e-8 relative (the next term over y: y^7 / 8); above,
+# log1p(y) >= 0.118, so rounding 1 + y costs at most 6e-7 of it and lg2's absolute error (about 2^-22) 1.5e-6.
+_LOG1P_SERIES_BELOW = 0.125
+
+
+def _log1p_pieces(y, log2, fma):
+  """log(1 + y) for y >= 0 as y (1 - y/2 + y²/3 - ... + y⁶/7) below `_LOG1P_SERIES_BELOW`, else log2(1 + y) ln 2:
+  9 instructions and one MUFU beyond the select, given log2 and a multiply-add."""
+  series = 1.0 / 7.0
+  for k in range(6, 0, -1):
+    series = fma(series, y, (-1.0) ** (k + 1) / k)
+  return jnp.where(y < _LOG1P_SERIES_BELOW, series * y, log2(1.0 + y) * math.log(2.0))
 
 
 def sigmoid(x: jax.Array, *, native: bool) -> jax.Array:

@@ -9,12 +9,16 @@ import jax.numpy as jnp
 THRESHOLD = 20.0
 
 
-def softplus(x: jax.Array, exp: Callable[[jax.Array], jax.Array] = jnp.exp) -> jax.Array:
+def softplus(
+  x: jax.Array,
+  exp: Callable[[jax.Array], jax.Array] = jnp.exp,
+  log1p: Callable[[jax.Array], jax.Array] = jnp.log1p,
+) -> jax.Array:
   """log1p(exp(x)), or x above the threshold. The exp branch gets 0 where it is unused, so neither it
   nor its gradient overflows for large inputs (a `minimum` clamp would halve the gradient at 20).
-  `exp` may be the kernels' faster one (`ptx.exp`)."""
+  `exp` and `log1p` may be the kernels' faster ones (`ptx`)."""
   above = x > THRESHOLD
-  return jnp.where(above, x, jnp.log1p(exp(jnp.where(above, 0.0, x))))
+  return jnp.where(above, x, log1p(exp(jnp.where(above, 0.0, x))))
 
 
 def softplus_grad(x: jax.Array, sigmoid: Callable[[jax.Array], jax.Array] = jax.nn.sigmoid) -> jax.Array:
