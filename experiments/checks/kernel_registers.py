@@ -12,7 +12,9 @@ The package's Triton is not the one inside jaxlib, so counts may differ a little
 the backward, as here). Its math lowering differs more: this compile contracts multiply-adds and turns
 exp2 into one ex2, where jaxlib's did neither before `kernels/selective_scan/ptx.py` (300 instructions per
 position of the forward in Nsight Compute against 225 here, fourteenth session). Read instruction counts
-from Nsight Compute on the GPU. Timing still needs the GPU: see ../benchmarks/scan_tune.py.
+from Nsight Compute on the GPU. Timing still needs the GPU: see ../benchmarks/scan_tune.py. "Main-loop SASS
+instructions" counts the kernel's last loop, `sub_chunk` (backward) or `forward_sub_chunk` positions per iteration:
+the offline measure of a change to the kernels' arithmetic (kernel_log1p_sm90.md).
 """
 
 from __future__ import annotations
@@ -144,7 +146,11 @@ def _ptxas_report(ir: str, num_warps: int) -> dict[str, int]:
     "spill_load_bytes": r"(\d+) bytes spill loads",
   }
   counts = {key: int(re.search(pattern, report.stderr).group(1)) for key, pattern in numbers.items()}
-  return counts | {"instructions": _instructions(compiled.asm["ptx"]), "load_to_use": _load_to_use(sass.stdout)}
+  return counts | {
+    "instructions": _instructions(compiled.asm["ptx"]),
+    "loop_instructions": len(_main_loop(sass.stdout)),
+    "load_to_use": _load_to_use(sass.stdout),
+  }
 
 
 def main(argv):
@@ -152,9 +158,9 @@ def main(argv):
   print(f"jax {jax.__version__}, triton {triton.__version__}, sm_90; batch 128, length {_LENGTH.value}, bf16")
   print(
     "| tuning | kernel | registers | spill stores (B) | spill loads (B) | resident warps per SM | PTX instructions "
-    "| nearest use of a load (SASS instructions) |"
+    "| main-loop SASS instructions | nearest use of a load (SASS instructions) |"
   )
-  print("|---|---|---|---|---|---|---|---|")
+  print("|---|---|---|---|---|---|---|---|---|")
   for tuning_json in _TUNINGS.value:
     tuning = json.loads(tuning_json)
     num_warps = tuning.get("num_warps", pallas_gpu.NUM_WARPS)
@@ -164,7 +170,7 @@ def main(argv):
       warps = min(64, 32 * num_warps, REGISTERS_PER_SM // (32 * r["registers"]) // num_warps * num_warps)
       print(
         f"| {tuning_json} | {name} | {r['registers']} | {r['spill_store_bytes']} | {r['spill_load_bytes']} | {warps} "
-        f"| {r['instructions']} | {r['load_to_use']} |"
+        f"| {r['instructions']} | {r['loop_instructions']} | {r['load_to_use']} |"
       )
 
 
