@@ -57,7 +57,7 @@ _LOG1P_SERIES_BELOW = 0.125
 
 def _log1p_pieces(y, log2, fma):
   """log(1 + y) for y >= 0 as y (1 - y/2 + y²/3 - ... + y⁶/7) below `_LOG1P_SERIES_BELOW`, else log2(1 + y) ln 2:
-  9 instructions and one MUFU beyond the select, given log2 and a multiply-add."""
+  about a dozen instructions with the select, one of them the MUFU's lg2, given log2 and a multiply-add."""
   series = 1.0 / 7.0
   for k in range(6, 0, -1):
     series = fma(series, y, (-1.0) ** (k + 1) / k)
