@@ -883,7 +883,7 @@ def bidirectional(
     return first, dataclasses.replace(second, combine=scale)
 
   (first, second), inference = plans(FILLING_PROGRAMS), plans(FORWARD_FILLING_PROGRAMS)
-  together = _forward_together(tuning)
+  together = plans(0) if _forward_together(tuning) else None  # filling 0: whole sequences
   # The backward takes the gate outside the kernels (`gate_backward`), so both directions' gradient kernels
   # run ungated. They go one sub-chunk at a time (`over_sub_chunks`): paired, the two in one launch measured
   # slower (H100, bf16, both directions forward+backward: 1.60 against 1.57 ms at 224², batch 128, 14.6
@@ -898,13 +898,10 @@ def bidirectional(
 
   @jax.custom_vjp
   def run(forward, backward, z):
-    if together:  # whole sequences: filling 0 never chunks
-      whole = [
-        (_plan(args[0], args[2], dtype, gated=False, reverse=reverse, filling=0, B=args[3], C=args[4], **options), args)
-        for args, reverse in ((forward, False), (backward, True))
-      ]
-      y_forward, y_backward = (y[..., :channels] for y in _forward_whole_together(whole))
-      return _combined(y_forward, y_backward, z, scale)
+    if together:
+      whole_f, whole_b = together[0], dataclasses.replace(together[1], combine=None, gated=False)
+      ys = _forward_whole_together([(whole_f, forward), (whole_b, backward)])
+      return _combined(*(y[..., :channels] for y in ys), z, scale)
     return outputs(*inference, forward, backward, z)[0]
 
   def run_fwd(forward, backward, z):
