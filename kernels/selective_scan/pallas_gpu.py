@@ -14,7 +14,8 @@ y = <h, C> + D u and the silu(z) gate. The forward reads u, delta, z, B, C once 
 float32 copy of anything crosses HBM, and the (batch, length, channels, state) states never do. In float32,
 exp, sigmoid and multiply-adds are single PTX instructions (`ptx`): jaxlib's Triton pipeline compiles the jnp
 forms to libdevice's exact ones and contracts no multiply-add (forward 14% faster, H200). softplus's log1p is a
-series or the hardware's lg2 (`ptx.log1p`): the forward's loop needs 11% fewer instructions (offline compile).
+series or the hardware's lg2 (`ptx.log1p`): 11% fewer instructions in the forward's loop, and Vim-Ti's forward
+at 1248², batch 32 5.7% faster (H200).
 
 Each program owns `block_d` channels of one chunk of one sequence, with their (block_d, state) state in
 registers, and walks the chunk one position at a time. Triton tensors need power-of-two sizes, so
@@ -28,8 +29,7 @@ small batch still fills the GPU: pass 1 scans every chunk from a zero state, kee
 total step size; pass 2 rescans every chunk from its true start state and writes y. Each pass-2 program
 first carries the state across the chunks before its own (h -> exp(A Σ delta) h + end state, at most
 chunks - 1 steps of one (block_d, state) tile): no XLA loop over chunks (at 1248², batch 32, Vim-Ti's
-forward spent 5.6 of its 113 ms in the 2,300 tiny kernels of one, H100). The bidirectional forward can instead
-run both directions' whole sequences in one launch, twice the programs (`_forward_together`, not yet measured).
+forward spent 5.6 of its 113 ms in the 2,300 tiny kernels of one, H100).
 
 Backward (`jax.custom_vjp`; residuals are the inputs plus, with several chunks, each chunk's start state
 and total step size). The adjoint g_t = dL/dh_t runs against the scan: g_t = silu(z_t) dy_t C_t +
@@ -84,7 +84,6 @@ FILLING_PROGRAMS = 1024
 FORWARD_FILLING_PROGRAMS = 768
 SUB_CHUNK = 2
 FORWARD_SUB_CHUNK = 4
-FORWARD_TOGETHER = False  # `_forward_together`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -822,38 +821,6 @@ def gate_backward(dy: jax.Array, y_ungated: jax.Array, z: jax.Array, scale: floa
   return (dy_ * jax.nn.silu(z_) * scale).astype(dy.dtype), dz.astype(z.dtype)
 
 
-def _forward_together(tuning: dict) -> bool:
-  """The tuning `forward_together`: a bidirectional forward without gradients runs both directions' whole
-  sequences in one launch (`_forward_whole_together`) and XLA combines them, instead of a launch per direction
-  that chunks where one direction's sequences give too few programs (Vim-Ti at 1024² and 1248², batch 32: 384
-  programs, twice that together). Not measured yet, so FORWARD_TOGETHER is off: time it with
-  `experiments/benchmarks/scan_tune_bidirectional.py 1248_b32 '[{}, {"forward_together": true}]'`."""
-  together = bool(tuning.get("forward_together", FORWARD_TOGETHER))
-  if together and "max_chunk" in tuning:
-    raise ValueError("tunings `forward_together` and `max_chunk` exclude each other: together means whole sequences")
-  return together
-
-
-def _forward_whole_together(directions: list[tuple[_Plan, tuple]]) -> list[jax.Array]:
-  """Each (plan, unpadded ungated arguments)'s y, all in one launch of whole-sequence forward kernels."""
-  jobs = []
-  for plan, args in directions:
-    plan = plan.forward()
-    u = _padded(plan, *args, None)
-    seq = jax.ShapeDtypeStruct(u[0].shape, u[0].dtype)
-    jobs.append(_Job(plan, u, [], [], [seq], [_Specs(plan).seq]))
-  return [y for (y,) in _launch(_forward_kernel, jobs, "selective_scan_fwd", outputs=("y",), start="zero")]
-
-
-def _combined(y_forward: jax.Array, y_backward: jax.Array, z: jax.Array | None, scale: float) -> jax.Array:
-  """(y_forward + y_backward) * scale [* silu(z)] in XLA, float32 math, in y_forward's dtype."""
-  wide = jnp.promote_types(y_forward.dtype, jnp.float32)
-  y = (y_forward.astype(wide) + y_backward.astype(wide)) * scale
-  if z is not None:
-    y = y * jax.nn.silu(z.astype(wide))
-  return y.astype(y_forward.dtype)
-
-
 def bidirectional(
   forward: tuple,
   backward: tuple,
@@ -867,8 +834,7 @@ def bidirectional(
   """Vim's two directions and their combine, (y_forward + y_backward) [/ 2] * silu(z), in two kernels:
   the forward direction writes its ungated output, and the backward direction's kernel reads it back,
   adds its own, scales and gates. `forward` and `backward` are (u, delta, A, B, C, D, delta_bias); the
-  backward direction runs reverse=True. Returns y in the forward u's dtype. The tuning `forward_together`
-  runs a forward without gradients differently (`_forward_together`)."""
+  backward direction runs reverse=True. Returns y in the forward u's dtype."""
   channels = forward[2].shape[0]
   scale = 0.5 if divide_out else 1.0
   dtype = compute_dtype(*forward, *backward, z)
@@ -883,7 +849,6 @@ def bidirectional(
     return first, dataclasses.replace(second, combine=scale)
 
   (first, second), inference = plans(FILLING_PROGRAMS), plans(FORWARD_FILLING_PROGRAMS)
-  together = plans(0) if _forward_together(tuning) else None  # filling 0: whole sequences
   # The backward takes the gate outside the kernels (`gate_backward`), so both directions' gradient kernels
   # run ungated. They go one sub-chunk at a time (`over_sub_chunks`): paired, the two in one launch measured
   # slower (H100, bf16, both directions forward+backward: 1.60 against 1.57 ms at 224², batch 128, 14.6
@@ -898,10 +863,6 @@ def bidirectional(
 
   @jax.custom_vjp
   def run(forward, backward, z):
-    if together:
-      whole_f, whole_b = together[0], dataclasses.replace(together[1], combine=None, gated=False)
-      ys = _forward_whole_together([(whole_f, forward), (whole_b, backward)])
-      return _combined(*(y[..., :channels] for y in ys), z, scale)
     return outputs(*inference, forward, backward, z)[0]
 
   def run_fwd(forward, backward, z):

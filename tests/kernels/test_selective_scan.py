@@ -440,29 +440,6 @@ def test_fused_bidirectional_matches_two_scans(shape, dtype, tuning, divide_out)
   assert_close(got[1], want[1], dtype, "grad")
 
 
-@pytest.mark.parametrize(
-  "shape, dtype, gated",
-  [((2, 37, 40, 4), jnp.float32, True), ((1, 20, 24, 16), jnp.bfloat16, True), ((2, 9, 8, 4), jnp.float32, False)],
-)
-def test_bidirectional_forward_together_matches_two_scans(shape, dtype, gated):
-  """The tuning `forward_together` (both directions' whole sequences in one launch, combined in XLA): the same
-  y as two reference scans."""
-  rng = np.random.default_rng(sum(shape))
-  forward, backward, z = bidirectional_inputs(rng, shape, dtype)
-  z = z if gated else None
-  fused = functools.partial(pallas_gpu.bidirectional, delta_softplus=True, interpret=True, forward_together=True)
-  got = jit_run(lambda: fused(forward, backward, z))
-  want = jit_run(lambda: two_scans(forward, backward, z, divide_out=True))
-  chex.assert_trees_all_equal_dtypes(got, want)
-  assert_close(got, want, dtype, "fwd")
-
-
-def test_bidirectional_forward_together_refuses_chunks():
-  forward, backward, z = bidirectional_inputs(np.random.default_rng(0), (1, 9, 8, 4), jnp.float32)
-  with pytest.raises(ValueError, match="`forward_together` and `max_chunk`"):
-    pallas_gpu.bidirectional(forward, backward, z, interpret=True, forward_together=True, max_chunk=4)
-
-
 @pytest.mark.parametrize("tuning", [{}, dict(max_chunk=16, sub_chunk=4)], ids=["one-chunk", "three-chunks"])
 def test_fused_bidirectional_gradients_match_two_scans_in_float64(tuning, x64):
   """The fused path's backward (the z gate's gradient in XLA from the kept ungated output, ungated gradient
