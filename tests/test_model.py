@@ -73,8 +73,10 @@ def test_numpy_reference_reproduces_official_float64_logits(vim_ref):
 
 @pytest.mark.parametrize("impl", ["reference", "xla", "pallas_gpu", "pallas_tpu"])
 def test_logits_equal_official(vim_ref, impl):
-  """Every scan impl, the Pallas kernels in interpret mode (the GPU one with its fused bidirectional path)."""
-  model = ref_model(vim_ref, scan_impl=impl, scan_interpret=True)
+  """Every scan impl, the Pallas kernels in interpret mode (the GPU one with its fused bidirectional path) with
+  layers scanned, so that their kernels are traced and compiled once, not once per layer (`TestScanLayers`
+  checks that scanned and unrolled layers agree)."""
+  model = ref_model(vim_ref, scan_impl=impl, scan_interpret=True, scan_layers=impl.startswith("pallas"))
   logits = logits_of(model, jnp.asarray(vim_ref["images"]))
   assert logits.dtype == jnp.float32
   assert_rel_close(logits, vim_ref["logits64"], 1e-5, "logits")
@@ -223,7 +225,7 @@ def test_padded_step_rank_changes_no_value(monkeypatch):
 
   def grads(padded_rank):
     monkeypatch.setattr(vim, "_padded_rank", padded_rank)
-    return jax.value_and_grad(lambda p: jnp.sum(jnp.sin(nnx.merge(graphdef, p)(images))))(params)
+    return jax.jit(jax.value_and_grad(lambda p: jnp.sum(jnp.sin(nnx.merge(graphdef, p)(images)))))(params)
 
   assert model.cfg.resolved_dt_rank == 12 and vim._padded_rank(12, 16) == 16
   chex.assert_trees_all_close(grads(vim._padded_rank), grads(lambda rank, state: rank), rtol=1e-5, atol=1e-6)
@@ -265,10 +267,11 @@ def test_bfloat16_compute_stays_close_and_keeps_f32_params(vim_ref):
 
 @pytest.mark.parametrize("impl", ["xla", "pallas_gpu"])  # pallas_gpu: the fused mixer, interpret mode
 def test_gradients_agree_between_scan_impls(vim_ref, impl):
+  """Scanned layers: interpret mode's kernels are traced and compiled once, not once per layer."""
   images = jnp.asarray(vim_ref["images"])
 
   def grads(impl):
-    model = ref_model(vim_ref, scan_impl=impl, scan_interpret=True)
+    model = ref_model(vim_ref, scan_impl=impl, scan_interpret=True, scan_layers=True)
     loss = lambda m: jnp.sum(m(images) ** 2)  # noqa: E731
     return nnx.state(nnx.jit(nnx.grad(loss))(model))
 
