@@ -2,11 +2,13 @@ r"""Registers and spills of the Pallas GPU scan kernels, compiled for an H100 on
 
   pip install -e '.[bench]'   # the `triton` package, for its compiler and ptxas
   PYTHONPATH=. python experiments/checks/kernel_registers.py --tunings='{"sub_chunk": 8}' '{"sub_chunk": 4}'
+  PYTHONPATH=. python experiments/checks/kernel_registers.py --call=bidirectional --length=6085 --batch=32
 
-Lowers the scan's forward and backward at Vim-Ti 224², batch 128, bf16, for an abstract H100 (as the
-CUDA lowering test does), keeps each kernel's Triton IR as Pallas emits it, compiles it with the
-`triton` package for sm_90 and reads ptxas's report. Registers bound occupancy: an SM has 65,536, so a
-kernel of one-warp programs at R registers per thread keeps at most 65,536 / (32 R) of them resident.
+Lowers the scan's forward and backward (`--call`: one gated scan, or the fused bidirectional one) at Vim-Ti
+shapes, bf16, for an abstract H100 (as the CUDA lowering test does), keeps each kernel's Triton IR as
+Pallas emits it, compiles it with the `triton` package for sm_90 and reads ptxas's report. Registers bound
+occupancy: an SM has 65,536, so a kernel of one-warp programs at R registers per thread keeps at most
+65,536 / (32 R) of them resident.
 The package's Triton is not the one inside jaxlib, so counts may differ a little from what XLA builds
 (on an H100, Nsight Compute read 128 registers for the states pass, where this reads 140, and 255 for
 the backward, as here). Its math lowering differs more: this compile contracts multiply-adds and turns
@@ -36,28 +38,42 @@ from kernels.selective_scan import pallas_gpu
 
 _TUNINGS = flags.DEFINE_multi_string("tunings", ['{"sub_chunk": 8}'], "JSON keyword arguments of pallas_gpu.scan.")
 _LENGTH = flags.DEFINE_integer("length", 197, "Sequence length (197: 224², stride 16).")
+_BATCH = flags.DEFINE_integer("batch", 128, "Sequences.")
+_CALL = flags.DEFINE_enum(
+  "call", "scan", ["scan", "bidirectional"], "pallas_gpu.scan (gated), or the fused bidirectional scan Vim runs."
+)
 
 REGISTERS_PER_SM = 65536
 
 
-def _triton_modules(tuning: dict, length: int) -> dict[str, str]:
-  """{kernel name: Triton IR text} of one forward and backward, with `tuning`."""
+def _triton_modules(tuning: dict, length: int, batch: int = 128, call: str = "scan") -> dict[str, str]:
+  """{kernel name: Triton IR text} of one forward and backward, with `tuning`; a name that recurs (the
+  bidirectional call's second direction) gets a "+"."""
   modules, lower = {}, registration.lowering.lower_jaxpr_to_triton_module
 
   def capture(*args, **kwargs):
     result = lower(*args, **kwargs)
     text = result.module.operation.get_asm(enable_debug_info=False)
-    modules[re.search(r"tt\.func public @(\w+)", text).group(1)] = text
+    name = re.search(r"tt\.func public @(\w+)", text).group(1)
+    while name in modules:
+      name += "+"
+    modules[name] = text
     return result
 
-  seq = jax.ShapeDtypeStruct((128, length, 384), jnp.bfloat16)
-  vec, bc = jax.ShapeDtypeStruct((384,), jnp.float32), jax.ShapeDtypeStruct((128, length, 16), jnp.bfloat16)
+  seq = jax.ShapeDtypeStruct((batch, length, 384), jnp.bfloat16)
+  vec, bc = jax.ShapeDtypeStruct((384,), jnp.float32), jax.ShapeDtypeStruct((batch, length, 16), jnp.bfloat16)
   arrays = dict(
     u=seq, delta=seq, A=jax.ShapeDtypeStruct((384, 16), jnp.float32), B=bc, C=bc, D=vec, z=seq, delta_bias=vec
   )
 
+  def run(a):
+    if call == "scan":
+      return pallas_gpu.scan(**a, delta_softplus=True, **tuning)
+    direction = tuple(a[k] for k in ("u", "delta", "A", "B", "C", "D", "delta_bias"))
+    return pallas_gpu.bidirectional(direction, direction, a["z"], delta_softplus=True, **tuning)
+
   def fwd_bwd(arrays):
-    outputs, vjp = jax.vjp(lambda a: pallas_gpu.scan(**a, delta_softplus=True, **tuning), arrays)
+    outputs, vjp = jax.vjp(run, arrays)
     return outputs, vjp(outputs)
 
   h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
@@ -155,7 +171,10 @@ def _ptxas_report(ir: str, num_warps: int) -> dict[str, int]:
 
 def main(argv):
   del argv
-  print(f"jax {jax.__version__}, triton {triton.__version__}, sm_90; batch 128, length {_LENGTH.value}, bf16")
+  print(
+    f"jax {jax.__version__}, triton {triton.__version__}, sm_90; {_CALL.value}, batch {_BATCH.value}, "
+    f"length {_LENGTH.value}, bf16"
+  )
   print(
     "| tuning | kernel | registers | spill stores (B) | spill loads (B) | resident warps per SM | PTX instructions "
     "| main-loop SASS instructions | nearest use of a load (SASS instructions) |"
@@ -164,7 +183,7 @@ def main(argv):
   for tuning_json in _TUNINGS.value:
     tuning = json.loads(tuning_json)
     num_warps = tuning.get("num_warps", pallas_gpu.NUM_WARPS)
-    for name, ir in _triton_modules(tuning, _LENGTH.value).items():
+    for name, ir in _triton_modules(tuning, _LENGTH.value, _BATCH.value, _CALL.value).items():
       r = _ptxas_report(ir, num_warps)
       # At most 64 warps and 32 programs per SM, and what the registers allow, in whole programs.
       warps = min(64, 32 * num_warps, REGISTERS_PER_SM // (32 * r["registers"]) // num_warps * num_warps)

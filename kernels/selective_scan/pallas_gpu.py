@@ -34,16 +34,17 @@ forward spent 5.6 of its 113 ms in the 2,300 tiny kernels of one, H100).
 Backward (`jax.custom_vjp`; residuals are the inputs plus, with several chunks, each chunk's start state
 and total step size). The adjoint g_t = dL/dh_t runs against the scan: g_t = silu(z_t) dy_t C_t +
 exp(delta_{t+1} A) g_{t+1}, and every gradient is a product of g_t, h_{t-1} or h_t and the inputs at t.
-The states are recomputed: a forward pass from the chunk start states writes the state at the start of
-every sub-chunk of `SUB_CHUNK` positions (1/SUB_CHUNK of the full tensor, freed within the backward);
-the gradient kernel walks the sub-chunks backwards, recomputes each one's states into registers
-(unrolled: registers cannot be indexed dynamically), then walks its positions backwards. With several
+The states are recomputed: a forward pass from the chunk start states (the states pass) writes the state
+at the start of every sub-chunk of `SUB_CHUNK` positions (1/SUB_CHUNK of the full tensor, freed within the
+backward) and dC = Σ_channels dy_t h_t, which needs no adjoint; the gradient kernel walks the sub-chunks
+backwards, recomputes each one's states into registers (unrolled: registers cannot be indexed
+dynamically), then walks its positions backwards. With several
 chunks, the adjoint entering each chunk from later ones is carried like the forward state: a zero-start
 adjoint pass per chunk, whose results the gradient kernel carries across the chunks after its own. dB
 and dC (sums over channels) come out per channel block, dA, dD and d(delta_bias) (sums over positions)
 per chunk; XLA adds the partial sums. The fused bidirectional call takes the z gate's backward to XLA
 (`gate_backward`, from the ungated output its forward keeps) and runs both directions' ungated gradient
-kernels in one launch (`_launch`): at 248 registers an H100 holds only 1,056 of their programs at once.
+kernels in one launch (`_launch`): at 218 registers an H100 holds only 1,188 of their programs at once.
 """
 
 import dataclasses
@@ -341,9 +342,11 @@ def _entering(chunk: _Chunk, refs: list, start: str, *, reverse: bool) -> jax.Ar
 def _forward_kernel(*refs, plan: _Plan, chunk_index, outputs: tuple[str, ...], start: str):
   """Scans one (sequence, channel block, chunk) from its start state (`_entering`). `outputs` names the
   output refs: "y", "sub_chunk_states" (the state entering each sub-chunk), "start_state", "end_state",
-  "total_delta", "ungated" (y before the gate)."""
+  "total_delta", "ungated" (y before the gate), "dC" (C's gradient per channel block, Σ dy h over the block's
+  channels: the backward's states pass, which then reads y's cotangent dy before the start refs)."""
   args, refs = _split_refs(refs, plan)
   chunk = _Chunk(args, plan, chunk_index)
+  dy_ref = refs.pop(0) if "dC" in outputs else None
   h0 = _entering(chunk, refs, start, reverse=plan.reverse)
   out = dict(zip(outputs, refs, strict=True))
   if "start_state" in out:
@@ -365,11 +368,15 @@ def _forward_kernel(*refs, plan: _Plan, chunk_index, outputs: tuple[str, ...], s
       if plan.gated:
         y = y * chunk.silu(p.z)
       out["y"][p.t, :] = y.astype(out["y"].dtype)
+    if dy_ref is not None:
+      # A step past the end repeats the last position's (h unchanged), so rewrites the same dC.
+      dy = p.extra * chunk.silu(p.z) if plan.gated else p.extra
+      out["dC"][p.t, :] = jnp.sum(dy[:, None] * h, axis=0)
     return h, total + p.delta
 
   def load(j):
-    partner = args.partner if writes_y else None
-    return chunk.sub_chunk(j, C=writes_y, z=writes_y and plan.gated, extra=partner)
+    extra = args.partner if writes_y else dy_ref
+    return chunk.sub_chunk(j, C=writes_y, z=plan.gated and (writes_y or dy_ref is not None), extra=extra)
 
   def sub_chunk(j, steps, carry):  # unrolled
     if "sub_chunk_states" in out:
@@ -408,7 +415,7 @@ def _grad_kernel(*refs, plan: _Plan, chunk_index, start: str):
   g_in = _entering(chunk, refs, start, reverse=not plan.reverse)
   du_ref, ddelta_ref, *out_refs = refs
   dz_ref = out_refs.pop(0) if plan.gated else None
-  dB_ref, dC_ref, dA_ref, dD_ref, dbias_ref = out_refs
+  dB_ref, dA_ref, dD_ref, dbias_ref = out_refs
   A, D = chunk.A, chunk.D
 
   def load(j):
@@ -442,7 +449,6 @@ def _grad_kernel(*refs, plan: _Plan, chunk_index, start: str):
       du_ref[t, :] = (delta * g_B + D * dy).astype(du_ref.dtype)
       ddelta_ref[t, :] = ddelta.astype(ddelta_ref.dtype)
       dB_ref[t, :] = jnp.sum(g * (delta * u)[:, None], axis=0)
-      dC_ref[t, :] = jnp.sum(dy[:, None] * h, axis=0)
       dA, dD, dbias = _fma(chunk, g_decayed, delta[:, None], dA), _fma(chunk, dy, u, dD), dbias + ddelta
       g_next = decay * g
     return g_next, dA, dD, dbias
@@ -494,10 +500,10 @@ def _launch(kernel, jobs: list[_Job], name: str, **options) -> list[list[jax.Arr
   """Runs `kernel` over several independent scans of one geometry (Vim's two directions) in one launch,
   their programs stacked along the grid's batch axis; returns each job's outputs.
 
-  Why: the gradient kernel needs 248 registers, so an H100 holds 8 of its one-warp programs per SM, 1,056
-  at once; one direction at 224², batch 128 is 1,536 programs, 1.45 waves that take as long as two. Two
-  directions in one launch are 2.9 waves, 3 where two launches take 4: the gradient kernels of a Vim-Ti
-  training step went from 23.5 to 19.6 ms (profile_step.py, H100)."""
+  Why: the gradient kernel needed 248 registers (218 now), so an H100 held 8 (9) of its one-warp programs per
+  SM, 1,056 (1,188) at once; one direction at 224², batch 128 is 1,536 programs, 1.45 (1.29) waves that take as
+  long as two. Two directions in one launch are 2.9 (2.6) waves, 3 where two launches take 4: the gradient
+  kernels of a Vim-Ti training step went from 23.5 to 19.6 ms (profile_step.py, H100)."""
   grids = {job.plan.grid()[1:] for job in jobs}
   if len(grids) != 1:
     raise ValueError(f"jobs launched together need one channel-block and chunk grid, got {sorted(grids)}")
@@ -634,21 +640,18 @@ def _starts(scan: _Scan, specs: _Specs, local) -> tuple[tuple, tuple]:
 
 
 def _grad_outputs(scan: _Scan, specs: _Specs) -> tuple[list, list]:
-  """The gradient kernel's output shapes and specs: du, ddelta[, dz], then dB and dC per position and channel
-  block, dA per chunk, dD and dbias per chunk."""
+  """The gradient kernel's output shapes and specs: du, ddelta[, dz], then dB per position and channel block,
+  dA per chunk, dD and dbias per chunk."""
   plan, args = scan.plan, scan.args
-  partial_bc = jax.ShapeDtypeStruct((plan.batch, plan.length, plan.channels // plan.block_d, plan.state), plan.dtype)
   like = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in args[:2] + args[7:]]  # u, delta[, z]
-  shapes = [
-    *like,
-    partial_bc,
-    partial_bc,
-    _per_chunk(plan),
-    _per_chunk(plan, state=False),
-    _per_chunk(plan, state=False),
-  ]
-  out_specs = [specs.seq] * len(like) + [specs.block_seq_state] * 2 + [specs.chunk_state] + [specs.chunk_channel] * 2
+  shapes = [*like, _per_block(plan), _per_chunk(plan), _per_chunk(plan, state=False), _per_chunk(plan, state=False)]
+  out_specs = [specs.seq] * len(like) + [specs.block_seq_state, specs.chunk_state] + [specs.chunk_channel] * 2
   return shapes, out_specs
+
+
+def _per_block(plan: _Plan) -> jax.ShapeDtypeStruct:
+  """(batch, length, channel blocks, state) in the compute dtype: dB's and dC's partial sums."""
+  return jax.ShapeDtypeStruct((plan.batch, plan.length, plan.channels // plan.block_d, plan.state), plan.dtype)
 
 
 def _backward(scans: list[_Scan]) -> list[tuple]:
@@ -665,25 +668,31 @@ def _backward(scans: list[_Scan]) -> list[tuple]:
   for scan, s, ((refs, ref_specs, _), _) in zip(scans, specs, starts):
     plan = scan.plan
     shape = jax.ShapeDtypeStruct((plan.batch, plan.num_chunks * plan.sub_chunks, plan.channels, plan.state), plan.dtype)
-    jobs.append(_Job(plan, scan.args, refs, ref_specs, [shape], [s.sub_chunk_states]))
-  # The states passes run one launch per scan: at 80 registers each is one wave already, and the two in one
-  # launch made a Vim-Ti training step 0.9 ms slower (H100, 224² batch 128: 55.3 against 54.4 ms).
+    extra, extra_specs = [scan.dy, *refs], [s.seq, *ref_specs]
+    jobs.append(
+      _Job(plan, scan.args, extra, extra_specs, [shape, _per_block(plan)], [s.sub_chunk_states, s.block_seq_state])
+    )
+  # The states passes also form dC (Σ dy h needs no adjoint), which the gradient kernel, bound by its registers,
+  # then skips: offline 248 -> 218 registers and 807 -> 679 loop instructions per 2 positions; a Vim-Ti
+  # training step at 224², batch 128 went from 37.5-37.8 to 36.7-37.0 ms
+  # (H200, ab_dC_in_states_pass_vim_tiny_h200.json).
+  # They run one launch per scan: at 80-92 registers each is one wave already, and the two in one launch made the
+  # step slower (H100: 55.3 against 54.4 ms; with dC, H200: 37.4 against 36.7-37.0).
   kind = starts[0][0][2]
-  states = [
-    _launch(_forward_kernel, [job], "selective_scan_bwd_states", outputs=("sub_chunk_states",), start=kind)[0]
-    for job in jobs
-  ]
+  outputs = ("sub_chunk_states", "dC")
+  states = [_launch(_forward_kernel, [job], "selective_scan_bwd_states", outputs=outputs, start=kind) for job in jobs]
 
   jobs = []
-  for scan, s, (_, (refs, ref_specs, _)), (sub_chunk_states,) in zip(scans, specs, starts, states):
+  for scan, s, (_, (refs, ref_specs, _)), ((sub_chunk_states, _),) in zip(scans, specs, starts, states):
     extra, extra_specs = [scan.dy, sub_chunk_states, *refs], [s.seq, s.sub_chunk_states, *ref_specs]
     jobs.append(_Job(scan.plan, scan.args, extra, extra_specs, *_grad_outputs(scan, s)))
   results = []
-  for scan, grads in zip(scans, _launch(_grad_kernel, jobs, "selective_scan_bwd", start=starts[0][1][2])):
+  launched = _launch(_grad_kernel, jobs, "selective_scan_bwd", start=starts[0][1][2])
+  for scan, ((_, dC),), grads in zip(scans, states, launched):
     u, delta, A, B, C, D, bias = scan.args[:7]
     du, ddelta, *grads = grads
     dz = grads.pop(0) if scan.plan.gated else None
-    dB, dC, dA, dD, dbias = grads
+    dB, dA, dD, dbias = grads
     dB, dC = (x.sum(axis=2).astype(y.dtype) for x, y in ((dB, B), (dC, C)))
     dA, dD, dbias = (x.sum(axis=(0, 1)).astype(y.dtype) for x, y in ((dA, A), (dD, D), (dbias, bias)))
     results.append((du, ddelta, dA, dB, dC, dD, dbias, dz))
