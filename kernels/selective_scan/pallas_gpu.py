@@ -38,13 +38,13 @@ The states are recomputed: a forward pass from the chunk start states (the state
 at the start of every sub-chunk of `SUB_CHUNK` positions (1/SUB_CHUNK of the full tensor, freed within the
 backward) and dC = Σ_channels dy_t h_t, which needs no adjoint; the gradient kernel walks the sub-chunks
 backwards, recomputes each one's states into registers (unrolled: registers cannot be indexed
-dynamically), then walks its positions backwards. With several
-chunks, the adjoint entering each chunk from later ones is carried like the forward state: a zero-start
-adjoint pass per chunk, whose results the gradient kernel carries across the chunks after its own. dB
-and dC (sums over channels) come out per channel block, dA, dD and d(delta_bias) (sums over positions)
-per chunk; XLA adds the partial sums. The fused bidirectional call takes the z gate's backward to XLA
-(`gate_backward`, from the ungated output its forward keeps) and runs both directions' ungated gradient
-kernels in one launch (`_launch`): at 218 registers an H100 holds only 1,188 of their programs at once.
+dynamically), then walks its positions backwards. With several chunks, the adjoint entering each chunk
+from later ones is carried like the forward state: a zero-start adjoint pass per chunk, whose results the
+gradient kernel carries across the chunks after its own. dB and dC (sums over channels) come out per
+channel block, dA, dD and d(delta_bias) (sums over positions) per chunk; XLA adds the partial sums. The
+fused bidirectional call takes the z gate's backward to XLA (`gate_backward`, from the ungated output its
+forward keeps) and runs both directions' ungated gradient kernels in one launch (`_launch`): at 218
+registers an H100 holds only 1,188 of their programs at once.
 """
 
 import dataclasses
