@@ -68,7 +68,7 @@ def conv_silu_bidirectional(
     interpret: run the Pallas kernels in interpret mode (CPU tests).
   """
   _check(x, forward, backward)
-  if _uses_kernels(impl, interpret):
+  if uses_kernels(impl, interpret):
     return _per_device(functools.partial(fused, interpret=interpret), x, forward, backward)
   return tuple(
     jax.nn.silu(conv(x, kernel, bias, reverse=reverse)).astype(x.dtype)
@@ -76,7 +76,8 @@ def conv_silu_bidirectional(
   )
 
 
-def _uses_kernels(impl: str | None, interpret: bool) -> bool:
+def uses_kernels(impl: str | None, interpret: bool) -> bool:
+  """Whether `impl` runs the Pallas kernels (the rule that the mixer's other kernels follow too)."""
   if impl not in IMPLS:
     raise ValueError(f"conv_silu_bidirectional: unknown impl {impl!r}; valid impls: {IMPLS}")
   backend = jax.default_backend()

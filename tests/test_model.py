@@ -113,8 +113,9 @@ def test_layer0_mixer_internals_match_official(vim_ref):
   u_f, u_b = jax.nn.silu(mixer.conv1d(x)), jax.nn.silu(mixer.conv1d_b(x, reverse=True))
   assert_rel_close(to_channel_major(u_f), act["l0_fwd_conv_silu"], 1e-5, "fwd conv")
   assert_rel_close(flip(to_channel_major(u_b)), act["l0_bwd_conv_silu"], 1e-5, "bwd conv")
-  forward = mixer._direction(u_f, mixer.x_proj, mixer.dt_proj, mixer.A_log, mixer.D)
-  backward = mixer._direction(u_b, mixer.x_proj_b, mixer.dt_proj_b, mixer.A_b_log, mixer.D_b)
+  (projected_f, delta_f), (projected_b, delta_b) = mixer._projections(u_f, u_b)
+  forward = mixer._direction(u_f, projected_f, delta_f, mixer.A_log, mixer.D, mixer.dt_proj)
+  backward = mixer._direction(u_b, projected_b, delta_b, mixer.A_b_log, mixer.D_b, mixer.dt_proj_b)
   y_fwd, y_bwd = (
     selective_scan(*args[:5], args.D, z, args.delta_bias, delta_softplus=True, reverse=reverse, impl="reference")
     for args, reverse in ((forward, False), (backward, True))
@@ -216,7 +217,7 @@ def test_dense_weight_gradient_under_a_mesh(axis_type):
 
 
 def test_padded_step_rank_changes_no_value(monkeypatch):
-  """Vim-Ti's step rank 12 runs zero-padded to 16 (`BiMambaMixer._direction`), B and C read as windows of
+  """Vim-Ti's step rank 12 runs zero-padded to 16 (`BiMambaMixer._projections`), B and C read as windows of
   x_proj's output: logits and every gradient equal those of the same model with the padding off (B and C
   then sliced), in float32."""
   model = create_model("vim_tiny", img_size=32, depth=2, scan_impl="xla")
@@ -248,7 +249,7 @@ def test_training_step_holds_no_tensor_of_all_states(impl):
     h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)):
       hlo = step.trace(params, images).lower(lowering_platforms=("cuda",)).as_text()
-    assert "selective_scan_bwd" in hlo
+    assert "selective_scan_bwd" in hlo and "step_projections" in hlo
   else:
     hlo = step.trace(params, images).lower().as_text()
   sizes = {math.prod(map(int, dims.split("x")[:-1])) for dims in re.findall(r"tensor<((?:\d+x)+)\w+>", hlo)}
@@ -278,6 +279,24 @@ def test_gradients_agree_between_scan_impls(vim_ref, impl):
   g_ref, g_impl = grads("reference"), grads(impl)
   chex.assert_tree_all_finite(g_ref)
   chex.assert_trees_all_close(g_impl, g_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_step_projections_kernel_equals_xla_matmuls_in_the_model(vim_ref, monkeypatch):
+  """bf16 with the GPU kernels (interpret mode): the mixer's x_proj and dt_proj as `kernels.step_projections`
+  give the logits and parameter gradients of its XLA matmuls."""
+  images = jnp.asarray(vim_ref["images"])
+
+  def logits_and_grads():
+    model = ref_model(vim_ref, dtype="bfloat16", scan_impl="pallas_gpu", scan_interpret=True, scan_layers=True)
+    loss = lambda m: jnp.sum(m(images) ** 2)  # noqa: E731
+    return logits_of(model, images), nnx.state(nnx.jit(nnx.grad(loss))(model))
+
+  logits, grads = logits_and_grads()
+  monkeypatch.setattr(vim.projections_kernel, "supported", lambda *args: False)
+  xla_logits, xla_grads = logits_and_grads()
+  assert_rel_close(logits, xla_logits, 1e-2, "logits")
+  for (path, got), (_, want) in zip(nnx.to_flat_state(grads), nnx.to_flat_state(xla_grads)):
+    assert_rel_close(got[...], want[...], 3e-2, "/".join(map(str, path)))
 
 
 @pytest.fixture(scope="module")

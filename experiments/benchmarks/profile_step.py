@@ -50,7 +50,7 @@ _OUT = flags.DEFINE_string("out", None, "JSON file for the results.")
 CATEGORIES = (
   ("scan", r"selective_scan|_forward_kernel|_adjoint_kernel|_grad_kernel|[/(]scan[/)]"),  # the mixer's "scan" scope
   ("conv", r"convolution|cudnn-conv|conv_general|fprop|dgrad|wgrad|[/(]conv_silu[/)]"),  # the mixer's scope
-  ("matmul", r"gemm|cublas|cutlass|nvjet|matmul|\bdot(_general)?\b"),
+  ("matmul", r"gemm|cublas|cutlass|nvjet|matmul|\bdot(_general)?\b|^step_projections"),  # that kernel by its name
   ("copy/transpose", r"copy|transpose|memcpy|memset"),
   ("elementwise/fusion", r"fusion|reduce|wrapped_"),
 )

@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from kernels import conv_silu
+from kernels import step_projections as projections_kernel
 
 Initializer = nnx.Initializer
 
@@ -152,6 +153,45 @@ def _dense_bwd(precision, residuals, d_out):
 
 
 dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def step_projections(u_f: jax.Array, u_b: jax.Array, packed: jax.Array, rank: int, interpret: bool):
+  """Both directions' x_proj and dt_proj: ((projected, delta) forward, (projected, delta) backward).
+
+  The forward is `kernels.step_projections` (one Pallas GPU launch for the four matmuls); the backward is
+  XLA's matmuls, the transposes of `step_projections.reference`, with weight gradients as `weight_gradient`'s."""
+  return _step_projections_fwd(u_f, u_b, packed, rank, interpret)[0]
+
+
+def _step_projections_fwd(u_f, u_b, packed, rank, interpret):
+  out = projections_kernel.project(u_f, u_b, packed, rank=rank, interpret=interpret)
+  return out, (u_f, u_b, packed, out[0][0], out[1][0])
+
+
+def _step_projections_bwd(rank, interpret, residuals, cotangents):
+  del interpret
+  *us, packed, projected_f, projected_b = residuals
+  width = packed.shape[2] - rank
+  grads = []
+  for u, weights, projected, (d_projected, d_delta) in zip(us, packed, (projected_f, projected_b), cotangents):
+    x_proj, dt_proj_t = weights[:, :width], weights[:, width:]
+    d_low = jnp.dot(d_delta, dt_proj_t, out_sharding=_sharded_like(projected))
+    d_projected = jnp.concatenate(
+      [d_projected[..., :rank] + d_low.astype(d_projected.dtype), d_projected[..., rank:]], -1
+    )
+    d_u = jnp.dot(d_projected, x_proj.T, out_sharding=_sharded_like(u))
+    d_weights = jnp.concatenate(
+      [weight_gradient(u, d_projected, None), weight_gradient(d_delta, projected[..., :rank], None)], axis=1
+    )
+    grads.append((d_u.astype(u.dtype), d_weights.astype(packed.dtype)))
+  (d_uf, d_wf), (d_ub, d_wb) = grads
+  d_packed = jnp.stack([d_wf, d_wb])
+  sharding = _sharded_like(packed)
+  return d_uf, d_ub, d_packed if sharding is None else jax.sharding.reshard(d_packed, sharding)
+
+
+step_projections.defvjp(_step_projections_fwd, _step_projections_bwd)
 
 
 def weight_gradient(x: jax.Array, d_out: jax.Array, precision: jax.lax.PrecisionLike) -> jax.Array:

@@ -15,10 +15,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kernels import Columns, Direction, conv_silu_bidirectional, selective_scan_bidirectional
+from kernels import Columns, Direction, conv_silu, conv_silu_bidirectional, selective_scan_bidirectional
+from kernels import step_projections as projections_kernel
 from vim_jax.models import layers
 
-# The conv + SiLU impl for each scan impl that has a GPU kernel (the rest run the conv in XLA).
+# The conv + SiLU impl for each scan impl that has a GPU kernel (the rest run the conv in XLA); x_proj and dt_proj
+# run as `kernels.step_projections` where the conv runs its kernels.
 _CONV_IMPLS = {None: None, "pallas": "pallas", "pallas_gpu": "pallas_gpu"}
 
 CLS_POSITIONS = ("middle", "head")
@@ -57,8 +59,8 @@ class ModelConfig:
   # Numerics and kernels.
   dtype: str = "float32"  # compute dtype of matmuls and activations; "bfloat16" on accelerators
   matmul_precision: str | None = None  # e.g. "highest" to avoid TF32 in float32 on GPUs
-  # See kernels.selective_scan; None = by backend. The conv + SiLU follows it: its Pallas GPU kernels where
-  # the scan's are ("pallas_gpu", "pallas", None on GPU), XLA otherwise.
+  # See kernels.selective_scan; None = by backend. The conv + SiLU and (bf16) x_proj and dt_proj follow it:
+  # their Pallas GPU kernels where the scan's are ("pallas_gpu", "pallas", None on GPU), XLA otherwise.
   scan_impl: str | None = None
   scan_interpret: bool = False  # Pallas interpret mode (CPU testing of GPU/TPU kernels)
   remat: bool = False  # recompute each block in the backward pass (memory for long sequences)
@@ -207,25 +209,43 @@ class BiMambaMixer(nnx.Module):
     out_bound = 1.0 / math.sqrt(e * cfg.depth)
     self.out_proj = _linear(cfg, e, d, use_bias=False, kernel_init=layers.uniform_symmetric(out_bound), rngs=rngs)
 
-  def _direction(self, u, x_proj, dt_proj, A_log, D) -> Direction:
-    """One direction's scan arguments from its conv output u: x_proj's output holds the step, B and C.
+  def _projections(self, u_f: jax.Array, u_b: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
+    """Each direction's (projected, delta): x_proj's output (the step, B and C) and dt_proj's (the step size).
 
     The step's rank is zero-padded to a multiple of d_state, or of 8 if larger (Vim-Ti's 12 and Vim-S's 24 to
     16 and 32: x_proj's output gets zero columns after the step's, dt_proj's kernel zero rows), which changes
     no value: the matmuls get 16-byte-aligned bf16 rows (Vim-Ti's forward at 224², batch 128, H100: 9.8-9.9
     -> 9.4-9.5 ms, ab_weight_gradients_aligned_rank_vim_tiny_h100.json), and B and C start on whole blocks of
-    d_state columns, which the GPU scan reads in place (`Columns`; other impls slice them). dt_proj takes
-    the whole output, with zero rows for B's and C's columns, so the step is not sliced either."""
+    d_state columns, which the GPU scan reads in place (`Columns`; other impls slice them). Where the mixer's
+    GPU kernels run, both directions' four matmuls are one `kernels.step_projections` launch; in XLA, dt_proj
+    takes the whole output, with zero rows for B's and C's columns, so the step is not sliced."""
     cfg = self.cfg
-    r, n, dtype = cfg.resolved_dt_rank, cfg.d_state, jnp.dtype(cfg.dtype)
+    r, n, e, dtype = cfg.resolved_dt_rank, cfg.d_state, cfg.d_inner, jnp.dtype(cfg.dtype)
     rank = _padded_rank(r, n)
-    with jax.named_scope("x_proj"):
+    directions = ((self.x_proj, self.dt_proj), (self.x_proj_b, self.dt_proj_b))
+
+    def x_proj_kernel(x_proj):
       kernel = x_proj.kernel[...].astype(dtype)
-      kernel = jnp.concatenate([jnp.pad(kernel[:, :r], ((0, 0), (0, rank - r))), kernel[:, r:]], axis=1)
-      projected = layers.dense(u.astype(dtype), kernel, cfg.matmul_precision)
-    with jax.named_scope("dt_proj"):  # its bias goes to the scan
-      kernel = jnp.pad(dt_proj.kernel[...].astype(dtype), ((0, rank - r + 2 * n), (0, 0)))
-      delta = layers.dense(projected, kernel, cfg.matmul_precision)
+      return jnp.concatenate([jnp.pad(kernel[:, :r], ((0, 0), (0, rank - r))), kernel[:, r:]], axis=1)
+
+    kernels = conv_silu.uses_kernels(_CONV_IMPLS.get(cfg.scan_impl, "xla"), cfg.scan_interpret)
+    if kernels and projections_kernel.supported(e, rank + 2 * n, rank, dtype):
+      with jax.named_scope("step_projections"):  # per direction [x_proj | dt_projᵀ], the step's rank padded
+        dt_proj_t = [jnp.pad(dt.kernel[...].T.astype(dtype), ((0, 0), (0, rank - r))) for _, dt in directions]
+        packed = jnp.stack([jnp.concatenate([x_proj_kernel(x), t], 1) for (x, _), t in zip(directions, dt_proj_t)])
+        return layers.step_projections(u_f.astype(dtype), u_b.astype(dtype), packed, rank, cfg.scan_interpret)
+    outs = []
+    for u, (x_proj, dt_proj), name in zip((u_f, u_b), directions, ("forward", "backward")):
+      with jax.named_scope(f"{name}/x_proj"):
+        projected = layers.dense(u.astype(dtype), x_proj_kernel(x_proj), cfg.matmul_precision)
+      with jax.named_scope(f"{name}/dt_proj"):  # its bias goes to the scan
+        kernel = jnp.pad(dt_proj.kernel[...].astype(dtype), ((0, rank - r + 2 * n), (0, 0)))
+        outs.append((projected, layers.dense(projected, kernel, cfg.matmul_precision)))
+    return outs
+
+  def _direction(self, u, projected, delta, A_log, D, dt_proj) -> Direction:
+    """One direction's scan arguments: B and C are windows of x_proj's output (`_projections`)."""
+    rank, n = _padded_rank(self.cfg.resolved_dt_rank, self.cfg.d_state), self.cfg.d_state
     B, C = Columns(projected, rank, n), Columns(projected, rank + n, n)
     return Direction(u, delta, -jnp.exp(A_log[...].astype(jnp.float32)), B, C, D[...], dt_proj.bias[...])
 
@@ -244,10 +264,11 @@ class BiMambaMixer(nnx.Module):
         impl=_CONV_IMPLS.get(cfg.scan_impl, "xla"),
         interpret=cfg.scan_interpret,
       )
+    (projected_f, delta_f), (projected_b, delta_b) = self._projections(u_f, u_b)
     with jax.named_scope("forward"):
-      forward = self._direction(u_f, self.x_proj, self.dt_proj, self.A_log, self.D)
+      forward = self._direction(u_f, projected_f, delta_f, self.A_log, self.D, self.dt_proj)
     with jax.named_scope("backward"):
-      backward = self._direction(u_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b)
+      backward = self._direction(u_b, projected_b, delta_b, self.A_b_log, self.D_b, self.dt_proj_b)
     with jax.named_scope("scan"):
       y = selective_scan_bidirectional(
         forward,
