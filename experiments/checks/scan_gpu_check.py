@@ -8,8 +8,9 @@ r"""The compiled Pallas GPU scan against the reference on the GPU itself (tests 
   compute-sanitizer --tool memcheck python experiments/checks/scan_gpu_check.py --case=1
 
 Forward (y, last state) and the gradients of all eight arrays, both directions, and the fused
-bidirectional scan with its gradients, on shapes that exercise short last chunks, partial sub-chunks,
-padded channels and several chunks (`--case=i` runs one of them, to keep sanitizer runs short).
+bidirectional scan with its gradients (A also as `NegativeExp`), on shapes that exercise short last
+chunks, partial sub-chunks, padded channels and several chunks (`--case=i` runs one of them, to keep
+sanitizer runs short).
 Prints the worst relative error per case and exits non-zero above the tolerance. With the platform
 allocator every buffer is its own allocation, so compute-sanitizer sees any access past one; command
 buffers (CUDA graphs) are off so that every kernel launch is its own. XLA's compiler crashes under the
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from experiments.checks.gpu_check import Tally
-from kernels import Direction, selective_scan, selective_scan_bidirectional
+from kernels import Direction, NegativeExp, selective_scan, selective_scan_bidirectional
 
 _CASE = flags.DEFINE_integer("case", None, "Index into CASES to run only that case (default: all).")
 
@@ -63,12 +64,15 @@ def _run(impl, arrays, weights, reverse):
   return outputs, grads
 
 
-def _run_bidirectional(impl, arrays, weights):
-  """Both directions on different inputs (the second's u, delta, B, C rolled by one position)."""
+def _run_bidirectional(impl, arrays, weights, negative_exp=False):
+  """Both directions on different inputs (the second's u, delta, B, C rolled by one position); with
+  `negative_exp`, A as `NegativeExp(log(-A))`, which the kernels exponentiate themselves."""
 
   def loss(arrays):
     rolled = {k: jnp.roll(arrays[k], 1, axis=1) for k in ("u", "delta", "B", "C")}
     forward = Direction(*(arrays[k] for k in Direction._fields))
+    if negative_exp:
+      forward = forward._replace(A=NegativeExp(jnp.log(-forward.A)))
     backward = forward._replace(**rolled)
     y = selective_scan_bidirectional(forward, backward, arrays["z"], delta_softplus=True, impl=impl)
     return jnp.sum(y.astype(jnp.float32) * weights), y
@@ -87,6 +91,9 @@ def main(argv) -> int:
     runs = {f"reverse={reverse}": functools.partial(_run, arrays=arrays, weights=weights, reverse=reverse)
             for reverse in (False, True)}  # fmt: skip
     runs["bidirectional"] = functools.partial(_run_bidirectional, arrays=arrays, weights=weights)
+    runs["bidirectional, NegativeExp"] = functools.partial(
+      _run_bidirectional, arrays=arrays, weights=weights, negative_exp=True
+    )
     for what, run in runs.items():
       errors, worst = tally.compare(run("pallas_gpu"), run("reference"), TOLERANCE[dtype])
       name = f"b{batch} l{length} d{channels} n{state} {jnp.dtype(dtype).name} {what}"

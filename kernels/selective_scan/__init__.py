@@ -2,5 +2,6 @@
 
 from kernels.selective_scan.api import IMPLS, Direction, selective_scan, selective_scan_bidirectional
 from kernels.selective_scan.columns import Columns
+from kernels.selective_scan.negative_exp import NegativeExp
 
-__all__ = ["IMPLS", "Columns", "Direction", "selective_scan", "selective_scan_bidirectional"]
+__all__ = ["IMPLS", "Columns", "Direction", "NegativeExp", "selective_scan", "selective_scan_bidirectional"]

@@ -19,6 +19,7 @@ from jax.tree_util import keystr
 
 from kernels.selective_scan import pallas_gpu, pallas_tpu, reference, xla
 from kernels.selective_scan.columns import Columns
+from kernels.selective_scan.negative_exp import NegativeExp
 from kernels.selective_scan.softplus import softplus
 
 _log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ class Direction(NamedTuple):
 
   u: jax.Array
   delta: jax.Array
-  A: jax.Array
+  A: jax.Array | NegativeExp
   B: jax.Array | Columns
   C: jax.Array | Columns
   D: jax.Array | None = None
@@ -115,11 +116,14 @@ def _per_device(impl: str, fn: Callable, arrays: dict, outputs: str | tuple[str,
   return jax.shard_map(lambda a: fn(**a), in_specs=(in_specs,), out_specs=out_specs, check_vma=False)(arrays)
 
 
-def _check(name: str, x, dims: tuple[str, ...], sizes: dict[str, int]) -> jax.Array | Columns:
+def _check(name: str, x, dims: tuple[str, ...], sizes: dict[str, int]) -> jax.Array | Columns | NegativeExp:
   """Checks `x` is a floating array of shape `dims` (named sizes already in `sizes` must match),
-  records the sizes it defines, and returns it as a jax array; B and C may be `Columns` windows."""
+  records the sizes it defines, and returns it as a jax array; B and C may be `Columns` windows, A a
+  `NegativeExp`."""
   if isinstance(x, Columns) and dims == _SEQ_STATE:
     x = Columns(jnp.asarray(x.array), x.start, x.size)
+  elif isinstance(x, NegativeExp) and dims == _DIMS["A"]:
+    x = NegativeExp(jnp.asarray(x.log))
   else:
     x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -135,14 +139,14 @@ def _check(name: str, x, dims: tuple[str, ...], sizes: dict[str, int]) -> jax.Ar
 
 
 def _sliced(args: Direction) -> Direction:
-  """`args` with `Columns` windows sliced, for the impls that take plain arrays."""
-  return Direction(*(x.value() if isinstance(x, Columns) else x for x in args))
+  """`args` with `Columns` windows sliced and a `NegativeExp` computed, for the impls that take plain arrays."""
+  return Direction(*(x.value() if isinstance(x, (Columns, NegativeExp)) else x for x in args))
 
 
 _SEQ, _SEQ_STATE, _CHANNEL = ("batch", "length", "channels"), ("batch", "length", "state"), ("channels",)
 _DIMS = dict(u=_SEQ, delta=_SEQ, A=("channels", "state"), B=_SEQ_STATE, C=_SEQ_STATE, D=_CHANNEL, delta_bias=_CHANNEL)
 _DIMS.update(z=_SEQ, y=_SEQ, last_state=("batch", "channels", "state"))  # for `_per_device`
-_DIMS.update(array=_SEQ_STATE)  # a `Columns` window's array (B or C), split like them
+_DIMS.update(array=_SEQ_STATE, log=_DIMS["A"])  # a `Columns` window's array (B or C), a `NegativeExp`'s log (A)
 
 
 def _checked(args: Direction, sizes: dict[str, int], prefix: str = "") -> Direction:
@@ -183,7 +187,8 @@ def selective_scan(
 
   Args:
     u, delta, z: (batch, length, channels).
-    A: (channels, state), real (negative in Mamba).
+    A: (channels, state), real (negative in Mamba); or `NegativeExp(A_log)`, Mamba's parametrisation, which
+      the GPU kernel computes from A_log itself.
     B, C: (batch, length, state), shared by all channels; or `Columns` windows of one wider array (x_proj's
       output), which the GPU kernel reads in place where a window is a whole state-wide block of columns.
     D, delta_bias: (channels,).

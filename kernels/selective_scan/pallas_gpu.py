@@ -59,6 +59,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from kernels.selective_scan import ptx
 from kernels.selective_scan.columns import Columns
+from kernels.selective_scan.negative_exp import NegativeExp
 from kernels.selective_scan.padding import compute_dtype, pad_to
 from kernels.selective_scan.softplus import silu_grad, softplus, softplus_grad
 
@@ -114,6 +115,8 @@ class _Plan:
   # B's and C's column block in the arrays the kernels read: a `Columns` window read in place, or None for
   # a (batch, length, state) array (`_read_in_place`).
   columns: tuple[int | None, int | None] = (None, None)
+  # A given as its log (`NegativeExp`): the kernels compute A = -exp(A_log) from the block they load.
+  a_log: bool = False
 
   @property
   def native(self) -> bool:
@@ -161,7 +164,8 @@ class _Chunk:
     self.refs, self.plan, self.index = refs, plan, index  # index: the chunk's, in the sequence
     self.size = jnp.minimum(plan.chunk, plan.length - index * plan.chunk)  # the last may be short
     self.sub_chunks = (self.size + plan.sub_chunk - 1) // plan.sub_chunk
-    self.A = refs.A[...].astype(plan.dtype)
+    A = refs.A[...].astype(plan.dtype)
+    self.A = -jnp.exp(A) if plan.a_log else A  # once per program: exp accurate, not the hardware's ex2
     self.D = refs.D[...].astype(plan.dtype)
     self.bias = refs.bias[...].astype(plan.dtype)
 
@@ -569,7 +573,7 @@ def _padded(plan: _Plan, u, delta, A, B, C, D, bias, z) -> tuple:
     x.array if column is not None else pad_to(x.value() if isinstance(x, Columns) else x, 2, plan.state)
     for x, column in zip((B, C), plan.columns, strict=True)
   )
-  A = pad_to(pad_to(A, 0, plan.channels), 1, plan.state)
+  A = pad_to(pad_to(A.log if isinstance(A, NegativeExp) else A, 0, plan.channels), 1, plan.state)
   D, bias = (pad_to(x, 0, plan.channels) for x in (D, bias))
   return (u, delta, A, B, C, D, bias) + ((z,) if plan.gated else ())
 
@@ -743,6 +747,7 @@ def _plan(
     num_warps=tuning.get("num_warps", NUM_WARPS),
     interpret=interpret,
     columns=_read_in_place(B, C, state),
+    a_log=isinstance(A, NegativeExp),
   )
 
 
@@ -754,10 +759,12 @@ def _with_defaults(args: tuple, dtype) -> tuple:
 
 def _cropped(grads: tuple, args: tuple) -> tuple:
   """The gradients (u, delta, A, B, C, D, delta_bias) of `args` (unpadded, as given) without channel and state
-  padding; a `Columns` window's as the whole array's."""
+  padding; a `Columns` window's as the whole array's, a `NegativeExp`'s as its log's."""
   du, ddelta, dA, dB, dC, dD, dbias = grads
-  channels, state = args[2].shape
-  by_channel = (du[..., :channels], ddelta[..., :channels], dA[:channels, :state])
+  A = args[2]
+  channels, state = A.shape
+  dA = dA[:channels, :state]
+  by_channel = (du[..., :channels], ddelta[..., :channels], A.cotangent(dA) if isinstance(A, NegativeExp) else dA)
   dB, dC = (dx[..., :state] for dx in (dB, dC))
   dB, dC = (x.cotangent(dx) if isinstance(x, Columns) else dx for x, dx in zip(args[3:5], (dB, dC)))
   return (*by_channel, dB, dC, dD[:channels], dbias[:channels])

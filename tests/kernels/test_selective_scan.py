@@ -567,6 +567,81 @@ def test_bad_columns_windows_are_named():
     selective_scan(**args)
 
 
+# --- NegativeExp: A as Mamba's A_log, exponentiated by the scan -------------------------------------
+
+
+def a_log_of(A) -> jax.Array:
+  return jnp.log(-jnp.asarray(A))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_negative_exp_equals_computed_a(impl):
+  """A given as `NegativeExp(A_log)`: y, the last state and A_log's gradient equal those of A = -exp(A_log)
+  computed in XLA, for every impl (the GPU kernel computes A itself, over several chunks here)."""
+  arrays = random_inputs(np.random.default_rng(11), 2, 37, 8, 4, **ALL_OPTIONS, dtype=jnp.float32)
+  A_log = a_log_of(arrays.pop("A"))
+  if impl == "pallas_gpu":  # three chunks: the kernels that carry states between them compute A too
+    scan = functools.partial(pallas_gpu.scan, interpret=True, max_chunk=16, sub_chunk=4)
+  else:
+    scan = functools.partial(selective_scan, impl=impl, interpret=True, return_last_state=True)
+
+  def loss(A_log, lazy: bool):
+    y, last = scan(**arrays, A=kernels.NegativeExp(A_log) if lazy else -jnp.exp(A_log), delta_softplus=True)
+    return jnp.sum(jnp.sin(y)) + jnp.sum(last**2)
+
+  got = jit_run(jax.value_and_grad(functools.partial(loss, lazy=True)), A_log)
+  want = jit_run(jax.value_and_grad(functools.partial(loss, lazy=False)), A_log)
+  assert_close(got, want, jnp.float32, "grad")
+  assert np.all(np.asarray(got[1]) != 0)
+
+
+def test_fused_bidirectional_with_negative_exp_equals_computed_a():
+  """The fused GPU path with both directions' A as `NegativeExp`: y and both A_logs' gradients as with A
+  computed in XLA; the kernel's jaxpr has no exp of A outside the Pallas calls."""
+  forward, backward, z = bidirectional_inputs(np.random.default_rng(12), (2, 37, 8, 4), jnp.float32)
+  A_logs = [a_log_of(d.A) for d in (forward, backward)]
+
+  def loss(A_logs, lazy: bool):
+    f, b = (d._replace(A=kernels.NegativeExp(a) if lazy else -jnp.exp(a)) for d, a in zip((forward, backward), A_logs))
+    return jnp.sum(jnp.sin(pallas_gpu.bidirectional(f, b, z, delta_softplus=True, interpret=True)))
+
+  got = jit_run(jax.value_and_grad(functools.partial(loss, lazy=True)), A_logs)
+  want = jit_run(jax.value_and_grad(functools.partial(loss, lazy=False)), A_logs)
+  assert_close(got, want, jnp.float32, "grad")
+  assert "exp" not in primitives_outside_kernels(jax.make_jaxpr(functools.partial(loss, lazy=True))(A_logs).jaxpr)
+
+
+def primitives_outside_kernels(jaxpr) -> set[str]:
+  """The primitives of `jaxpr` and its sub-jaxprs (custom VJPs, jits), not looking into Pallas calls."""
+  names = set()
+  for eqn in jaxpr.eqns:
+    names.add(eqn.primitive.name)
+    if eqn.primitive.name != "pallas_call":
+      for value in eqn.params.values():
+        sub = getattr(value, "jaxpr", value)
+        if hasattr(sub, "eqns"):
+          names |= primitives_outside_kernels(sub)
+  return names
+
+
+def test_negative_exp_runs_per_device_under_a_mesh():
+  """A as `NegativeExp` under a mesh with channels split: its log splits like A, and value and A_log's gradient
+  equal the unsharded reference's."""
+  mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  arrays = random_inputs(np.random.default_rng(13), 8, 9, 8, 4, **ALL_OPTIONS, dtype=jnp.float32)
+  A_log = a_log_of(arrays.pop("A"))
+
+  def loss(A_log, impl, **kwargs):
+    y = selective_scan(**arrays, A=kernels.NegativeExp(A_log), delta_softplus=True, impl=impl, interpret=True,
+                       **kwargs)  # fmt: skip
+    return jnp.sum(jnp.sin(y))
+
+  expected = jit_run(jax.value_and_grad(functools.partial(loss, impl="reference")), A_log)
+  with jax.set_mesh(mesh):
+    got = jit_run(jax.value_and_grad(functools.partial(loss, impl="pallas_gpu", channel_axes="model")), A_log)
+  assert_close(got, expected, jnp.float32, "grad")
+
+
 # (mesh shape, axis names, channel_axes, axis type): the batch alone over all 8 devices, or channels over
 # "model" (Explicit once per split: it only adds a reshard to the specs).
 MESHES = [

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kernels import Columns, Direction, conv_silu, conv_silu_bidirectional, selective_scan_bidirectional
+from kernels import Columns, Direction, NegativeExp, conv_silu, conv_silu_bidirectional, selective_scan_bidirectional
 from kernels import step_projections as projections_kernel
 from vim_jax.models import layers
 
@@ -244,10 +244,11 @@ class BiMambaMixer(nnx.Module):
     return outs
 
   def _direction(self, u, projected, delta, A_log, D, dt_proj) -> Direction:
-    """One direction's scan arguments: B and C are windows of x_proj's output (`_projections`)."""
+    """One direction's scan arguments: B and C are windows of x_proj's output (`_projections`), A = -exp(A_log)
+    is left to the scan (the GPU kernel computes it: no launch of its own)."""
     rank, n = _padded_rank(self.cfg.resolved_dt_rank, self.cfg.d_state), self.cfg.d_state
     B, C = Columns(projected, rank, n), Columns(projected, rank + n, n)
-    return Direction(u, delta, -jnp.exp(A_log[...].astype(jnp.float32)), B, C, D[...], dt_proj.bias[...])
+    return Direction(u, delta, NegativeExp(A_log[...]), B, C, D[...], dt_proj.bias[...])
 
   def __call__(self, hidden: jax.Array) -> jax.Array:
     """hidden: (batch, length, dim) normed tokens -> (batch, length, dim)."""
