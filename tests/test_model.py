@@ -249,7 +249,7 @@ def test_training_step_holds_no_tensor_of_all_states(impl):
     h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)):
       hlo = step.trace(params, images).lower(lowering_platforms=("cuda",)).as_text()
-    assert all(name in hlo for name in ("selective_scan_bwd", "step_projections", "project_add_norm"))
+    assert "selective_scan_bwd" in hlo and "step_projections" in hlo
   else:
     hlo = step.trace(params, images).lower().as_text()
   sizes = {math.prod(map(int, dims.split("x")[:-1])) for dims in re.findall(r"tensor<((?:\d+x)+)\w+>", hlo)}
@@ -295,28 +295,6 @@ def test_step_projections_kernel_equals_xla_matmuls_in_the_model(vim_ref, monkey
   monkeypatch.setattr(vim.projections_kernel, "supported", lambda *args: False)
   xla_logits, xla_grads = logits_and_grads()
   assert_rel_close(logits, xla_logits, 1e-2, "logits")
-  for (path, got), (_, want) in zip(nnx.to_flat_state(grads), nnx.to_flat_state(xla_grads)):
-    assert_rel_close(got[...], want[...], 3e-2, "/".join(map(str, path)))
-
-
-@pytest.mark.parametrize("remat", [False, True])
-def test_fused_block_ends_equal_xla_ops(remat, monkeypatch):
-  """bf16, blocks unrolled: each block's out_proj, residual add and the next norm as one `kernels.residual_norm`
-  launch (interpret mode; the mixer in XLA, to compile fast) give the tokens and the logits' parameter gradients of
-  XLA's ops, with drop path dropping the same samples. (Where the model fuses them is the CUDA lowering test's.)"""
-  kwargs = dict(img_size=32, depth=2, embed_dim=32, num_classes=10, dtype="bfloat16", drop_path_rate=0.5, remat=remat)
-  model = create_model("vim_tiny", scan_impl="xla", scan_interpret=True, rngs=nnx.Rngs(0), **kwargs)
-  images = jax.random.normal(jax.random.key(2), (4, 32, 32, 3))
-
-  def tokens_and_grads(fused: bool):
-    monkeypatch.setattr(vim.VisionMamba, "_fuses_block_ends", lambda self: fused)
-    tokens = lambda m: m.forward_tokens(images, rngs=nnx.Rngs(dropout=1))  # noqa: E731
-    loss = lambda m: jnp.sum(jnp.sin(m(images, rngs=nnx.Rngs(dropout=1))))  # noqa: E731
-    return nnx.jit(tokens)(model), nnx.state(nnx.jit(nnx.grad(loss))(model))
-
-  (tokens, grads), (xla_tokens, xla_grads) = tokens_and_grads(True), tokens_and_grads(False)
-  assert tokens.dtype == xla_tokens.dtype == jnp.float32
-  assert_rel_close(tokens, xla_tokens, 2e-2, "tokens")
   for (path, got), (_, want) in zip(nnx.to_flat_state(grads), nnx.to_flat_state(xla_grads)):
     assert_rel_close(got[...], want[...], 3e-2, "/".join(map(str, path)))
 

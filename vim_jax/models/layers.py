@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kernels import conv_silu, residual_norm
+from kernels import conv_silu
 from kernels import step_projections as projections_kernel
 
 Initializer = nnx.Initializer
@@ -194,50 +194,6 @@ def _step_projections_bwd(rank, interpret, residuals, cotangents):
 step_projections.defvjp(_step_projections_fwd, _step_projections_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def project_add_norm(
-  y: jax.Array,
-  kernel: jax.Array,
-  residual: jax.Array,
-  norm_weight: jax.Array,
-  row_scale: jax.Array | None,
-  eps: float,
-  out_dtype,
-  interpret: bool,
-) -> tuple[jax.Array, jax.Array]:
-  """(residual + row_scale · (y · kernel), its RMSNorm): a mixer's out_proj, the add to the residual stream and the
-  next norm as one `kernels.residual_norm` launch. The backward is XLA's: the norm's, then out_proj's as `dense`'s.
-  `row_scale` (drop path's per-sample scale) is a constant: its cotangent is zero."""
-  return _project_add_norm_fwd(y, kernel, residual, norm_weight, row_scale, eps, out_dtype, interpret)[0]
-
-
-def _project_add_norm_fwd(y, kernel, residual, norm_weight, row_scale, eps, out_dtype, interpret):
-  out = residual_norm.project_add_norm(
-    y, kernel, residual, norm_weight, row_scale, eps=eps, out_dtype=out_dtype, interpret=interpret
-  )
-  return out, (y, kernel, residual, out[0], norm_weight, row_scale)  # residual for its sharding only
-
-
-def _project_add_norm_bwd(eps, out_dtype, interpret, residuals, cotangents):
-  del out_dtype, interpret
-  y, kernel, residual, x, norm_weight, row_scale = residuals
-  d_x, d_normed = cotangents
-  rstd = jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
-  x_hat, d_normed = x * rstd, d_normed.astype(jnp.float32)
-  d_norm_weight = jnp.sum(d_normed * x_hat, axis=tuple(range(x.ndim - 1)))
-  g = d_normed * norm_weight
-  d_x = d_x + rstd * (g - x_hat * jnp.mean(g * x_hat, axis=-1, keepdims=True))
-  d_hidden = (d_x if row_scale is None else d_x * row_scale[..., None]).astype(y.dtype)
-  d_y, d_kernel = _dense_bwd(None, (y, kernel), d_hidden)
-  d_row_scale = None if row_scale is None else jnp.zeros_like(row_scale, out_sharding=_sharded_like(row_scale))
-  sharding = _sharded_like(residual)  # the kernel's outputs are split by batch where the residual may not be
-  d_residual = d_x if sharding is None else jax.sharding.reshard(d_x, sharding)
-  return d_y, d_kernel, d_residual, d_norm_weight.astype(norm_weight.dtype), d_row_scale
-
-
-project_add_norm.defvjp(_project_add_norm_fwd, _project_add_norm_bwd)
-
-
 def weight_gradient(x: jax.Array, d_out: jax.Array, precision: jax.lax.PrecisionLike) -> jax.Array:
   """xᵀ · d_out summed over all leading axes, as one matmul per group of whole samples, added in float32.
 
@@ -279,25 +235,11 @@ def drop_path(x: jax.Array, rate: float | jax.Array, rngs: nnx.Rngs | None) -> j
   Deterministic (identity) when `rngs` is None or a static rate is 0. A traced rate (the layer scan's)
   of 0 keeps every sample (uniform draws are < 1) and divides by 1: an exact identity too.
   """
-  kept = _kept_samples(x.shape[0], rate, rngs)
-  if kept is None:
-    return x
-  kept = kept.reshape(-1, *(1,) * (x.ndim - 1))
-  return jnp.where(kept, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros_like(x))
-
-
-def drop_path_scale(batch: int, rate: float | jax.Array, rngs: nnx.Rngs | None) -> jax.Array | None:
-  """The per-sample factors (batch,) of `drop_path` with the same samples dropped: 0, or 1/keep for the kept
-  (float32); None where drop path is the identity."""
-  kept = _kept_samples(batch, rate, rngs)
-  return None if kept is None else jnp.where(kept, 1.0 / (1.0 - jnp.asarray(rate, jnp.float32)), 0.0)
-
-
-def _kept_samples(batch: int, rate: float | jax.Array, rngs: nnx.Rngs | None) -> jax.Array | None:
-  """Which samples drop path keeps, each with probability 1 - rate; None where it keeps all for sure."""
   if rngs is None or (isinstance(rate, (int, float)) and rate == 0.0):
-    return None
-  return jax.random.bernoulli(rngs.dropout(), 1.0 - rate, (batch,))
+    return x
+  keep = 1.0 - rate
+  mask = jax.random.bernoulli(rngs.dropout(), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
 
 
 def drop_path_rates(rate: float, depth: int) -> tuple[float, ...]:

@@ -15,15 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kernels import (
-  Columns,
-  Direction,
-  NegativeExp,
-  conv_silu,
-  conv_silu_bidirectional,
-  residual_norm,
-  selective_scan_bidirectional,
-)
+from kernels import Columns, Direction, NegativeExp, conv_silu, conv_silu_bidirectional, selective_scan_bidirectional
 from kernels import step_projections as projections_kernel
 from vim_jax.models import layers
 
@@ -260,17 +252,6 @@ class BiMambaMixer(nnx.Module):
 
   def __call__(self, hidden: jax.Array) -> jax.Array:
     """hidden: (batch, length, dim) normed tokens -> (batch, length, dim)."""
-    y = self.gated_scan(hidden)
-    with jax.named_scope("out_proj"):
-      return layers.dense(y, self.out_kernel(), self.cfg.matmul_precision)
-
-  def out_kernel(self) -> jax.Array:
-    """out_proj's kernel in the compute dtype."""
-    return self.out_proj.kernel[...].astype(jnp.dtype(self.cfg.dtype))
-
-  def gated_scan(self, hidden: jax.Array) -> jax.Array:
-    """Everything before out_proj: (y_forward + y_backward) / 2 · silu(z) in the compute dtype, (batch, length,
-    d_inner), from normed tokens (batch, length, dim)."""
     cfg = self.cfg
     with jax.named_scope("in_proj"):  # x and z each written contiguous, for the conv and scan kernels
       dtype = jnp.dtype(cfg.dtype)
@@ -299,7 +280,8 @@ class BiMambaMixer(nnx.Module):
         impl=cfg.scan_impl,
         interpret=cfg.scan_interpret,
       )
-    return y.astype(dtype)
+    with jax.named_scope("out_proj"):
+      return layers.dense(y.astype(dtype), self.out_proj.kernel[...].astype(dtype), cfg.matmul_precision)
 
 
 class Block(nnx.Module):
@@ -368,50 +350,10 @@ class VisionMamba(nnx.Module):
   def forward_tokens(self, images: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
     """The final-normed token sequence (batch, length, dim), cls included: the dense-prediction output."""
     cfg = self.cfg
-    if self._fuses_block_ends():
-      return self._fused_blocks(self.embed(images), rngs)
     residual = layers.apply_blocks(
       self.layers, self.embed(images), rngs, rates=self.drop_path_rates, scan=cfg.scan_layers, remat=cfg.remat
     )
     return self.norm_f(residual)
-
-  def _fuses_block_ends(self) -> bool:
-    """Whether each block ends in one `kernels.residual_norm` launch: where the mixer's GPU kernels run, in a
-    2-byte dtype, at widths it takes, with the blocks unrolled (the layer scan keeps XLA's ops)."""
-    cfg = self.cfg
-    kernels = conv_silu.uses_kernels(_CONV_IMPLS.get(cfg.scan_impl, "xla"), cfg.scan_interpret)
-    return kernels and not cfg.scan_layers and residual_norm.supported(cfg.d_inner, cfg.embed_dim, cfg.dtype)
-
-  def _fused_blocks(self, x: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
-    """`apply_blocks` and `norm_f` with each block's out_proj, residual add and the next norm (block i + 1's, or
-    norm_f after the last) in one kernel (`layers.project_add_norm`): the same function, with drop path's
-    samples drawn as there (one key per block)."""
-    cfg, blocks = self.cfg, self.layers
-    dtype = jnp.dtype(cfg.dtype)
-    stochastic = rngs is not None and any(rate > 0 for rate in self.drop_path_rates)
-    keys = jax.random.split(rngs.dropout(), len(blocks)) if stochastic else [None] * len(blocks)
-    next_norms = [block.norm for block in blocks[1:]] + [self.norm_f]
-
-    def block(out_dtype):
-      def run(block, next_norm, residual, normed, rate, key):
-        y = block.mixer.gated_scan(normed)
-        batch, length, _ = residual.shape
-        scale = layers.drop_path_scale(batch, rate, None if key is None else nnx.Rngs(dropout=key))
-        scale = None if scale is None else jnp.broadcast_to(scale[:, None], (batch, length))
-        with jax.named_scope("out_proj_residual_norm"):
-          return layers.project_add_norm(
-            y, block.mixer.out_kernel(), residual, next_norm.weight[...], scale, next_norm.eps, out_dtype,
-            cfg.scan_interpret,
-          )  # fmt: skip
-
-      return nnx.remat(run) if cfg.remat else run
-
-    with jax.named_scope("norm"):
-      normed = blocks[0].norm(x, dtype=dtype)
-    out_dtypes = [dtype] * (len(blocks) - 1) + [jnp.float32]  # the output tokens are float32, as norm_f's
-    for args in zip(blocks, next_norms, self.drop_path_rates, keys, out_dtypes):
-      x, normed = block(args[-1])(*args[:2], x, normed, *args[2:4])
-    return normed
 
   def forward_features(self, images: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
     """The pre-head feature (batch, dim): the final cls token."""
