@@ -148,8 +148,7 @@ def _dense_bwd(precision, residuals, d_out):
   x, kernel = residuals
   d_x = jnp.dot(d_out, kernel.T, precision=precision, out_sharding=_sharded_like(x))
   d_kernel = weight_gradient(x, d_out, precision).astype(kernel.dtype)
-  sharding = _sharded_like(kernel)
-  return d_x.astype(x.dtype), d_kernel if sharding is None else jax.sharding.reshard(d_kernel, sharding)
+  return d_x.astype(x.dtype), _resharded_like(d_kernel, kernel)
 
 
 dense.defvjp(_dense_fwd, _dense_bwd)
@@ -186,9 +185,7 @@ def _step_projections_bwd(rank, interpret, residuals, cotangents):
     )
     grads.append((d_u.astype(u.dtype), d_weights.astype(packed.dtype)))
   (d_uf, d_wf), (d_ub, d_wb) = grads
-  d_packed = jnp.stack([d_wf, d_wb])
-  sharding = _sharded_like(packed)
-  return d_uf, d_ub, d_packed if sharding is None else jax.sharding.reshard(d_packed, sharding)
+  return d_uf, d_ub, _resharded_like(jnp.stack([d_wf, d_wb]), packed)
 
 
 step_projections.defvjp(_step_projections_fwd, _step_projections_bwd)
@@ -227,6 +224,12 @@ def _sharded_like(primal: jax.Array) -> jax.sharding.NamedSharding | None:
     return sharding
   mesh = jax.sharding.get_abstract_mesh()
   return None if mesh.empty else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def _resharded_like(gradient: jax.Array, primal: jax.Array) -> jax.Array:
+  """`gradient` laid out as `_sharded_like(primal)` says, where a mesh is set."""
+  sharding = _sharded_like(primal)
+  return gradient if sharding is None else jax.sharding.reshard(gradient, sharding)
 
 
 def drop_path(x: jax.Array, rate: float | jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
