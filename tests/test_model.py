@@ -8,6 +8,7 @@ import math
 import re
 
 import chex
+import fast_compile
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,6 +47,12 @@ def ref_model(vim_ref, **overrides) -> VisionMamba:
 @nnx.jit
 def logits_of(model, images):
   return model(images)
+
+
+def parameter_gradients(model: nnx.Module, loss) -> nnx.State:
+  """The gradient of loss(model) for every parameter (`fast_compile`)."""
+  graphdef, state = nnx.split(model)
+  return fast_compile.compiled(jax.grad(lambda state: loss(nnx.merge(graphdef, state))), state)(state)
 
 
 def param_count(model: nnx.Module) -> int:
@@ -226,7 +233,8 @@ def test_padded_step_rank_changes_no_value(monkeypatch):
 
   def grads(padded_rank):
     monkeypatch.setattr(vim, "_padded_rank", padded_rank)
-    return jax.jit(jax.value_and_grad(lambda p: jnp.sum(jnp.sin(nnx.merge(graphdef, p)(images)))))(params)
+    step = jax.value_and_grad(lambda p: jnp.sum(jnp.sin(nnx.merge(graphdef, p)(images))))
+    return fast_compile.compiled(step, params)(params)
 
   assert model.cfg.resolved_dt_rank == 12 and vim._padded_rank(12, 16) == 16
   chex.assert_trees_all_close(grads(vim._padded_rank), grads(lambda rank, state: rank), rtol=1e-5, atol=1e-6)
@@ -274,7 +282,7 @@ def test_gradients_agree_between_scan_impls(vim_ref, impl):
   def grads(impl):
     model = ref_model(vim_ref, scan_impl=impl, scan_interpret=True, scan_layers=True)
     loss = lambda m: jnp.sum(m(images) ** 2)  # noqa: E731
-    return nnx.state(nnx.jit(nnx.grad(loss))(model))
+    return parameter_gradients(model, loss)
 
   g_ref, g_impl = grads("reference"), grads(impl)
   chex.assert_tree_all_finite(g_ref)
@@ -282,18 +290,22 @@ def test_gradients_agree_between_scan_impls(vim_ref, impl):
 
 
 def test_step_projections_kernel_equals_xla_matmuls_in_the_model(vim_ref, monkeypatch):
-  """bf16 with the GPU kernels (interpret mode): the mixer's x_proj and dt_proj as `kernels.step_projections`
-  give the logits and parameter gradients of its XLA matmuls."""
+  """bf16 with the mixer's GPU kernels (interpret mode; the scan in XLA, to compile fast): x_proj and dt_proj as
+  `kernels.step_projections` give the logits and parameter gradients of its XLA matmuls."""
   images = jnp.asarray(vim_ref["images"])
+  monkeypatch.setattr(vim.conv_silu, "uses_kernels", lambda impl, interpret: interpret)
 
   def logits_and_grads():
-    model = ref_model(vim_ref, dtype="bfloat16", scan_impl="pallas_gpu", scan_interpret=True, scan_layers=True)
+    model = ref_model(vim_ref, dtype="bfloat16", scan_impl="xla", scan_interpret=True, scan_layers=True)
     loss = lambda m: jnp.sum(m(images) ** 2)  # noqa: E731
-    return logits_of(model, images), nnx.state(nnx.jit(nnx.grad(loss))(model))
+    graphdef, state = nnx.split(model)
+    jaxpr = str(jax.make_jaxpr(lambda state: nnx.merge(graphdef, state)(images))(state))
+    return "name=step_projections" in jaxpr, logits_of(model, images), parameter_gradients(model, loss)
 
-  logits, grads = logits_and_grads()
+  kernel, logits, grads = logits_and_grads()
   monkeypatch.setattr(vim.projections_kernel, "supported", lambda *args: False)
-  xla_logits, xla_grads = logits_and_grads()
+  xla, xla_logits, xla_grads = logits_and_grads()
+  assert kernel and not xla
   assert_rel_close(logits, xla_logits, 1e-2, "logits")
   for (path, got), (_, want) in zip(nnx.to_flat_state(grads), nnx.to_flat_state(xla_grads)):
     assert_rel_close(got[...], want[...], 3e-2, "/".join(map(str, path)))

@@ -1,11 +1,13 @@
 """The fused conv + SiLU kernels (interpret mode) against the XLA conv, forward and gradients."""
 
+import functools
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fast_compile import compiled as fast_compiled
 
 from kernels import conv_silu
 
@@ -38,8 +40,9 @@ def test_kernels_match_xla_in_float64(batch, length, channels, taps, x64):
   rng = np.random.default_rng(length)
   x, forward, backward = _inputs(rng, batch, length, channels, taps, jnp.float64)
   cotangents = tuple(jnp.asarray(rng.standard_normal(x.shape)) for _ in range(2))
-  out, grads = jax.jit(_run, static_argnums=0)("pallas_gpu", x, forward, backward, cotangents)
-  expected_out, expected_grads = jax.jit(_run, static_argnums=0)("xla", x, forward, backward, cotangents)
+  args = (x, forward, backward, cotangents)
+  out, grads = fast_compiled(functools.partial(_run, "pallas_gpu"), *args)(*args)
+  expected_out, expected_grads = fast_compiled(functools.partial(_run, "xla"), *args)(*args)
   for got, want in zip(jax.tree.leaves((out, grads)), jax.tree.leaves((expected_out, expected_grads))):
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
@@ -49,8 +52,9 @@ def test_kernels_keep_bfloat16_inputs_and_float32_weights():
   x, forward, backward = _inputs(rng, 2, 19, 8, 4, jnp.float32)
   x = x.astype(jnp.bfloat16)
   cotangents = tuple(jnp.asarray(rng.standard_normal(x.shape), jnp.bfloat16) for _ in range(2))
-  out, grads = _run("pallas_gpu", x, forward, backward, cotangents)
-  expected_out, expected_grads = _run("xla", x, forward, backward, cotangents)
+  args = (x, forward, backward, cotangents)
+  out, grads = fast_compiled(functools.partial(_run, "pallas_gpu"), *args)(*args)
+  expected_out, expected_grads = fast_compiled(functools.partial(_run, "xla"), *args)(*args)
   assert [a.dtype for a in jax.tree.leaves((out, grads))] == [
     a.dtype for a in jax.tree.leaves((expected_out, expected_grads))
   ]

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fast_compile import compiled as fast_compiled
 
 import kernels
 from kernels.selective_scan import (
@@ -45,13 +46,8 @@ def assert_close(actual, expected, dtype, kind):
   chex.assert_trees_all_close(actual, expected, rtol=tol, atol=tol)
 
 
-# These tests check numbers and buffers, not speed; on CPU, XLA's backend (LLVM) optimisation is most
-# of the chunked scan's compile time.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
-
-
 def jit_run(f, *args):
-  return jax.jit(f).lower(*args).compile(FAST_COMPILE)(*args)
+  return fast_compiled(f, *args)(*args)
 
 
 def forward_and_vjp(arrays, cotangents, **kwargs):
@@ -760,7 +756,7 @@ def temp_bytes(impl, batch, length, channels, state):
     y, vjp = jax.vjp(lambda a: selective_scan(**a, impl=impl), arrays)
     return vjp(y)
 
-  compiled = jax.jit(fwd_bwd).lower(arrays).compile(FAST_COMPILE)
+  compiled = fast_compiled(fwd_bwd, arrays)
   return compiled.memory_analysis().temp_size_in_bytes
 
 
