@@ -23,6 +23,16 @@ channels are zero-padded to a multiple of `block_d` and state to a power of two 
 keeps padded entries at h = 0); the length is never padded: a chunk past the end stops at the last
 position (a partial sub-chunk re-reads it as an identity step, delta = 0, whose writes repeat a value).
 
+Where a forward pass has few programs (`BY_CHANNEL_PROGRAMS`), it holds the state by channel instead
+(`_forward_by_channel_kernel`): as `state` vectors of the block's channels, so that Triton gives each thread one
+channel's whole state. B and C are then per-position scalars that every thread reads (bf16 as uint32 pairs, half
+the loads, unpacked by a shift and a mask), y's sum over the state is a chain of multiply-adds in the thread, and
+no value goes through shared memory between per-channel and per-element layouts. Offline SASS shows a few more
+instructions per position (each thread converts all of B and C), but with ~12 one-warp programs per SM the tiles'
+shared-memory round trips and shuffles stall more: Vim-Ti's forward at 224², batch 128 went from 7.91-7.99 to
+7.67-7.72 ms (H200, ab_forward_by_channel_vim_tiny_h200.json); at 1248², batch 32 (9,216 programs per pass)
+the tiles are faster (fused bidirectional forward 2.40 against 2.52 ms, scan_tune_by_channel_h200.txt).
+
 Long sequences are split into chunks of at most `CHUNK` positions when the sequences alone give fewer
 than `FILLING_PROGRAMS` programs (`FORWARD_FILLING_PROGRAMS` where nothing is differentiated), so that a
 small batch still fills the GPU: pass 1 scans every chunk from a zero state, keeping its end state and
@@ -86,6 +96,9 @@ FILLING_PROGRAMS = 1024
 FORWARD_FILLING_PROGRAMS = 768
 SUB_CHUNK = 2
 FORWARD_SUB_CHUNK = 4
+# The forward passes go by channel up to this many programs (batch x channel blocks x chunks): one wave of
+# programs on an H100 or H200 at 224², batch 128 (1,536 per direction), tiles at 1248², batch 32 (9,216).
+BY_CHANNEL_PROGRAMS = 2048
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +130,10 @@ class _Plan:
   columns: tuple[int | None, int | None] = (None, None)
   # A given as its log (`NegativeExp`): the kernels compute A = -exp(A_log) from the block they load.
   a_log: bool = False
+  # The forward passes hold the state as `state` vectors of channels (`_forward_by_channel_kernel`).
+  by_channel: bool = False
+  # B and C come as uint32 words of two bf16 (the by-channel forward's per-position scalar loads, halved).
+  packed: bool = False
 
   @property
   def native(self) -> bool:
@@ -396,6 +413,90 @@ def _forward_kernel(*refs, plan: _Plan, chunk_index, outputs: tuple[str, ...], s
     out["total_delta"][...] = total
 
 
+def _forward_by_channel_kernel(*refs, plan: _Plan, chunk_index, outputs: tuple[str, ...], start: str):
+  """`_forward_kernel` for the forward passes (outputs "y", "ungated", "start_state", "end_state",
+  "total_delta"; start "zero" or "carried"), with the state held as `plan.state` vectors of the block's
+  channels: written so, Triton gives each thread whole channels, B and C are per-position scalars that every
+  thread reads, and the sums over the state are multiply-adds within a thread."""
+  args, refs = _split_refs(refs, plan)
+  chunk = _Chunk(args, plan, chunk_index)
+  n_state, log2e = plan.state, math.log2(math.e)
+  A = [args.A[:, n].astype(plan.dtype) for n in range(n_state)]
+  A = [(-chunk.exp(a) if plan.a_log else a) * log2e for a in A]  # log2(e) A: each decay is a multiply and an ex2
+
+  def decay(delta, n):
+    return ptx.exp2(delta * A[n], native=plan.native)
+
+  zero = jnp.zeros((plan.block_d,), plan.dtype)
+  h0 = [zero] * n_state
+  if start == "carried":
+    local_ref, total_ref = refs.pop(0), refs.pop(0)
+    k, last = chunk.index, plan.num_chunks - 1
+
+    def carry(i, c):
+      j = last - i if plan.reverse else i
+      total = total_ref[j, :]
+      return tuple(_fma(chunk, decay(total, n), c[n], local_ref[j, :, n]) for n in range(n_state))
+
+    h0 = list(jax.lax.fori_loop(0, last - k if plan.reverse else k, carry, tuple(h0)))
+  elif start != "zero":
+    raise ValueError(f"the by-channel forward starts from zero or carried states, got {start!r}")
+  out = dict(zip(outputs, refs, strict=True))
+
+  def store_state(ref, h):
+    for n in range(n_state):
+      ref[:, n] = h[n]
+
+  if "start_state" in out:
+    store_state(out["start_state"], h0)
+
+  def row(ref, t):  # B's or C's `n_state` values at t, as loaded (converted where used: `values`)
+    return [ref[t, n] for n in range(n_state // 2 if plan.packed else n_state)]
+
+  def values(row):
+    if plan.packed:
+      return [x for word in row for x in _unpacked_pairs(word)]
+    return [x.astype(plan.dtype) for x in row]
+
+  def load(j):
+    steps = []
+    for s in range(plan.sub_chunk):
+      t, real = chunk.clamped(j * plan.sub_chunk + s)
+      delta = chunk.step_size(t, real)[1]
+      u = chunk.load(args.u, t)
+      B = row(args.B, t)
+      C = row(args.C, t) if "y" in out else None
+      z = chunk.load(args.z, t) if plan.gated and "y" in out else None
+      extra = chunk.load(args.partner, t) if plan.combine is not None else None
+      steps.append((t, u, delta, B, C, z, extra))
+    return steps
+
+  def sub_chunk(j, steps, carry):
+    h, total = carry
+    for t, u, delta, B, C, z, extra in steps:
+      B, C = values(B), None if C is None else values(C)
+      du = delta * u
+      h = [_fma(chunk, decay(delta, n), h[n], du * B[n]) for n in range(n_state)]
+      total = total + delta
+      if "y" not in out:
+        continue
+      y = ptx.sum_of_products(zip(h, C), chunk.D * u, native=plan.native)
+      if plan.combine is not None:
+        y = (y + extra) * plan.combine
+      if "ungated" in out:
+        out["ungated"][t, :] = y.astype(out["ungated"].dtype)
+      if plan.gated:
+        y = y * chunk.silu(z)
+      out["y"][t, :] = y.astype(out["y"].dtype)
+    return h, total
+
+  h, total = chunk.over_sub_chunks(sub_chunk, (h0, zero), load)
+  if "end_state" in out:
+    store_state(out["end_state"], h)
+  if "total_delta" in out:
+    out["total_delta"][...] = total
+
+
 def _adjoint_kernel(*refs, plan: _Plan, chunk_index):
   """What one chunk adds to the adjoint carried backwards between chunks: exp(delta A) g at its first
   scan step when zero enters it from later positions."""
@@ -484,7 +585,8 @@ class _Specs:
     self.block_seq_state = pl.BlockSpec((None, c, None, n), lambda b, i, k: (b, k, i, 0))
     # u, delta, A, B, C, D, delta_bias[, z][, partner]
     # (batch, length, state), or the state-wide block of columns `plan.columns` names.
-    B, C = (pl.BlockSpec((None, c, n), lambda b, i, k, j=j or 0: (b, k, j)) for j in plan.columns)
+    width = n // 2 if plan.packed else n
+    B, C = (pl.BlockSpec((None, c, width), lambda b, i, k, j=j or 0: (b, k, j)) for j in plan.columns)
     self.args = [self.seq, self.seq, self.channel_state, B, C, self.channel, self.channel]
     self.args += [self.seq] * (plan.gated + (plan.combine is not None))
 
@@ -584,6 +686,27 @@ def _per_chunk(plan: _Plan, *, state: bool = True) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(shape, plan.dtype)
 
 
+def _packed(plan: _Plan, args: tuple) -> tuple[_Plan, tuple]:
+  """(plan, args) with bf16 B and C as `_packed_pairs` where the by-channel forward reads them."""
+  B, C = args[3:5]
+  pairs = B.shape[-1] % 2 == C.shape[-1] % 2 == plan.state % 2 == 0
+  if not (plan.by_channel and pairs and B.dtype == C.dtype == jnp.bfloat16):
+    return plan, args
+  return dataclasses.replace(plan, packed=True), (*args[:3], _packed_pairs(B), _packed_pairs(C), *args[5:])
+
+
+def _packed_pairs(x: jax.Array) -> jax.Array:
+  """A bf16 array with an even last axis as uint32 words of two neighbours (the first in the low half)."""
+  return jax.lax.bitcast_convert_type(x.reshape(*x.shape[:-1], -1, 2), jnp.uint32)
+
+
+def _unpacked_pairs(word: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The two bf16 of a `_packed_pairs` word, as float32: exact, a shift and a mask."""
+  low = jax.lax.bitcast_convert_type(word << 16, jnp.float32)
+  high = jax.lax.bitcast_convert_type(word & jnp.uint32(0xFFFF0000), jnp.float32)
+  return low, high
+
+
 class _Outputs(NamedTuple):
   """What `_forward` returns: y, the last state, the chunk start states and total steps (None for one chunk),
   and the combined output before the gate (None unless asked for)."""
@@ -597,7 +720,8 @@ class _Outputs(NamedTuple):
 
 def _forward(plan: _Plan, args: tuple, *, ungated: bool = False) -> _Outputs:
   """The forward of the padded `args`; with `ungated`, y before the gate is written too."""
-  plan = plan.forward()
+  plan, args = _packed(plan.forward(), args)
+  kernel = _forward_by_channel_kernel if plan.by_channel else _forward_kernel
   specs = _Specs(plan)
   per_chunk = _per_chunk(plan)
   u = args[0]
@@ -606,17 +730,17 @@ def _forward(plan: _Plan, args: tuple, *, ungated: bool = False) -> _Outputs:
   more_shapes, more_specs, more_names = ([seq], [specs.seq], ("ungated",)) if ungated else ([], [], ())
   if plan.num_chunks == 1:
     y, end, *kept = _call(
-      _forward_kernel, plan, args, [], [], [seq, per_chunk, *more_shapes], [specs.seq, specs.chunk_state, *more_specs],
+      kernel, plan, args, [], [], [seq, per_chunk, *more_shapes], [specs.seq, specs.chunk_state, *more_specs],
       "selective_scan_fwd", outputs=("y", "end_state", *more_names), start="zero",
     )  # fmt: skip
     return _Outputs(y, end[:, 0], None, None, kept[0] if kept else None)
   totals = _per_chunk(plan, state=False)
   local_end, total = _call(
-    _forward_kernel, plan, args, [], [], [per_chunk, totals], [specs.chunk_state, specs.chunk_channel],
+    kernel, plan, args, [], [], [per_chunk, totals], [specs.chunk_state, specs.chunk_channel],
     "selective_scan_chunk_ends", outputs=("end_state", "total_delta"), start="zero",
   )  # fmt: skip
   y, start, end, *kept = _call(
-    _forward_kernel, plan, args, [local_end, total], [specs.all_chunk_states, specs.all_chunk_channels],
+    kernel, plan, args, [local_end, total], [specs.all_chunk_states, specs.all_chunk_channels],
     [seq, per_chunk, per_chunk, *more_shapes], [specs.seq, specs.chunk_state, specs.chunk_state, *more_specs],
     "selective_scan_fwd", outputs=("y", "start_state", "end_state", *more_names), start="carried",
   )  # fmt: skip
@@ -748,6 +872,7 @@ def _plan(
     interpret=interpret,
     columns=_read_in_place(B, C, state),
     a_log=isinstance(A, NegativeExp),
+    by_channel=tuning.get("by_channel", batch * pl.cdiv(channels, block_d) * num_chunks <= BY_CHANNEL_PROGRAMS),
   )
 
 

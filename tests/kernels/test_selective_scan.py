@@ -195,6 +195,8 @@ def test_pallas_gpu_lowers_for_cuda(batch, length):
   hlo, names = _vim_tiny_scan_for_h100(_scan_with_gradients, batch, length)
   several_chunks = {"selective_scan_chunk_ends", "selective_scan_bwd_carry"} if length > pallas_gpu.CHUNK else set()
   assert names == {"selective_scan_fwd", "selective_scan_bwd_states", "selective_scan_bwd"} | several_chunks
+  # The forward by channel (few programs, `BY_CHANNEL_PROGRAMS`) reads B and C as uint32 pairs of bf16.
+  assert (f"tensor<{batch}x{length}x8xui32>" in hlo) == (length <= pallas_gpu.CHUNK)
   # The kernels read the bf16 arrays themselves: no float32 copy of u is made.
   assert f"tensor<{batch}x{length}x384xbf16>, tensor<{batch}x{length}x384xbf16>, tensor<384x16xf32>" in hlo
   assert f"tensor<{batch}x{length}x384xf32>" not in hlo
@@ -240,6 +242,31 @@ def test_pallas_gpu_bidirectional_lowers_for_cuda(batch, length):
   several_chunks = {"selective_scan_chunk_ends", "selective_scan_bwd_carry"} if length > pallas_gpu.CHUNK else set()
   assert names == {"selective_scan_fwd", "selective_scan_bwd_states", "selective_scan_bwd"} | several_chunks
   assert len(re.findall(r'name = "selective_scan_bwd"', hlo)) == 1  # both directions in one launch
+
+
+@pytest.mark.parametrize(
+  "batch, length, chunks, by_channel", [(128, 197, 1, True), (32, 6085, 24, False), (256, 197, 1, False)]
+)
+def test_pallas_gpu_forward_goes_by_channel_when_programs_are_few(batch, length, chunks, by_channel):
+  """The forward passes hold the state by channel when a pass has at most `BY_CHANNEL_PROGRAMS` programs (Vim-Ti
+  at 224², batch 128: 1,536), else as (channels, state) tiles (1248², batch 32: 24 chunks of 384 sequences)."""
+  u, A = jnp.zeros((batch, length, 384), jnp.bfloat16), jnp.zeros((384, 16))
+  options = dict(
+    gated=True, reverse=False, softplus=True, interpret=False, tuning={}, filling=pallas_gpu.FILLING_PROGRAMS
+  )
+  plan = pallas_gpu._plan(u, A, jnp.float32, **options)
+  assert (plan.num_chunks, plan.by_channel) == (chunks, by_channel)
+
+
+def test_packed_pairs_unpack_to_the_exact_bf16_values():
+  """The by-channel forward's uint32 words of two bf16 give back each value exactly as float32, signs, zeros,
+  subnormals, infinities and NaN included, in order."""
+  special = [0.0, -0.0, 1e-40, -1e-40, np.inf, -np.inf, np.nan, 3.0e38, -1.5, 2.0**-133]
+  rng = np.random.default_rng(0)
+  values = jnp.asarray(np.concatenate([special, rng.normal(size=54) * 10.0 ** rng.integers(-30, 30, 54)]), jnp.bfloat16)
+  pairs = values.reshape(2, 16, 2)
+  low, high = pallas_gpu._unpacked_pairs(pallas_gpu._packed_pairs(pairs.reshape(2, 32)))
+  chex.assert_trees_all_equal((low, high), (pairs[..., 0].astype(jnp.float32), pairs[..., 1].astype(jnp.float32)))
 
 
 @pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
@@ -322,18 +349,21 @@ def test_xla_chunking_matches_reference_in_float64(max_chunk, x64):
   assert_close(grads, expected_grads, jnp.float64, "grad")
 
 
+@pytest.mark.parametrize("by_channel", [True, False], ids=["by-channel", "tiles"])
 @pytest.mark.parametrize("max_chunk, sub_chunk, forward_sub_chunk", [(1, 1, 1), (8, 4, 2), (32, 4, 8), (6, 2, 4)])
-def test_pallas_gpu_chunking_matches_reference_in_float64(max_chunk, sub_chunk, forward_sub_chunk, x64):
+def test_pallas_gpu_chunking_matches_reference_in_float64(max_chunk, sub_chunk, forward_sub_chunk, by_channel, x64):
   """The kernels' chunk passes, the carries between chunks (state forwards, adjoint backwards) and
   partial sub-chunks, both directions, all options: on length 33, chunks of 1 (rounded up to a pair of
   the backward's sub-chunks, 2: 17 chunks, the last of one position), 8 (5 chunks, the last short), 32
-  (2 chunks of 32 and 1) and 6 (rounded up to 8, whole pairs of sub-chunks of 2 and sub-chunks of 4)."""
+  (2 chunks of 32 and 1) and 6 (rounded up to 8, whole pairs of sub-chunks of 2 and sub-chunks of 4); the
+  forward passes in either layout."""
   rng = np.random.default_rng(max_chunk)
   inputs = random_inputs(rng, 2, 33, 3, 2, **ALL_OPTIONS, dtype=jnp.float64)
   cotangents = random_cotangents(rng, inputs, jnp.float64)
   options = dict(
-    max_chunk=max_chunk, sub_chunk=sub_chunk, forward_sub_chunk=forward_sub_chunk, interpret=True, delta_softplus=True
-  )
+    max_chunk=max_chunk, sub_chunk=sub_chunk, forward_sub_chunk=forward_sub_chunk, by_channel=by_channel,
+    interpret=True, delta_softplus=True,
+  )  # fmt: skip
   for reverse in (False, True):
 
     def run(scan, inputs, cotangents, reverse=reverse):
@@ -414,6 +444,7 @@ def two_scans(forward, backward, z, *, divide_out, impl="reference"):
     pytest.param((2, 37, 40, 4), jnp.float32, {}, id="one-chunk-f32"),
     pytest.param((2, 37, 8, 4), jnp.float32, dict(max_chunk=16, sub_chunk=4), id="three-chunks-f32"),
     pytest.param((1, 20, 24, 16), jnp.bfloat16, dict(max_chunk=8, sub_chunk=4), id="three-chunks-bf16"),
+    pytest.param((1, 20, 24, 16), jnp.bfloat16, dict(max_chunk=8, sub_chunk=4, by_channel=False), id="tiles-bf16"),
   ],
 )
 @pytest.mark.parametrize("divide_out", [True, False])
@@ -516,13 +547,19 @@ def test_columns_windows_equal_sliced_arrays(impl, starts, width):
   assert np.all(np.asarray(got[1])[..., outside] == 0)
 
 
-@pytest.mark.parametrize("starts, width", WINDOWS)
-def test_fused_bidirectional_with_columns_windows_equals_sliced_arrays(starts, width):
+@pytest.mark.parametrize(
+  "starts, width, dtype",
+  [
+    *(pytest.param(*w.values, jnp.float32, id=w.id) for w in WINDOWS),
+    pytest.param((8, 12), 16, jnp.bfloat16, id="blocks-bf16"),
+  ],
+)
+def test_fused_bidirectional_with_columns_windows_equals_sliced_arrays(starts, width, dtype):
   """The fused GPU path with both directions' B and C windows of one array each: y and the arrays' gradients
-  equal those with sliced B and C."""
+  equal those with sliced B and C (in bf16, the by-channel forward reads the whole array as uint32 pairs)."""
   rng = np.random.default_rng(7)
-  forward, backward, z = bidirectional_inputs(rng, (2, 37, 8, 4), jnp.float32)
-  wholes = [jnp.asarray(rng.normal(size=(2, 37, width)), jnp.float32) for _ in range(2)]
+  forward, backward, z = bidirectional_inputs(rng, (2, 37, 8, 4), dtype)
+  wholes = [jnp.asarray(rng.normal(size=(2, 37, width)), dtype) for _ in range(2)]
 
   def loss(wholes, windows: bool):
     def direction(d, whole):
@@ -534,7 +571,7 @@ def test_fused_bidirectional_with_columns_windows_equals_sliced_arrays(starts, w
 
   got = jit_run(jax.value_and_grad(functools.partial(loss, windows=True)), wholes)
   want = jit_run(jax.value_and_grad(functools.partial(loss, windows=False)), wholes)
-  assert_close(got, want, jnp.float32, "grad")
+  assert_close(got, want, dtype, "grad")
 
 
 @pytest.mark.parametrize("starts, width, sliced", [((8, 12), 16, False), ((5, 10), 15, True)])
