@@ -360,6 +360,19 @@ def _entering(chunk: _Chunk, refs: list, start: str, *, reverse: bool) -> jax.Ar
   return jax.lax.fori_loop(0, last - k if reverse else k, carry, init)
 
 
+def _write_y(chunk: _Chunk, out: dict, t, y, partner, z) -> None:
+  """Writes y = <h, C> + D u at t: combined with the partner direction's y (`plan.combine`; the ungated sum too,
+  if asked for), then gated."""
+  plan = chunk.plan
+  if plan.combine is not None:
+    y = (y + partner) * plan.combine
+  if "ungated" in out:
+    out["ungated"][t, :] = y.astype(out["ungated"].dtype)
+  if plan.gated:
+    y = y * chunk.silu(z)
+  out["y"][t, :] = y.astype(out["y"].dtype)
+
+
 def _forward_kernel(*refs, plan: _Plan, chunk_index, outputs: tuple[str, ...], start: str):
   """Scans one (sequence, channel block, chunk) from its start state (`_entering`). `outputs` names the
   output refs: "y", "sub_chunk_states" (the state entering each sub-chunk), "start_state", "end_state",
@@ -381,14 +394,7 @@ def _forward_kernel(*refs, plan: _Plan, chunk_index, outputs: tuple[str, ...], s
     if writes_y:
       # Multiply-and-sum rather than a dot: Triton dots need 16-wide operands and may use TF32.
       # A step past the end repeats the last position's step as an identity, so rewrites its y.
-      y = jnp.sum(h * p.C[None, :], axis=1) + chunk.D * p.u
-      if plan.combine is not None:
-        y = (y + p.extra) * plan.combine
-      if "ungated" in out:
-        out["ungated"][p.t, :] = y.astype(out["ungated"].dtype)
-      if plan.gated:
-        y = y * chunk.silu(p.z)
-      out["y"][p.t, :] = y.astype(out["y"].dtype)
+      _write_y(chunk, out, p.t, jnp.sum(h * p.C[None, :], axis=1) + chunk.D * p.u, p.extra, p.z)
     if dy_ref is not None:
       # A step past the end repeats the last position's (h unchanged), so rewrites the same dC.
       dy = p.extra * chunk.silu(p.z) if plan.gated else p.extra
@@ -480,14 +486,7 @@ def _forward_by_channel_kernel(*refs, plan: _Plan, chunk_index, outputs: tuple[s
       total = total + delta
       if "y" not in out:
         continue
-      y = ptx.sum_of_products(zip(h, C), chunk.D * u, native=plan.native)
-      if plan.combine is not None:
-        y = (y + extra) * plan.combine
-      if "ungated" in out:
-        out["ungated"][t, :] = y.astype(out["ungated"].dtype)
-      if plan.gated:
-        y = y * chunk.silu(z)
-      out["y"][t, :] = y.astype(out["y"].dtype)
+      _write_y(chunk, out, t, ptx.sum_of_products(zip(h, C), chunk.D * u, native=plan.native), extra, z)
     return h, total
 
   h, total = chunk.over_sub_chunks(sub_chunk, (h0, zero), load)
