@@ -181,10 +181,15 @@ class _Chunk:
     self.refs, self.plan, self.index = refs, plan, index  # index: the chunk's, in the sequence
     self.size = jnp.minimum(plan.chunk, plan.length - index * plan.chunk)  # the last may be short
     self.sub_chunks = (self.size + plan.sub_chunk - 1) // plan.sub_chunk
-    A = refs.A[...].astype(plan.dtype)
-    self.A = -jnp.exp(A) if plan.a_log else A  # once per program: exp accurate, not the hardware's ex2
+    self.A = self.a_of(refs.A[...])  # unused by the by-channel forward (it loads A by column), so compiled away
     self.D = refs.D[...].astype(plan.dtype)
     self.bias = refs.bias[...].astype(plan.dtype)
+
+  def a_of(self, loaded):
+    """A from a load of the A ref: -exp(A_log) for `plan.a_log`, computed once per program with the accurate exp,
+    not the hardware's ex2."""
+    loaded = loaded.astype(self.plan.dtype)
+    return -jnp.exp(loaded) if self.plan.a_log else loaded
 
   def position(self, step):
     """The position in the sequence of this chunk's scan step `step` (< size)."""
@@ -427,8 +432,7 @@ def _forward_by_channel_kernel(*refs, plan: _Plan, chunk_index, outputs: tuple[s
   args, refs = _split_refs(refs, plan)
   chunk = _Chunk(args, plan, chunk_index)
   n_state, log2e = plan.state, math.log2(math.e)
-  A = [args.A[:, n].astype(plan.dtype) for n in range(n_state)]
-  A = [(-chunk.exp(a) if plan.a_log else a) * log2e for a in A]  # log2(e) A: each decay is a multiply and an ex2
+  A = [chunk.a_of(args.A[:, n]) * log2e for n in range(n_state)]  # log2(e) A: each decay is a multiply and an ex2
 
   def decay(delta, n):
     return ptx.exp2(delta * A[n], native=plan.native)
