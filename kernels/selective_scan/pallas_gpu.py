@@ -192,8 +192,8 @@ class _Chunk:
     return -jnp.exp(loaded) if self.plan.a_log else loaded
 
   def position(self, step):
-    """The position in the sequence of this chunk's scan step `step` (< size)."""
-    return self.index * self.plan.chunk + (self.size - 1 - step if self.plan.reverse else step)
+    """The position of scan step `step` (< size) within the chunk."""
+    return self.size - 1 - step if self.plan.reverse else step
 
   def clamped(self, step):
     """(position, whether the step is real): steps past the chunk's end re-read its last position."""
@@ -571,12 +571,8 @@ class _Specs:
   """Block specs over the grid (batch, channel block, chunk) for every array the kernels touch."""
 
   def __init__(self, plan: _Plan):
-    # Per-position arrays are whole-length blocks that each chunk indexes at its own positions (`_Chunk.position`):
-    # a block of `chunk` positions that does not divide the length makes Pallas mask every load and store with a
-    # bounds check, which positions clamped to the chunk never need (offline, Vim-Ti at 1248², batch 32: 4-5% of the
-    # chunked forward passes' loop instructions in tiles, 13-15% by channel, 2.5-4.5% of the backward's).
-    d, n, L = plan.block_d, plan.state, plan.length
-    self.seq = pl.BlockSpec((None, L, d), lambda b, i, k: (b, 0, i))  # (batch, length, channels)
+    d, n, c = plan.block_d, plan.state, plan.chunk
+    self.seq = pl.BlockSpec((None, c, d), lambda b, i, k: (b, k, i))  # (batch, length, channels)
     self.channel_state = pl.BlockSpec((d, n), lambda b, i, k: (i, 0))  # (channels, state)
     self.channel = pl.BlockSpec((d,), lambda b, i, k: (i,))  # (channels,)
     self.chunk_state = pl.BlockSpec((None, None, d, n), lambda b, i, k: (b, k, i, 0))  # (batch, chunks, ...)
@@ -589,11 +585,11 @@ class _Specs:
     # beside the state, XLA's sum over them reads each position's partial sums as one contiguous row (a Vim-Ti
     # training step 37.5-37.6 -> 37.1 ms against (batch, blocks, length, state), H200).
     self.sub_chunk_states = pl.BlockSpec((None, plan.sub_chunks, d, n), lambda b, i, k: (b, k, i, 0))
-    self.block_seq_state = pl.BlockSpec((None, L, None, n), lambda b, i, k: (b, 0, i, 0))
+    self.block_seq_state = pl.BlockSpec((None, c, None, n), lambda b, i, k: (b, k, i, 0))
     # u, delta, A, B, C, D, delta_bias[, z][, partner]
     # (batch, length, state), or the state-wide block of columns `plan.columns` names.
     width = n // 2 if plan.packed else n
-    B, C = (pl.BlockSpec((None, L, width), lambda b, i, k, j=j or 0: (b, 0, j)) for j in plan.columns)
+    B, C = (pl.BlockSpec((None, c, width), lambda b, i, k, j=j or 0: (b, k, j)) for j in plan.columns)
     self.args = [self.seq, self.seq, self.channel_state, B, C, self.channel, self.channel]
     self.args += [self.seq] * (plan.gated + (plan.combine is not None))
 
