@@ -46,15 +46,15 @@ and total step size). The adjoint g_t = dL/dh_t runs against the scan: g_t = sil
 exp(delta_{t+1} A) g_{t+1}, and every gradient is a product of g_t, h_{t-1} or h_t and the inputs at t.
 The states are recomputed: a forward pass from the chunk start states (the states pass) writes the state
 at the start of every sub-chunk of `SUB_CHUNK` positions (1/SUB_CHUNK of the full tensor, freed within the
-backward) and dC = Σ_channels dy_t h_t, which needs no adjoint; the gradient kernel walks the sub-chunks
-backwards, recomputes each one's states into registers (unrolled: registers cannot be indexed
-dynamically), then walks its positions backwards. With several chunks, the adjoint entering each chunk
-from later ones is carried like the forward state: a zero-start adjoint pass per chunk, whose results the
-gradient kernel carries across the chunks after its own. dB and dC (sums over channels) come out per
-channel block, dA, dD and d(delta_bias) (sums over positions) per chunk; XLA adds the partial sums. The
-fused bidirectional call takes the z gate's backward to XLA (`gate_backward`, from the ungated output its
-forward keeps) and runs both directions' ungated gradient kernels in one launch (`_launch`): at 218
-registers an H100 holds only 1,188 of their programs at once.
+backward; bf16 for bf16 inputs, `_states_dtype`) and dC = Σ_channels dy_t h_t, which needs no adjoint;
+the gradient kernel walks the sub-chunks backwards, recomputes each one's states into registers (unrolled:
+registers cannot be indexed dynamically), then walks its positions backwards. With several chunks, the
+adjoint entering each chunk from later ones is carried like the forward state: a zero-start adjoint pass per
+chunk, whose results the gradient kernel carries across the chunks after its own. dB and dC (sums over
+channels) come out per channel block, dA, dD and d(delta_bias) (sums over positions) per chunk; XLA adds the
+partial sums. The fused bidirectional call takes the z gate's backward to XLA (`gate_backward`, from the
+ungated output its forward keeps) and runs both directions' ungated gradient kernels in one launch
+(`_launch`): at 218 registers an H100 holds only 1,188 of their programs at once.
 """
 
 import dataclasses
@@ -134,6 +134,8 @@ class _Plan:
   by_channel: bool = False
   # B and C come as uint32 words of two bf16 (the by-channel forward's per-position scalar loads, halved).
   packed: bool = False
+  # Of the states the backward's states pass keeps for its gradient kernel (`_states_dtype`).
+  states_dtype: jnp.dtype = jnp.dtype(jnp.float32)
 
   @property
   def native(self) -> bool:
@@ -412,7 +414,7 @@ def _forward_kernel(*refs, plan: _Plan, chunk_index, outputs: tuple[str, ...], s
 
   def sub_chunk(j, steps, carry):  # unrolled
     if "sub_chunk_states" in out:
-      out["sub_chunk_states"][j] = carry[0]
+      out["sub_chunk_states"][j] = carry[0].astype(out["sub_chunk_states"].dtype)
     for p in chunk.positions(steps):
       carry = step(p, carry)
     return carry
@@ -798,7 +800,8 @@ def _backward(scans: list[_Scan]) -> list[tuple]:
   jobs = []
   for scan, s, ((refs, ref_specs, _), _) in zip(scans, specs, starts):
     plan = scan.plan
-    shape = jax.ShapeDtypeStruct((plan.batch, plan.num_chunks * plan.sub_chunks, plan.channels, plan.state), plan.dtype)
+    shape = (plan.batch, plan.num_chunks * plan.sub_chunks, plan.channels, plan.state)
+    shape = jax.ShapeDtypeStruct(shape, plan.states_dtype)
     extra, extra_specs = [scan.dy, *refs], [s.seq, *ref_specs]
     jobs.append(
       _Job(plan, scan.args, extra, extra_specs, [shape, _per_block(plan)], [s.sub_chunk_states, s.block_seq_state])
@@ -876,7 +879,18 @@ def _plan(
     columns=_read_in_place(B, C, state),
     a_log=isinstance(A, NegativeExp),
     by_channel=tuning.get("by_channel", batch * pl.cdiv(channels, block_d) * num_chunks <= BY_CHANNEL_PROGRAMS),
+    states_dtype=jnp.dtype(tuning.get("states_dtype", _states_dtype(u.dtype, dtype))),
   )
+
+
+def _states_dtype(inputs: jnp.dtype, dtype: jnp.dtype) -> jnp.dtype:
+  """The kept states' dtype: bf16 for bf16 inputs, else the compute dtype.
+
+  Why: the states pass writes half of all states and the gradient kernel reads them back, Vim-Ti's largest
+  memory traffic (at 224², batch 128, 315 MB each way per scan in float32 against 19 MB per bf16 input).
+  Only dA, ddelta and a one-direction scan's dz see the rounding (through the recomputed states); they are
+  returned in bf16 as well."""
+  return jnp.dtype(jnp.bfloat16) if inputs == jnp.bfloat16 else jnp.dtype(dtype)
 
 
 def _with_defaults(args: tuple, dtype) -> tuple:

@@ -199,6 +199,11 @@ def test_pallas_gpu_lowers_for_cuda(batch, length):
   assert (f"tensor<{batch}x{length}x8xui32>" in hlo) == (length <= pallas_gpu.CHUNK)
   # The kernels read the bf16 arrays themselves: no float32 copy of u is made.
   assert f"tensor<{batch}x{length}x384xbf16>, tensor<{batch}x{length}x384xbf16>, tensor<384x16xf32>" in hlo
+  # The states the backward keeps (one per sub-chunk) are bf16 like its inputs (`_states_dtype`).
+  kept = {
+    t for n, t in re.findall(rf"tensor<{batch}x(\d+)x384x16x(\w+)>", hlo) if int(n) >= length // pallas_gpu.SUB_CHUNK
+  }
+  assert kept == {"bf16"}
   assert f"tensor<{batch}x{length}x384xf32>" not in hlo
   # exp, sigmoid and multiply-adds as single PTX instructions (`ptx`), not libdevice's exact forms.
   assert all(op in hlo for op in ("ex2.approx.ftz.f32", "rcp.approx.ftz.f32", "fma.rn.f32", "lg2.approx.ftz.f32"))
@@ -256,6 +261,38 @@ def test_pallas_gpu_forward_goes_by_channel_when_programs_are_few(batch, length,
   )
   plan = pallas_gpu._plan(u, A, jnp.float32, **options)
   assert (plan.num_chunks, plan.by_channel) == (chunks, by_channel)
+
+
+@pytest.mark.parametrize(
+  "inputs, compute, tuning, kept",
+  [("bfloat16", "float32", {}, "bfloat16"), ("float32", "float32", {}, "float32"),
+   ("float64", "float64", {}, "float64"), ("bfloat16", "float32", {"states_dtype": "float32"}, "float32")],
+)  # fmt: skip
+def test_pallas_gpu_backward_keeps_states_in_the_inputs_precision(inputs, compute, tuning, kept, x64):
+  """The states pass writes the states for the gradient kernel in bf16 when the inputs are bf16 (half the
+  backward's largest traffic), else in the compute dtype; the `states_dtype` tuning overrides it."""
+  u, A = jnp.zeros((2, 197, 384), inputs), jnp.zeros((384, 16), compute)
+  options = dict(gated=True, reverse=False, softplus=True, interpret=True, filling=pallas_gpu.FILLING_PROGRAMS)
+  assert pallas_gpu._plan(u, A, jnp.dtype(compute), tuning=tuning, **options).states_dtype == jnp.dtype(kept)
+
+
+def test_bf16_kept_states_change_bf16_gradients_by_at_most_an_output_rounding():
+  """Keeping bf16 inputs' states in bf16 moves only ddelta, dA and d(delta_bias) (through h), and by less
+  than the bf16 rounding of the gradients themselves: within 2**-8 of each one's largest magnitude (the
+  same states kept as float8 e4m3 move dA by 2**-5.8)."""
+  forward, backward, z = bidirectional_inputs(np.random.default_rng(3), (2, 37, 24, 16), jnp.bfloat16)
+  dy = jnp.asarray(np.random.default_rng(4).normal(size=z.shape), jnp.bfloat16)
+
+  def gradients(states_dtype):
+    fused = functools.partial(pallas_gpu.bidirectional, delta_softplus=True, interpret=True, states_dtype=states_dtype)
+    d_forward, d_backward, dz = jit_run(lambda *a: jax.vjp(fused, *a)[1](dy), forward, backward, z)
+    return [dict(zip(Direction._fields, d, strict=True)) for d in (d_forward, d_backward)] + [{"z": dz}]
+
+  for kept_bf16, kept_f32 in zip(gradients("bfloat16"), gradients("float32"), strict=True):
+    for name, want in kept_f32.items():
+      got, want = np.asarray(kept_bf16[name], np.float32), np.asarray(want, np.float32)
+      tolerance = 2**-8 * np.abs(want).max() if name in ("delta", "A", "delta_bias") else 0
+      np.testing.assert_allclose(got, want, rtol=0, atol=tolerance, err_msg=name)
 
 
 def test_packed_pairs_unpack_to_the_exact_bf16_values():
