@@ -925,15 +925,15 @@ def scan(
   delta_softplus: bool = False,
   reverse: bool = False,
   interpret: bool = False,
-  **tuning: int,
+  **tuning: int | bool | str,
 ) -> tuple[jax.Array, jax.Array]:
   """The whole selective scan (arguments as in `selective_scan`, already checked) in fused kernels,
   differentiable. Returns (y in u's dtype, last state in the compute dtype). `tuning` may set `block_d`
   (channels per program, a power of two), `num_warps`, `max_chunk` (positions per program at most; by
   default CHUNK if batch x channel blocks < FILLING_PROGRAMS, or FORWARD_FILLING_PROGRAMS without
   gradients, else whole sequences), `sub_chunk` (positions per state the backward keeps; its buffer is
-  1/sub_chunk of all states) and `forward_sub_chunk` (positions the forward loads ahead); chunks are
-  rounded up to a multiple of both."""
+  1/sub_chunk of all states), `states_dtype` (of those states; `_states_dtype`) and `forward_sub_chunk`
+  (positions the forward loads ahead); chunks are rounded up to a multiple of both sub-chunks."""
   channels, state = A.shape
   dtype = compute_dtype(u, delta, A, B, C, D, z, delta_bias)
   u, delta, A, B, C, D, delta_bias = _with_defaults((u, delta, A, B, C, D, delta_bias), dtype)
@@ -989,7 +989,7 @@ def bidirectional(
   delta_softplus: bool = False,
   divide_out: bool = True,
   interpret: bool = False,
-  **tuning: int,
+  **tuning: int | bool | str,
 ) -> jax.Array:
   """Vim's two directions and their combine, (y_forward + y_backward) [/ 2] * silu(z), in two kernels:
   the forward direction writes its ungated output, and the backward direction's kernel reads it back,
