@@ -888,8 +888,9 @@ def _states_dtype(inputs: jnp.dtype, dtype: jnp.dtype) -> jnp.dtype:
 
   Why: the states pass writes half of all states and the gradient kernel reads them back, Vim-Ti's largest
   memory traffic (at 224², batch 128, 315 MB each way per scan in float32 against 19 MB per bf16 input).
-  Only dA, ddelta and a one-direction scan's dz see the rounding (through the recomputed states); they are
-  returned in bf16 as well."""
+  Only ddelta (so d(delta_bias)), dA and a one-direction scan's dz see the rounding (through the recomputed
+  states), and no more than bf16 inputs and cotangents already move them (results README, twenty-second
+  session)."""
   return jnp.dtype(jnp.bfloat16) if inputs == jnp.bfloat16 else jnp.dtype(dtype)
 
 
