@@ -61,19 +61,55 @@ def lr_schedule(
   return schedule
 
 
-def make_optimizer(optim_cfg, *, schedule: Callable, params) -> optax.GradientTransformation:
-  """AdamW (β 0.9/0.999, eps 1e-8 by default) with the weight-decay mask, optional gradient clipping."""
-  parts = []
-  if optim_cfg.get("clip_grad"):
-    parts.append(optax.clip_by_global_norm(optim_cfg.clip_grad))
-  parts.append(
-    optax.adamw(
-      schedule,
-      b1=optim_cfg.b1,
-      b2=optim_cfg.b2,
-      eps=optim_cfg.eps,
-      weight_decay=optim_cfg.weight_decay,
-      mask=weight_decay_mask(params),
-    )
+def adamw(
+  learning_rate: float | Callable,
+  *,
+  weight_decay: float,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  mask=None,
+  clip_grad: float | None = None,
+  flatten: bool = False,
+) -> optax.GradientTransformation:
+  """`optax.adamw` after optional clipping by global norm; `flatten` runs clipping and Adam on one vector.
+
+  Per parameter, XLA launches a kernel or two for Adam's moments: about 500 launches for Vim-Ti's 240
+  parameters. `flatten=True` concatenates the gradients once and updates the moments in one fused pass;
+  only the decay and the update of each parameter stay per parameter. Use it with replicated parameters
+  only: concatenating FSDP-sharded ones would gather them.
+  """
+  moments = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
+  if clip_grad:
+    moments = optax.chain(optax.clip_by_global_norm(clip_grad), moments)
+  return optax.chain(
+    optax.flatten(moments) if flatten else moments,
+    optax.add_decayed_weights(weight_decay, mask),
+    optax.scale_by_learning_rate(learning_rate),
   )
-  return optax.chain(*parts)
+
+
+def global_norm(tree, *, flatten: bool = False) -> jax.Array:
+  """`optax.tree.norm(tree)`; `flatten` takes it over one concatenated vector (replicated trees only, as in `adamw`).
+
+  Per leaf, XLA launches a reduction or two: about 420 launches and 0.8 ms of a Vim-Ti training step's kernels
+  at 224², batch 128 on an H200.
+  The concatenation is the one `adamw(flatten=True)` makes of the gradients, which XLA computes once.
+  """
+  if not flatten:
+    return optax.tree.norm(tree)
+  return jnp.linalg.norm(jnp.concatenate([jnp.ravel(leaf) for leaf in jax.tree.leaves(tree)]))
+
+
+def make_optimizer(optim_cfg, *, schedule: Callable, params, flatten: bool = False) -> optax.GradientTransformation:
+  """The config's AdamW with the weight-decay mask; `flatten` as in `adamw` (replicated params only)."""
+  return adamw(
+    schedule,
+    weight_decay=optim_cfg.weight_decay,
+    b1=optim_cfg.b1,
+    b2=optim_cfg.b2,
+    eps=optim_cfg.eps,
+    mask=weight_decay_mask(params),
+    clip_grad=optim_cfg.get("clip_grad"),
+    flatten=flatten,
+  )

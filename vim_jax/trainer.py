@@ -81,6 +81,12 @@ def check_architecture(loaded: ModelConfig, wanted: ModelConfig, what: str) -> N
     raise ValueError(f"{what} does not fit the config's model: {details}")
 
 
+def _replicated(mesh: jax.sharding.Mesh) -> bool:
+  """Whether parameters are whole on every device, so that optimizer math may run on one concatenated vector
+  (`optim.adamw` says why that is faster, and why FSDP-sharded parameters must not be concatenated)."""
+  return mesh.shape["fsdp"] == 1
+
+
 @dataclasses.dataclass
 class Experiment:
   """Everything static about a run: configs, model structure, optimizer, shardings, jitted functions."""
@@ -121,7 +127,7 @@ class Experiment:
       min_lr=config.optim.min_lr,
       per_epoch=config.optim.per_epoch_schedule,
     )
-    tx = optim.make_optimizer(config.optim, schedule=schedule, params=abstract_params)
+    tx = optim.make_optimizer(config.optim, schedule=schedule, params=abstract_params, flatten=_replicated(mesh))
     abstract_state = jax.eval_shape(lambda p: cls._state_from_params(config, tx, p), abstract_params)
     mix = mixup.MixupConfig(num_classes=model_cfg.num_classes, **config.mixup)
     return cls(
@@ -180,7 +186,8 @@ class Experiment:
       d = self.config.ema_decay
       ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, params)
     new_state = {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state, "ema": ema}
-    return new_state, {"loss": loss, "lr": self.schedule(state["step"]), "grad_norm": optax.tree.norm(grads)}
+    grad_norm = optim.global_norm(grads, flatten=_replicated(self.mesh))
+    return new_state, {"loss": loss, "lr": self.schedule(state["step"]), "grad_norm": grad_norm}
 
   def eval_step(self, params, batch: dict) -> dict:
     """Sums over the valid (mask = 1) examples: loss, top-1 and top-5 hits, count."""

@@ -1,4 +1,5 @@
-"""Compiled inference and training steps of a model, and their timing: shared by throughput.py and profile_step.py."""
+"""Compiled inference and training steps of a model, and their timing: shared by throughput.py, profile_step.py
+and trainer_step_ab.py."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
+
+from vim_jax import config_base, optim, sharding, trainer
 
 
 class Step(NamedTuple):
@@ -37,9 +41,10 @@ def forward_step(model: nnx.Module, batch: int) -> Step:
 
 
 def train_step(model: nnx.Module, batch: int, learning_rate: float = 1e-3) -> Step:
-  """Forward, backward and AdamW on a random batch with random labels; parameters and optimizer state donated."""
+  """Forward, backward and the trainer's AdamW (vim_jax.optim.adamw, weight-decay mask, flattened Adam as in
+  the data-parallel trainer) on a random batch with random labels; parameters and optimizer state donated."""
   graphdef, params = nnx.split(model)
-  tx = optax.adamw(learning_rate, weight_decay=0.05)
+  tx = optim.adamw(learning_rate, weight_decay=0.05, mask=optim.weight_decay_mask(params), flatten=True)
 
   def step(params, opt_state, images, labels):
     def loss_fn(params):
@@ -59,6 +64,29 @@ def train_step(model: nnx.Module, batch: int, learning_rate: float = 1e-3) -> St
     return (params, opt_state, *args[2:]), loss
 
   return Step(call, args, compiled)
+
+
+def trainer_step(model_name: str, image_size: int, batch: int) -> Step:
+  """vim_jax.trainer's own jitted step for the ImageNet recipe of `model_name` (mixup/cutmix, label smoothing,
+  drop path, AdamW with the official parameter groups, EMA) on one device and a fixed random batch."""
+  config = config_base.imagenet_config(model_name, batch_size=batch)
+  config.data.name = "digits"  # only for dataset_info; the batch is synthetic
+  config.data.image_size = image_size
+  config.model.num_classes = 1000
+  exp = trainer.Experiment.create(config, devices=jax.devices()[:1])
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(batch, image_size, image_size, 3)).astype(np.float32)
+  labels = rng.integers(0, 1000, size=batch).astype(np.int32)
+  with jax.set_mesh(exp.mesh):
+    state = exp.init_state()
+    global_batch = sharding.global_batch({"image": images, "label": labels}, exp.mesh)
+    compiled = exp.jitted()[0].lower(state, global_batch).compile()
+
+  def call(args):
+    state, metrics = compiled(*args)
+    return (state, args[1]), metrics
+
+  return Step(call, (state, global_batch), compiled)
 
 
 def time_per_call(step: Step, reps: int) -> tuple[float, tuple]:

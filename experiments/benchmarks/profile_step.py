@@ -3,7 +3,8 @@ r"""Where a Vim step spends its device time: profiler-trace kernels summed by ca
   PYTHONPATH=. python experiments/benchmarks/profile_step.py --model=vim_tiny --image_size=224 --batch=128 \
       --out=experiments/results/profile_vim_tiny_h100.json
 
-Two steps: inference (jitted logits) and training (forward, backward, AdamW; bf16 compute, f32 params). Each is
+Steps: inference (jitted logits), training (forward, backward, AdamW; bf16 compute, f32 params) and, on request,
+the trainer's own step (`model_steps.trainer_step`: the full recipe, mixup and EMA included). Each is
 compiled, warmed up and timed (wall ms per call over --calls calls), then --calls calls are traced with
 `jax.profiler.trace(..., create_perfetto_trace=True)` and the `perfetto_trace.json.gz` it writes is read.
 The events summed are the GPU's kernels (the "Stream" tracks of the `/device:GPU` process) or, where there is
@@ -31,7 +32,7 @@ from pathlib import Path
 import jax
 from absl import app, flags
 
-from experiments.benchmarks.model_steps import Step, forward_step, time_per_call, train_step
+from experiments.benchmarks.model_steps import Step, forward_step, time_per_call, train_step, trainer_step
 from vim_jax.models import create_model
 
 _MODEL = flags.DEFINE_string("model", "vim_tiny", "Vim variant (vim_jax.models.create_model).")
@@ -40,7 +41,11 @@ _BATCH = flags.DEFINE_integer("batch", 128, "Images per step.")
 _SCAN = flags.DEFINE_string("scan_impl", None, "kernels.selective_scan impl (None = by backend: Pallas on GPU).")
 _INTERPRET = flags.DEFINE_bool("scan_interpret", False, "Pallas interpret mode (to see the kernels' names on CPU).")
 _DEPTH = flags.DEFINE_integer("depth", None, "Override the number of layers (small CPU smoke tests).")
-_STEPS = flags.DEFINE_list("steps", ["inference", "train"], "Which steps to profile.")
+_STEPS = flags.DEFINE_list(
+  "steps",
+  ["inference", "train"],
+  "Steps to profile: inference, train, trainer (override flags do not apply to it).",
+)
 _CALLS = flags.DEFINE_integer("calls", 3, "Calls timed, and calls traced, per step.")
 _TOP = flags.DEFINE_integer("top", 10, "Kernels listed individually.")
 _TRACE_DIR = flags.DEFINE_string("trace_dir", None, "Where traces go (default: a new temporary folder).")
@@ -189,8 +194,13 @@ def main(argv):
   trace_root = Path(_TRACE_DIR.value or tempfile.mkdtemp(prefix="profile_step_"))
   builders = {"inference": forward_step, "train": train_step}
   for name in _STEPS.value:
-    model = create_model(_MODEL.value, img_size=_IMAGE_SIZE.value, dtype="bfloat16", **overrides)
-    results[name] = _profile(builders[name](model, _BATCH.value), trace_root / name)
+    if name == "trainer":
+      step = trainer_step(_MODEL.value, _IMAGE_SIZE.value, _BATCH.value)
+    else:
+      step = builders[name](
+        create_model(_MODEL.value, img_size=_IMAGE_SIZE.value, dtype="bfloat16", **overrides), _BATCH.value
+      )
+    results[name] = _profile(step, trace_root / name)
     _print(name, results[name])
     print("tracks (process / thread: events):", json.dumps(results[name]["tracks"]), flush=True)
   if _OUT.value:

@@ -5,7 +5,7 @@ r"""Training throughput of Vim with the full recipe, and data-parallel scaling o
 
 For each device count n, the trainer's own jitted step (mixup/cutmix, label smoothing, AdamW with the
 official parameter groups, EMA, bf16 compute, f32 parameters) runs on a mesh of the first n devices
-with n × per_device_batch images, timed over --steps steps after warm-up on a fixed random batch (the
+with n × per_device_batch images, --steps steps queued back to back after warm-up on a fixed random batch (the
 input pipeline is measured on its own by input_pipeline.py). Peak device memory and XLA's temp size are
 reported. Then the 1-device batch is stepped on the largest device count too: the losses must agree.
 """
@@ -49,7 +49,8 @@ def _random_batch(n: int, seed: int = 0) -> dict:
 
 
 def _steps(config, devices, batch, num_steps):
-  """(losses, step seconds, compiled temp bytes) of `num_steps` train steps on `devices`."""
+  """(losses, seconds per step, compiled temp bytes): 3 warm-up steps, then `num_steps` queued back to back
+  as the trainer's loop runs them (it fetches metrics every `log_every_steps`), timed to the last one's end."""
   exp = trainer.Experiment.create(config, devices=devices)
   with jax.set_mesh(exp.mesh):
     state = exp.init_state()
@@ -57,13 +58,18 @@ def _steps(config, devices, batch, num_steps):
     global_batch = sharding.global_batch(batch, exp.mesh)
     compiled = train_step.lower(state, global_batch).compile()
     temp = compiled.memory_analysis().temp_size_in_bytes
-    losses, times = [], []
+    metrics = []
+    for _ in range(3):
+      state, step_metrics = compiled(state, global_batch)
+      metrics.append(step_metrics)
+    jax.block_until_ready(state)
+    start = time.perf_counter()
     for _ in range(num_steps):
-      start = time.perf_counter()
-      state, metrics = compiled(state, global_batch)
-      losses.append(float(metrics["loss"]))  # blocks: one step per measurement
-      times.append(time.perf_counter() - start)
-  return losses, times, temp
+      state, step_metrics = compiled(state, global_batch)
+      metrics.append(step_metrics)
+    jax.block_until_ready(state)
+    seconds = (time.perf_counter() - start) / num_steps
+  return [float(m["loss"]) for m in metrics], seconds, temp
 
 
 def main(argv):
@@ -74,10 +80,9 @@ def main(argv):
   losses_one_device = None
   for n in map(int, _DEVICES.value):
     batch = _random_batch(n * _BATCH.value)
-    losses, times, temp = _steps(_config(n * _BATCH.value), jax.devices()[:n], batch, _STEPS.value + 3)
+    losses, step, temp = _steps(_config(n * _BATCH.value), jax.devices()[:n], batch, _STEPS.value)
     if n == 1:
       losses_one_device = losses[:5]
-    step = float(np.median(times[3:]))
     peak = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in jax.devices()[:n])  # None on CPU
     run = {
       "devices": n,
@@ -96,7 +101,7 @@ def main(argv):
   n_max = max(map(int, _DEVICES.value))
   if n_max > 1 and losses_one_device:
     # The same global batch (the 1-device one, same seed) split over n_max devices.
-    many, _, _ = _steps(_config(_BATCH.value), jax.devices()[:n_max], _random_batch(_BATCH.value), 5)
+    many = _steps(_config(_BATCH.value), jax.devices()[:n_max], _random_batch(_BATCH.value), 2)[0][:5]
     one = losses_one_device
     rel = float(np.max(np.abs(np.array(one) - np.array(many)) / np.abs(np.array(one))))
     results["equal_losses"] = {

@@ -11,6 +11,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+# Gamma draws tried at once by `beta`: each is accepted with probability >= 0.95, so all fail with < 1e-20.
+GAMMA_CANDIDATES = 16
+
 
 @dataclasses.dataclass(frozen=True)
 class MixupConfig:
@@ -20,6 +23,32 @@ class MixupConfig:
   switch_prob: float = 0.5  # probability of CutMix instead of Mixup when both are on
   label_smoothing: float = 0.1
   num_classes: int = 1000
+
+
+def beta(key: jax.Array, a: float, b: float) -> jax.Array:
+  """One Beta(a, b) draw as X / (X + Y) of Gamma draws, without `jax.random.beta`'s rejection `while_loop`.
+
+  On GPU each iteration of that loop copies its condition to the host, which then waits for the device before
+  it queues more: 17 round trips per Vim-Ti training step, 1-7 ms of it at 224², batch 128 on an H200.
+  """
+  k_x, k_y = jax.random.split(key)
+  return jax.nn.sigmoid(_log_gamma(k_x, a) - _log_gamma(k_y, b))  # X / (X + Y), in logs: tiny a and b underflow
+
+
+def _log_gamma(key: jax.Array, a: float) -> jax.Array:
+  """log of a Gamma(a) draw by Marsaglia and Tsang's method (a < 1 boosted: Gamma(a + 1) · U^(1/a)), its
+  rejection step run on `GAMMA_CANDIDATES` proposals at once, keeping the first accepted."""
+  k_normal, k_accept, k_boost = jax.random.split(key, 3)
+  d = (a + 1.0 if a < 1 else a) - 1.0 / 3.0
+  x = jax.random.normal(k_normal, (GAMMA_CANDIDATES,))
+  v = (1.0 + x / jnp.sqrt(9.0 * d)) ** 3
+  log_v = jnp.log(jnp.where(v > 0, v, 1.0))
+  log_u = jnp.log(jax.random.uniform(k_accept, (GAMMA_CANDIDATES,)))
+  accepted = (v > 0) & (log_u < 0.5 * x**2 + d - d * v + d * log_v)
+  log_sample = jnp.log(d) + log_v[jnp.argmax(accepted)]
+  if a < 1:
+    log_sample = log_sample + jnp.log(jax.random.uniform(k_boost)) / a
+  return log_sample
 
 
 def smooth_one_hot(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
@@ -58,8 +87,8 @@ def mix_batch(rng: jax.Array, images: jax.Array, labels: jax.Array, cfg: MixupCo
     cutmix = jax.random.uniform(k_switch) < cfg.switch_prob
   else:
     cutmix = jnp.asarray(use_cutmix)
-  lam_mix = jax.random.beta(k_mix, cfg.mixup_alpha, cfg.mixup_alpha) if use_mixup else 1.0
-  lam_cut = jax.random.beta(k_cut, cfg.cutmix_alpha, cfg.cutmix_alpha) if use_cutmix else 1.0
+  lam_mix = beta(k_mix, cfg.mixup_alpha, cfg.mixup_alpha) if use_mixup else 1.0
+  lam_cut = beta(k_cut, cfg.cutmix_alpha, cfg.cutmix_alpha) if use_cutmix else 1.0
   lam = jnp.where(cutmix, lam_cut, lam_mix).astype(jnp.float32)
   box, lam_box = _cutmix_mask(k_box, lam, images.shape[1], images.shape[2])
   lam = jnp.where(apply, jnp.where(cutmix, lam_box, lam), 1.0)
