@@ -25,7 +25,7 @@ _MODEL = flags.DEFINE_string("model", "vim_tiny", "Model variant.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Image size.")
 _BATCH = flags.DEFINE_integer("per_device_batch", 128, "Images per device.")
 _DEVICES = flags.DEFINE_list("devices", ["1"], "Device counts to measure.")
-_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per device count.")
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per device count (at least 2).")
 _SCAN = flags.DEFINE_string("scan_impl", None, "kernels.selective_scan impl (None = by backend).")
 _OUT = flags.DEFINE_string("out", None, "JSON file for the results.")
 
@@ -74,6 +74,8 @@ def _steps(config, devices, batch, num_steps):
 
 def main(argv):
   del argv
+  if _STEPS.value < 2:
+    raise app.UsageError(f"--steps must be at least 2 (the losses of 5 steps are compared), got {_STEPS.value}")
   device = jax.devices()[0]
   results = {"device": device.device_kind, "platform": device.platform, "jax": jax.__version__, "runs": []}
   print(f"{_MODEL.value} at {_IMAGE_SIZE.value}², {_BATCH.value} images per device, on {device.device_kind}")
@@ -82,7 +84,7 @@ def main(argv):
     batch = _random_batch(n * _BATCH.value)
     losses, step, temp = _steps(_config(n * _BATCH.value), jax.devices()[:n], batch, _STEPS.value)
     if n == 1:
-      losses_one_device = losses[:5]
+      losses_one_device = losses
     peak = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in jax.devices()[:n])  # None on CPU
     run = {
       "devices": n,
@@ -101,8 +103,8 @@ def main(argv):
   n_max = max(map(int, _DEVICES.value))
   if n_max > 1 and losses_one_device:
     # The same global batch (the 1-device one, same seed) split over n_max devices.
-    many = _steps(_config(_BATCH.value), jax.devices()[:n_max], _random_batch(_BATCH.value), 2)[0][:5]
-    one = losses_one_device
+    many = _steps(_config(_BATCH.value), jax.devices()[:n_max], _random_batch(_BATCH.value), 2)[0]
+    one = losses_one_device[: len(many)]  # 3 warm-up steps and 2 more, as many as --steps >= 2 gives
     rel = float(np.max(np.abs(np.array(one) - np.array(many)) / np.abs(np.array(one))))
     results["equal_losses"] = {
       "global_batch": _BATCH.value,
