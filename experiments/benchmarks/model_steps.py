@@ -66,14 +66,18 @@ def train_step(model: nnx.Module, batch: int, learning_rate: float = 1e-3) -> St
   return Step(call, args, compiled)
 
 
-def trainer_step(model_name: str, image_size: int, batch: int) -> Step:
+def trainer_step(
+  model_name: str, image_size: int, batch: int, devices: list | None = None, scan_impl: str | None = None
+) -> Step:
   """vim_jax.trainer's own jitted step for the ImageNet recipe of `model_name` (mixup/cutmix, label smoothing,
-  drop path, AdamW with the official parameter groups, EMA) on one device and a fixed random batch."""
+  drop path, AdamW with the official parameter groups, EMA) on `devices` (default: the first one) and a fixed
+  random global batch (seed 0: the same images for the same `batch` on any number of devices)."""
   config = config_base.imagenet_config(model_name, batch_size=batch)
   config.data.name = "digits"  # only for dataset_info; the batch is synthetic
   config.data.image_size = image_size
   config.model.num_classes = 1000
-  exp = trainer.Experiment.create(config, devices=jax.devices()[:1])
+  config.model.scan_impl = scan_impl
+  exp = trainer.Experiment.create(config, devices=devices or jax.devices()[:1])
   rng = np.random.default_rng(0)
   images = rng.normal(size=(batch, image_size, image_size, 3)).astype(np.float32)
   labels = rng.integers(0, 1000, size=batch).astype(np.int32)

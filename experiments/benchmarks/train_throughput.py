@@ -1,6 +1,6 @@
 r"""Training throughput of Vim with the full recipe, and data-parallel scaling over 1..N devices.
 
-  python experiments/benchmarks/train_throughput.py --model=vim_tiny --per_device_batch=128 \
+  PYTHONPATH=. python experiments/benchmarks/train_throughput.py --model=vim_tiny --per_device_batch=128 \
       --devices=1,2,4 --out=experiments/results/train_throughput_h100.json
 
 For each device count n, the trainer's own jitted step (mixup/cutmix, label smoothing, AdamW with the
@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from vim_jax import config_base, sharding, trainer
+from experiments.benchmarks import model_steps
 
 _MODEL = flags.DEFINE_string("model", "vim_tiny", "Model variant.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Image size.")
@@ -30,46 +30,22 @@ _SCAN = flags.DEFINE_string("scan_impl", None, "kernels.selective_scan impl (Non
 _OUT = flags.DEFINE_string("out", None, "JSON file for the results.")
 
 
-def _config(global_batch: int):
-  config = config_base.imagenet_config(_MODEL.value, batch_size=global_batch)
-  config.data.name = "digits"  # only for dataset_info; batches below are synthetic
-  config.data.image_size = _IMAGE_SIZE.value
-  config.model.num_classes = 1000
-  config.model.scan_impl = _SCAN.value
-  return config
-
-
-def _random_batch(n: int, seed: int = 0) -> dict:
-  rng = np.random.default_rng(seed)
-  size = _IMAGE_SIZE.value
-  return {
-    "image": rng.normal(size=(n, size, size, 3)).astype(np.float32),
-    "label": rng.integers(0, 1000, size=n).astype(np.int32),
-  }
-
-
-def _steps(config, devices, batch, num_steps):
+def _steps(global_batch: int, devices: list, num_steps: int) -> tuple[list[float], float, int]:
   """(losses, seconds per step, compiled temp bytes): 3 warm-up steps, then `num_steps` queued back to back
   as the trainer's loop runs them (it fetches metrics every `log_every_steps`), timed to the last one's end."""
-  exp = trainer.Experiment.create(config, devices=devices)
-  with jax.set_mesh(exp.mesh):
-    state = exp.init_state()
-    train_step, _ = exp.jitted()
-    global_batch = sharding.global_batch(batch, exp.mesh)
-    compiled = train_step.lower(state, global_batch).compile()
-    temp = compiled.memory_analysis().temp_size_in_bytes
-    metrics = []
-    for _ in range(3):
-      state, step_metrics = compiled(state, global_batch)
-      metrics.append(step_metrics)
-    jax.block_until_ready(state)
-    start = time.perf_counter()
-    for _ in range(num_steps):
-      state, step_metrics = compiled(state, global_batch)
-      metrics.append(step_metrics)
-    jax.block_until_ready(state)
-    seconds = (time.perf_counter() - start) / num_steps
-  return [float(m["loss"]) for m in metrics], seconds, temp
+  step = model_steps.trainer_step(_MODEL.value, _IMAGE_SIZE.value, global_batch, devices, _SCAN.value)
+  args, metrics = step.args, []
+  for _ in range(3):
+    args, step_metrics = step.call(args)
+    metrics.append(step_metrics)
+  jax.block_until_ready(args)
+  start = time.perf_counter()
+  for _ in range(num_steps):
+    args, step_metrics = step.call(args)
+    metrics.append(step_metrics)
+  jax.block_until_ready(args)
+  seconds = (time.perf_counter() - start) / num_steps
+  return [float(m["loss"]) for m in metrics], seconds, step.compiled.memory_analysis().temp_size_in_bytes
 
 
 def main(argv):
@@ -81,8 +57,7 @@ def main(argv):
   print(f"{_MODEL.value} at {_IMAGE_SIZE.value}², {_BATCH.value} images per device, on {device.device_kind}")
   losses_one_device = None
   for n in map(int, _DEVICES.value):
-    batch = _random_batch(n * _BATCH.value)
-    losses, step, temp = _steps(_config(n * _BATCH.value), jax.devices()[:n], batch, _STEPS.value)
+    losses, step, temp = _steps(n * _BATCH.value, jax.devices()[:n], _STEPS.value)
     if n == 1:
       losses_one_device = losses
     peak = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in jax.devices()[:n])  # None on CPU
@@ -103,7 +78,7 @@ def main(argv):
   n_max = max(map(int, _DEVICES.value))
   if n_max > 1 and losses_one_device:
     # The same global batch (the 1-device one, same seed) split over n_max devices.
-    many = _steps(_config(_BATCH.value), jax.devices()[:n_max], _random_batch(_BATCH.value), 2)[0]
+    many = _steps(_BATCH.value, jax.devices()[:n_max], 2)[0]
     one = losses_one_device[: len(many)]  # 3 warm-up steps and 2 more, as many as --steps >= 2 gives
     rel = float(np.max(np.abs(np.array(one) - np.array(many)) / np.abs(np.array(one))))
     results["equal_losses"] = {
