@@ -60,6 +60,15 @@ KINDS = {
 }
 
 
+def _write(device, bandwidth: float, rows: list[dict]) -> None:
+  """Writes --out, if given."""
+  if _OUT.value:
+    with open(_OUT.value, "w") as f:
+      json.dump(
+        {"device": device.device_kind, "jax": jax.__version__, "copy_bytes_per_s": bandwidth, "rows": rows}, f, indent=2
+      )
+
+
 def main(argv):
   del argv
   device = jax.devices()[0]
@@ -104,6 +113,7 @@ def main(argv):
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
+        _write(device, bandwidth, rows)  # after every row: a run stopped by a time limit keeps what it measured
   print(f"\n{device.device_kind}, copy bandwidth {bandwidth / 1e12:.2f} TB/s")
   print(
     "| case | impl | kind | I/O | forward (ms) | fwd+bwd (ms) | fwd byte floor (ms) | fwd / floor "
@@ -116,11 +126,6 @@ def main(argv):
       f"{r['fwd_floor_ms']:.3f} | {r['fwd_over_floor']:.1f} | "
       f"{r['fwd_rel_err_f32']:.1e} / {r['grad_rel_err_f32']:.1e} |"
     )
-  if _OUT.value:
-    with open(_OUT.value, "w") as f:
-      json.dump(
-        {"device": device.device_kind, "jax": jax.__version__, "copy_bytes_per_s": bandwidth, "rows": rows}, f, indent=2
-      )
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ from kernels.selective_scan.softplus import silu_grad, softplus, softplus_grad
 # the sub-chunk's states in registers: 2 is fastest (224² batch 128, forward+backward 0.86 ms against 1.13
 # at 4 and 2.36 at 8, where the states spill), at the price of a transient buffer of half of all states
 # (freed within the backward; `sub_chunk=8` shrinks it to an eighth). The forward keeps no states; 4
-# positions of loads ahead are fastest for it (1248², batch 1: 0.49 ms against 0.76 at 2).
+# positions of loads ahead are fastest for it where programs are few (1248², batch 1: 0.49 ms against 0.76 at 2).
 # CHUNK bounds the positions one program walks when there are fewer than FILLING_PROGRAMS (batch x channel
 # blocks) of whole sequences (long sequences then fill the GPU at batch 1). Splitting costs a second pass,
 # so it pays only where programs are scarce (scan_tune_max_chunk*_h100.json, Vim-Ti, forward / forward+backward
@@ -96,6 +96,11 @@ FILLING_PROGRAMS = 1024
 FORWARD_FILLING_PROGRAMS = 768
 SUB_CHUNK = 2
 FORWARD_SUB_CHUNK = 4
+# The (channels, state) tiles forward, which runs where programs are many (`BY_CHANNEL_PROGRAMS`), loads 2
+# positions ahead: Vim-Ti's fused bidirectional forward at 1248², batch 32 took 2.20 against 2.39 ms at 4
+# (1024², batch 32: 1.54 against 1.68; H200, scan_tune_forward_sub_chunk_h200.txt). 4 stays for the by-channel
+# forward, which holds more registers per position (its B and C rows) and was slower at 2 (twenty-first session).
+TILES_FORWARD_SUB_CHUNK = 2
 # The forward passes go by channel up to this many programs (batch x channel blocks x chunks): one wave of
 # programs on an H100 or H200 at 224², batch 128 (1,536 per direction), tiles at 1248², batch 32 (9,216).
 BY_CHANNEL_PROGRAMS = 2048
@@ -852,14 +857,16 @@ def _plan(
   batch, length, channels = u.shape
   state = pl.next_power_of_2(A.shape[1])
   sub_chunk = tuning.get("sub_chunk", SUB_CHUNK)
-  forward_sub_chunk = tuning.get("forward_sub_chunk", FORWARD_SUB_CHUNK)
   block_d = min(tuning.get("block_d", BLOCK_D), pl.next_power_of_2(channels))
-  # Chunks are whole pairs of the backward's sub-chunks and whole forward sub-chunks (`over_sub_chunks`).
-  multiple = math.lcm(2 * sub_chunk, forward_sub_chunk)
+  # Chunks are whole pairs of the backward's sub-chunks and whole forward sub-chunks (`over_sub_chunks`) of
+  # either default size.
+  multiple = math.lcm(2 * sub_chunk, tuning.get("forward_sub_chunk", FORWARD_SUB_CHUNK))
   if "max_chunk" in tuning or batch * pl.cdiv(channels, block_d) < filling:
     num_chunks = pl.cdiv(length, pl.cdiv(tuning.get("max_chunk", CHUNK), multiple) * multiple)
   else:
     num_chunks = 1
+  by_channel = tuning.get("by_channel", batch * pl.cdiv(channels, block_d) * num_chunks <= BY_CHANNEL_PROGRAMS)
+  forward_sub_chunk = tuning.get("forward_sub_chunk", FORWARD_SUB_CHUNK if by_channel else TILES_FORWARD_SUB_CHUNK)
   return _Plan(
     batch=batch,
     length=length,
@@ -878,7 +885,7 @@ def _plan(
     interpret=interpret,
     columns=_read_in_place(B, C, state),
     a_log=isinstance(A, NegativeExp),
-    by_channel=tuning.get("by_channel", batch * pl.cdiv(channels, block_d) * num_chunks <= BY_CHANNEL_PROGRAMS),
+    by_channel=by_channel,
     states_dtype=jnp.dtype(tuning.get("states_dtype", _states_dtype(u.dtype, dtype))),
   )
 
@@ -934,7 +941,8 @@ def scan(
   default CHUNK if batch x channel blocks < FILLING_PROGRAMS, or FORWARD_FILLING_PROGRAMS without
   gradients, else whole sequences), `sub_chunk` (positions per state the backward keeps; its buffer is
   1/sub_chunk of all states), `states_dtype` (of those states; `_states_dtype`) and `forward_sub_chunk`
-  (positions the forward loads ahead); chunks are rounded up to a multiple of both sub-chunks."""
+  (positions the forward loads ahead: FORWARD_SUB_CHUNK by channel, TILES_FORWARD_SUB_CHUNK as tiles); chunks
+  are rounded up to a multiple of both sub-chunks."""
   channels, state = A.shape
   dtype = compute_dtype(u, delta, A, B, C, D, z, delta_bias)
   u, delta, A, B, C, D, delta_bias = _with_defaults((u, delta, A, B, C, D, delta_bias), dtype)

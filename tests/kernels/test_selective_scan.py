@@ -254,13 +254,17 @@ def test_pallas_gpu_bidirectional_lowers_for_cuda(batch, length):
 )
 def test_pallas_gpu_forward_goes_by_channel_when_programs_are_few(batch, length, chunks, by_channel):
   """The forward passes hold the state by channel when a pass has at most `BY_CHANNEL_PROGRAMS` programs (Vim-Ti
-  at 224², batch 128: 1,536), else as (channels, state) tiles (1248², batch 32: 24 chunks of 384 sequences)."""
+  at 224², batch 128: 1,536), else as (channels, state) tiles (1248², batch 32: 24 chunks of 384 sequences), which
+  load fewer positions ahead; a tuning overrides that without moving the chunk boundaries."""
   u, A = jnp.zeros((batch, length, 384), jnp.bfloat16), jnp.zeros((384, 16))
   options = dict(
     gated=True, reverse=False, softplus=True, interpret=False, tuning={}, filling=pallas_gpu.FILLING_PROGRAMS
   )
   plan = pallas_gpu._plan(u, A, jnp.float32, **options)
-  assert (plan.num_chunks, plan.by_channel) == (chunks, by_channel)
+  ahead = pallas_gpu.FORWARD_SUB_CHUNK if by_channel else pallas_gpu.TILES_FORWARD_SUB_CHUNK
+  assert (plan.num_chunks, plan.by_channel, plan.forward_sub_chunk) == (chunks, by_channel, ahead)
+  tuned = pallas_gpu._plan(u, A, jnp.float32, **{**options, "tuning": {"forward_sub_chunk": 4}})
+  assert (tuned.forward_sub_chunk, tuned.chunk, tuned.num_chunks) == (4, plan.chunk, plan.num_chunks)
 
 
 @pytest.mark.parametrize(
