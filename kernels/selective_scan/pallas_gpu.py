@@ -456,8 +456,8 @@ class _Lanes:
       self.channel, self.group = lane // self.split, lane % self.split
 
   def state(self, n: int):
-    """The index of each lane's n-th state in the block's state axis."""
-    return n if self.split == 1 else self.group * self.per_lane + n
+    """The index of each lane's n-th state in the block's state axis (n itself with one lane per channel)."""
+    return self.group * self.per_lane + n
 
   def column(self, ref, n: int, *leading):
     """Each lane's n-th state of a ([leading...,] channels, state) block, at `leading`."""
@@ -541,7 +541,7 @@ def _forward_by_channel_kernel(*refs, plan: _Plan, chunk_index, outputs: tuple[s
       total = total + delta
       if "y" not in out:
         continue
-      if lanes.split == 1:
+      if lanes.split == 1:  # D u starts the chain only where one lane holds the whole sum
         y = ptx.sum_of_products(zip(h, C), chunk.D * u, native=plan.native)
       else:
         y = lanes.total(ptx.sum_of_products(zip(h[1:], C[1:]), h[0] * C[0], native=plan.native)) + chunk.D * u
@@ -906,8 +906,8 @@ def _plan(
   state = pl.next_power_of_2(A.shape[1])
   sub_chunk = tuning.get("sub_chunk", SUB_CHUNK)
   block_d = min(tuning.get("block_d", BLOCK_D), pl.next_power_of_2(channels))
-  # Chunks are whole pairs of the backward's sub-chunks and whole forward sub-chunks (`over_sub_chunks`) of
-  # either default size.
+  # Chunks are whole pairs of the backward's sub-chunks and whole forward sub-chunks (`over_sub_chunks`); the
+  # tiles' default (2) divides the by-channel one (4), so the layout, which depends on the chunks, can come after.
   multiple = math.lcm(2 * sub_chunk, tuning.get("forward_sub_chunk", FORWARD_SUB_CHUNK))
   if "max_chunk" in tuning or batch * pl.cdiv(channels, block_d) < filling:
     num_chunks = pl.cdiv(length, pl.cdiv(tuning.get("max_chunk", CHUNK), multiple) * multiple)
