@@ -31,9 +31,9 @@ no value goes through shared memory between per-channel and per-element layouts.
 instructions per position (each thread converts all of B and C), but with ~12 one-warp programs per SM the tiles'
 shared-memory round trips and shuffles stall more: Vim-Ti's forward at 224², batch 128 went from 7.91-7.99 to
 7.67-7.72 ms (H200, ab_forward_by_channel_vim_tiny_h200.json); at 1248², batch 32 (9,216 programs per pass)
-the tiles are faster (fused bidirectional forward 2.40 against 2.52 ms, scan_tune_by_channel_h200.txt). The
-`state_split` tuning spreads each channel's state over several threads (`_Lanes`), for one pass over few long
-sequences; it is off until timed (results README, twenty-fourth session).
+the tiles are faster (fused bidirectional forward 2.40 against 2.52 ms, scan_tune_by_channel_h200.txt). One
+pass over whole sequences there, by channel or as tiles, with or without each channel's state spread over 2-8
+threads, took 3.0-4.4 ms against 2.21 for the two chunked passes (H200, scan_tune_one_pass_1248_h200.txt).
 
 Long sequences are split into chunks of at most `CHUNK` positions when the sequences alone give fewer
 than `FILLING_PROGRAMS` programs (`FORWARD_FILLING_PROGRAMS` where nothing is differentiated), so that a
@@ -141,8 +141,6 @@ class _Plan:
   by_channel: bool = False
   # B and C come as uint32 words of two bf16 (the by-channel forward's per-position scalar loads, halved).
   packed: bool = False
-  # The by-channel forward's threads per channel, each holding state / state_split of its states (`_Lanes`).
-  state_split: int = 1
   # Of the states the backward's states pass keeps for its gradient kernel (`_states_dtype`).
   states_dtype: jnp.dtype = jnp.dtype(jnp.float32)
 
@@ -188,15 +186,13 @@ def _split_refs(refs, plan: _Plan):
 class _Chunk:
   """This program's chunk: its positions in scan order, and the inputs at a position, in float32."""
 
-  def __init__(self, refs: _Refs, plan: _Plan, index, channels=slice(None)):
-    # index: the chunk's, in the sequence; channels: which of the block's channels each element of a per-position
-    # vector is (`_Lanes.channel`)
-    self.refs, self.plan, self.index, self.channels = refs, plan, index, channels
+  def __init__(self, refs: _Refs, plan: _Plan, index):
+    self.refs, self.plan, self.index = refs, plan, index  # index: the chunk's, in the sequence
     self.size = jnp.minimum(plan.chunk, plan.length - index * plan.chunk)  # the last may be short
     self.sub_chunks = (self.size + plan.sub_chunk - 1) // plan.sub_chunk
     self.A = self.a_of(refs.A[...])  # unused by the by-channel forward (it loads A by column), so compiled away
-    self.D = refs.D[channels].astype(plan.dtype)
-    self.bias = refs.bias[channels].astype(plan.dtype)
+    self.D = refs.D[...].astype(plan.dtype)
+    self.bias = refs.bias[...].astype(plan.dtype)
 
   def a_of(self, loaded):
     """A from a load of the A ref: -exp(A_log) for `plan.a_log`, computed once per program with the accurate exp,
@@ -213,11 +209,11 @@ class _Chunk:
     return self.position(jnp.minimum(step, self.size - 1)), step < self.size
 
   def load(self, ref, t):
-    return ref[t, self.channels].astype(self.plan.dtype)
+    return ref[t, :].astype(self.plan.dtype)
 
   def step_size(self, t, real=True):
     """The pre-softplus step x and the step size delta at t; delta = 0 (an identity step) if not real."""
-    return self.step_size_of(self.refs.delta[t, self.channels], real)
+    return self.step_size_of(self.refs.delta[t, :], real)
 
   def step_size_of(self, delta, real):
     """`step_size` from delta as loaded."""
@@ -385,10 +381,10 @@ def _write_y(chunk: _Chunk, out: dict, t, y, partner, z) -> None:
   if plan.combine is not None:
     y = (y + partner) * plan.combine
   if "ungated" in out:
-    out["ungated"][t, chunk.channels] = y.astype(out["ungated"].dtype)
+    out["ungated"][t, :] = y.astype(out["ungated"].dtype)
   if plan.gated:
     y = y * chunk.silu(z)
-  out["y"][t, chunk.channels] = y.astype(out["y"].dtype)
+  out["y"][t, :] = y.astype(out["y"].dtype)
 
 
 def _forward_kernel(*refs, plan: _Plan, chunk_index, outputs: tuple[str, ...], start: str):
@@ -437,56 +433,20 @@ def _forward_kernel(*refs, plan: _Plan, chunk_index, outputs: tuple[str, ...], s
     out["total_delta"][...] = total
 
 
-class _Lanes:
-  """Where the by-channel forward keeps each (channel, state) of its block: vectors of `block_d * state_split`
-  lanes, lane i holding channel i // state_split and, of its states, those of group i % state_split
-  (`state // state_split` consecutive ones). With one lane per channel they are plain slices of the blocks.
-
-  Why split: with whole sequences at 1248², batch 32, one lane per channel gives 384 one-warp programs per
-  direction, too few to hide each warp's latencies (results README, twenty-fourth session). Split lanes multiply
-  the warps at the price of repeating each channel's own work (its loads, softplus, the gate) in every lane and a
-  sum of y's parts across them."""
-
-  def __init__(self, plan: _Plan):
-    self.split, self.per_lane = plan.state_split, plan.state // plan.state_split
-    if self.split == 1:
-      self.channel, self.group = slice(None), 0
-    else:
-      lane = jax.lax.broadcasted_iota(jnp.int32, (plan.block_d * self.split,), 0)
-      self.channel, self.group = lane // self.split, lane % self.split
-
-  def state(self, n: int):
-    """The index of each lane's n-th state in the block's state axis (n itself with one lane per channel)."""
-    return self.group * self.per_lane + n
-
-  def column(self, ref, n: int, *leading):
-    """Each lane's n-th state of a ([leading...,] channels, state) block, at `leading`."""
-    return ref[(*leading, self.channel, self.state(n))]
-
-  def total(self, x):
-    """The sum of x over each channel's lanes, in every one of them."""
-    if self.split == 1:
-      return x
-    parts = x.reshape(-1, self.split).sum(axis=1, keepdims=True)
-    return jnp.broadcast_to(parts, (parts.shape[0], self.split)).reshape(x.shape)
-
-
 def _forward_by_channel_kernel(*refs, plan: _Plan, chunk_index, outputs: tuple[str, ...], start: str):
   """`_forward_kernel` for the forward passes (outputs "y", "ungated", "start_state", "end_state",
   "total_delta"; start "zero" or "carried"), with the state held as `plan.state` vectors of the block's
   channels: written so, Triton gives each thread whole channels, B and C are per-position scalars that every
-  thread reads, and the sums over the state are multiply-adds within a thread. With `plan.state_split`, each
-  channel's states are spread over that many threads instead (`_Lanes`)."""
+  thread reads, and the sums over the state are multiply-adds within a thread."""
   args, refs = _split_refs(refs, plan)
-  lanes = _Lanes(plan)
-  chunk = _Chunk(args, plan, chunk_index, lanes.channel)
-  n_state, log2e = lanes.per_lane, math.log2(math.e)
-  A = [chunk.a_of(lanes.column(args.A, n)) * log2e for n in range(n_state)]  # each decay: a multiply and an ex2
+  chunk = _Chunk(args, plan, chunk_index)
+  n_state, log2e = plan.state, math.log2(math.e)
+  A = [chunk.a_of(args.A[:, n]) * log2e for n in range(n_state)]  # log2(e) A: each decay is a multiply and an ex2
 
   def decay(delta, n):
     return ptx.exp2(delta * A[n], native=plan.native)
 
-  zero = jnp.zeros((plan.block_d * lanes.split,), plan.dtype)
+  zero = jnp.zeros((plan.block_d,), plan.dtype)
   h0 = [zero] * n_state
   if start == "carried":
     local_ref, total_ref = refs.pop(0), refs.pop(0)
@@ -494,8 +454,8 @@ def _forward_by_channel_kernel(*refs, plan: _Plan, chunk_index, outputs: tuple[s
 
     def carry(i, c):
       j = last - i if plan.reverse else i
-      total = total_ref[j, lanes.channel]
-      return tuple(_fma(chunk, decay(total, n), c[n], lanes.column(local_ref, n, j)) for n in range(n_state))
+      total = total_ref[j, :]
+      return tuple(_fma(chunk, decay(total, n), c[n], local_ref[j, :, n]) for n in range(n_state))
 
     h0 = list(jax.lax.fori_loop(0, last - k if plan.reverse else k, carry, tuple(h0)))
   elif start != "zero":
@@ -504,15 +464,13 @@ def _forward_by_channel_kernel(*refs, plan: _Plan, chunk_index, outputs: tuple[s
 
   def store_state(ref, h):
     for n in range(n_state):
-      ref[lanes.channel, lanes.state(n)] = h[n]
+      ref[:, n] = h[n]
 
   if "start_state" in out:
     store_state(out["start_state"], h0)
 
-  def row(ref, t):  # each lane's `n_state` values of B or C at t, as loaded (converted where used: `values`)
-    if plan.packed:  # words of two states: the lane's group starts at word `group * n_state / 2`
-      return [ref[t, lanes.state(2 * m) // 2] for m in range(n_state // 2)]
-    return [ref[t, lanes.state(n)] for n in range(n_state)]
+  def row(ref, t):  # B's or C's `n_state` values at t, as loaded (converted where used: `values`)
+    return [ref[t, n] for n in range(n_state // 2 if plan.packed else n_state)]
 
   def values(row):
     if plan.packed:
@@ -541,18 +499,14 @@ def _forward_by_channel_kernel(*refs, plan: _Plan, chunk_index, outputs: tuple[s
       total = total + delta
       if "y" not in out:
         continue
-      if lanes.split == 1:  # D u starts the chain only where one lane holds the whole sum
-        y = ptx.sum_of_products(zip(h, C), chunk.D * u, native=plan.native)
-      else:
-        y = lanes.total(ptx.sum_of_products(zip(h[1:], C[1:]), h[0] * C[0], native=plan.native)) + chunk.D * u
-      _write_y(chunk, out, t, y, extra, z)
+      _write_y(chunk, out, t, ptx.sum_of_products(zip(h, C), chunk.D * u, native=plan.native), extra, z)
     return h, total
 
   h, total = chunk.over_sub_chunks(sub_chunk, (h0, zero), load)
   if "end_state" in out:
     store_state(out["end_state"], h)
   if "total_delta" in out:
-    out["total_delta"][lanes.channel] = total
+    out["total_delta"][...] = total
 
 
 def _adjoint_kernel(*refs, plan: _Plan, chunk_index):
@@ -747,7 +701,7 @@ def _per_chunk(plan: _Plan, *, state: bool = True) -> jax.ShapeDtypeStruct:
 def _packed(plan: _Plan, args: tuple) -> tuple[_Plan, tuple]:
   """(plan, args) with bf16 B and C as `_packed_pairs` where the by-channel forward reads them."""
   B, C = args[3:5]
-  pairs = B.shape[-1] % 2 == C.shape[-1] % 2 == plan.state // plan.state_split % 2 == 0
+  pairs = B.shape[-1] % 2 == C.shape[-1] % 2 == plan.state % 2 == 0
   if not (plan.by_channel and pairs and B.dtype == C.dtype == jnp.bfloat16):
     return plan, args
   return dataclasses.replace(plan, packed=True), (*args[:3], _packed_pairs(B), _packed_pairs(C), *args[5:])
@@ -915,12 +869,6 @@ def _plan(
     num_chunks = 1
   by_channel = tuning.get("by_channel", batch * pl.cdiv(channels, block_d) * num_chunks <= BY_CHANNEL_PROGRAMS)
   forward_sub_chunk = tuning.get("forward_sub_chunk", FORWARD_SUB_CHUNK if by_channel else TILES_FORWARD_SUB_CHUNK)
-  state_split = tuning.get("state_split", 1)
-  if state_split != 1 and not (by_channel and state_split > 0 and state % state_split == 0):
-    raise ValueError(
-      f"tuning state_split={state_split}: splits the by-channel forward's state (by_channel=True), so it must "
-      f"divide the state, padded to {state}"
-    )
   return _Plan(
     batch=batch,
     length=length,
@@ -940,7 +888,6 @@ def _plan(
     columns=_read_in_place(B, C, state),
     a_log=isinstance(A, NegativeExp),
     by_channel=by_channel,
-    state_split=state_split,
     states_dtype=jnp.dtype(tuning.get("states_dtype", _states_dtype(u.dtype, dtype))),
   )
 
@@ -997,9 +944,7 @@ def scan(
   gradients, else whole sequences), `sub_chunk` (positions per state the backward keeps; its buffer is
   1/sub_chunk of all states), `states_dtype` (of those states; `_states_dtype`) and `forward_sub_chunk`
   (positions the forward loads ahead: FORWARD_SUB_CHUNK by channel, TILES_FORWARD_SUB_CHUNK as tiles); chunks
-  are rounded up to a multiple of both sub-chunks. `by_channel` forces the forward's layout, and `state_split`
-  spreads each channel's state over that many threads of the by-channel forward (`_Lanes`; give `block_d` and
-  `num_warps` so that block_d * state_split = 32 * num_warps)."""
+  are rounded up to a multiple of both sub-chunks. `by_channel` forces the forward's layout."""
   channels, state = A.shape
   dtype = compute_dtype(u, delta, A, B, C, D, z, delta_bias)
   u, delta, A, B, C, D, delta_bias = _with_defaults((u, delta, A, B, C, D, delta_bias), dtype)

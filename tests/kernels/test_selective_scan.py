@@ -268,17 +268,6 @@ def test_pallas_gpu_forward_goes_by_channel_when_programs_are_few(batch, length,
 
 
 @pytest.mark.parametrize(
-  "tuning", [dict(state_split=3), dict(state_split=32), dict(state_split=2, by_channel=False)], ids=str
-)
-def test_pallas_gpu_state_split_is_checked(tuning):
-  """A state split must divide the (padded) state of the by-channel forward, the only kernel that splits it."""
-  u, A = jnp.zeros((2, 16, 32), jnp.bfloat16), jnp.zeros((32, 16))
-  options = dict(gated=True, reverse=False, softplus=True, interpret=True, filling=pallas_gpu.FILLING_PROGRAMS)
-  with pytest.raises(ValueError, match="state_split"):
-    pallas_gpu._plan(u, A, jnp.float32, tuning=tuning, **options)
-
-
-@pytest.mark.parametrize(
   "inputs, compute, tuning, kept",
   [("bfloat16", "float32", {}, "bfloat16"), ("float32", "float32", {}, "float32"),
    ("float64", "float64", {}, "float64"), ("bfloat16", "float32", {"states_dtype": "float32"}, "float32")],
@@ -401,24 +390,20 @@ def test_xla_chunking_matches_reference_in_float64(max_chunk, x64):
   assert_close(grads, expected_grads, jnp.float64, "grad")
 
 
-@pytest.mark.parametrize(
-  "layout",
-  [dict(by_channel=True), dict(by_channel=False), dict(by_channel=True, state_split=2)],
-  ids=["by-channel", "tiles", "by-channel-split-state"],
-)
+@pytest.mark.parametrize("by_channel", [True, False], ids=["by-channel", "tiles"])
 @pytest.mark.parametrize("max_chunk, sub_chunk, forward_sub_chunk", [(1, 1, 1), (8, 4, 2), (32, 4, 8), (6, 2, 4)])
-def test_pallas_gpu_chunking_matches_reference_in_float64(max_chunk, sub_chunk, forward_sub_chunk, layout, x64):
+def test_pallas_gpu_chunking_matches_reference_in_float64(max_chunk, sub_chunk, forward_sub_chunk, by_channel, x64):
   """The kernels' chunk passes, the carries between chunks (state forwards, adjoint backwards) and
   partial sub-chunks, both directions, all options: on length 33, chunks of 1 (rounded up to a pair of
   the backward's sub-chunks, 2: 17 chunks, the last of one position), 8 (5 chunks, the last short), 32
   (2 chunks of 32 and 1) and 6 (rounded up to 8, whole pairs of sub-chunks of 2 and sub-chunks of 4); the
-  forward passes in either layout, by channel also with each channel's state over two threads."""
+  forward passes in either layout."""
   rng = np.random.default_rng(max_chunk)
   inputs = random_inputs(rng, 2, 33, 3, 2, **ALL_OPTIONS, dtype=jnp.float64)
   cotangents = random_cotangents(rng, inputs, jnp.float64)
   options = dict(
-    max_chunk=max_chunk, sub_chunk=sub_chunk, forward_sub_chunk=forward_sub_chunk, interpret=True,
-    delta_softplus=True, **layout,
+    max_chunk=max_chunk, sub_chunk=sub_chunk, forward_sub_chunk=forward_sub_chunk, by_channel=by_channel,
+    interpret=True, delta_softplus=True,
   )  # fmt: skip
   for reverse in (False, True):
 
@@ -501,9 +486,6 @@ def two_scans(forward, backward, z, *, divide_out, impl="reference"):
     pytest.param((2, 37, 8, 4), jnp.float32, dict(max_chunk=16, sub_chunk=4), id="three-chunks-f32"),
     pytest.param((1, 20, 24, 16), jnp.bfloat16, dict(max_chunk=8, sub_chunk=4), id="three-chunks-bf16"),
     pytest.param((1, 20, 24, 16), jnp.bfloat16, dict(max_chunk=8, sub_chunk=4, by_channel=False), id="tiles-bf16"),
-    pytest.param(
-      (1, 20, 24, 16), jnp.bfloat16, dict(max_chunk=8, sub_chunk=4, state_split=4, block_d=8), id="split-state-bf16"
-    ),
   ],
 )
 @pytest.mark.parametrize("divide_out", [True, False])
