@@ -16,11 +16,13 @@ exp2 into one ex2, where jaxlib's did neither before `kernels/selective_scan/ptx
 position of the forward in Nsight Compute against 225 here, fourteenth session). Read instruction counts
 from Nsight Compute on the GPU. Timing still needs the GPU: see ../benchmarks/scan_tune.py. "Main-loop SASS
 instructions" counts the kernel's last loop, `sub_chunk` (backward) or `forward_sub_chunk` positions per iteration:
-the offline measure of a change to the kernels' arithmetic (kernel_log1p_sm90.md).
+the offline measure of a change to the kernels' arithmetic (kernel_log1p_sm90.md); `--opcodes=N` adds the loop's N
+most frequent opcodes per position (kernel_row_vector_loads_sm90.md).
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
@@ -39,6 +41,9 @@ from kernels.selective_scan import pallas_gpu
 _TUNINGS = flags.DEFINE_multi_string("tunings", ['{"sub_chunk": 8}'], "JSON keyword arguments of pallas_gpu.scan.")
 _LENGTH = flags.DEFINE_integer("length", 197, "Sequence length (197: 224², stride 16).")
 _BATCH = flags.DEFINE_integer("batch", 128, "Sequences.")
+_OPCODES = flags.DEFINE_integer(
+  "opcodes", 0, "Also list the main loop's most frequent SASS opcodes, this many, per position of the loop."
+)
 _CALL = flags.DEFINE_enum(
   "call", "scan", ["scan", "bidirectional"], "pallas_gpu.scan (gated), or the fused bidirectional scan Vim runs."
 )
@@ -162,11 +167,23 @@ def _ptxas_report(ir: str, num_warps: int) -> dict[str, int]:
     "spill_load_bytes": r"(\d+) bytes spill loads",
   }
   counts = {key: int(re.search(pattern, report.stderr).group(1)) for key, pattern in numbers.items()}
+  loop = _main_loop(sass.stdout)
   return counts | {
     "instructions": _instructions(compiled.asm["ptx"]),
-    "loop_instructions": len(_main_loop(sass.stdout)),
+    "loop_instructions": len(loop),
     "load_to_use": _load_to_use(sass.stdout),
+    "loop_opcodes": collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", ins).split(" ")[0].split(".")[0] for ins in loop),
   }
+
+
+def _loop_positions(kernel: str, tuning: dict, length: int, batch: int) -> int:
+  """The positions one iteration of a kernel's main loop walks: the plan's `forward_sub_chunk` for the forward
+  passes, its `sub_chunk` for the backward's (the plan of a differentiated call, as `_triton_modules` lowers)."""
+  u, A = jax.ShapeDtypeStruct((batch, length, 384), jnp.bfloat16), jax.ShapeDtypeStruct((384, 16), jnp.float32)
+  options = dict(gated=True, reverse=False, softplus=True, interpret=False, filling=pallas_gpu.FILLING_PROGRAMS)
+  plan = pallas_gpu._plan(u, A, jnp.float32, tuning=tuning, **options)
+  forward = kernel.startswith(("selective_scan_fwd", "selective_scan_chunk_ends"))
+  return plan.forward_sub_chunk if forward else plan.sub_chunk
 
 
 def main(argv):
@@ -191,6 +208,10 @@ def main(argv):
         f"| {tuning_json} | {name} | {r['registers']} | {r['spill_store_bytes']} | {r['spill_load_bytes']} | {warps} "
         f"| {r['instructions']} | {r['loop_instructions']} | {r['load_to_use']} |"
       )
+      if _OPCODES.value:
+        per = _loop_positions(name, tuning, _LENGTH.value, _BATCH.value)
+        common = r["loop_opcodes"].most_common(_OPCODES.value)
+        print(f"|  | {name}: per position of its loop ({per}) | " + ", ".join(f"{op} {n / per:g}" for op, n in common))
 
 
 if __name__ == "__main__":

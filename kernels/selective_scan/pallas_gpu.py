@@ -25,15 +25,16 @@ position (a partial sub-chunk re-reads it as an identity step, delta = 0, whose 
 
 Where a forward pass has few programs (`BY_CHANNEL_PROGRAMS`), it holds the state by channel instead
 (`_forward_by_channel_kernel`): as `state` vectors of the block's channels, so that Triton gives each thread one
-channel's whole state. B and C are then per-position scalars that every thread reads (bf16 as uint32 pairs, half
-the loads, unpacked by a shift and a mask), y's sum over the state is a chain of multiply-adds in the thread, and
-no value goes through shared memory between per-channel and per-element layouts. Offline SASS shows a few more
-instructions per position (each thread converts all of B and C), but with ~12 one-warp programs per SM the tiles'
-shared-memory round trips and shuffles stall more: Vim-Ti's forward at 224², batch 128 went from 7.91-7.99 to
-7.67-7.72 ms (H200, ab_forward_by_channel_vim_tiny_h200.json); at 1248², batch 32 (9,216 programs per pass)
-the tiles are faster (fused bidirectional forward 2.40 against 2.52 ms, scan_tune_by_channel_h200.txt). One
-pass over whole sequences there, by channel or as tiles, with or without each channel's state spread over 2-8
-threads, took 3.0-4.4 ms against 2.21 for the two chunked passes (H200, scan_tune_one_pass_1248_h200.txt).
+channel's whole state. B and C are then per-position rows that every thread reads whole (bf16 as uint32 pairs,
+unpacked by a shift and a mask; 4 words per 128-bit load, `ROW_VECTOR`), y's sum over the state is a chain of
+multiply-adds in the thread, and no value goes through shared memory between per-channel and per-element layouts.
+Offline SASS shows a few more instructions per position (each thread converts all of B and C), but with ~12 one-warp
+programs per SM the tiles' shared-memory round trips and shuffles stall more: Vim-Ti's forward at 224², batch 128
+went from 7.91-7.99 to 7.67-7.72 ms (H200, ab_forward_by_channel_vim_tiny_h200.json); at 1248², batch 32 (9,216
+programs per pass) the tiles are faster (fused bidirectional forward 2.40 against 2.52 ms,
+scan_tune_by_channel_h200.txt). One pass over whole sequences there, by channel or as tiles, with or without each
+channel's state spread over 2-8 threads, took 3.0-4.4 ms against 2.21 for the two chunked passes (H200,
+scan_tune_one_pass_1248_h200.txt).
 
 Long sequences are split into chunks of at most `CHUNK` positions when the sequences alone give fewer
 than `FILLING_PROGRAMS` programs (`FORWARD_FILLING_PROGRAMS` where nothing is differentiated), so that a
@@ -103,6 +104,12 @@ FORWARD_SUB_CHUNK = 4
 # (1024², batch 32: 1.54 against 1.68; H200, scan_tune_forward_sub_chunk_h200.txt). 4 stays for the by-channel
 # forward, which holds more registers per position (its B and C rows) and was slower at 2 (twenty-first session).
 TILES_FORWARD_SUB_CHUNK = 2
+# The by-channel forward reads B's and C's rows this many 32-bit words at a time: 4 loads per position where 16 scalar
+# ones were (bf16, state 16). Offline sm_90 SASS, 224², batch 128: 171 -> 160 and 193.5 -> 190.75 instructions per
+# position for the bidirectional call's two directions, 181.75 -> 168.25 for one gated scan; on an H200 the fused
+# bidirectional forward went from 0.191 to 0.178 ms at 224², batch 128 and 0.317 to 0.279 at 1248², batch 1, and
+# Vim-Ti's forward at 224², batch 128 from 7.65 to 7.13 ms (twenty-fifth session, results README).
+ROW_VECTOR = 4
 # The forward passes go by channel up to this many programs (batch x channel blocks x chunks): one wave of
 # programs on an H100 or H200 at 224², batch 128 (1,536 per direction), tiles at 1248², batch 32 (9,216).
 BY_CHANNEL_PROGRAMS = 2048
@@ -469,10 +476,18 @@ def _forward_by_channel_kernel(*refs, plan: _Plan, chunk_index, outputs: tuple[s
   if "start_state" in out:
     store_state(out["start_state"], h0)
 
-  def row(ref, t):  # B's or C's `n_state` values at t, as loaded (converted where used: `values`)
-    return [ref[t, n] for n in range(n_state // 2 if plan.packed else n_state)]
+  # B's and C's words at a position (a packed word holds two states) are read in (block_d, ROW_VECTOR) blocks of
+  # the same ROW_VECTOR words in every row: Triton gives each thread one row, so one 128-bit load per thread
+  # replaces ROW_VECTOR scalar ones, and picking a word out of a row (`values`) stays in the thread's registers.
+  width = n_state // 2 if plan.packed else n_state
+  vector = min(width, ROW_VECTOR)
+  column = jax.lax.broadcasted_iota(jnp.int32, (plan.block_d, vector), 1)
+
+  def row(ref, t):  # B's or C's words at t, as loaded (converted where used: `values`)
+    return [ref[t, column + k] for k in range(0, width, vector)]
 
   def values(row):
+    row = [jnp.sum(jnp.where(column == n, v, jnp.zeros_like(v)), axis=1) for v in row for n in range(vector)]
     if plan.packed:
       return [x for word in row for x in _unpacked_pairs(word)]
     return [x.astype(plan.dtype) for x in row]
