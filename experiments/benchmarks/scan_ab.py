@@ -23,7 +23,7 @@ _ROUNDS = 3
 
 
 def _calls(module) -> dict:
-  """{kind: (jitted function, its inputs for a seed)} of `module`, for a (batch, length) bound later."""
+  """{kind: jitted function} of `module`: one gated scan forward and forward+backward, the bidirectional forward."""
 
   def scan(x):
     return module.scan(*(x[k] for k in _ARGS[:6]), z=x["z"], delta_bias=x["delta_bias"], delta_softplus=True)[0]
