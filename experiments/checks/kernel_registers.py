@@ -109,6 +109,11 @@ def _main_loop(sass: str) -> list[str]:
   return [ins for at, ins in lines if start <= at <= end]
 
 
+def _unpredicated(ins: str) -> str:
+  """A SASS instruction without its predicate guard (`@P0 `, `@!UP1 `...)."""
+  return re.sub(r"^@!?U?P\w+\s+", "", ins)
+
+
 def _load_to_use(sass: str) -> int | None:
   """The fewest instructions between a global load in the main loop and the first instruction that reads
   what it loaded (around the loop's back edge too). A use that comes soon waits for the memory latency:
@@ -119,7 +124,7 @@ def _load_to_use(sass: str) -> int | None:
     return {int(r) for r in re.findall(r"\bR(\d+)\b", operands)}
 
   def reads_and_writes(ins: str) -> tuple[set[int], set[int]]:
-    op, _, operands = re.sub(r"^@!?U?P\w+\s+", "", ins).partition(" ")
+    op, _, operands = _unpredicated(ins).partition(" ")
     first, _, rest = operands.partition(",")
     if op.startswith(("ST", "BRA", "BAR")):
       return registers(operands), set()
@@ -127,7 +132,7 @@ def _load_to_use(sass: str) -> int | None:
 
   distances = []
   for i, ins in enumerate(loop):
-    op = re.sub(r"^@!?U?P\w+\s+", "", ins).split(" ")[0]
+    op = _unpredicated(ins).split(" ")[0]
     if not op.startswith("LDG"):
       continue
     base = min(reads_and_writes(ins)[1])
@@ -172,7 +177,7 @@ def _ptxas_report(ir: str, num_warps: int) -> dict[str, int]:
     "instructions": _instructions(compiled.asm["ptx"]),
     "loop_instructions": len(loop),
     "load_to_use": _load_to_use(sass.stdout),
-    "loop_opcodes": collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", ins).split(" ")[0].split(".")[0] for ins in loop),
+    "loop_opcodes": collections.Counter(_unpredicated(ins).split(" ")[0].split(".")[0] for ins in loop),
   }
 
 

@@ -487,10 +487,10 @@ def _forward_by_channel_kernel(*refs, plan: _Plan, chunk_index, outputs: tuple[s
     return [ref[t, column + k] for k in range(0, width, vector)]
 
   def values(row):
-    row = [jnp.sum(jnp.where(column == n, v, jnp.zeros_like(v)), axis=1) for v in row for n in range(vector)]
+    words = [jnp.sum(jnp.where(column == n, v, jnp.zeros_like(v)), axis=1) for v in row for n in range(vector)]
     if plan.packed:
-      return [x for word in row for x in _unpacked_pairs(word)]
-    return [x.astype(plan.dtype) for x in row]
+      return [x for word in words for x in _unpacked_pairs(word)]
+    return [x.astype(plan.dtype) for x in words]
 
   def load(j):
     steps = []
