@@ -57,7 +57,8 @@ chunk, whose results the gradient kernel carries across the chunks after its own
 channels) come out per channel block, dA, dD and d(delta_bias) (sums over positions) per chunk; XLA adds the
 partial sums. The fused bidirectional call takes the z gate's backward to XLA (`gate_backward`, from the
 ungated output its forward keeps) and runs both directions' ungated gradient kernels in one launch
-(`_launch`): at 218 registers an H100 holds only 1,188 of their programs at once.
+(`_launch`): at 218 registers an H100 holds only 1,188 of their programs at once. The gradient kernels go one
+sub-chunk at a time there; the states passes load two ahead where programs are few (`PAIRED_STATES_PROGRAMS`).
 """
 
 import dataclasses
@@ -113,6 +114,14 @@ ROW_VECTOR = 4
 # The forward passes go by channel up to this many programs (batch x channel blocks x chunks): one wave of
 # programs on an H100 or H200 at 224², batch 128 (1,536 per direction), tiles at 1248², batch 32 (9,216).
 BY_CHANNEL_PROGRAMS = 2048
+# The backward's states pass loads two sub-chunks ahead (`_Plan.paired_states`) up to this many programs, also where
+# the gradient kernel goes one sub-chunk at a time (the fused bidirectional backward). With ~12 one-warp programs per
+# SM it waited on its loads (62-65% of Nsight Compute's samples, fifteenth session, `scan_ncu_bidir_h200.txt`);
+# paired, the nearest use of a load is 125 SASS instructions after it instead of 25 (offline, 128 registers against
+# 102). Fused bidirectional backward on an H200, bf16: 0.785 -> 0.755 and 0.759 -> 0.730 ms at 224², batch 128 (two
+# processes), 2.80 -> 2.75 at 224² stride 8; at 1248², batch 32 (9,216 programs, many warps per SM) 6.09 against 6.13
+# paired, so not there (twenty-sixth session, scan_tune_paired_states_h200.txt).
+PAIRED_STATES_PROGRAMS = 2048
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +157,8 @@ class _Plan:
   by_channel: bool = False
   # B and C come as uint32 words of two bf16 (the by-channel forward's per-position scalar loads, halved).
   packed: bool = False
+  # The backward's states pass runs pairs of sub-chunks even if `paired` is off (`PAIRED_STATES_PROGRAMS`).
+  paired_states: bool = False
   # Of the states the backward's states pass keeps for its gradient kernel (`_states_dtype`).
   states_dtype: jnp.dtype = jnp.dtype(jnp.float32)
 
@@ -825,14 +836,14 @@ def _backward(scans: list[_Scan]) -> list[tuple]:
     shape = (plan.batch, plan.num_chunks * plan.sub_chunks, plan.channels, plan.state)
     shape = jax.ShapeDtypeStruct(shape, plan.states_dtype)
     extra, extra_specs = [scan.dy, *refs], [s.seq, *ref_specs]
-    jobs.append(
-      _Job(plan, scan.args, extra, extra_specs, [shape, _per_block(plan)], [s.sub_chunk_states, s.block_seq_state])
-    )
+    shapes_and_specs = [shape, _per_block(plan)], [s.sub_chunk_states, s.block_seq_state]
+    states_plan = dataclasses.replace(plan, paired=plan.paired or plan.paired_states)
+    jobs.append(_Job(states_plan, scan.args, extra, extra_specs, *shapes_and_specs))
   # The states passes also form dC (Σ dy h needs no adjoint), which the gradient kernel, bound by its registers,
   # then skips: offline 248 -> 218 registers and 807 -> 679 loop instructions per 2 positions; a Vim-Ti
   # training step at 224², batch 128 went from 37.5-37.8 to 36.7-37.0 ms
   # (H200, ab_dC_in_states_pass_vim_tiny_h200.json).
-  # They run one launch per scan: at 80-92 registers each is one wave already, and the two in one launch made the
+  # They run one launch per scan: at 80-128 registers each is one wave already, and the two in one launch made the
   # step slower (H100: 55.3 against 54.4 ms; with dC, H200: 37.4 against 36.7-37.0).
   kind = starts[0][0][2]
   outputs = ("sub_chunk_states", "dC")
@@ -882,7 +893,8 @@ def _plan(
     num_chunks = pl.cdiv(length, pl.cdiv(tuning.get("max_chunk", CHUNK), multiple) * multiple)
   else:
     num_chunks = 1
-  by_channel = tuning.get("by_channel", batch * pl.cdiv(channels, block_d) * num_chunks <= BY_CHANNEL_PROGRAMS)
+  programs = batch * pl.cdiv(channels, block_d) * num_chunks
+  by_channel = tuning.get("by_channel", programs <= BY_CHANNEL_PROGRAMS)
   forward_sub_chunk = tuning.get("forward_sub_chunk", FORWARD_SUB_CHUNK if by_channel else TILES_FORWARD_SUB_CHUNK)
   return _Plan(
     batch=batch,
@@ -903,6 +915,7 @@ def _plan(
     columns=_read_in_place(B, C, state),
     a_log=isinstance(A, NegativeExp),
     by_channel=by_channel,
+    paired_states=tuning.get("paired_states", programs <= PAIRED_STATES_PROGRAMS),
     states_dtype=jnp.dtype(tuning.get("states_dtype", _states_dtype(u.dtype, dtype))),
   )
 
@@ -959,7 +972,8 @@ def scan(
   gradients, else whole sequences), `sub_chunk` (positions per state the backward keeps; its buffer is
   1/sub_chunk of all states), `states_dtype` (of those states; `_states_dtype`) and `forward_sub_chunk`
   (positions the forward loads ahead: FORWARD_SUB_CHUNK by channel, TILES_FORWARD_SUB_CHUNK as tiles); chunks
-  are rounded up to a multiple of both sub-chunks. `by_channel` forces the forward's layout."""
+  are rounded up to a multiple of both sub-chunks. `by_channel` forces the forward's layout, `paired_states`
+  whether the backward's states pass loads two sub-chunks ahead."""
   channels, state = A.shape
   dtype = compute_dtype(u, delta, A, B, C, D, z, delta_bias)
   u, delta, A, B, C, D, delta_bias = _with_defaults((u, delta, A, B, C, D, delta_bias), dtype)

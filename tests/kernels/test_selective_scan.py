@@ -255,7 +255,8 @@ def test_pallas_gpu_bidirectional_lowers_for_cuda(batch, length):
 def test_pallas_gpu_forward_goes_by_channel_when_programs_are_few(batch, length, chunks, by_channel):
   """The forward passes hold the state by channel when a pass has at most `BY_CHANNEL_PROGRAMS` programs (Vim-Ti
   at 224², batch 128: 1,536), else as (channels, state) tiles (1248², batch 32: 24 chunks of 384 sequences), which
-  load fewer positions ahead; a tuning overrides that without moving the chunk boundaries."""
+  load fewer positions ahead; a tuning overrides that without moving the chunk boundaries. The backward's states
+  pass pairs its sub-chunks (loads further ahead) on the same count (`PAIRED_STATES_PROGRAMS`)."""
   u, A = jnp.zeros((batch, length, 384), jnp.bfloat16), jnp.zeros((384, 16))
   options = dict(
     gated=True, reverse=False, softplus=True, interpret=False, tuning={}, filling=pallas_gpu.FILLING_PROGRAMS
@@ -263,6 +264,7 @@ def test_pallas_gpu_forward_goes_by_channel_when_programs_are_few(batch, length,
   plan = pallas_gpu._plan(u, A, jnp.float32, **options)
   ahead = pallas_gpu.FORWARD_SUB_CHUNK if by_channel else pallas_gpu.TILES_FORWARD_SUB_CHUNK
   assert (plan.num_chunks, plan.by_channel, plan.forward_sub_chunk) == (chunks, by_channel, ahead)
+  assert plan.paired_states == by_channel
   tuned = pallas_gpu._plan(u, A, jnp.float32, **{**options, "tuning": {"forward_sub_chunk": 4}})
   assert (tuned.forward_sub_chunk, tuned.chunk, tuned.num_chunks) == (4, plan.chunk, plan.num_chunks)
 
@@ -485,7 +487,9 @@ def two_scans(forward, backward, z, *, divide_out, impl="reference"):
     pytest.param((2, 37, 40, 4), jnp.float32, {}, id="one-chunk-f32"),
     pytest.param((2, 37, 8, 4), jnp.float32, dict(max_chunk=16, sub_chunk=4), id="three-chunks-f32"),
     pytest.param((1, 20, 24, 16), jnp.bfloat16, dict(max_chunk=8, sub_chunk=4), id="three-chunks-bf16"),
-    pytest.param((1, 20, 24, 16), jnp.bfloat16, dict(max_chunk=8, sub_chunk=4, by_channel=False), id="tiles-bf16"),
+    pytest.param(  # as where programs are many
+      (1, 20, 24, 16), jnp.bfloat16, dict(max_chunk=8, sub_chunk=4, by_channel=False, paired_states=False), id="tiles"
+    ),
   ],
 )
 @pytest.mark.parametrize("divide_out", [True, False])
@@ -508,7 +512,11 @@ def test_fused_bidirectional_matches_two_scans(shape, dtype, tuning, divide_out)
   assert_close(got[1], want[1], dtype, "grad")
 
 
-@pytest.mark.parametrize("tuning", [{}, dict(max_chunk=16, sub_chunk=4)], ids=["one-chunk", "three-chunks"])
+@pytest.mark.parametrize(
+  "tuning",
+  [{}, dict(max_chunk=16, sub_chunk=4), dict(max_chunk=16, sub_chunk=4, paired_states=False)],
+  ids=["one-chunk", "three-chunks", "three-chunks-states-unpaired"],
+)
 def test_fused_bidirectional_gradients_match_two_scans_in_float64(tuning, x64):
   """The fused path's backward (the z gate's gradient in XLA from the kept ungated output, ungated gradient
   kernels for both directions) against two reference scans, all 15 gradients, in float64."""
