@@ -252,7 +252,7 @@ def test_pallas_gpu_bidirectional_lowers_for_cuda(batch, length):
 @pytest.mark.parametrize(
   "batch, length, chunks, by_channel", [(128, 197, 1, True), (32, 6085, 24, False), (256, 197, 1, False)]
 )
-def test_pallas_gpu_forward_goes_by_channel_when_programs_are_few(batch, length, chunks, by_channel):
+def test_pallas_gpu_few_programs_go_by_channel_and_pair_the_states_pass(batch, length, chunks, by_channel):
   """The forward passes hold the state by channel when a pass has at most `BY_CHANNEL_PROGRAMS` programs (Vim-Ti
   at 224², batch 128: 1,536), else as (channels, state) tiles (1248², batch 32: 24 chunks of 384 sequences), which
   load fewer positions ahead; a tuning overrides that without moving the chunk boundaries. The backward's states
