@@ -155,7 +155,7 @@ class _Plan:
   a_log: bool = False
   # The forward passes hold the state as `state` vectors of channels (`_forward_by_channel_kernel`).
   by_channel: bool = False
-  # B and C come as uint32 words of two bf16 (the by-channel forward's per-position scalar loads, halved).
+  # B and C come as uint32 words of two bf16 (the by-channel forward's per-position rows, halved).
   packed: bool = False
   # The backward's states pass runs pairs of sub-chunks even if `paired` is off (`PAIRED_STATES_PROGRAMS`).
   paired_states: bool = False
@@ -454,8 +454,8 @@ def _forward_kernel(*refs, plan: _Plan, chunk_index, outputs: tuple[str, ...], s
 def _forward_by_channel_kernel(*refs, plan: _Plan, chunk_index, outputs: tuple[str, ...], start: str):
   """`_forward_kernel` for the forward passes (outputs "y", "ungated", "start_state", "end_state",
   "total_delta"; start "zero" or "carried"), with the state held as `plan.state` vectors of the block's
-  channels: written so, Triton gives each thread whole channels, B and C are per-position scalars that every
-  thread reads, and the sums over the state are multiply-adds within a thread."""
+  channels: written so, Triton gives each thread whole channels, B and C are per-position rows that every
+  thread reads whole, and the sums over the state are multiply-adds within a thread."""
   args, refs = _split_refs(refs, plan)
   chunk = _Chunk(args, plan, chunk_index)
   n_state, log2e = plan.state, math.log2(math.e)
