@@ -6,6 +6,7 @@ r"""The compiled Pallas GPU scan against the reference on the GPU itself (tests 
       XLA_FLAGS=--xla_gpu_enable_command_buffer=
   python experiments/checks/scan_gpu_check.py --case=1   # compiles into the cache
   compute-sanitizer --tool memcheck python experiments/checks/scan_gpu_check.py --case=1
+  compute-sanitizer --tool racecheck python experiments/checks/scan_gpu_check.py --case=3 --bidirectional_only
 
 Forward (y, last state) and the gradients of all eight arrays, both directions, and the fused
 bidirectional scan with its gradients (A also as `NegativeExp`), on shapes that exercise short last
@@ -29,6 +30,9 @@ from experiments.checks.gpu_check import Tally
 from kernels import Direction, NegativeExp, selective_scan, selective_scan_bidirectional
 
 _CASE = flags.DEFINE_integer("case", None, "Index into CASES to run only that case (default: all).")
+_BIDIRECTIONAL_ONLY = flags.DEFINE_bool(
+  "bidirectional_only", False, "Run only the fused bidirectional scans (shorter sanitizer runs)."
+)
 
 # (batch, length, channels, state, dtype): odd and long lengths, channels off the 32-block, bf16 I/O.
 CASES = [
@@ -89,7 +93,7 @@ def main(argv) -> int:
     batch, length, channels, state, dtype = CASES[i]
     arrays, weights = _inputs(jax.random.key(i), batch, length, channels, state, dtype)
     runs = {f"reverse={reverse}": functools.partial(_run, arrays=arrays, weights=weights, reverse=reverse)
-            for reverse in (False, True)}  # fmt: skip
+            for reverse in (False, True) if not _BIDIRECTIONAL_ONLY.value}  # fmt: skip
     runs["bidirectional"] = functools.partial(_run_bidirectional, arrays=arrays, weights=weights)
     runs["bidirectional, NegativeExp"] = functools.partial(
       _run_bidirectional, arrays=arrays, weights=weights, negative_exp=True

@@ -41,8 +41,8 @@ than `FILLING_PROGRAMS` programs (`FORWARD_FILLING_PROGRAMS` where nothing is di
 small batch still fills the GPU: pass 1 scans every chunk from a zero state, keeping its end state and
 total step size; pass 2 rescans every chunk from its true start state and writes y. Each pass-2 program
 first carries the state across the chunks before its own (h -> exp(A Σ delta) h + end state, at most
-chunks - 1 steps of one (block_d, state) tile): no XLA loop over chunks (at 1248², batch 32, Vim-Ti's
-forward spent 5.6 of its 113 ms in the 2,300 tiny kernels of one, H100).
+chunks - 1 steps of one (block_d, state) tile, each chunk's loads issued a step ahead): no XLA loop over chunks (at
+1248², batch 32, Vim-Ti's forward spent 5.6 of its 113 ms in the 2,300 tiny kernels of one, H100).
 
 Backward (`jax.custom_vjp`; residuals are the inputs plus, with several chunks, each chunk's start state
 and total step size). The adjoint g_t = dL/dh_t runs against the scan: g_t = silu(z_t) dy_t C_t +
@@ -104,6 +104,14 @@ FORWARD_SUB_CHUNK = 4
 # positions ahead: Vim-Ti's fused bidirectional forward at 1248², batch 32 took 2.20 against 2.39 ms at 4
 # (1024², batch 32: 1.54 against 1.68; H200, scan_tune_forward_sub_chunk_h200.txt). 4 stays for the by-channel
 # forward, which holds more registers per position (its B and C rows) and was slower at 2 (twenty-first session).
+# The tiles forward also runs pairs of its sub-chunks (`_Plan.paired_forward`): Nsight Compute put 14% of its output
+# pass's stall samples on two multiply-adds waiting on the long scoreboard (global loads), though neither reads a
+# loaded value (scan_ncu_forward_1248_h200.txt). A warp has six scoreboards; in the offline SASS the ex2s set the same
+# ones as the next sub-chunk's loads issued before them, so a use of an ex2 waited for those loads too. Paired, the
+# next loads are issued half a loop later.
+# Fused bidirectional forward, H200, three rounds each: 1248², batch 32, 2.207-2.212 -> 2.186-2.193 ms; 1024²,
+# batch 32, 1.539-1.549 -> 1.515-1.521. By channel (736², batch 64) pairing took 2.28 against 1.37 ms, so only the
+# tiles pair (twenty-seventh session, scan_tune_paired_forward_h200.txt).
 TILES_FORWARD_SUB_CHUNK = 2
 # The by-channel forward reads B's and C's rows this many 32-bit words at a time: 4 loads per position where 16 scalar
 # ones were (bf16, state 16). Offline sm_90 SASS, 224², batch 128: 171 -> 160 and 193.5 -> 190.75 instructions per
@@ -161,6 +169,8 @@ class _Plan:
   paired_states: bool = False
   # Of the states the backward's states pass keeps for its gradient kernel (`_states_dtype`).
   states_dtype: jnp.dtype = jnp.dtype(jnp.float32)
+  # The forward passes run pairs of sub-chunks too (the tiles forward, `TILES_FORWARD_SUB_CHUNK`).
+  paired_forward: bool = False
 
   @property
   def native(self) -> bool:
@@ -172,8 +182,9 @@ class _Plan:
     return self.chunk // self.sub_chunk
 
   def forward(self) -> "_Plan":
-    """This plan for the forward passes: their loads run `forward_sub_chunk` positions ahead."""
-    return dataclasses.replace(self, sub_chunk=self.forward_sub_chunk, paired=False)
+    """This plan for the forward passes: their loads run `forward_sub_chunk` positions ahead, in pairs of sub-chunks
+    with `paired_forward`."""
+    return dataclasses.replace(self, sub_chunk=self.forward_sub_chunk, paired=self.paired_forward)
 
   def grid(self) -> tuple[int, int, int]:
     return self.batch, self.channels // self.block_d, self.num_chunks
@@ -267,10 +278,10 @@ class _Chunk:
     experiments/checks/kernel_registers.py). Here the second sub-chunk's loads are issued before the
     first runs and the next pair's first after it, so what the loop carries are the loads' own registers.
     An odd count gets one sub-chunk past the end (identity steps), so paired chunks are whole pairs
-    (`_plan`). The forward passes go one sub-chunk at a time, converting as they load: paired, their
-    kernels need more registers (168 against 158 for the bidirectional second direction, offline) and
-    Vim-Ti's forward at 224², batch 128 measured slower (ab_paired_loads_h100.json). So does the fused
-    bidirectional backward (`bidirectional`)."""
+    (`_plan`). The by-channel forward goes one sub-chunk at a time, converting as it loads: paired, it needs more
+    registers (168 against 158 for the bidirectional second direction, offline) and Vim-Ti's forward at 224², batch
+    128 measured slower (ab_paired_loads_h100.json). So do the fused bidirectional backward's gradient kernels
+    (`bidirectional`). The tiles forward is paired (`TILES_FORWARD_SUB_CHUNK`)."""
     if not self.plan.paired:
 
       def index(i):
@@ -370,11 +381,11 @@ def _fma(chunk: _Chunk, a, b, c):
   return ptx.fma(a, b, c, native=chunk.plan.native)
 
 
-def _entering(chunk: _Chunk, refs: list, start: str, *, reverse: bool) -> jax.Array:
+def _entering(chunk: _Chunk, refs: list, start: str, *, reverse: bool, ahead: bool = True) -> jax.Array:
   """The value entering this program's chunk, reading (and popping) the refs that `start` names:
   "zero"; "given" (a ref holding it); "carried" (local, total: c -> exp(A total_j) c + local_j over the
-  chunks before this one in scan order, `reverse` or not, from zero); "carried_from" (init, local, total:
-  the same from init)."""
+  chunks before this one in scan order, `reverse` or not, from zero, loading a chunk ahead if `ahead`);
+  "carried_from" (init, local, total: the same from init)."""
   plan = chunk.plan
   zero = jnp.zeros((plan.block_d, plan.state), plan.dtype)
   if start == "zero":
@@ -383,13 +394,39 @@ def _entering(chunk: _Chunk, refs: list, start: str, *, reverse: bool) -> jax.Ar
     return refs.pop(0)[...].astype(plan.dtype)
   init = refs.pop(0)[...].astype(plan.dtype) if start == "carried_from" else zero
   local_ref, total_ref = refs.pop(0), refs.pop(0)
-  k, last = chunk.index, plan.num_chunks - 1
 
-  def carry(i, c):
-    j = last - i if reverse else i
-    return _fma(chunk, _decay(chunk, total_ref[j, :]), c, local_ref[j, :, :])
+  def update(c, loaded):
+    total, local = loaded
+    return _fma(chunk, _decay(chunk, total), c, local)
 
-  return jax.lax.fori_loop(0, last - k if reverse else k, carry, init)
+  def load(j):
+    return total_ref[j, :], local_ref[j, :, :]
+
+  return _over_earlier_chunks(chunk, load, update, init, reverse=reverse, ahead=ahead)
+
+
+def _over_earlier_chunks(chunk: _Chunk, load, update, init, *, reverse: bool, ahead: bool = True):
+  """c -> update(c, load(j)) over the chunks j before this one in scan order (`reverse` or not), from init, with
+  each chunk's loads issued one step ahead if `ahead`. Loaded where used, this loop had 5.6% of the stall samples
+  of the forward's output pass at 1248², batch 32 for 1.7% of its instructions, waiting on its loads
+  (scan_ncu_forward_1248_h200.txt); a step ahead, one direction's forward there went from 1.127 to 1.117 ms and the
+  fused bidirectional one from 2.166 to 2.154 (H200). The gradient kernel's adjoint carry does not load ahead: its
+  forward+backward took 5.06 against 4.94 ms so (ab_carry_ahead_h200.txt)."""
+  k, last = chunk.index, chunk.plan.num_chunks - 1
+  steps = last - k if reverse else k
+
+  def index(i):
+    return last - i if reverse else i
+
+  if not ahead:
+    return jax.lax.fori_loop(0, steps, lambda i, c: update(c, load(index(i))), init)
+
+  def step(i, carry):
+    c, loaded = carry
+    upcoming = load(index(jnp.minimum(i + 1, steps - 1)))  # the last step re-reads its own chunk
+    return update(c, loaded), upcoming
+
+  return jax.lax.fori_loop(0, steps, step, (init, load(index(0))))[0]
 
 
 def _write_y(chunk: _Chunk, out: dict, t, y, partner, z) -> None:
@@ -468,14 +505,15 @@ def _forward_by_channel_kernel(*refs, plan: _Plan, chunk_index, outputs: tuple[s
   h0 = [zero] * n_state
   if start == "carried":
     local_ref, total_ref = refs.pop(0), refs.pop(0)
-    k, last = chunk.index, plan.num_chunks - 1
 
-    def carry(i, c):
-      j = last - i if plan.reverse else i
-      total = total_ref[j, :]
-      return tuple(_fma(chunk, decay(total, n), c[n], local_ref[j, :, n]) for n in range(n_state))
+    def load_chunk(j):
+      return total_ref[j, :], tuple(local_ref[j, :, n] for n in range(n_state))
 
-    h0 = list(jax.lax.fori_loop(0, last - k if plan.reverse else k, carry, tuple(h0)))
+    def update(c, loaded):
+      total, local = loaded
+      return tuple(_fma(chunk, decay(total, n), c[n], local[n]) for n in range(n_state))
+
+    h0 = list(_over_earlier_chunks(chunk, load_chunk, update, tuple(h0), reverse=plan.reverse))
   elif start != "zero":
     raise ValueError(f"the by-channel forward starts from zero or carried states, got {start!r}")
   out = dict(zip(outputs, refs, strict=True))
@@ -555,7 +593,7 @@ def _grad_kernel(*refs, plan: _Plan, chunk_index, start: str):
   enters from later chunks (`_entering`, against the scan); states recomputed per sub-chunk from `states`."""
   args, (dy_ref, states_ref, *refs) = _split_refs(refs, plan)
   chunk = _Chunk(args, plan, chunk_index)
-  g_in = _entering(chunk, refs, start, reverse=not plan.reverse)
+  g_in = _entering(chunk, refs, start, reverse=not plan.reverse, ahead=False)
   du_ref, ddelta_ref, *out_refs = refs
   dz_ref = out_refs.pop(0) if plan.gated else None
   dB_ref, dA_ref, dD_ref, dbias_ref = out_refs
@@ -887,7 +925,8 @@ def _plan(
   sub_chunk = tuning.get("sub_chunk", SUB_CHUNK)
   block_d = min(tuning.get("block_d", BLOCK_D), pl.next_power_of_2(channels))
   # Chunks are whole pairs of the backward's sub-chunks and whole forward sub-chunks (`over_sub_chunks`); the
-  # tiles' default (2) divides the by-channel one (4), so the layout, which depends on the chunks, can come after.
+  # tiles' default (2, paired: 4) divides the by-channel one (4), so the layout, which depends on the chunks, can
+  # come after.
   multiple = math.lcm(2 * sub_chunk, tuning.get("forward_sub_chunk", FORWARD_SUB_CHUNK))
   if "max_chunk" in tuning or batch * pl.cdiv(channels, block_d) < filling:
     num_chunks = pl.cdiv(length, pl.cdiv(tuning.get("max_chunk", CHUNK), multiple) * multiple)
@@ -917,6 +956,7 @@ def _plan(
     by_channel=by_channel,
     paired_states=tuning.get("paired_states", programs <= PAIRED_STATES_PROGRAMS),
     states_dtype=jnp.dtype(tuning.get("states_dtype", _states_dtype(u.dtype, dtype))),
+    paired_forward=tuning.get("paired_forward", not by_channel),
   )
 
 
@@ -972,8 +1012,8 @@ def scan(
   gradients, else whole sequences), `sub_chunk` (positions per state the backward keeps; its buffer is
   1/sub_chunk of all states), `states_dtype` (of those states; `_states_dtype`) and `forward_sub_chunk`
   (positions the forward loads ahead: FORWARD_SUB_CHUNK by channel, TILES_FORWARD_SUB_CHUNK as tiles); chunks
-  are rounded up to a multiple of both sub-chunks. `by_channel` forces the forward's layout, `paired_states`
-  whether the backward's states pass loads two sub-chunks ahead."""
+  are rounded up to a multiple of both sub-chunks. `by_channel` forces the forward's layout; `paired_forward` and
+  `paired_states` whether the forward passes and the backward's states pass load two sub-chunks ahead."""
   channels, state = A.shape
   dtype = compute_dtype(u, delta, A, B, C, D, z, delta_bias)
   u, delta, A, B, C, D, delta_bias = _with_defaults((u, delta, A, B, C, D, delta_bias), dtype)

@@ -252,11 +252,12 @@ def test_pallas_gpu_bidirectional_lowers_for_cuda(batch, length):
 @pytest.mark.parametrize(
   "batch, length, chunks, by_channel", [(128, 197, 1, True), (32, 6085, 24, False), (256, 197, 1, False)]
 )
-def test_pallas_gpu_few_programs_go_by_channel_and_pair_the_states_pass(batch, length, chunks, by_channel):
+def test_pallas_gpu_program_count_sets_the_layout_and_the_pairing(batch, length, chunks, by_channel):
   """The forward passes hold the state by channel when a pass has at most `BY_CHANNEL_PROGRAMS` programs (Vim-Ti
   at 224², batch 128: 1,536), else as (channels, state) tiles (1248², batch 32: 24 chunks of 384 sequences), which
-  load fewer positions ahead; a tuning overrides that without moving the chunk boundaries. The backward's states
-  pass pairs its sub-chunks (loads further ahead) on the same count (`PAIRED_STATES_PROGRAMS`)."""
+  load fewer positions ahead, in pairs of sub-chunks; a tuning overrides that without moving the chunk boundaries.
+  The backward's states pass pairs its sub-chunks (loads further ahead) where programs are few
+  (`PAIRED_STATES_PROGRAMS`)."""
   u, A = jnp.zeros((batch, length, 384), jnp.bfloat16), jnp.zeros((384, 16))
   options = dict(
     gated=True, reverse=False, softplus=True, interpret=False, tuning={}, filling=pallas_gpu.FILLING_PROGRAMS
@@ -265,6 +266,7 @@ def test_pallas_gpu_few_programs_go_by_channel_and_pair_the_states_pass(batch, l
   ahead = pallas_gpu.FORWARD_SUB_CHUNK if by_channel else pallas_gpu.TILES_FORWARD_SUB_CHUNK
   assert (plan.num_chunks, plan.by_channel, plan.forward_sub_chunk) == (chunks, by_channel, ahead)
   assert plan.paired_states == by_channel
+  assert plan.forward().paired == (not by_channel)
   tuned = pallas_gpu._plan(u, A, jnp.float32, **{**options, "tuning": {"forward_sub_chunk": 4}})
   assert (tuned.forward_sub_chunk, tuned.chunk, tuned.num_chunks) == (4, plan.chunk, plan.num_chunks)
 
@@ -423,8 +425,8 @@ def test_pallas_gpu_chunking_matches_reference_in_float64(max_chunk, sub_chunk, 
 
 def test_pallas_gpu_backward_walks_pairs_of_sub_chunks_and_the_forward_single_ones():
   """The backward's kernels walk pairs of sub-chunks (`_Chunk.over_sub_chunks`), so a chunk holds whole
-  pairs of them (an odd count in the last chunk gets one past the end); the forward passes walk one at a
-  time and need whole forward sub-chunks only."""
+  pairs of them (an odd count in the last chunk gets one past the end); the forward passes by channel walk one at
+  a time and need whole forward sub-chunks only."""
   u, A = jax.ShapeDtypeStruct((1, 1000, 64), jnp.float32), jax.ShapeDtypeStruct((64, 16), jnp.float32)
   tuning = {"sub_chunk": 4, "forward_sub_chunk": 2, "max_chunk": 100}
   options = dict(gated=True, reverse=False, softplus=True, interpret=True, tuning=tuning, filling=0)
@@ -489,6 +491,12 @@ def two_scans(forward, backward, z, *, divide_out, impl="reference"):
     pytest.param((1, 20, 24, 16), jnp.bfloat16, dict(max_chunk=8, sub_chunk=4), id="three-chunks-bf16"),
     pytest.param(  # as where programs are many
       (1, 20, 24, 16), jnp.bfloat16, dict(max_chunk=8, sub_chunk=4, by_channel=False, paired_states=False), id="tiles"
+    ),
+    pytest.param(
+      (1, 20, 24, 16),
+      jnp.bfloat16,
+      dict(max_chunk=8, sub_chunk=4, by_channel=False, paired_forward=False),
+      id="tiles-forward-unpaired",
     ),
   ],
 )
