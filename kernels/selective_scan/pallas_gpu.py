@@ -151,7 +151,8 @@ class _Plan:
   dtype: jnp.dtype  # of the math: float32, or float64 for float64 inputs
   num_warps: int
   interpret: bool
-  # `_Chunk.over_sub_chunks` runs pairs of sub-chunks (a one-direction scan's backward), not one at a time.
+  # `_Chunk.over_sub_chunks` runs pairs of sub-chunks (a one-direction scan's backward; the forward passes through
+  # `paired_forward`, the states pass through `paired_states`), not one at a time.
   paired: bool = True
   # Set for the second direction of a fused bidirectional scan: y = (y + partner) * combine, then gated,
   # where partner is the first direction's ungated output.
