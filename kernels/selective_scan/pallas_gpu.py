@@ -288,12 +288,7 @@ class _Chunk:
       def index(i):
         return self.sub_chunks - 1 - i if backwards else i
 
-      def step(i, carry):
-        carry, loaded = carry
-        upcoming = load(index(jnp.minimum(i + 1, self.sub_chunks - 1)))  # the last one re-reads itself
-        return body(index(i), loaded, carry), upcoming
-
-      return jax.lax.fori_loop(0, self.sub_chunks, step, (init, load(index(0))))[0]
+      return _loop_loading_ahead(self.sub_chunks, index, load, body, init)
 
     pairs = (self.sub_chunks + 1) // 2
 
@@ -421,13 +416,19 @@ def _over_earlier_chunks(chunk: _Chunk, load, update, init, *, reverse: bool, ah
 
   if not ahead:
     return jax.lax.fori_loop(0, steps, lambda i, c: update(c, load(index(i))), init)
+  return _loop_loading_ahead(steps, index, load, lambda j, loaded, c: update(c, loaded), init)
+
+
+def _loop_loading_ahead(count, index, load, body, init):
+  """`fori_loop` over i < count of carry = body(index(i), load(index(i)), carry), with each step's loads issued
+  during the step before (the last step re-reads its own)."""
 
   def step(i, carry):
-    c, loaded = carry
-    upcoming = load(index(jnp.minimum(i + 1, steps - 1)))  # the last step re-reads its own chunk
-    return update(c, loaded), upcoming
+    carry, loaded = carry
+    upcoming = load(index(jnp.minimum(i + 1, count - 1)))
+    return body(index(i), loaded, carry), upcoming
 
-  return jax.lax.fori_loop(0, steps, step, (init, load(index(0))))[0]
+  return jax.lax.fori_loop(0, count, step, (init, load(index(0))))[0]
 
 
 def _write_y(chunk: _Chunk, out: dict, t, y, partner, z) -> None:
