@@ -538,10 +538,14 @@ def _forward_by_channel_kernel(*refs, plan: _Plan, chunk_index, outputs: tuple[s
     return [ref[t, column + k] for k in range(0, width, vector)]
 
   def values(row):
-    words = [jnp.sum(jnp.where(column == n, v, jnp.zeros_like(v)), axis=1) for v in row for n in range(vector)]
+    # A word is picked by a select and a sum over the row, on its bits: a float sum with zeros is no identity to
+    # ptxas (-0.0 + 0.0), which kept 34 adds per position for float32 rows (offline sm_90).
+    dtype = row[0].dtype
+    bits = [_as_bits(v) for v in row]
+    words = [jnp.sum(jnp.where(column == n, v, 0), axis=1, dtype=v.dtype) for v in bits for n in range(vector)]
     if plan.packed:
       return [x for word in words for x in _unpacked_pairs(word)]
-    return [x.astype(plan.dtype) for x in words]
+    return [jax.lax.bitcast_convert_type(x, dtype).astype(plan.dtype) for x in words]
 
   def load(j):
     steps = []
@@ -776,6 +780,12 @@ def _packed(plan: _Plan, args: tuple) -> tuple[_Plan, tuple]:
 def _packed_pairs(x: jax.Array) -> jax.Array:
   """A bf16 array with an even last axis as uint32 words of two neighbours (the first in the low half)."""
   return jax.lax.bitcast_convert_type(x.reshape(*x.shape[:-1], -1, 2), jnp.uint32)
+
+
+def _as_bits(x: jax.Array) -> jax.Array:
+  """x's bits as the unsigned integer dtype of its width (x itself if it has that dtype)."""
+  bits = jnp.dtype(f"uint{8 * x.dtype.itemsize}")
+  return x if x.dtype == bits else jax.lax.bitcast_convert_type(x, bits)
 
 
 def _unpacked_pairs(word: jax.Array) -> tuple[jax.Array, jax.Array]:
