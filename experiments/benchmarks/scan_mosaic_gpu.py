@@ -1,12 +1,18 @@
 r"""The scan's forward as a Pallas Mosaic GPU kernel, timed against the Triton kernel that ships.
 
   PYTHONPATH=. python experiments/benchmarks/scan_mosaic_gpu.py --out=experiments/results/scan_mosaic_gpu_h100.json
+  PYTHONPATH=. python experiments/benchmarks/scan_mosaic_gpu.py --cases=1248_b32,1024_b32 --layout=rows,half_rows \
+      --block_d=64,128 --block_t=16,32,64 --unroll=1,4
 
 Issue 3 asks to choose the GPU backend by measurement. This is the smallest Mosaic GPU kernel that does
 the forward's whole job (delta_bias, softplus, the recurrence, D skip, silu(z) gate; bf16 in and out):
 one warpgroup per (sequence, block of channels) walks the positions, with the (channels, state) state in
-the WGMMA register layout, per-channel vectors in its row layout and B_t, C_t in its column layout, so
-that y_t = <h_t, C_t> is a reduction across the four threads of a quad. `block_t` > 0 stages blocks of
+the register layout `--layout` names (`LAYOUTS`), per-channel vectors in it reduced over the state and B_t, C_t
+in it reduced over the channels. In WGMMA's layout y_t = <h_t, C_t> is a reduction across the four threads of a
+quad, which also repeat each channel's softplus and gate. "rows" gives each thread one channel's whole state,
+"half_rows" half of it to each of two threads, to answer whether one pass over whole sequences keeps the exp unit
+busy once the per-channel work is not repeated (twenty-eighth session: they lower for CUDA and match the
+reference in interpret mode, and are not timed yet). `block_t` > 0 stages blocks of
 positions through shared memory with TMA (`emit_pipeline`, the next block's copies in flight); 0 loads
 straight from HBM, which lowers on jax 0.11 only (0.12 refuses the 2-byte-per-thread bf16 loads). No
 chunking (timed where the sequences alone fill the GPU) and no backward: it answers "is Mosaic GPU
@@ -33,9 +39,25 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from experiments.benchmarks.scan_common import compare_forwards
 
-_ROWS = plgpu.Layout.WGMMA.reduce(1)  # a per-channel vector, as the rows of the state tile hold it
-_COLS = plgpu.Layout.WGMMA.reduce(0)  # a per-state vector, as its columns hold it
-_TILE = plgpu.Layout.WGMMA  # (channels, state); channels a multiple of 64, state of 8
+
+
+def _tiled(tiles, warp_dims, lane_dims):
+  return plgpu.Layout.TILED(plgpu.Tiling(tiles), warp_dims=warp_dims, lane_dims=lane_dims, vector_dim=-1)
+
+
+# Register layouts of the (channels, state) state tile, with the channels a warpgroup holds (`block_d` is a multiple).
+# A per-channel vector takes the tile's layout reduced over the state, a per-state one over the channels.
+LAYOUTS = {
+  # WGMMA's: a thread holds 2 channels x 4 states (state a multiple of 8), so a quad repeats each channel's
+  # softplus, skip and gate, and y's sum over the state crosses the quad.
+  "wgmma": (plgpu.Layout.WGMMA, 64),
+  # A channel per thread, its whole state of 16 in the thread, as the Triton by-channel forward: per-channel work
+  # once and y's sum within the thread; B_t and C_t whole in every thread.
+  "rows": (_tiled(((128, 16), (32, 16)), (-4,), (-2,)), 128),
+  # A channel per two threads, 8 states each: twice the warps of "rows", per-channel work twice.
+  "half_rows": (_tiled(((64, 16), (16, 16), (8,)), (-5,), (-3, -2)), 64),
+}
+_STATE_OF = {"rows": 16, "half_rows": 16}  # the state size the tiled layouts are written for
 
 
 def _load(ref, layout):
@@ -65,12 +87,16 @@ def _walk(step, length: int, h, unroll: int):
   return lax.fori_loop(unrolled, length, step, h)
 
 
-def _forward_kernel(u_ref, delta_ref, z_ref, b_ref, c_ref, a_ref, d_ref, bias_ref, y_ref, *, block_d, block_t, unroll):
+def _forward_kernel(
+  u_ref, delta_ref, z_ref, b_ref, c_ref, a_ref, d_ref, bias_ref, y_ref, *, block_d, block_t, unroll, layout
+):
+  tile = LAYOUTS[layout][0]
+  per_channel, per_state = tile.reduce(1), tile.reduce(0)
   sequence, block = lax.axis_index("sequence"), lax.axis_index("block")
   channels = pl.ds(block * block_d, block_d)
-  a_log2 = _load(a_ref.at[channels, :], _TILE) * math.log2(math.e)
-  skip, bias = _load(d_ref.at[channels], _ROWS), _load(bias_ref.at[channels], _ROWS)
-  h0 = plgpu.layout_cast(jnp.zeros((block_d, b_ref.shape[-1]), jnp.float32), _TILE)
+  a_log2 = _load(a_ref.at[channels, :], tile) * math.log2(math.e)
+  skip, bias = _load(d_ref.at[channels], per_channel), _load(bias_ref.at[channels], per_channel)
+  h0 = plgpu.layout_cast(jnp.zeros((block_d, b_ref.shape[-1]), jnp.float32), tile)
   length = u_ref.shape[1]
   seqs = dict(u=u_ref, delta=delta_ref, z=z_ref)
   states = dict(B=b_ref, C=c_ref)
@@ -86,8 +112,8 @@ def _forward_kernel(u_ref, delta_ref, z_ref, b_ref, c_ref, a_ref, d_ref, bias_re
         a_log2,
         skip,
         bias,
-        lambda k: _load(seqs[k].at[sequence, t, channels], _ROWS),
-        lambda k: _load(states[k].at[sequence, t, :], _COLS),
+        lambda k: _load(seqs[k].at[sequence, t, channels], per_channel),
+        lambda k: _load(states[k].at[sequence, t, :], per_state),
         store_y,
       )
 
@@ -107,8 +133,8 @@ def _forward_kernel(u_ref, delta_ref, z_ref, b_ref, c_ref, a_ref, d_ref, bias_re
         a_log2,
         skip,
         bias,
-        lambda k: _load(smem[k].at[t], _ROWS),
-        lambda k: _load(smem[k].at[t], _COLS),
+        lambda k: _load(smem[k].at[t], per_channel),
+        lambda k: _load(smem[k].at[t], per_state),
         store_y,
       )
 
@@ -128,14 +154,30 @@ def _forward_kernel(u_ref, delta_ref, z_ref, b_ref, c_ref, a_ref, d_ref, bias_re
 
 
 def forward(
-  u, delta, A, B, C, D, z, delta_bias, *, block_d: int = 64, block_t: int = 0, unroll: int = 1, interpret=False
+  u,
+  delta,
+  A,
+  B,
+  C,
+  D,
+  z,
+  delta_bias,
+  *,
+  block_d: int = 64,
+  block_t: int = 0,
+  unroll: int = 1,
+  layout: str = "wgmma",
+  interpret=False,
 ):
   """y of the selective scan with delta_softplus and the z gate, for (batch, length, channels) inputs."""
   batch, _, channels = u.shape
-  if channels % block_d or block_d % 64:
-    raise ValueError(f"channels ({channels}) must be a multiple of block_d ({block_d}), itself of 64")
+  multiple = LAYOUTS[layout][1]
+  if channels % block_d or block_d % multiple:
+    raise ValueError(f"channels ({channels}) must be a multiple of block_d ({block_d}), itself of {multiple}")
+  if _STATE_OF.get(layout, A.shape[1]) != A.shape[1]:
+    raise ValueError(f"layout {layout!r} is written for state {_STATE_OF[layout]}, got A of shape {A.shape}")
   kernel = plgpu.kernel(
-    functools.partial(_forward_kernel, block_d=block_d, block_t=block_t, unroll=unroll),
+    functools.partial(_forward_kernel, block_d=block_d, block_t=block_t, unroll=unroll, layout=layout),
     out_type=jax.ShapeDtypeStruct(u.shape, u.dtype),
     grid=(batch, channels // block_d),
     grid_names=("sequence", "block"),
@@ -149,6 +191,7 @@ _CASES = flags.DEFINE_list("cases", ["224_b128", "224s8_b128", "1248_b32"], "Sha
 _BLOCK_D = flags.DEFINE_list("block_d", ["64", "128"], "Channels per warpgroup.")
 _BLOCK_T = flags.DEFINE_list("block_t", ["0", "16", "32"], "Positions per shared-memory block (0: no staging).")
 _UNROLL = flags.DEFINE_list("unroll", ["1", "4"], "Positions per loop iteration.")
+_LAYOUT = flags.DEFINE_list("layout", ["wgmma"], f"State tile layouts ({', '.join(LAYOUTS)}).")
 _REPS = flags.DEFINE_integer("reps", 30, "Timed calls per setting.")
 _OUT = flags.DEFINE_string("out", None, "JSON file for the results.")
 
@@ -156,10 +199,11 @@ _OUT = flags.DEFINE_string("out", None, "JSON file for the results.")
 def main(argv):
   del argv
   variants = {
-    f"mosaic block_d={d} block_t={t} unroll={u}": functools.partial(
-      forward, block_d=int(d), block_t=int(t), unroll=int(u)
+    f"mosaic {layout} block_d={d} block_t={t} unroll={u}": functools.partial(
+      forward, block_d=int(d), block_t=int(t), unroll=int(u), layout=layout
     )
-    for d, t, u in itertools.product(_BLOCK_D.value, _BLOCK_T.value, _UNROLL.value)
+    for layout, d, t, u in itertools.product(_LAYOUT.value, _BLOCK_D.value, _BLOCK_T.value, _UNROLL.value)
+    if int(d) % LAYOUTS[layout][1] == 0
   }
   compare_forwards(_CASES.value, variants, _REPS.value, _OUT.value)
 

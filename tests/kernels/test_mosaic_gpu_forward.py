@@ -15,17 +15,28 @@ from experiments.benchmarks import scan_mosaic_gpu
 from kernels import selective_scan
 
 
-def test_forward_matches_reference_in_interpret_mode():
-  args = forward_inputs(2, 11, 64, jnp.float32)
-  y = scan_mosaic_gpu.forward(*args, interpret=scan_mosaic_gpu.plgpu.InterpretGPUParams())
+@pytest.mark.parametrize("layout", scan_mosaic_gpu.LAYOUTS)
+def test_forward_matches_reference_in_interpret_mode(layout):
+  args = forward_inputs(2, 11, 128, jnp.float32)
+  y = scan_mosaic_gpu.forward(
+    *args, block_d=128, layout=layout, interpret=scan_mosaic_gpu.plgpu.InterpretGPUParams()
+  )
   expected = selective_scan(*args, delta_softplus=True, impl="reference")
   np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("block_d, block_t, unroll", [(128, 16, 1), (64, 32, 4)])
-def test_forward_lowers_for_cuda_at_vim_tiny_shapes(block_d, block_t, unroll):
+@pytest.mark.parametrize(
+  "layout, block_d, block_t, unroll",
+  [("wgmma", 128, 16, 1), ("wgmma", 64, 32, 4), ("rows", 128, 32, 4), ("half_rows", 64, 16, 1)],
+)
+def test_forward_lowers_for_cuda_at_vim_tiny_shapes(layout, block_d, block_t, unroll):
   args = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in forward_inputs(1, 1, 384, jnp.bfloat16)]
   args = [jax.ShapeDtypeStruct((128, 197, *x.shape[2:]), x.dtype) if x.ndim == 3 else x for x in args]
-  forward = functools.partial(scan_mosaic_gpu.forward, block_d=block_d, block_t=block_t, unroll=unroll)
+  forward = functools.partial(scan_mosaic_gpu.forward, block_d=block_d, block_t=block_t, unroll=unroll, layout=layout)
   text = jax.jit(forward).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
+
+
+def test_forward_refuses_a_block_off_the_layouts_channels():
+  with pytest.raises(ValueError, match="multiple of block_d \\(64\\), itself of 128"):
+    scan_mosaic_gpu.forward(*forward_inputs(1, 3, 128, jnp.float32), block_d=64, layout="rows")
