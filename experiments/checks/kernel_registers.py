@@ -5,7 +5,7 @@ r"""Registers and spills of the Pallas GPU scan kernels, compiled for an H100 on
   PYTHONPATH=. python experiments/checks/kernel_registers.py --call=bidirectional --length=6085 --batch=32
 
 Lowers the scan's forward and backward (`--call`: one gated scan, or the fused bidirectional one) at Vim-Ti
-shapes, bf16, for an abstract H100 (as the CUDA lowering test does), keeps each kernel's Triton IR as
+shapes, bf16 (or `--dtype=float32`), for an abstract H100 (as the CUDA lowering test does), keeps each kernel's Triton IR as
 Pallas emits it, compiles it with the `triton` package for sm_90 and reads ptxas's report. Registers bound
 occupancy: an SM has 65,536, so a kernel of one-warp programs at R registers per thread keeps at most
 65,536 / (32 R) of them resident.
@@ -41,6 +41,7 @@ from kernels.selective_scan import pallas_gpu
 _TUNINGS = flags.DEFINE_multi_string("tunings", ['{"sub_chunk": 8}'], "JSON keyword arguments of pallas_gpu.scan.")
 _LENGTH = flags.DEFINE_integer("length", 197, "Sequence length (197: 224², stride 16).")
 _BATCH = flags.DEFINE_integer("batch", 128, "Sequences.")
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "dtype of u, delta, z, B and C.")
 _OPCODES = flags.DEFINE_integer(
   "opcodes", 0, "Also list the main loop's most frequent SASS opcodes, this many, per position of the loop."
 )
@@ -51,7 +52,9 @@ _CALL = flags.DEFINE_enum(
 REGISTERS_PER_SM = 65536
 
 
-def _triton_modules(tuning: dict, length: int, batch: int = 128, call: str = "scan") -> dict[str, str]:
+def _triton_modules(
+  tuning: dict, length: int, batch: int = 128, call: str = "scan", dtype=jnp.bfloat16
+) -> dict[str, str]:
   """{kernel name: Triton IR text} of one forward and backward, with `tuning`; a name that recurs (the
   bidirectional call's second direction) gets a "+"."""
   modules, lower = {}, registration.lowering.lower_jaxpr_to_triton_module
@@ -65,8 +68,8 @@ def _triton_modules(tuning: dict, length: int, batch: int = 128, call: str = "sc
     modules[name] = text
     return result
 
-  seq = jax.ShapeDtypeStruct((batch, length, 384), jnp.bfloat16)
-  vec, bc = jax.ShapeDtypeStruct((384,), jnp.float32), jax.ShapeDtypeStruct((batch, length, 16), jnp.bfloat16)
+  seq = jax.ShapeDtypeStruct((batch, length, 384), dtype)
+  vec, bc = jax.ShapeDtypeStruct((384,), jnp.float32), jax.ShapeDtypeStruct((batch, length, 16), dtype)
   arrays = dict(
     u=seq, delta=seq, A=jax.ShapeDtypeStruct((384, 16), jnp.float32), B=bc, C=bc, D=vec, z=seq, delta_bias=vec
   )
@@ -195,7 +198,7 @@ def main(argv):
   del argv
   print(
     f"jax {jax.__version__}, triton {triton.__version__}, sm_90; {_CALL.value}, batch {_BATCH.value}, "
-    f"length {_LENGTH.value}, bf16"
+    f"length {_LENGTH.value}, {_DTYPE.value}"
   )
   print(
     "| tuning | kernel | registers | spill stores (B) | spill loads (B) | resident warps per SM | PTX instructions "
@@ -205,7 +208,7 @@ def main(argv):
   for tuning_json in _TUNINGS.value:
     tuning = json.loads(tuning_json)
     num_warps = tuning.get("num_warps", pallas_gpu.NUM_WARPS)
-    for name, ir in _triton_modules(tuning, _LENGTH.value, _BATCH.value, _CALL.value).items():
+    for name, ir in _triton_modules(tuning, _LENGTH.value, _BATCH.value, _CALL.value, jnp.dtype(_DTYPE.value)).items():
       r = _ptxas_report(ir, num_warps)
       # At most 64 warps and 32 programs per SM, and what the registers allow, in whole programs.
       warps = min(64, 32 * num_warps, REGISTERS_PER_SM // (32 * r["registers"]) // num_warps * num_warps)
