@@ -1,8 +1,8 @@
 r"""The scan's forward as a Pallas Mosaic GPU kernel, timed against the Triton kernel that ships.
 
   PYTHONPATH=. python experiments/benchmarks/scan_mosaic_gpu.py --out=experiments/results/scan_mosaic_gpu_h100.json
-  PYTHONPATH=. python experiments/benchmarks/scan_mosaic_gpu.py --cases=1248_b32,1024_b32 --layout=rows,half_rows \
-      --block_d=64,128 --block_t=16,32,64 --unroll=1,4
+  PYTHONPATH=. python experiments/benchmarks/scan_mosaic_gpu.py --cases=1248p8_b32,224p8_b128 \
+      --layout=rows,half_rows,quarter_rows --block_d=32,64,128 --block_t=32,64 --unroll=1,4 --share_channel_work=0,1
 
 Issue 3 asks to choose the GPU backend by measurement. This is the smallest Mosaic GPU kernel that does
 the forward's whole job (delta_bias, softplus, the recurrence, D skip, silu(z) gate; bf16 in and out):
@@ -10,11 +10,14 @@ one warpgroup per (sequence, block of channels) walks the positions, with the (c
 the register layout `--layout` names (`LAYOUTS`), per-channel vectors in it reduced over the state and B_t, C_t
 in it reduced over the channels. In WGMMA's layout y_t = <h_t, C_t> is a reduction across the four threads of a
 quad, which also repeat each channel's softplus and gate. "rows" gives each thread one channel's whole state,
-"half_rows" half of it to each of two threads, to answer whether one pass over whole sequences keeps the exp unit
-busy once the per-channel work is not repeated (twenty-eighth session: they lower for CUDA and match the
-reference in interpret mode, and are not timed yet). `block_t` > 0 stages blocks of
-positions through shared memory with TMA (`emit_pipeline`, the next block's copies in flight); 0 loads
-straight from HBM, which lowers on jax 0.11 only (0.12 refuses the 2-byte-per-thread bf16 loads). No
+"half_rows" half of it to each of two threads and "quarter_rows" a quarter to each of four, for more warps. With
+`share_channel_work` the warpgroup first computes a block's softplus and gate once per (position, channel), spread
+over all its threads, into shared memory, where the threads of a channel read them: no per-channel work is repeated
+whatever the layout. These answer whether one pass over whole sequences keeps the exp unit busy (twenty-eighth
+session: they lower for CUDA and match the reference in interpret mode, and are not timed yet). `block_t` > 0 stages
+blocks of positions through shared memory with TMA (`emit_pipeline`, the next block's copies in flight; with
+`staged=False` the blocks are read from HBM where they lie, which interpret mode can run); 0 loads straight from HBM,
+which lowers on jax 0.11 only (0.12 refuses the 2-byte-per-thread bf16 loads). No
 chunking (timed where the sequences alone fill the GPU) and no backward: it answers "is Mosaic GPU
 faster for this loop", not "ship it". Each row's error against the reference is in the output.
 
@@ -56,8 +59,10 @@ LAYOUTS = {
   "rows": (_tiled(((128, 16), (32, 16)), (-4,), (-2,)), 128),
   # A channel per two threads, 8 states each: twice the warps of "rows", per-channel work twice.
   "half_rows": (_tiled(((64, 16), (16, 16), (8,)), (-5,), (-3, -2)), 64),
+  # A channel per four threads, 4 states each: four times the warps of "rows".
+  "quarter_rows": (_tiled(((32, 16), (8, 16), (4,)), (-5,), (-3, -2)), 32),
 }
-_STATE_OF = {"rows": 16, "half_rows": 16}  # the state size the tiled layouts are written for
+_STATE_OF = {"rows": 16, "half_rows": 16, "quarter_rows": 16}  # the state size the tiled layouts are written for
 
 
 def _load(ref, layout):
@@ -68,17 +73,35 @@ def _softplus(x: jax.Array) -> jax.Array:
   return jnp.where(x > 20.0, x, jnp.log(1.0 + jnp.exp(x)))
 
 
-def _step(h, a_log2, skip, bias, rows_at, cols_at, store_y):
-  """One position: the state update and y_t, from loaders of its per-channel and per-state inputs."""
-  delta = _softplus(rows_at("delta") + bias)
-  u, z = rows_at("u"), rows_at("z")
+def _gate(z: jax.Array) -> jax.Array:
+  return z / (1.0 + jnp.exp(-z))
+
+
+def _step(h, a_log2, skip, rows_at, cols_at, store_y):
+  """One position: the state update and y_t, from loaders of its per-channel inputs ("step_size", the softplus of
+  delta + bias; "u"; "gate", silu(z)) and per-state ones ("B", "C")."""
+  delta, u, gate = rows_at("step_size"), rows_at("u"), rows_at("gate")
   b_t, c_t = cols_at("B"), cols_at("C")
   rows = lambda v: lax.broadcast_in_dim(v, h.shape, [0])
   cols = lambda v: lax.broadcast_in_dim(v, h.shape, [1])
   h = jnp.exp2(rows(delta) * a_log2) * h + rows(delta * u) * cols(b_t)
   y = (h * cols(c_t)).sum(axis=1) + skip * u
-  store_y(y * z / (1.0 + jnp.exp(-z)))
+  store_y(y * gate)
   return h
+
+
+def _raw_rows(load, bias):
+  """`_step`'s per-channel loader from one of the raw inputs' rows (`load(name)`): each thread computes the
+  softplus and the gate of the channels it holds."""
+
+  def rows_at(name):
+    if name == "step_size":
+      return _softplus(load("delta") + bias)
+    if name == "gate":
+      return _gate(load("z"))
+    return load(name)
+
+  return rows_at
 
 
 def _walk(step, length: int, h, unroll: int):
@@ -87,9 +110,15 @@ def _walk(step, length: int, h, unroll: int):
   return lax.fori_loop(unrolled, length, step, h)
 
 
+# A (positions, channels) block spread over the warpgroup with no element held twice: lanes over 32 channels, warps
+# over four groups of positions, each thread the rest of its channel's positions (blocks of 32 x 32 multiples).
+_SPREAD = _tiled(((32, 32), (8, 32), (1,)), (-5,), (-2,))
+
+
 def _forward_kernel(
-  u_ref, delta_ref, z_ref, b_ref, c_ref, a_ref, d_ref, bias_ref, y_ref, *, block_d, block_t, unroll, layout
-):
+  u_ref, delta_ref, z_ref, b_ref, c_ref, a_ref, d_ref, bias_ref, y_ref, *, block_d, block_t, unroll, layout, staged,
+  share,
+):  # fmt: skip
   tile = LAYOUTS[layout][0]
   per_channel, per_state = tile.reduce(1), tile.reduce(0)
   sequence, block = lax.axis_index("sequence"), lax.axis_index("block")
@@ -107,50 +136,66 @@ def _forward_kernel(
       def store_y(y):
         y_ref[sequence, t, channels] = y.astype(y_ref.dtype)
 
-      return _step(
-        h,
-        a_log2,
-        skip,
-        bias,
-        lambda k: _load(seqs[k].at[sequence, t, channels], per_channel),
-        lambda k: _load(states[k].at[sequence, t, :], per_state),
-        store_y,
-      )
+      rows_at = _raw_rows(lambda k: _load(seqs[k].at[sequence, t, channels], per_channel), bias)
+      return _step(h, a_log2, skip, rows_at, lambda k: _load(states[k].at[sequence, t, :], per_state), store_y)
 
     _walk(step, length, h0, unroll)
     return
 
-  # Blocks of block_t positions staged through shared memory by TMA, the next block's copy in flight.
-  def block_body(indices, u_s, delta_s, z_s, b_s, c_s, y_s, h):
-    smem = dict(u=u_s, delta=delta_s, z=z_s, B=b_s, C=c_s)
+  def walk_blocks(shared: dict):
+    """The sequence in blocks of block_t positions; `shared` (SMEM) holds a block's step sizes and gates, if given."""
+    if shared:
+      spread_bias = lax.broadcast_in_dim(_load(bias_ref.at[channels], _SPREAD.reduce(0)), (block_t, block_d), [1])
 
-    def step(t, h):
-      def store_y(y):
-        y_s[t] = y.astype(y_s.dtype)
+    def block_body(u_s, delta_s, z_s, b_s, c_s, y_s, h):
+      blocks = dict(u=u_s, delta=delta_s, z=z_s, B=b_s, C=c_s)
+      if shared:
+        plgpu.commit_smem()  # every thread is done with the last block's values
+        shared["step_size"][...] = _softplus(_load(delta_s, _SPREAD) + spread_bias)
+        shared["gate"][...] = _gate(_load(z_s, _SPREAD))
+        plgpu.commit_smem()  # and sees every thread's values of this block
 
-      return _step(
-        h,
-        a_log2,
-        skip,
-        bias,
-        lambda k: _load(smem[k].at[t], per_channel),
-        lambda k: _load(smem[k].at[t], per_state),
-        store_y,
-      )
+      def step(t, h):
+        def store_y(y):
+          y_s[t] = y.astype(y_s.dtype)
 
-    return _walk(step, block_t, h, unroll)
+        if shared:
+          rows_at = lambda k: _load((shared if k in ("step_size", "gate") else blocks)[k].at[t], per_channel)  # noqa: E731
+        else:
+          rows_at = _raw_rows(lambda k: _load(blocks[k].at[t], per_channel), bias)
+        return _step(h, a_log2, skip, rows_at, lambda k: _load(blocks[k].at[t], per_state), store_y)
 
-  seq_spec = plgpu.BlockSpec((block_t, block_d), lambda i: (i, block))
-  state_spec = plgpu.BlockSpec((block_t, b_ref.shape[-1]), lambda i: (i, 0))
-  pipeline = plgpu.emit_pipeline(
-    block_body,
-    grid=(pl.cdiv(length, block_t),),
-    in_specs=[seq_spec] * 3 + [state_spec] * 2,
-    out_specs=[seq_spec],
-    max_concurrent_steps=2,
-    init_carry=h0,
-  )
-  pipeline(*(r.at[sequence] for r in (u_ref, delta_ref, z_ref, b_ref, c_ref, y_ref)))
+      return _walk(step, block_t, h, unroll)
+
+    refs = tuple(r.at[sequence] for r in (u_ref, delta_ref, z_ref, b_ref, c_ref, y_ref))
+    if not staged:  # blocks read where they lie in HBM (what interpret mode runs; the length a multiple of block_t)
+
+      def over_blocks(i, h):
+        at = pl.ds(i * block_t, block_t)
+        return block_body(*(r.at[at, channels] if r.shape[-1] == u_ref.shape[-1] else r.at[at] for r in refs), h)
+
+      lax.fori_loop(0, length // block_t, over_blocks, h0)
+      return
+
+    # Blocks staged through shared memory by TMA, the next block's copy in flight.
+    seq_spec = plgpu.BlockSpec((block_t, block_d), lambda i: (i, block))
+    state_spec = plgpu.BlockSpec((block_t, b_ref.shape[-1]), lambda i: (i, 0))
+    pipeline = plgpu.emit_pipeline(
+      lambda indices, *blocks: block_body(*blocks),
+      grid=(pl.cdiv(length, block_t),),
+      in_specs=[seq_spec] * 3 + [state_spec] * 2,
+      out_specs=[seq_spec],
+      max_concurrent_steps=2,
+      init_carry=h0,
+    )
+    pipeline(*refs)
+
+  if share:  # the softplus and the gate of a whole block at once, each (position, channel) computed once
+    floats = plgpu.SMEM((block_t, block_d), jnp.float32)
+    names = ("step_size", "gate")
+    pl.run_scoped(lambda *scratch: walk_blocks(dict(zip(names, scratch, strict=True))), *[floats] * len(names))
+  else:
+    walk_blocks({})
 
 
 def forward(
@@ -167,17 +212,34 @@ def forward(
   block_t: int = 0,
   unroll: int = 1,
   layout: str = "wgmma",
+  share_channel_work: bool = False,
+  staged: bool = True,
   interpret=False,
 ):
-  """y of the selective scan with delta_softplus and the z gate, for (batch, length, channels) inputs."""
+  """y of the selective scan with delta_softplus and the z gate, for (batch, length, channels) inputs.
+  `share_channel_work` computes each block's softplus and gate once per (position, channel) into shared memory
+  (`block_t` a multiple of 32, `block_d` of 32); `staged=False` reads the blocks from HBM without TMA."""
   batch, _, channels = u.shape
   multiple = LAYOUTS[layout][1]
   if channels % block_d or block_d % multiple:
     raise ValueError(f"channels ({channels}) must be a multiple of block_d ({block_d}), itself of {multiple}")
   if _STATE_OF.get(layout, A.shape[1]) != A.shape[1]:
     raise ValueError(f"layout {layout!r} is written for state {_STATE_OF[layout]}, got A of shape {A.shape}")
+  if share_channel_work and (block_t % 32 or not block_t or block_d % 32):
+    raise ValueError(f"share_channel_work needs block_t ({block_t}) > 0 and it and block_d ({block_d}) multiples of 32")
+  if share_channel_work and staged and u.shape[1] % 8:
+    # Its tiled loads of the staged blocks tile their copies, which then need whole tiles of 8 positions.
+    raise ValueError(f"share_channel_work with staged blocks needs a length that is a multiple of 8, got {u.shape[1]}")
   kernel = plgpu.kernel(
-    functools.partial(_forward_kernel, block_d=block_d, block_t=block_t, unroll=unroll, layout=layout),
+    functools.partial(
+      _forward_kernel,
+      block_d=block_d,
+      block_t=block_t,
+      unroll=unroll,
+      layout=layout,
+      staged=staged,
+      share=share_channel_work,
+    ),
     out_type=jax.ShapeDtypeStruct(u.shape, u.dtype),
     grid=(batch, channels // block_d),
     grid_names=("sequence", "block"),
@@ -192,6 +254,7 @@ _BLOCK_D = flags.DEFINE_list("block_d", ["64", "128"], "Channels per warpgroup."
 _BLOCK_T = flags.DEFINE_list("block_t", ["0", "16", "32"], "Positions per shared-memory block (0: no staging).")
 _UNROLL = flags.DEFINE_list("unroll", ["1", "4"], "Positions per loop iteration.")
 _LAYOUT = flags.DEFINE_list("layout", ["wgmma"], f"State tile layouts ({', '.join(LAYOUTS)}).")
+_SHARE = flags.DEFINE_list("share_channel_work", ["0"], "0, 1 or both: each block's softplus and gate computed once.")
 _REPS = flags.DEFINE_integer("reps", 30, "Timed calls per setting.")
 _OUT = flags.DEFINE_string("out", None, "JSON file for the results.")
 
@@ -199,10 +262,12 @@ _OUT = flags.DEFINE_string("out", None, "JSON file for the results.")
 def main(argv):
   del argv
   variants = {
-    f"mosaic {layout} block_d={d} block_t={t} unroll={u}": functools.partial(
-      forward, block_d=int(d), block_t=int(t), unroll=int(u), layout=layout
+    f"mosaic {layout} block_d={d} block_t={t} unroll={u} share={share}": functools.partial(
+      forward, block_d=int(d), block_t=int(t), unroll=int(u), layout=layout, share_channel_work=share == "1"
     )
-    for layout, d, t, u in itertools.product(_LAYOUT.value, _BLOCK_D.value, _BLOCK_T.value, _UNROLL.value)
+    for layout, d, t, u, share in itertools.product(
+      _LAYOUT.value, _BLOCK_D.value, _BLOCK_T.value, _UNROLL.value, _SHARE.value
+    )
     if int(d) % LAYOUTS[layout][1] == 0
   }
   compare_forwards(_CASES.value, variants, _REPS.value, _OUT.value)

@@ -25,16 +25,54 @@ def test_forward_matches_reference_in_interpret_mode(layout):
   np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("share_channel_work", [False, True], ids=["per-thread", "shared"])
+@pytest.mark.parametrize("layout, block_d", [("quarter_rows", 32), ("wgmma", 64)])
+def test_blocked_forward_matches_reference_in_interpret_mode(layout, block_d, share_channel_work):
+  """Blocks of 32 positions read from HBM in place (the staged copies do not run in interpret mode), two channel
+  blocks."""
+  args = forward_inputs(2, 64, 2 * block_d, jnp.float32)
+  y = scan_mosaic_gpu.forward(
+    *args,
+    block_d=block_d,
+    block_t=32,
+    layout=layout,
+    share_channel_work=share_channel_work,
+    staged=False,
+    interpret=scan_mosaic_gpu.plgpu.InterpretGPUParams(),
+  )
+  expected = selective_scan(*args, delta_softplus=True, impl="reference")
+  np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(
-  "layout, block_d, block_t, unroll",
-  [("wgmma", 128, 16, 1), ("wgmma", 64, 32, 4), ("rows", 128, 32, 4), ("half_rows", 64, 16, 1)],
+  "layout, block_d, block_t, unroll, share_channel_work, length",
+  [
+    ("wgmma", 128, 16, 1, False, 197),
+    ("wgmma", 64, 32, 4, False, 197),
+    ("rows", 128, 32, 4, False, 197),
+    ("half_rows", 64, 16, 1, False, 197),
+    ("quarter_rows", 32, 32, 4, True, 6088),
+    ("rows", 128, 64, 1, True, 200),
+  ],
 )
-def test_forward_lowers_for_cuda_at_vim_tiny_shapes(layout, block_d, block_t, unroll):
+def test_forward_lowers_for_cuda_at_vim_tiny_shapes(layout, block_d, block_t, unroll, share_channel_work, length):
   args = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in forward_inputs(1, 1, 384, jnp.bfloat16)]
-  args = [jax.ShapeDtypeStruct((128, 197, *x.shape[2:]), x.dtype) if x.ndim == 3 else x for x in args]
-  forward = functools.partial(scan_mosaic_gpu.forward, block_d=block_d, block_t=block_t, unroll=unroll, layout=layout)
+  args = [jax.ShapeDtypeStruct((32, length, *x.shape[2:]), x.dtype) if x.ndim == 3 else x for x in args]
+  forward = functools.partial(
+    scan_mosaic_gpu.forward,
+    block_d=block_d,
+    block_t=block_t,
+    unroll=unroll,
+    layout=layout,
+    share_channel_work=share_channel_work,
+  )
   text = jax.jit(forward).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
+
+
+def test_shared_channel_work_refuses_staged_blocks_of_a_length_off_eight():
+  with pytest.raises(ValueError, match="multiple of 8, got 197"):
+    scan_mosaic_gpu.forward(*forward_inputs(1, 197, 128, jnp.float32), block_d=128, block_t=32, share_channel_work=True)
 
 
 def test_forward_refuses_a_block_off_the_layouts_channels():
