@@ -1,5 +1,6 @@
 """Shapes, inputs and timing shared by the selective-scan benchmarks."""
 
+import functools
 import json
 import time
 
@@ -86,20 +87,30 @@ def copy_bandwidth() -> float:
   return 2 * x.nbytes / seconds
 
 
-def compare_forwards(cases: list[str], variants: dict, reps: int, out: str | None) -> list[dict]:
+def compare_forwards(
+  cases: list[str], variants: dict, reps: int, out: str | None, *, bidirectional: bool = False
+) -> list[dict]:
   """Time the shipped Triton forward and each variant (name -> fn(u, delta, A, B, C, D, z, delta_bias) with
-  delta_softplus and the gate) at `cases` in bf16, with each one's largest error against the reference; a
-  variant that fails is a row with its error. Prints each row as JSON and writes them all to `out`."""
+  delta_softplus and the gate; with `bidirectional`, name -> fn(forward Direction, backward Direction, z) of Vim's
+  combined output, against the fused Triton call) at `cases` in bf16, with each one's largest error against the
+  reference; a variant that fails is a row with its error. Prints each row as JSON and writes them all to `out`."""
   names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
   print(f"{jax.devices()[0].device_kind}; jax {jax.__version__}")
   rows = []
   for case in cases:
     batch, length = CASES[case]
-    make = lambda seed, b=batch, n=length: make_inputs(b, n, jnp.bfloat16, seed)  # noqa: E731
+    single = lambda seed, b=batch, n=length: make_inputs(b, n, jnp.bfloat16, seed)  # noqa: E731
+    if bidirectional:
+      make = lambda seed, single=single: (single(2 * seed), single(2 * seed + 1))  # noqa: E731
+      shipped, reference = (bidirectional_fn(impl, fused=True) for impl in ("pallas_gpu", "reference"))
+      call = lambda fn, x: fn(*(Direction(*(d[k] for k in Direction._fields)) for d in x), x[0]["z"])  # noqa: E731
+    else:
+      make, shipped, reference = single, scan_fn("pallas_gpu"), scan_fn("reference")
+      call = lambda fn, x: fn(*(x[k] for k in names))  # noqa: E731
     x = make(0)
-    expected = scan_fn("reference")(x).astype(jnp.float32)
-    candidates = {"triton (shipped)": jax.jit(scan_fn("pallas_gpu"))}
-    candidates |= {name: jax.jit(lambda x, f=fn: f(*(x[k] for k in names))) for name, fn in variants.items()}
+    expected = reference(x).astype(jnp.float32)
+    candidates = {"triton (shipped)": jax.jit(shipped)}
+    candidates |= {name: jax.jit(functools.partial(call, fn)) for name, fn in variants.items()}
     for name, fn in candidates.items():
       try:
         error = float(jnp.max(jnp.abs(fn(x).astype(jnp.float32) - expected)))

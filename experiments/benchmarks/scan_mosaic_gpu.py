@@ -3,6 +3,7 @@ r"""The scan's forward as a Pallas Mosaic GPU kernel, timed against the Triton k
   PYTHONPATH=. python experiments/benchmarks/scan_mosaic_gpu.py --out=experiments/results/scan_mosaic_gpu_h100.json
   PYTHONPATH=. python experiments/benchmarks/scan_mosaic_gpu.py --cases=1248p8_b32,224p8_b128 \
       --layout=rows,half_rows,quarter_rows --block_d=32,64,128 --block_t=32,64 --unroll=1,4 --share_channel_work=0,1
+  PYTHONPATH=. python experiments/benchmarks/scan_mosaic_gpu.py --bidirectional --cases=1248p8_b32 ...
 
 Issue 3 asks to choose the GPU backend by measurement. This is the smallest Mosaic GPU kernel that does
 the forward's whole job (delta_bias, softplus, the recurrence, D skip, silu(z) gate; bf16 in and out):
@@ -17,9 +18,11 @@ whatever the layout. These answer whether one pass over whole sequences keeps th
 session: they lower for CUDA and match the reference in interpret mode, and are not timed yet). `block_t` > 0 stages
 blocks of positions through shared memory with TMA (`emit_pipeline`, the next block's copies in flight; with
 `staged=False` the blocks are read from HBM where they lie, which interpret mode can run); 0 loads straight from HBM,
-which lowers on jax 0.11 only (0.12 refuses the 2-byte-per-thread bf16 loads). No
-chunking (timed where the sequences alone fill the GPU) and no backward: it answers "is Mosaic GPU
-faster for this loop", not "ship it". Each row's error against the reference is in the output.
+which lowers on jax 0.11 only (0.12 refuses the 2-byte-per-thread bf16 loads). `bidirectional` runs Vim's two
+directions and their combine as the Triton kernels do (the backward direction, last position first, reads the
+forward one's ungated y); `--bidirectional` times it against the fused Triton call. No chunking (timed where the
+sequences alone fill the GPU) and no backward: it answers "is Mosaic GPU faster for this loop", not "ship it". Each
+row's error against the reference is in the output.
 
 H100, jax 0.11.2 (scan_mosaic_gpu_h100.json), forward ms, Triton kernel against the best Mosaic setting:
 0.132 against 0.130 at 224², batch 128; 0.763 against 0.418 at 224² stride 8, batch 128 (the Triton
@@ -32,6 +35,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +45,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from experiments.benchmarks.scan_common import compare_forwards
-
+from kernels import Direction
 
 
 def _tiled(tiles, warp_dims, lane_dims):
@@ -77,17 +81,26 @@ def _gate(z: jax.Array) -> jax.Array:
   return z / (1.0 + jnp.exp(-z))
 
 
-def _step(h, a_log2, skip, rows_at, cols_at, store_y):
+def _step(h, a_log2, skip, rows_at, cols_at, store_y, combine):
   """One position: the state update and y_t, from loaders of its per-channel inputs ("step_size", the softplus of
-  delta + bias; "u"; "gate", silu(z)) and per-state ones ("B", "C")."""
-  delta, u, gate = rows_at("step_size"), rows_at("u"), rows_at("gate")
+  delta + bias; "u"; "gate", silu(z); "partner", the other direction's y) and per-state ones ("B", "C")."""
+  delta, u = rows_at("step_size"), rows_at("u")
   b_t, c_t = cols_at("B"), cols_at("C")
   rows = lambda v: lax.broadcast_in_dim(v, h.shape, [0])
   cols = lambda v: lax.broadcast_in_dim(v, h.shape, [1])
   h = jnp.exp2(rows(delta) * a_log2) * h + rows(delta * u) * cols(b_t)
   y = (h * cols(c_t)).sum(axis=1) + skip * u
-  store_y(y * gate)
+  if combine.partner:
+    y = (y + rows_at("partner")) * 0.5
+  store_y(y * rows_at("gate") if combine.gated else y)
   return h
+
+
+class _Combine(NamedTuple):
+  """What a direction's y becomes: averaged with the other direction's (`partner`), then gated by silu(z)."""
+
+  gated: bool
+  partner: bool
 
 
 def _raw_rows(load, bias):
@@ -104,10 +117,12 @@ def _raw_rows(load, bias):
   return rows_at
 
 
-def _walk(step, length: int, h, unroll: int):
+def _walk(step, length: int, h, unroll: int, reverse: bool):
+  """h through `step(t, h)` for t over range(length), last first if `reverse`."""
+  position = (lambda i: length - 1 - i) if reverse else (lambda i: i)
   unrolled = length // unroll * unroll  # Mosaic GPU unrolls only by a divisor of the trip count
-  h = lax.fori_loop(0, unrolled, step, h, unroll=unroll)
-  return lax.fori_loop(unrolled, length, step, h)
+  h = lax.fori_loop(0, unrolled, lambda i, h: step(position(i), h), h, unroll=unroll)
+  return lax.fori_loop(unrolled, length, lambda i, h: step(position(i), h), h)
 
 
 # A (positions, channels) block spread over the warpgroup with no element held twice: lanes over 32 channels, warps
@@ -115,10 +130,10 @@ def _walk(step, length: int, h, unroll: int):
 _SPREAD = _tiled(((32, 32), (8, 32), (1,)), (-5,), (-2,))
 
 
-def _forward_kernel(
-  u_ref, delta_ref, z_ref, b_ref, c_ref, a_ref, d_ref, bias_ref, y_ref, *, block_d, block_t, unroll, layout, staged,
-  share,
-):  # fmt: skip
+def _forward_kernel(*refs, seq_names, block_d, block_t, unroll, layout, staged, share, reverse, combine):
+  """refs: the (batch, length, channels) inputs named by `seq_names`, then B, C, A, D, delta_bias and y."""
+  seq_refs = dict(zip(seq_names, refs, strict=False))
+  b_ref, c_ref, a_ref, d_ref, bias_ref, y_ref = refs[len(seq_names) :]
   tile = LAYOUTS[layout][0]
   per_channel, per_state = tile.reduce(1), tile.reduce(0)
   sequence, block = lax.axis_index("sequence"), lax.axis_index("block")
@@ -126,8 +141,7 @@ def _forward_kernel(
   a_log2 = _load(a_ref.at[channels, :], tile) * math.log2(math.e)
   skip, bias = _load(d_ref.at[channels], per_channel), _load(bias_ref.at[channels], per_channel)
   h0 = plgpu.layout_cast(jnp.zeros((block_d, b_ref.shape[-1]), jnp.float32), tile)
-  length = u_ref.shape[1]
-  seqs = dict(u=u_ref, delta=delta_ref, z=z_ref)
+  length = y_ref.shape[1]
   states = dict(B=b_ref, C=c_ref)
 
   if not block_t:  # every load straight from HBM
@@ -136,10 +150,11 @@ def _forward_kernel(
       def store_y(y):
         y_ref[sequence, t, channels] = y.astype(y_ref.dtype)
 
-      rows_at = _raw_rows(lambda k: _load(seqs[k].at[sequence, t, channels], per_channel), bias)
-      return _step(h, a_log2, skip, rows_at, lambda k: _load(states[k].at[sequence, t, :], per_state), store_y)
+      rows_at = _raw_rows(lambda k: _load(seq_refs[k].at[sequence, t, channels], per_channel), bias)
+      cols_at = lambda k: _load(states[k].at[sequence, t, :], per_state)  # noqa: E731
+      return _step(h, a_log2, skip, rows_at, cols_at, store_y, combine)
 
-    _walk(step, length, h0, unroll)
+    _walk(step, length, h0, unroll, reverse)
     return
 
   def walk_blocks(shared: dict):
@@ -147,12 +162,14 @@ def _forward_kernel(
     if shared:
       spread_bias = lax.broadcast_in_dim(_load(bias_ref.at[channels], _SPREAD.reduce(0)), (block_t, block_d), [1])
 
-    def block_body(u_s, delta_s, z_s, b_s, c_s, y_s, h):
-      blocks = dict(u=u_s, delta=delta_s, z=z_s, B=b_s, C=c_s)
+    def block_body(*block_refs):
+      *block_refs, y_s, h = block_refs
+      blocks = dict(zip((*seq_names, "B", "C"), block_refs, strict=True))
       if shared:
         plgpu.commit_smem()  # every thread is done with the last block's values
-        shared["step_size"][...] = _softplus(_load(delta_s, _SPREAD) + spread_bias)
-        shared["gate"][...] = _gate(_load(z_s, _SPREAD))
+        shared["step_size"][...] = _softplus(_load(blocks["delta"], _SPREAD) + spread_bias)
+        if combine.gated:
+          shared["gate"][...] = _gate(_load(blocks["z"], _SPREAD))
         plgpu.commit_smem()  # and sees every thread's values of this block
 
       def step(t, h):
@@ -160,30 +177,33 @@ def _forward_kernel(
           y_s[t] = y.astype(y_s.dtype)
 
         if shared:
-          rows_at = lambda k: _load((shared if k in ("step_size", "gate") else blocks)[k].at[t], per_channel)  # noqa: E731
+          rows_at = lambda k: _load((shared if k in shared else blocks)[k].at[t], per_channel)  # noqa: E731
         else:
           rows_at = _raw_rows(lambda k: _load(blocks[k].at[t], per_channel), bias)
-        return _step(h, a_log2, skip, rows_at, lambda k: _load(blocks[k].at[t], per_state), store_y)
+        cols_at = lambda k: _load(blocks[k].at[t], per_state)  # noqa: E731
+        return _step(h, a_log2, skip, rows_at, cols_at, store_y, combine)
 
-      return _walk(step, block_t, h, unroll)
+      return _walk(step, block_t, h, unroll, reverse)
 
-    refs = tuple(r.at[sequence] for r in (u_ref, delta_ref, z_ref, b_ref, c_ref, y_ref))
+    num_blocks = pl.cdiv(length, block_t)
+    block_at = (lambda i: num_blocks - 1 - i) if reverse else (lambda i: i)
+    refs = tuple(r.at[sequence] for r in (*seq_refs.values(), b_ref, c_ref, y_ref))
     if not staged:  # blocks read where they lie in HBM (what interpret mode runs; the length a multiple of block_t)
 
       def over_blocks(i, h):
-        at = pl.ds(i * block_t, block_t)
-        return block_body(*(r.at[at, channels] if r.shape[-1] == u_ref.shape[-1] else r.at[at] for r in refs), h)
+        at = pl.ds(block_at(i) * block_t, block_t)
+        return block_body(*(r.at[at, channels] if r.shape[-1] == y_ref.shape[-1] else r.at[at] for r in refs), h)
 
-      lax.fori_loop(0, length // block_t, over_blocks, h0)
+      lax.fori_loop(0, num_blocks, over_blocks, h0)
       return
 
     # Blocks staged through shared memory by TMA, the next block's copy in flight.
-    seq_spec = plgpu.BlockSpec((block_t, block_d), lambda i: (i, block))
-    state_spec = plgpu.BlockSpec((block_t, b_ref.shape[-1]), lambda i: (i, 0))
+    seq_spec = plgpu.BlockSpec((block_t, block_d), lambda i: (block_at(i), block))
+    state_spec = plgpu.BlockSpec((block_t, b_ref.shape[-1]), lambda i: (block_at(i), 0))
     pipeline = plgpu.emit_pipeline(
       lambda indices, *blocks: block_body(*blocks),
-      grid=(pl.cdiv(length, block_t),),
-      in_specs=[seq_spec] * 3 + [state_spec] * 2,
+      grid=(num_blocks,),
+      in_specs=[seq_spec] * len(seq_names) + [state_spec] * 2,
       out_specs=[seq_spec],
       max_concurrent_steps=2,
       init_carry=h0,
@@ -192,7 +212,7 @@ def _forward_kernel(
 
   if share:  # the softplus and the gate of a whole block at once, each (position, channel) computed once
     floats = plgpu.SMEM((block_t, block_d), jnp.float32)
-    names = ("step_size", "gate")
+    names = ("step_size", "gate") if combine.gated else ("step_size",)
     pl.run_scoped(lambda *scratch: walk_blocks(dict(zip(names, scratch, strict=True))), *[floats] * len(names))
   else:
     walk_blocks({})
@@ -214,12 +234,16 @@ def forward(
   layout: str = "wgmma",
   share_channel_work: bool = False,
   staged: bool = True,
+  reverse: bool = False,
+  gated: bool = True,
+  partner=None,
   interpret=False,
 ):
-  """y of the selective scan with delta_softplus and the z gate, for (batch, length, channels) inputs.
-  `share_channel_work` computes each block's softplus and gate once per (position, channel) into shared memory
-  (`block_t` a multiple of 32, `block_d` of 32); `staged=False` reads the blocks from HBM without TMA."""
-  batch, _, channels = u.shape
+  """y of the selective scan with delta_softplus, for (batch, length, channels) inputs: averaged with `partner` (the
+  other direction's y) if given, then gated by silu(z) if `gated`. `share_channel_work` computes each block's
+  softplus and gate once per (position, channel) into shared memory (`block_t` a multiple of 32, `block_d` of 32);
+  `staged=False` reads the blocks from HBM without TMA (the length then a multiple of `block_t`)."""
+  batch, length, channels = u.shape
   multiple = LAYOUTS[layout][1]
   if channels % block_d or block_d % multiple:
     raise ValueError(f"channels ({channels}) must be a multiple of block_d ({block_d}), itself of {multiple}")
@@ -227,18 +251,24 @@ def forward(
     raise ValueError(f"layout {layout!r} is written for state {_STATE_OF[layout]}, got A of shape {A.shape}")
   if share_channel_work and (block_t % 32 or not block_t or block_d % 32):
     raise ValueError(f"share_channel_work needs block_t ({block_t}) > 0 and it and block_d ({block_d}) multiples of 32")
-  if share_channel_work and staged and u.shape[1] % 8:
+  if share_channel_work and staged and length % 8:
     # Its tiled loads of the staged blocks tile their copies, which then need whole tiles of 8 positions.
-    raise ValueError(f"share_channel_work with staged blocks needs a length that is a multiple of 8, got {u.shape[1]}")
+    raise ValueError(f"share_channel_work with staged blocks needs a length that is a multiple of 8, got {length}")
+  if block_t and not staged and length % block_t:
+    raise ValueError(f"staged=False needs a length that is a multiple of block_t ({block_t}), got {length}")
+  seqs = dict(u=u, delta=delta) | (dict(z=z) if gated else {}) | ({} if partner is None else dict(partner=partner))
   kernel = plgpu.kernel(
     functools.partial(
       _forward_kernel,
+      seq_names=tuple(seqs),
       block_d=block_d,
       block_t=block_t,
       unroll=unroll,
       layout=layout,
       staged=staged,
       share=share_channel_work,
+      reverse=reverse,
+      combine=_Combine(gated=gated, partner=partner is not None),
     ),
     out_type=jax.ShapeDtypeStruct(u.shape, u.dtype),
     grid=(batch, channels // block_d),
@@ -246,7 +276,14 @@ def forward(
     compiler_params=plgpu.CompilerParams(approx_math=True),  # as the Triton kernel's ex2.approx
     interpret=interpret,
   )
-  return kernel(u, delta, z, B, C, A, D, delta_bias)
+  return kernel(*seqs.values(), B, C, A, D, delta_bias)
+
+
+def bidirectional(forward_args: Direction, backward_args: Direction, z, **options):
+  """Vim's (y_forward + y_backward) / 2 * silu(z) as two launches, as the Triton kernels do: the forward direction
+  writes its ungated y, the backward one reads it and writes the combined output."""
+  y_forward = forward(*forward_args[:6], z, forward_args.delta_bias, gated=False, **options)
+  return forward(*backward_args[:6], z, backward_args.delta_bias, reverse=True, partner=y_forward, **options)
 
 
 _CASES = flags.DEFINE_list("cases", ["224_b128", "224s8_b128", "1248_b32"], "Shapes (scan_common.CASES).")
@@ -255,6 +292,9 @@ _BLOCK_T = flags.DEFINE_list("block_t", ["0", "16", "32"], "Positions per shared
 _UNROLL = flags.DEFINE_list("unroll", ["1", "4"], "Positions per loop iteration.")
 _LAYOUT = flags.DEFINE_list("layout", ["wgmma"], f"State tile layouts ({', '.join(LAYOUTS)}).")
 _SHARE = flags.DEFINE_list("share_channel_work", ["0"], "0, 1 or both: each block's softplus and gate computed once.")
+_BIDIRECTIONAL = flags.DEFINE_bool(
+  "bidirectional", False, "Time Vim's two directions and their combine (`bidirectional`) against the fused Triton call."
+)
 _REPS = flags.DEFINE_integer("reps", 30, "Timed calls per setting.")
 _OUT = flags.DEFINE_string("out", None, "JSON file for the results.")
 
@@ -263,14 +303,19 @@ def main(argv):
   del argv
   variants = {
     f"mosaic {layout} block_d={d} block_t={t} unroll={u} share={share}": functools.partial(
-      forward, block_d=int(d), block_t=int(t), unroll=int(u), layout=layout, share_channel_work=share == "1"
+      bidirectional if _BIDIRECTIONAL.value else forward,
+      block_d=int(d),
+      block_t=int(t),
+      unroll=int(u),
+      layout=layout,
+      share_channel_work=share == "1",
     )
     for layout, d, t, u, share in itertools.product(
       _LAYOUT.value, _BLOCK_D.value, _BLOCK_T.value, _UNROLL.value, _SHARE.value
     )
     if int(d) % LAYOUTS[layout][1] == 0
   }
-  compare_forwards(_CASES.value, variants, _REPS.value, _OUT.value)
+  compare_forwards(_CASES.value, variants, _REPS.value, _OUT.value, bidirectional=_BIDIRECTIONAL.value)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ r"""Registers and spills of the Pallas GPU scan kernels, compiled for an H100 on
   PYTHONPATH=. python experiments/checks/kernel_registers.py --call=bidirectional --length=6085 --batch=32
 
 Lowers the scan's forward and backward (`--call`: one gated scan, or the fused bidirectional one) at Vim-Ti
-shapes, bf16 (or `--dtype=float32`), for an abstract H100 (as the CUDA lowering test does), keeps each kernel's Triton IR as
-Pallas emits it, compiles it with the `triton` package for sm_90 and reads ptxas's report. Registers bound
+shapes, bf16 (or `--dtype=float32`), for an abstract H100 (as the CUDA lowering test does), keeps each kernel's
+Triton IR as Pallas emits it, compiles it with the `triton` package for sm_90 and reads ptxas's report. Registers bound
 occupancy: an SM has 65,536, so a kernel of one-warp programs at R registers per thread keeps at most
 65,536 / (32 R) of them resident.
 The package's Triton is not the one inside jaxlib, so counts may differ a little from what XLA builds

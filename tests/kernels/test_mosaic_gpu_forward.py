@@ -12,15 +12,13 @@ import pytest
 from forward_inputs import forward_inputs
 
 from experiments.benchmarks import scan_mosaic_gpu
-from kernels import selective_scan
+from kernels import Direction, selective_scan, selective_scan_bidirectional
 
 
 @pytest.mark.parametrize("layout", scan_mosaic_gpu.LAYOUTS)
 def test_forward_matches_reference_in_interpret_mode(layout):
   args = forward_inputs(2, 11, 128, jnp.float32)
-  y = scan_mosaic_gpu.forward(
-    *args, block_d=128, layout=layout, interpret=scan_mosaic_gpu.plgpu.InterpretGPUParams()
-  )
+  y = scan_mosaic_gpu.forward(*args, block_d=128, layout=layout, interpret=scan_mosaic_gpu.plgpu.InterpretGPUParams())
   expected = selective_scan(*args, delta_softplus=True, impl="reference")
   np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
 
@@ -41,6 +39,26 @@ def test_blocked_forward_matches_reference_in_interpret_mode(layout, block_d, sh
     interpret=scan_mosaic_gpu.plgpu.InterpretGPUParams(),
   )
   expected = selective_scan(*args, delta_softplus=True, impl="reference")
+  np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("block_t, share_channel_work", [(0, False), (32, False), (32, True)])
+def test_bidirectional_matches_reference_in_interpret_mode(block_t, share_channel_work):
+  """Vim's two directions and their combine: the backward direction walks blocks and positions last first."""
+  forward_args, backward_args = (forward_inputs(2, 64, 64, jnp.float32, seed=seed) for seed in (0, 1))
+  pair = [Direction(*args[:6], args[7]) for args in (forward_args, backward_args)]
+  z = forward_args[6]
+  y = scan_mosaic_gpu.bidirectional(
+    *pair,
+    z,
+    block_d=32,
+    block_t=block_t,
+    layout="quarter_rows",
+    share_channel_work=share_channel_work,
+    staged=False,
+    interpret=scan_mosaic_gpu.plgpu.InterpretGPUParams(),
+  )
+  expected = selective_scan_bidirectional(*pair, z, delta_softplus=True, impl="reference")
   np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -68,6 +86,17 @@ def test_forward_lowers_for_cuda_at_vim_tiny_shapes(layout, block_d, block_t, un
   )
   text = jax.jit(forward).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
+
+
+def test_bidirectional_lowers_for_cuda_at_vim_tiny_1248_shapes():
+  shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in forward_inputs(1, 1, 384, jnp.bfloat16)]
+  shapes = [jax.ShapeDtypeStruct((32, 6088, *x.shape[2:]), x.dtype) if x.ndim == 3 else x for x in shapes]
+  direction = Direction(*shapes[:6], shapes[7])
+  bidirectional = functools.partial(
+    scan_mosaic_gpu.bidirectional, block_d=32, block_t=32, unroll=4, layout="quarter_rows", share_channel_work=True
+  )
+  text = jax.jit(bidirectional).trace(direction, direction, shapes[6]).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("mosaic_gpu") >= 2
 
 
 def test_shared_channel_work_refuses_staged_blocks_of_a_length_off_eight():
