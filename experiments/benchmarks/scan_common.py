@@ -18,9 +18,6 @@ CASES = {
   "1248_b32": (32, 6085),
   "1248_b8": (8, 6085),
   "1248_b1": (1, 6085),
-  # Lengths rounded up to a multiple of 8, for kernels that need it (scan_mosaic_gpu.py's share_channel_work).
-  "224p8_b128": (128, 200),
-  "1248p8_b32": (32, 6088),
 }
 CHANNELS, STATE = 384, 16
 

@@ -1,9 +1,9 @@
 r"""The scan's forward as a Pallas Mosaic GPU kernel, timed against the Triton kernel that ships.
 
   PYTHONPATH=. python experiments/benchmarks/scan_mosaic_gpu.py --out=experiments/results/scan_mosaic_gpu_h100.json
-  PYTHONPATH=. python experiments/benchmarks/scan_mosaic_gpu.py --cases=1248p8_b32,224p8_b128 \
+  PYTHONPATH=. python experiments/benchmarks/scan_mosaic_gpu.py --cases=1248_b32,224_b128 \
       --layout=rows,half_rows,quarter_rows --block_d=32,64,128 --block_t=32,64 --unroll=1,4 --share_channel_work=0,1
-  PYTHONPATH=. python experiments/benchmarks/scan_mosaic_gpu.py --bidirectional --cases=1248p8_b32 ...
+  PYTHONPATH=. python experiments/benchmarks/scan_mosaic_gpu.py --bidirectional --cases=1248_b32 ...
 
 Issue 3 asks to choose the GPU backend by measurement. This is the smallest Mosaic GPU kernel that does
 the forward's whole job (delta_bias, softplus, the recurrence, D skip, silu(z) gate; bf16 in and out):
@@ -198,7 +198,10 @@ def _forward_kernel(*refs, seq_names, block_d, block_t, unroll, layout, staged, 
       return
 
     # Blocks staged through shared memory by TMA, the next block's copy in flight.
-    seq_spec = plgpu.BlockSpec((block_t, block_d), lambda i: (block_at(i), block))
+    # With shared work, a tiling of 1 pins the blocks untiled: the spread loads would otherwise make Mosaic GPU tile
+    # them by 8 positions, and their copies would then need a length that is a multiple of 8.
+    untiled = (plgpu.TilingTransform((1,)),) if shared else ()
+    seq_spec = plgpu.BlockSpec((block_t, block_d), lambda i: (block_at(i), block), transforms=untiled)
     state_spec = plgpu.BlockSpec((block_t, b_ref.shape[-1]), lambda i: (block_at(i), 0))
     pipeline = plgpu.emit_pipeline(
       lambda indices, *blocks: block_body(*blocks),
@@ -251,9 +254,6 @@ def forward(
     raise ValueError(f"layout {layout!r} is written for state {_STATE_OF[layout]}, got A of shape {A.shape}")
   if share_channel_work and (block_t % 32 or not block_t or block_d % 32):
     raise ValueError(f"share_channel_work needs block_t ({block_t}) > 0 and it and block_d ({block_d}) multiples of 32")
-  if share_channel_work and staged and length % 8:
-    # Its tiled loads of the staged blocks tile their copies, which then need whole tiles of 8 positions.
-    raise ValueError(f"share_channel_work with staged blocks needs a length that is a multiple of 8, got {length}")
   if block_t and not staged and length % block_t:
     raise ValueError(f"staged=False needs a length that is a multiple of block_t ({block_t}), got {length}")
   seqs = dict(u=u, delta=delta) | (dict(z=z) if gated else {}) | ({} if partner is None else dict(partner=partner))
