@@ -81,6 +81,13 @@ def _gate(z: jax.Array) -> jax.Array:
   return z / (1.0 + jnp.exp(-z))
 
 
+class _Combine(NamedTuple):
+  """What a direction's y becomes: averaged with the other direction's (`partner`), then gated by silu(z)."""
+
+  gated: bool
+  partner: bool
+
+
 def _step(h, a_log2, skip, rows_at, cols_at, store_y, combine):
   """One position: the state update and y_t, from loaders of its per-channel inputs ("step_size", the softplus of
   delta + bias; "u"; "gate", silu(z); "partner", the other direction's y) and per-state ones ("B", "C")."""
@@ -94,13 +101,6 @@ def _step(h, a_log2, skip, rows_at, cols_at, store_y, combine):
     y = (y + rows_at("partner")) * 0.5
   store_y(y * rows_at("gate") if combine.gated else y)
   return h
-
-
-class _Combine(NamedTuple):
-  """What a direction's y becomes: averaged with the other direction's (`partner`), then gated by silu(z)."""
-
-  gated: bool
-  partner: bool
 
 
 def _raw_rows(load, bias):
@@ -132,7 +132,7 @@ _SPREAD = _tiled(((32, 32), (8, 32), (1,)), (-5,), (-2,))
 
 def _forward_kernel(*refs, seq_names, block_d, block_t, unroll, layout, staged, share, reverse, combine):
   """refs: the (batch, length, channels) inputs named by `seq_names`, then B, C, A, D, delta_bias and y."""
-  seq_refs = dict(zip(seq_names, refs, strict=False))
+  seq_refs = dict(zip(seq_names, refs[: len(seq_names)], strict=True))
   b_ref, c_ref, a_ref, d_ref, bias_ref, y_ref = refs[len(seq_names) :]
   tile = LAYOUTS[layout][0]
   per_channel, per_state = tile.reduce(1), tile.reduce(0)
@@ -189,10 +189,12 @@ def _forward_kernel(*refs, seq_names, block_d, block_t, unroll, layout, staged, 
     block_at = (lambda i: num_blocks - 1 - i) if reverse else (lambda i: i)
     refs = tuple(r.at[sequence] for r in (*seq_refs.values(), b_ref, c_ref, y_ref))
     if not staged:  # blocks read where they lie in HBM (what interpret mode runs; the length a multiple of block_t)
+      per_channel_refs = (True,) * len(seq_refs) + (False, False, True)  # B and C are whole rows
 
       def over_blocks(i, h):
         at = pl.ds(block_at(i) * block_t, block_t)
-        return block_body(*(r.at[at, channels] if r.shape[-1] == y_ref.shape[-1] else r.at[at] for r in refs), h)
+        views = (r.at[at, channels] if c else r.at[at] for r, c in zip(refs, per_channel_refs, strict=True))
+        return block_body(*views, h)
 
       lax.fori_loop(0, num_blocks, over_blocks, h0)
       return
