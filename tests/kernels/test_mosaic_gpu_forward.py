@@ -1,7 +1,8 @@
-"""The Mosaic GPU forward that experiments/benchmarks/scan_mosaic_gpu.py times against the Triton kernels:
-its math in Mosaic GPU's interpret mode (loads straight from HBM: interpret mode cannot run the pipeline's
-predicated copies), and the lowering for CUDA, where Mosaic GPU checks its layout rules, of the variant
-that stages blocks through shared memory, at Vim-Ti's shapes in bf16."""
+"""The Mosaic GPU forward that experiments/benchmarks/scan_mosaic_gpu.py times against the Triton kernels, in every
+state layout, with and without shared per-channel work, one direction and both: its math in Mosaic GPU's interpret
+mode (rows or blocks read from HBM in place: interpret mode cannot run the pipeline's predicated copies), and the
+lowering for CUDA, where Mosaic GPU checks its layout rules, of the variants that stage blocks through shared memory,
+at Vim-Ti's shapes in bf16."""
 
 import functools
 
