@@ -1,5 +1,5 @@
-"""Compiled inference and training steps of a model, and their timing: shared by throughput.py, profile_step.py
-and trainer_step_ab.py."""
+"""Compiled inference and training steps of a model, and their timing: shared by throughput.py, profile_step.py,
+trainer_step_ab.py and memory_offline.py."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import optax
 from flax import nnx
 
 from vim_jax import config_base, optim, sharding, trainer
+from vim_jax.models import DEIT_VARIANTS, create_model
 
 
 class Step(NamedTuple):
@@ -24,23 +25,42 @@ class Step(NamedTuple):
   compiled: jax.stages.Compiled
 
 
+def create_model_spec(spec: str, size: int) -> nnx.Module:
+  """The bf16 model that a benchmark's `name[:impl][:scanned]` names (throughput.py's docstring), for `size`² images."""
+  name, impl, *options = spec.split(":") + [""]
+  options = [o for o in options if o]
+  if any(o != "scanned" for o in options):
+    raise ValueError(f"--models: {spec!r}: the only option after name:impl is 'scanned', got {options}")
+  field = "attention_impl" if name in DEIT_VARIANTS else "scan_impl"
+  return create_model(name, img_size=size, dtype="bfloat16", scan_layers="scanned" in options, **{field: impl or None})
+
+
+class Program(NamedTuple):
+  """A step as a function, its arguments and which of them it donates: what `jax.jit` compiles."""
+
+  fn: Callable
+  args: tuple
+  donate_argnums: tuple[int, ...] = ()
+
+  def compile(self) -> jax.stages.Compiled:
+    return jax.jit(self.fn, donate_argnums=self.donate_argnums).lower(*self.args).compile()
+
+
 def _images(model: nnx.Module, batch: int) -> jax.Array:
   return jax.random.normal(jax.random.key(0), (batch, *model.cfg.img_size, model.cfg.in_chans), jnp.float32)
 
 
-def forward_step(model: nnx.Module, batch: int) -> Step:
+def forward_program(model: nnx.Module, batch: int) -> Program:
   """Logits of a random batch (the model's own compute dtype, no dropout)."""
   graphdef, params = nnx.split(model)
 
   def logits(params, images):
     return nnx.merge(graphdef, params)(images)
 
-  args = (params, _images(model, batch))
-  compiled = jax.jit(logits).lower(*args).compile()
-  return Step(lambda args: (args, compiled(*args)), args, compiled)
+  return Program(logits, (params, _images(model, batch)))
 
 
-def train_step(model: nnx.Module, batch: int, learning_rate: float = 1e-3) -> Step:
+def train_program(model: nnx.Module, batch: int, learning_rate: float = 1e-3) -> Program:
   """Forward, backward and the trainer's AdamW (vim_jax.optim.adamw, weight-decay mask, flattened Adam as in
   the data-parallel trainer) on a random batch with random labels; parameters and optimizer state donated."""
   graphdef, params = nnx.split(model)
@@ -56,14 +76,26 @@ def train_step(model: nnx.Module, batch: int, learning_rate: float = 1e-3) -> St
     return optax.apply_updates(params, updates), opt_state, loss
 
   labels = jax.random.randint(jax.random.key(1), (batch,), 0, model.cfg.num_classes)
-  args = (params, tx.init(params), _images(model, batch), labels)
-  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(*args).compile()
+  return Program(step, (params, tx.init(params), _images(model, batch), labels), donate_argnums=(0, 1))
+
+
+def forward_step(model: nnx.Module, batch: int) -> Step:
+  """`forward_program`, compiled."""
+  program = forward_program(model, batch)
+  compiled = program.compile()
+  return Step(lambda args: (args, compiled(*args)), program.args, compiled)
+
+
+def train_step(model: nnx.Module, batch: int, learning_rate: float = 1e-3) -> Step:
+  """`train_program`, compiled."""
+  program = train_program(model, batch, learning_rate)
+  compiled = program.compile()
 
   def call(args):
     params, opt_state, loss = compiled(*args)
     return (params, opt_state, *args[2:]), loss
 
-  return Step(call, args, compiled)
+  return Step(call, program.args, compiled)
 
 
 def trainer_step(

@@ -40,8 +40,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from experiments.benchmarks.model_steps import forward_step, time_per_call, train_step
-from vim_jax.models import DEIT_VARIANTS, create_model
+from experiments.benchmarks.model_steps import create_model_spec, forward_step, time_per_call, train_step
 
 _MODELS = flags.DEFINE_list(
   "models",
@@ -62,15 +61,6 @@ _OUT = flags.DEFINE_string("out", None, "JSON file for the results (rewritten af
 MIB = 2**20
 
 
-def _create(spec: str, size: int):
-  name, impl, *options = spec.split(":") + [""]
-  options = [o for o in options if o]
-  if any(o != "scanned" for o in options):
-    raise ValueError(f"--models: {spec!r}: the only option after name:impl is 'scanned', got {options}")
-  field = "attention_impl" if name in DEIT_VARIANTS else "scan_impl"
-  return create_model(name, img_size=size, dtype="bfloat16", scan_layers="scanned" in options, **{field: impl or None})
-
-
 def _device_peak() -> float | None:
   stats = jax.devices()[0].memory_stats()  # None on CPU
   return stats["peak_bytes_in_use"] / MIB if stats else None
@@ -80,7 +70,7 @@ def _case(spec: str, mode: str, size: int, batch: int) -> dict:
   row = {"model": spec, "mode": mode, "image_size": size, "batch": batch}
   peak_before = _device_peak()
   try:
-    model = _create(spec, size)
+    model = create_model_spec(spec, size)
     row["tokens"] = model.cfg.seq_len
     start = time.perf_counter()
     step = (forward_step if mode == "inference" else train_step)(model, batch)
