@@ -682,6 +682,8 @@ class _Job(NamedTuple):
   extra_specs: list
   out_shapes: list
   out_specs: list
+  # Outputs written over inputs: (index in args + extra, index in the outputs) pairs (`pallas_call`'s aliases).
+  aliases: tuple[tuple[int, int], ...] = ()
 
 
 def _launch(kernel, jobs: list[_Job], name: str, **options) -> list[list[jax.Array]]:
@@ -725,6 +727,13 @@ def _launch(kernel, jobs: list[_Job], name: str, **options) -> list[list[jax.Arr
         pl.when((b >= start) & (b < start + job.plan.batch))(run)
 
   plan = jobs[0].plan
+  in_starts = [sum(len(job.args) + len(job.extra) for job in jobs[:j]) for j in range(len(jobs))]
+  out_starts = [sum(out_counts[:j]) for j in range(len(jobs))]
+  aliases = {
+    i + in_start: o + out_start
+    for job, in_start, out_start in zip(jobs, in_starts, out_starts, strict=True)
+    for i, o in job.aliases
+  }
   flat = pl.pallas_call(
     body,
     grid=(sum(job.plan.batch for job in jobs), *plan.grid()[1:]),
@@ -734,13 +743,15 @@ def _launch(kernel, jobs: list[_Job], name: str, **options) -> list[list[jax.Arr
     compiler_params=plgpu.CompilerParams(num_warps=plan.num_warps, num_stages=NUM_STAGES),
     interpret=plan.interpret,
     name=name,
+    input_output_aliases=aliases,
   )(*(x for job in jobs for x in (*job.args, *job.extra)))
   return [flat[sum(out_counts[:j]) : sum(out_counts[: j + 1])] for j in range(len(jobs))]
 
 
-def _call(kernel, plan: _Plan, args, extra, extra_specs, out_shapes, out_specs, name: str, **options) -> list:
+def _call(kernel, plan: _Plan, args, extra, extra_specs, out_shapes, out_specs, name: str, aliases=(), **options):
   """`_launch` of one scan."""
-  return _launch(kernel, [_Job(plan, args, extra, extra_specs, out_shapes, out_specs)], name, **options)[0]
+  job = _Job(plan, args, extra, extra_specs, out_shapes, out_specs, aliases)
+  return _launch(kernel, [job], name, **options)[0]
 
 
 def _read_in_place(B, C, state: int) -> tuple[int | None, int | None]:
@@ -806,33 +817,54 @@ class _Outputs(NamedTuple):
   ungated: jax.Array | None
 
 
-def _forward(plan: _Plan, args: tuple, *, ungated: bool = False) -> _Outputs:
-  """The forward of the padded `args`; with `ungated`, y before the gate is written too."""
+def _forward(
+  plan: _Plan, args: tuple, *, ungated: bool = False, states: bool = True, y_over: str | None = None
+) -> _Outputs:
+  """The forward of the padded `args`; with `ungated`, y before the gate is written too. Without `states` (where
+  nothing is differentiated and the last state is not wanted), the output pass writes only y: the last state and a
+  chunked forward's start states (each a (batch, chunks, channels, state) float32 array) are then None. `y_over` names
+  the argument that y is written over, "delta" or "partner" (the second direction's, `plan.combine`): each is read
+  at a position before that position's y is written, by the thread that writes it or across a barrier, and steps
+  past a chunk's end re-read its last position in the load of the sub-chunk that holds it or before that is written
+  (`over_sub_chunks`). Vim-Ti's inference at 1248², batch 32 holds 36 + 143 MiB less so (memory_offline.py)."""
   plan, args = _packed(plan.forward(), args)
   kernel = _forward_by_channel_kernel if plan.by_channel else _forward_kernel
   specs = _Specs(plan)
   per_chunk = _per_chunk(plan)
   u = args[0]
   seq = jax.ShapeDtypeStruct(u.shape, u.dtype)
+  if y_over not in (None, "delta", "partner") or (y_over == "partner" and plan.combine is None):
+    raise ValueError(f"y_over must be None, 'delta' or, for a combining plan, 'partner'; got {y_over!r}")
+  over = {None: None, "delta": 1, "partner": len(args) - 1}[y_over]
+  fits = over is not None and (args[over].shape, args[over].dtype) == (u.shape, u.dtype)
+  aliases = ((over, 0),) if fits else ()
   # The ungated output, if asked for, comes last: its shape, spec and name.
   more_shapes, more_specs, more_names = ([seq], [specs.seq], ("ungated",)) if ungated else ([], [], ())
   if plan.num_chunks == 1:
-    y, end, *kept = _call(
-      kernel, plan, args, [], [], [seq, per_chunk, *more_shapes], [specs.seq, specs.chunk_state, *more_specs],
-      "selective_scan_fwd", outputs=("y", "end_state", *more_names), start="zero",
+    end_shapes, end_specs, end_names = ([per_chunk], [specs.chunk_state], ("end_state",)) if states else ([], [], ())
+    y, *outs = _call(
+      kernel, plan, args, [], [], [seq, *end_shapes, *more_shapes], [specs.seq, *end_specs, *more_specs],
+      "selective_scan_fwd", outputs=("y", *end_names, *more_names), start="zero", aliases=aliases,
     )  # fmt: skip
-    return _Outputs(y, end[:, 0], None, None, kept[0] if kept else None)
+    return _Outputs(y, outs[0][:, 0] if states else None, None, None, outs[-1] if ungated else None)
   totals = _per_chunk(plan, state=False)
   local_end, total = _call(
     kernel, plan, args, [], [], [per_chunk, totals], [specs.chunk_state, specs.chunk_channel],
     "selective_scan_chunk_ends", outputs=("end_state", "total_delta"), start="zero",
   )  # fmt: skip
-  y, start, end, *kept = _call(
+  state_shapes, state_specs, state_names = ([per_chunk] * 2, [specs.chunk_state] * 2, ("start_state", "end_state"))
+  if not states:
+    state_shapes, state_specs, state_names = [], [], ()
+  y, *outs = _call(
     kernel, plan, args, [local_end, total], [specs.all_chunk_states, specs.all_chunk_channels],
-    [seq, per_chunk, per_chunk, *more_shapes], [specs.seq, specs.chunk_state, specs.chunk_state, *more_specs],
-    "selective_scan_fwd", outputs=("y", "start_state", "end_state", *more_names), start="carried",
+    [seq, *state_shapes, *more_shapes], [specs.seq, *state_specs, *more_specs],
+    "selective_scan_fwd", outputs=("y", *state_names, *more_names), start="carried", aliases=aliases,
   )  # fmt: skip
-  return _Outputs(y, end[:, 0 if plan.reverse else -1], start, total, kept[0] if kept else None)
+  kept = outs[-1] if ungated else None
+  if not states:
+    return _Outputs(y, None, None, None, kept)
+  start, end = outs[:2]
+  return _Outputs(y, end[:, 0 if plan.reverse else -1], start, total, kept)
 
 
 class _Scan(NamedTuple):
@@ -1108,17 +1140,24 @@ def bidirectional(
   first_grads = dataclasses.replace(first, paired=False)
   second_grads = dataclasses.replace(second, combine=None, gated=False, paired=False)
 
-  def outputs(first, second, forward, backward, z, *, ungated: bool = False):
-    partner, _, start_f, total_f, _ = _forward(first, _padded(first, *forward, None))
-    y, _, start_b, total_b, y_ungated = _forward(second, (*_padded(second, *backward, z), partner), ungated=ungated)
+  def outputs(first, second, forward, backward, z, *, differentiated: bool):
+    """y, and what the backward keeps if `differentiated`."""
+    ungated = differentiated and z is not None
+    # Without a backward, which reads delta, the first direction's y goes over its delta.
+    partner, _, start_f, total_f, _ = _forward(
+      first, _padded(first, *forward, None), states=differentiated, y_over=None if differentiated else "delta"
+    )
+    y, _, start_b, total_b, y_ungated = _forward(
+      second, (*_padded(second, *backward, z), partner), ungated=ungated, states=differentiated, y_over="partner"
+    )
     return y[..., :channels], (y_ungated, start_f, total_f, start_b, total_b)
 
   @jax.custom_vjp
   def run(forward, backward, z):
-    return outputs(*inference, forward, backward, z)[0]
+    return outputs(*inference, forward, backward, z, differentiated=False)[0]
 
   def run_fwd(forward, backward, z):
-    y, kept = outputs(first, second, forward, backward, z, ungated=z is not None)
+    y, kept = outputs(first, second, forward, backward, z, differentiated=True)
     return y, (forward, backward, z, *kept)
 
   def run_bwd(residuals, dy):

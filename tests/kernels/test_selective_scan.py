@@ -515,9 +515,40 @@ def test_fused_bidirectional_matches_two_scans(shape, dtype, tuning, divide_out)
 
   got = jit_run(lambda *a: run(lambda *b: fused(*b, **tuning), *a), forward, backward, z)
   want = jit_run(lambda *a: run(functools.partial(two_scans, divide_out=divide_out), *a), forward, backward, z)
+  inference = jit_run(lambda *a: fused(*a, **tuning), forward, backward, z)  # no states kept, y written over inputs
   chex.assert_trees_all_equal_dtypes(got, want)
   assert_close(got[0], want[0], dtype, "fwd")
+  assert_close(inference, want[0], dtype, "fwd")
   assert_close(got[1], want[1], dtype, "grad")
+
+
+@pytest.mark.parametrize("tuning", [{}, dict(max_chunk=8, sub_chunk=4)], ids=["one-chunk", "three-chunks"])
+def test_fused_bidirectional_inference_writes_y_over_its_inputs(tuning):
+  """Without a backward, the first direction's output pass writes y over its delta and the second's over the
+  first's y, and a chunked output pass writes no states (memory: `pallas_gpu._forward`); with one, delta is kept
+  (the backward reads it) and the states are written."""
+  forward, backward, z = bidirectional_inputs(np.random.default_rng(0), (1, 20, 24, 16), jnp.bfloat16)
+  fused = functools.partial(pallas_gpu.bidirectional, delta_softplus=True, interpret=True, **tuning)
+
+  def eqns(jaxpr):  # every equation, those of sub-jaxprs (jit, custom_vjp) included
+    for eqn in jaxpr.eqns:
+      yield eqn
+      for param in eqn.params.values():
+        for sub in param if isinstance(param, (list, tuple)) else [param]:
+          sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's
+          if hasattr(sub, "eqns"):
+            yield from eqns(sub)
+
+  def output_passes(fn):
+    jaxpr = jax.make_jaxpr(fn)(forward, backward, z).jaxpr
+    passes = [e for e in eqns(jaxpr) if e.primitive.name == "pallas_call" and e.params["name"] == "selective_scan_fwd"]
+    return [(dict(e.params["input_output_aliases"]), len(e.outvars)) for e in passes]
+
+  delta, partner = 1, 8  # the passes' argument order: u, delta, A, B, C, D, delta_bias, [z,] partner
+  assert output_passes(fused) == [({delta: 0}, 1), ({partner: 0}, 1)]
+  states = 2 if tuning else 1  # the start and end states of each chunk; the end state of one chunk
+  trained = output_passes(lambda *a: jax.vjp(fused, *a)[0])
+  assert trained == [({}, 1 + states), ({partner: 0}, 1 + states + 1)]  # the second also writes the ungated y
 
 
 @pytest.mark.parametrize(
