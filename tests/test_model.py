@@ -202,6 +202,24 @@ def test_dense_equals_a_matmul_in_value_and_gradient(x64, batch):
   chex.assert_trees_all_close(got, want, rtol=1e-12, atol=0)
 
 
+def test_materialized_is_a_barrier_only_where_nothing_differentiates():
+  """`layers.materialized` (the residual stream written whole, for inference memory) is the identity in value,
+  derivative and both autodiff modes, and leaves no barrier in a differentiated program (the training step)."""
+  x = jnp.arange(6.0).reshape(2, 3)
+
+  def has_barrier(fn):
+    return "optimization_barrier" in jax.jit(fn).lower(x).as_text()
+
+  def f(x):
+    return jnp.sum(jnp.sin(layers.materialized(x)))
+
+  chex.assert_trees_all_equal(layers.materialized(x), x)
+  assert has_barrier(layers.materialized)
+  chex.assert_trees_all_close(jax.grad(f)(x), jnp.cos(x))
+  chex.assert_trees_all_close(jax.jvp(f, (x,), (jnp.ones_like(x),))[1], jnp.sum(jnp.cos(x)))
+  assert not has_barrier(jax.grad(f))
+
+
 @pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
 def test_dense_weight_gradient_under_a_mesh(axis_type):
   """With the batch split over 8 devices, the groups of samples split with it (Explicit axes need the

@@ -250,6 +250,23 @@ def drop_path_rates(rate: float, depth: int) -> tuple[float, ...]:
   return tuple(rate * j / max(depth - 1, 1) for j in range(depth))
 
 
+@jax.custom_jvp
+def materialized(x: jax.Array) -> jax.Array:
+  """x, which XLA must write out whole where nothing differentiates it (an optimization barrier).
+
+  Why: left free, XLA adds a Vim block's output to the residual stream only every other block, recomputing the
+  sum inside the next norm, and before the cls token is sliced only at that token; each deferred output, a
+  (batch, length, dim) array, stays alive beside everything the next block holds. Vim-Ti's inference peaked
+  71 MiB higher so at 1248², batch 32, and 143 MiB more before the cls token (memory_offline.py); writing the
+  residual every block reads and writes about 2.5 GiB more there (0.5-0.7 ms at an H200's bandwidth, estimated
+  from the HLO, not timed). Under differentiation it is the identity: a plain barrier per block made Vim-Ti's
+  training step at 224², batch 128 hold 111 MiB more."""
+  return jax.lax.optimization_barrier(x)
+
+
+materialized.defjvp(lambda primals, tangents: (primals[0], tangents[0]))
+
+
 def apply_blocks(
   blocks: Sequence[nnx.Module],
   x: jax.Array,

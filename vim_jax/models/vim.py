@@ -301,6 +301,7 @@ class Block(nnx.Module):
   ) -> jax.Array:
     """`drop_rate` is an argument, not an attribute, so that all blocks share one structure (layer scan)."""
     with jax.named_scope("norm"):
+      residual = layers.materialized(residual)
       normed = self.norm(residual, dtype=self.dtype)
     hidden = self.mixer(normed)
     with jax.named_scope("residual"):
@@ -347,17 +348,24 @@ class VisionMamba(nnx.Module):
     x = jnp.concatenate([x[:, :i], cls, x[:, i:]], axis=1)
     return x + self.pos_embed[...]
 
-  def forward_tokens(self, images: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
-    """The final-normed token sequence (batch, length, dim), cls included: the dense-prediction output."""
+  def _residual(self, images: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
+    """The residual stream after the last block (float32)."""
     cfg = self.cfg
-    residual = layers.apply_blocks(
+    return layers.apply_blocks(
       self.layers, self.embed(images), rngs, rates=self.drop_path_rates, scan=cfg.scan_layers, remat=cfg.remat
     )
-    return self.norm_f(residual)
+
+  def forward_tokens(self, images: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+    """The final-normed token sequence (batch, length, dim), cls included: the dense-prediction output."""
+    return self.norm_f(self._residual(images, rngs))
 
   def forward_features(self, images: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
-    """The pre-head feature (batch, dim): the final cls token."""
-    return self.forward_tokens(images, rngs=rngs)[:, self.cfg.cls_index]
+    """The pre-head feature (batch, dim): the final cls token.
+
+    The last residual is materialised whole before the cls token is taken (`layers.materialized`), as every
+    block's input is: otherwise XLA moves the slice up through the residual adds."""
+    residual = layers.materialized(self._residual(images, rngs))
+    return self.norm_f(residual[:, self.cfg.cls_index])
 
   def __call__(self, images: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
     """Logits (batch, num_classes) in float32; drop path is active only when `rngs` is given."""
