@@ -826,7 +826,9 @@ def _forward(
   the argument that y is written over, "delta" or "partner" (the second direction's, `plan.combine`): each is read
   at a position before that position's y is written, by the thread that writes it or across a barrier, and steps
   past a chunk's end re-read its last position in the load of the sub-chunk that holds it or before that is written
-  (`over_sub_chunks`). Vim-Ti's inference at 1248², batch 32 holds 36 + 143 MiB less so (memory_offline.py)."""
+  (`over_sub_chunks`). Vim-Ti's inference at 1248², batch 32 on an H200 (ab_inference_memory_vim_tiny_h200.txt):
+  no states 36 MiB less and 0.22 ms slower, y over delta 143 MiB and 0.40 ms, y over the partner 54 MiB and 0.51 ms
+  (its 143 MiB count once the first pass no longer peaks higher), each against the head without it."""
   plan, args = _packed(plan.forward(), args)
   kernel = _forward_by_channel_kernel if plan.by_channel else _forward_kernel
   specs = _Specs(plan)
@@ -1143,12 +1145,18 @@ def bidirectional(
   def outputs(first, second, forward, backward, z, *, differentiated: bool):
     """y, and what the backward keeps if `differentiated`."""
     ungated = differentiated and z is not None
-    # Without a backward, which reads delta, the first direction's y goes over its delta.
+    # Without a backward (which reads delta), the first direction's y goes over its delta and the second's over the
+    # first's: memory for inference, at a cost in time (`_forward`). In a training step the memory is not saved
+    # there, so both are written apart.
     partner, _, start_f, total_f, _ = _forward(
       first, _padded(first, *forward, None), states=differentiated, y_over=None if differentiated else "delta"
     )
     y, _, start_b, total_b, y_ungated = _forward(
-      second, (*_padded(second, *backward, z), partner), ungated=ungated, states=differentiated, y_over="partner"
+      second,
+      (*_padded(second, *backward, z), partner),
+      ungated=ungated,
+      states=differentiated,
+      y_over=None if differentiated else "partner",
     )
     return y[..., :channels], (y_ungated, start_f, total_f, start_b, total_b)
 
