@@ -7,11 +7,12 @@ r"""The compiled Pallas GPU scan against the reference on the GPU itself (tests 
   python experiments/checks/scan_gpu_check.py --case=1   # compiles into the cache
   compute-sanitizer --tool memcheck python experiments/checks/scan_gpu_check.py --case=1
   compute-sanitizer --tool racecheck python experiments/checks/scan_gpu_check.py --case=3 --bidirectional_only
+  python experiments/checks/scan_gpu_check.py --tiles   # every forward pass as tiles, as at 1248², batch 32
 
 Forward (y, last state) and the gradients of all eight arrays, both directions, and the fused
-bidirectional scan with its gradients (A also as `NegativeExp`), on shapes that exercise short last
-chunks, partial sub-chunks, padded channels and several chunks (`--case=i` runs one of them, to keep
-sanitizer runs short).
+bidirectional scan with its gradients (A also as `NegativeExp`) and without them (its inference path, which
+writes y over its inputs), on shapes that exercise short last chunks, partial sub-chunks, padded channels
+and several chunks (`--case=i` runs one of them, to keep sanitizer runs short).
 Prints the worst relative error per case and exits non-zero above the tolerance. With the platform
 allocator every buffer is its own allocation, so compute-sanitizer sees any access past one; command
 buffers (CUDA graphs) are off so that every kernel launch is its own. XLA's compiler crashes under the
@@ -28,10 +29,14 @@ from absl import app, flags
 
 from experiments.checks.gpu_check import Tally
 from kernels import Direction, NegativeExp, selective_scan, selective_scan_bidirectional
+from kernels.selective_scan import pallas_gpu
 
 _CASE = flags.DEFINE_integer("case", None, "Index into CASES to run only that case (default: all).")
 _BIDIRECTIONAL_ONLY = flags.DEFINE_bool(
   "bidirectional_only", False, "Run only the fused bidirectional scans (shorter sanitizer runs)."
+)
+_TILES = flags.DEFINE_bool(
+  "tiles", False, "Run every forward pass as (channels, state) tiles, the layout used where programs are many."
 )
 
 # (batch, length, channels, state, dtype): odd and long lengths, channels off the 32-block, bf16 I/O.
@@ -68,9 +73,10 @@ def _run(impl, arrays, weights, reverse):
   return outputs, grads
 
 
-def _run_bidirectional(impl, arrays, weights, negative_exp=False):
+def _run_bidirectional(impl, arrays, weights, negative_exp=False, differentiated=True):
   """Both directions on different inputs (the second's u, delta, B, C rolled by one position); with
-  `negative_exp`, A as `NegativeExp(log(-A))`, which the kernels exponentiate themselves."""
+  `negative_exp`, A as `NegativeExp(log(-A))`, which the kernels exponentiate themselves. (y, gradients), or y
+  alone if not `differentiated`."""
 
   def loss(arrays):
     rolled = {k: jnp.roll(arrays[k], 1, axis=1) for k in ("u", "delta", "B", "C")}
@@ -81,12 +87,16 @@ def _run_bidirectional(impl, arrays, weights, negative_exp=False):
     y = selective_scan_bidirectional(forward, backward, arrays["z"], delta_softplus=True, impl=impl)
     return jnp.sum(y.astype(jnp.float32) * weights), y
 
+  if not differentiated:  # the inference path: no residuals kept, y written over delta and the partner
+    return jax.jit(lambda arrays: loss(arrays)[1])(arrays)
   (_, y), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(arrays)
   return y, grads
 
 
 def main(argv) -> int:
   del argv
+  if _TILES.value:
+    pallas_gpu.BY_CHANNEL_PROGRAMS = 0
   tally = Tally()
   cases = range(len(CASES)) if _CASE.value is None else [_CASE.value]
   for i in cases:
@@ -98,10 +108,14 @@ def main(argv) -> int:
     runs["bidirectional, NegativeExp"] = functools.partial(
       _run_bidirectional, arrays=arrays, weights=weights, negative_exp=True
     )
+    runs["bidirectional, inference"] = functools.partial(
+      _run_bidirectional, arrays=arrays, weights=weights, differentiated=False
+    )
     for what, run in runs.items():
       errors, worst = tally.compare(run("pallas_gpu"), run("reference"), TOLERANCE[dtype])
       name = f"b{batch} l{length} d{channels} n{state} {jnp.dtype(dtype).name} {what}"
-      print(f"{name}: worst relative error {worst:.2e}; grads {jax.tree.map(lambda e: f'{e:.1e}', errors[1])}")
+      grads = f"; grads {jax.tree.map(lambda e: f'{e:.1e}', errors[1])}" if isinstance(errors, tuple) else ""
+      print(f"{name}: worst relative error {worst:.2e}{grads}")
   return tally.verdict()
 
 
