@@ -130,10 +130,12 @@ def _walk(step, length: int, h, unroll: int, reverse: bool):
 _SPREAD = _tiled(((32, 32), (8, 32), (1,)), (-5,), (-2,))
 
 
-def _forward_kernel(*refs, seq_names, block_d, block_t, unroll, layout, staged, share, reverse, combine):
-  """refs: the (batch, length, channels) inputs named by `seq_names`, then B, C, A, D, delta_bias and y."""
+def _forward_kernel(*refs, seq_names, block_d, block_t, unroll, layout, staged, share, reverse, combine, y_over):
+  """refs: the (batch, length, channels) inputs named by `seq_names`, then B, C, A, D, delta_bias and y (unless y
+  goes over the input `y_over`: each block of it is read before y is written there)."""
   seq_refs = dict(zip(seq_names, refs[: len(seq_names)], strict=True))
-  b_ref, c_ref, a_ref, d_ref, bias_ref, y_ref = refs[len(seq_names) :]
+  b_ref, c_ref, a_ref, d_ref, bias_ref, *y_ref = refs[len(seq_names) :]
+  y_ref = seq_refs[y_over] if y_over else y_ref[0]
   tile = LAYOUTS[layout][0]
   per_channel, per_state = tile.reduce(1), tile.reduce(0)
   sequence, block = lax.axis_index("sequence"), lax.axis_index("block")
@@ -242,12 +244,15 @@ def forward(
   reverse: bool = False,
   gated: bool = True,
   partner=None,
+  y_over: str | None = None,
   interpret=False,
 ):
   """y of the selective scan with delta_softplus, for (batch, length, channels) inputs: averaged with `partner` (the
   other direction's y) if given, then gated by silu(z) if `gated`. `share_channel_work` computes each block's
   softplus and gate once per (position, channel) into shared memory (`block_t` a multiple of 32, `block_d` of 32);
-  `staged=False` reads the blocks from HBM without TMA (the length then a multiple of `block_t`)."""
+  `staged=False` reads the blocks from HBM without TMA (the length then a multiple of `block_t`). `y_over` ("delta" or
+  "partner") writes y over that input, as a mutable ref (`jax.new_ref`), which XLA aliases to the output: no new
+  buffer where the input is not read again."""
   batch, length, channels = u.shape
   multiple = LAYOUTS[layout][1]
   if channels % block_d or block_d % multiple:
@@ -259,6 +264,10 @@ def forward(
   if block_t and not staged and length % block_t:
     raise ValueError(f"staged=False needs a length that is a multiple of block_t ({block_t}), got {length}")
   seqs = dict(u=u, delta=delta) | (dict(z=z) if gated else {}) | ({} if partner is None else dict(partner=partner))
+  if y_over not in (None, *seqs):
+    raise ValueError(f"y_over must be None or one of {tuple(seqs)}, got {y_over!r}")
+  if y_over:
+    seqs[y_over] = jax.new_ref(seqs[y_over].astype(u.dtype))
   kernel = plgpu.kernel(
     functools.partial(
       _forward_kernel,
@@ -271,21 +280,34 @@ def forward(
       share=share_channel_work,
       reverse=reverse,
       combine=_Combine(gated=gated, partner=partner is not None),
+      y_over=y_over,
     ),
-    out_type=jax.ShapeDtypeStruct(u.shape, u.dtype),
+    out_type=() if y_over else jax.ShapeDtypeStruct(u.shape, u.dtype),
     grid=(batch, channels // block_d),
     grid_names=("sequence", "block"),
     compiler_params=plgpu.CompilerParams(approx_math=True),  # as the Triton kernel's ex2.approx
     interpret=interpret,
   )
-  return kernel(*seqs.values(), B, C, A, D, delta_bias)
+  y = kernel(*seqs.values(), B, C, A, D, delta_bias)
+  return jax.freeze(seqs[y_over]) if y_over else y
 
 
-def bidirectional(forward_args: Direction, backward_args: Direction, z, **options):
+def bidirectional(forward_args: Direction, backward_args: Direction, z, *, in_place: bool = False, **options):
   """Vim's (y_forward + y_backward) / 2 * silu(z) as two launches, as the Triton kernels do: the forward direction
-  writes its ungated y, the backward one reads it and writes the combined output."""
-  y_forward = forward(*forward_args[:6], z, forward_args.delta_bias, gated=False, **options)
-  return forward(*backward_args[:6], z, backward_args.delta_bias, reverse=True, partner=y_forward, **options)
+  writes its ungated y, the backward one reads it and writes the combined output. `in_place` writes the first y
+  over the forward direction's delta and the second over the first, as the Triton inference path does."""
+  y_forward = forward(
+    *forward_args[:6], z, forward_args.delta_bias, gated=False, y_over="delta" if in_place else None, **options
+  )
+  return forward(
+    *backward_args[:6],
+    z,
+    backward_args.delta_bias,
+    reverse=True,
+    partner=y_forward,
+    y_over="partner" if in_place else None,
+    **options,
+  )
 
 
 _CASES = flags.DEFINE_list("cases", ["224_b128", "224s8_b128", "1248_b32"], "Shapes (scan_common.CASES).")
@@ -297,23 +319,27 @@ _SHARE = flags.DEFINE_list("share_channel_work", ["0"], "0, 1 or both: each bloc
 _BIDIRECTIONAL = flags.DEFINE_bool(
   "bidirectional", False, "Time Vim's two directions and their combine (`bidirectional`) against the fused Triton call."
 )
+_IN_PLACE = flags.DEFINE_list("in_place", ["0"], "With --bidirectional, 0, 1 or both: each y over an input.")
 _REPS = flags.DEFINE_integer("reps", 30, "Timed calls per setting.")
 _OUT = flags.DEFINE_string("out", None, "JSON file for the results.")
 
 
 def main(argv):
   del argv
+  in_place = _IN_PLACE.value if _BIDIRECTIONAL.value else ["0"]
   variants = {
-    f"mosaic {layout} block_d={d} block_t={t} unroll={u} share={share}": functools.partial(
-      bidirectional if _BIDIRECTIONAL.value else forward,
-      block_d=int(d),
-      block_t=int(t),
-      unroll=int(u),
-      layout=layout,
-      share_channel_work=share == "1",
+    f"mosaic {layout} block_d={d} block_t={t} unroll={u} share={share}" + (" in_place" if place == "1" else ""): (
+      functools.partial(
+        functools.partial(bidirectional, in_place=place == "1") if _BIDIRECTIONAL.value else forward,
+        block_d=int(d),
+        block_t=int(t),
+        unroll=int(u),
+        layout=layout,
+        share_channel_work=share == "1",
+      )
     )
-    for layout, d, t, u, share in itertools.product(
-      _LAYOUT.value, _BLOCK_D.value, _BLOCK_T.value, _UNROLL.value, _SHARE.value
+    for layout, d, t, u, share, place in itertools.product(
+      _LAYOUT.value, _BLOCK_D.value, _BLOCK_T.value, _UNROLL.value, _SHARE.value, in_place
     )
     if int(d) % LAYOUTS[layout][1] == 0
   }

@@ -43,9 +43,12 @@ def test_blocked_forward_matches_reference_in_interpret_mode(layout, block_d, sh
   np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("block_t, share_channel_work", [(0, False), (32, False), (32, True)])
-def test_bidirectional_matches_reference_in_interpret_mode(block_t, share_channel_work):
-  """Vim's two directions and their combine: the backward direction walks blocks and positions last first."""
+@pytest.mark.parametrize(
+  "block_t, share_channel_work, in_place", [(0, False, False), (32, False, True), (32, True, False), (32, True, True)]
+)
+def test_bidirectional_matches_reference_in_interpret_mode(block_t, share_channel_work, in_place):
+  """Vim's two directions and their combine: the backward direction walks blocks and positions last first; in
+  place, each y over an input (its delta, then the first y)."""
   forward_args, backward_args = (forward_inputs(2, 64, 64, jnp.float32, seed=seed) for seed in (0, 1))
   pair = [Direction(*args[:6], args[7]) for args in (forward_args, backward_args)]
   z = forward_args[6]
@@ -56,6 +59,7 @@ def test_bidirectional_matches_reference_in_interpret_mode(block_t, share_channe
     block_t=block_t,
     layout="quarter_rows",
     share_channel_work=share_channel_work,
+    in_place=in_place,
     staged=False,
     interpret=scan_mosaic_gpu.plgpu.InterpretGPUParams(),
   )
@@ -89,15 +93,24 @@ def test_forward_lowers_for_cuda_at_vim_tiny_shapes(layout, block_d, block_t, un
   assert "mosaic_gpu" in text
 
 
-def test_bidirectional_lowers_for_cuda_at_vim_tiny_1248_shapes():
+@pytest.mark.parametrize("in_place", [False, True])
+def test_bidirectional_lowers_for_cuda_at_vim_tiny_1248_shapes(in_place):
+  """In place, both launches alias an input to their output (a new buffer for neither)."""
   shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in forward_inputs(1, 1, 384, jnp.bfloat16)]
   shapes = [jax.ShapeDtypeStruct((32, 6085, *x.shape[2:]), x.dtype) if x.ndim == 3 else x for x in shapes]
   direction = Direction(*shapes[:6], shapes[7])
   bidirectional = functools.partial(
-    scan_mosaic_gpu.bidirectional, block_d=32, block_t=32, unroll=4, layout="quarter_rows", share_channel_work=True
+    scan_mosaic_gpu.bidirectional,
+    block_d=32,
+    block_t=32,
+    unroll=4,
+    layout="quarter_rows",
+    share_channel_work=True,
+    in_place=in_place,
   )
   text = jax.jit(bidirectional).trace(direction, direction, shapes[6]).lower(lowering_platforms=("cuda",)).as_text()
   assert text.count("mosaic_gpu") >= 2
+  assert text.count("output_operand_alias<") == (2 if in_place else 0)
 
 
 def test_unstaged_blocks_refuse_a_length_off_the_block():
