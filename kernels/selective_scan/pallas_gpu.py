@@ -1,12 +1,12 @@
 """Selective scan as Pallas GPU kernels on the Triton backend: fused forward and backward.
 
-Triton rather than Mosaic GPU (the backend Pallas is moving to), for now and by measurement: a Mosaic
-GPU forward (experiments/benchmarks/scan_mosaic_gpu.py; one warpgroup per block of channels, the state in
-the WGMMA register layout, inputs staged through shared memory by TMA) matches this forward at 224²
-(0.130 against 0.132 ms, H100) and is 11% faster at 1248², batch 32 (1.38 against 1.55 ms), but it has
-no backward, chunking or bidirectional form yet, and Mosaic GPU's API still moves (a variant that lowers
-on jax 0.11 is refused by 0.12). Triton runs on jax 0.11 and 0.12; it is deprecated since 0.11 (lowering
-warns), so the port is due, and the forward above shows it will not cost speed.
+Triton rather than Mosaic GPU (the backend Pallas is moving to), for now and by measurement. A Mosaic GPU
+forward (`mosaic_gpu`: one pass over whole sequences, one warpgroup per block of channels, inputs staged through
+shared memory by TMA) is 15% faster than the two chunked Triton passes at 1248², batch 32 (H200), and
+`bidirectional` runs it where nothing is differentiated and it fits (`mosaic_gpu.fits`: long sequences, many of
+them, bf16, Hopper): Vim-Ti's forward at 1248², batch 32 63.2 against 70.0 ms. It is slower at 224², has no
+chunking for small batches and no backward, and Mosaic GPU's API still moves. Triton runs on jax 0.11 and 0.12; it
+is deprecated since 0.11 (lowering warns), so the port of the rest is due.
 
 Fused like the official CUDA kernel: the kernels read the raw arguments in their own dtype (bf16 or f32)
 and do all per-position work in float32 registers: delta + delta_bias, softplus, the recurrence,
@@ -71,7 +71,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.selective_scan import ptx
+from kernels.selective_scan import mosaic_gpu, ptx
 from kernels.selective_scan.columns import Columns
 from kernels.selective_scan.negative_exp import NegativeExp
 from kernels.selective_scan.padding import compute_dtype, pad_to
@@ -1107,6 +1107,23 @@ def gate_backward(dy: jax.Array, y_ungated: jax.Array, z: jax.Array, scale: floa
   return (dy_ * jax.nn.silu(z_) * scale).astype(dy.dtype), dz.astype(z.dtype)
 
 
+def _as_array(x):
+  """A `Columns` or `NegativeExp` argument as the array it stands for (the Mosaic GPU forward takes arrays)."""
+  return x.value() if isinstance(x, Columns | NegativeExp) else x
+
+
+def _one_pass_fits(forward: tuple, backward: tuple, z, *, scale: float, softplus: bool, interpret: bool) -> bool:
+  """Whether the inference path runs `mosaic_gpu.bidirectional` (Vim's combine, bf16 sequences, `mosaic_gpu.fits`)."""
+  sequences = (forward[0], forward[1], backward[0], backward[1], z)
+  if interpret or z is None or not softplus or scale != 0.5:
+    return False
+  if any(x.dtype != jnp.bfloat16 for x in sequences) or backward[0].shape != forward[0].shape:
+    return False
+  batch, length, channels = forward[0].shape
+  state = _as_array(forward[2]).shape[1]
+  return mosaic_gpu.fits(batch, length, channels, state, jnp.bfloat16, mosaic_gpu.compute_capability())
+
+
 def bidirectional(
   forward: tuple,
   backward: tuple,
@@ -1120,7 +1137,8 @@ def bidirectional(
   """Vim's two directions and their combine, (y_forward + y_backward) [/ 2] * silu(z), in two kernels:
   the forward direction writes its ungated output, and the backward direction's kernel reads it back,
   adds its own, scales and gates. `forward` and `backward` are (u, delta, A, B, C, D, delta_bias); the
-  backward direction runs reverse=True. Returns y in the forward u's dtype."""
+  backward direction runs reverse=True. Where nothing is differentiated and `_one_pass_fits`, the two kernels are
+  `mosaic_gpu`'s one-pass forward. Returns y in the forward u's dtype."""
   channels = forward[2].shape[0]
   scale = 0.5 if divide_out else 1.0
   dtype = compute_dtype(*forward, *backward, z)
@@ -1162,6 +1180,9 @@ def bidirectional(
 
   @jax.custom_vjp
   def run(forward, backward, z):
+    if _one_pass_fits(forward, backward, z, scale=scale, softplus=delta_softplus, interpret=interpret):
+      arrays = [tuple(_as_array(x) for x in args) for args in (forward, backward)]
+      return mosaic_gpu.bidirectional(*arrays, z, **mosaic_gpu.OPTIONS)
     return outputs(*inference, forward, backward, z, differentiated=False)[0]
 
   def run_fwd(forward, backward, z):

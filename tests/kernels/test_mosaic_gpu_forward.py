@@ -1,8 +1,8 @@
-"""The Mosaic GPU forward that experiments/benchmarks/scan_mosaic_gpu.py times against the Triton kernels, in every
-state layout, with and without shared per-channel work, one direction and both: its math in Mosaic GPU's interpret
-mode (rows or blocks read from HBM in place: interpret mode cannot run the pipeline's predicated copies), and the
-lowering for CUDA, where Mosaic GPU checks its layout rules, of the variants that stage blocks through shared memory,
-at Vim-Ti's shapes in bf16."""
+"""The Mosaic GPU forward (`kernels.selective_scan.mosaic_gpu`) in every state layout, with and without shared
+per-channel work, one direction and both, in place or not: its math in Mosaic GPU's interpret mode (rows or blocks
+read from HBM in place: interpret mode cannot run the pipeline's predicated copies), the lowering for CUDA, where
+Mosaic GPU checks its layout rules, of the variants that stage blocks through shared memory, at Vim-Ti's shapes in
+bf16, and where `pallas_gpu` calls it."""
 
 import functools
 
@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 from forward_inputs import forward_inputs
 
-from experiments.benchmarks import scan_mosaic_gpu
 from kernels import Direction, selective_scan, selective_scan_bidirectional
+from kernels.selective_scan import mosaic_gpu
 
 
-@pytest.mark.parametrize("layout", scan_mosaic_gpu.LAYOUTS)
+@pytest.mark.parametrize("layout", mosaic_gpu.LAYOUTS)
 def test_forward_matches_reference_in_interpret_mode(layout):
   args = forward_inputs(2, 11, 128, jnp.float32)
-  y = scan_mosaic_gpu.forward(*args, block_d=128, layout=layout, interpret=scan_mosaic_gpu.plgpu.InterpretGPUParams())
+  y = mosaic_gpu.forward(*args, block_d=128, layout=layout, interpret=mosaic_gpu.plgpu.InterpretGPUParams())
   expected = selective_scan(*args, delta_softplus=True, impl="reference")
   np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
 
@@ -30,14 +30,14 @@ def test_blocked_forward_matches_reference_in_interpret_mode(layout, block_d, sh
   """Blocks of 32 positions read from HBM in place (the staged copies do not run in interpret mode), two channel
   blocks."""
   args = forward_inputs(2, 64, 2 * block_d, jnp.float32)
-  y = scan_mosaic_gpu.forward(
+  y = mosaic_gpu.forward(
     *args,
     block_d=block_d,
     block_t=32,
     layout=layout,
     share_channel_work=share_channel_work,
     staged=False,
-    interpret=scan_mosaic_gpu.plgpu.InterpretGPUParams(),
+    interpret=mosaic_gpu.plgpu.InterpretGPUParams(),
   )
   expected = selective_scan(*args, delta_softplus=True, impl="reference")
   np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
@@ -52,7 +52,7 @@ def test_bidirectional_matches_reference_in_interpret_mode(block_t, share_channe
   forward_args, backward_args = (forward_inputs(2, 64, 64, jnp.float32, seed=seed) for seed in (0, 1))
   pair = [Direction(*args[:6], args[7]) for args in (forward_args, backward_args)]
   z = forward_args[6]
-  y = scan_mosaic_gpu.bidirectional(
+  y = mosaic_gpu.bidirectional(
     *pair,
     z,
     block_d=32,
@@ -61,7 +61,7 @@ def test_bidirectional_matches_reference_in_interpret_mode(block_t, share_channe
     share_channel_work=share_channel_work,
     in_place=in_place,
     staged=False,
-    interpret=scan_mosaic_gpu.plgpu.InterpretGPUParams(),
+    interpret=mosaic_gpu.plgpu.InterpretGPUParams(),
   )
   expected = selective_scan_bidirectional(*pair, z, delta_softplus=True, impl="reference")
   np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
@@ -82,7 +82,7 @@ def test_forward_lowers_for_cuda_at_vim_tiny_shapes(layout, block_d, block_t, un
   args = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in forward_inputs(1, 1, 384, jnp.bfloat16)]
   args = [jax.ShapeDtypeStruct((32, length, *x.shape[2:]), x.dtype) if x.ndim == 3 else x for x in args]
   forward = functools.partial(
-    scan_mosaic_gpu.forward,
+    mosaic_gpu.forward,
     block_d=block_d,
     block_t=block_t,
     unroll=unroll,
@@ -100,7 +100,7 @@ def test_bidirectional_lowers_for_cuda_at_vim_tiny_1248_shapes(in_place):
   shapes = [jax.ShapeDtypeStruct((32, 6085, *x.shape[2:]), x.dtype) if x.ndim == 3 else x for x in shapes]
   direction = Direction(*shapes[:6], shapes[7])
   bidirectional = functools.partial(
-    scan_mosaic_gpu.bidirectional,
+    mosaic_gpu.bidirectional,
     block_d=32,
     block_t=32,
     unroll=4,
@@ -115,9 +115,49 @@ def test_bidirectional_lowers_for_cuda_at_vim_tiny_1248_shapes(in_place):
 
 def test_unstaged_blocks_refuse_a_length_off_the_block():
   with pytest.raises(ValueError, match="multiple of block_t \\(32\\), got 197"):
-    scan_mosaic_gpu.forward(*forward_inputs(1, 197, 128, jnp.float32), block_d=128, block_t=32, staged=False)
+    mosaic_gpu.forward(*forward_inputs(1, 197, 128, jnp.float32), block_d=128, block_t=32, staged=False)
 
 
 def test_forward_refuses_a_block_off_the_layouts_channels():
   with pytest.raises(ValueError, match="multiple of block_d \\(64\\), itself of 128"):
-    scan_mosaic_gpu.forward(*forward_inputs(1, 3, 128, jnp.float32), block_d=64, layout="rows")
+    mosaic_gpu.forward(*forward_inputs(1, 3, 128, jnp.float32), block_d=64, layout="rows")
+
+
+@pytest.mark.parametrize(
+  "batch, length, dtype, capability, expected",
+  [
+    (32, 6085, jnp.bfloat16, "9.0", True),  # Vim-Ti 1248², batch 32: 384 programs
+    (32, 4097, jnp.bfloat16, "9.0", True),  # 1024²
+    (8, 6085, jnp.bfloat16, "9.0", False),  # 96 programs: no chunking, the GPU would idle
+    (128, 197, jnp.bfloat16, "9.0", False),  # 224²: slower than Triton there
+    (32, 6085, jnp.float32, "9.0", False),  # measured in bf16 only
+    (32, 6085, jnp.bfloat16, "8.0", False),  # Mosaic GPU needs Hopper
+    (32, 6085, jnp.bfloat16, None, False),  # no GPU
+  ],
+)
+def test_fits_only_where_measured_faster(batch, length, dtype, capability, expected):
+  assert mosaic_gpu.fits(batch, length, 384, 16, dtype, capability) is expected
+
+
+@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("batch, differentiated, one_pass", [(32, False, True), (32, True, False), (8, False, False)])
+def test_pallas_gpu_runs_the_one_pass_forward_where_it_fits(monkeypatch, batch, differentiated, one_pass):
+  """On a Hopper GPU (stood in for by an abstract H100), Vim's fused call at 1248² runs the Mosaic GPU forward,
+  in place, where nothing is differentiated and the batch fills the GPU; Triton's kernels everywhere else."""
+  if not hasattr(jax.sharding, "AbstractDevice"):
+    pytest.skip("this jax cannot name an abstract GPU to lower for")
+  monkeypatch.setattr(mosaic_gpu, "compute_capability", lambda: "9.0")
+  shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in forward_inputs(1, 1, 384, jnp.bfloat16)]
+  shapes = [jax.ShapeDtypeStruct((batch, 6085, *x.shape[2:]), x.dtype) if x.ndim == 3 else x for x in shapes]
+  direction = Direction(*shapes[:6], shapes[7])
+
+  def call(forward, backward, z):
+    return selective_scan_bidirectional(forward, backward, z, delta_softplus=True, impl="pallas_gpu")
+
+  fn = (lambda *args: jax.grad(lambda *a: jnp.sum(call(*a)), argnums=2)(*args)) if differentiated else call
+  h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)):
+    hlo = jax.jit(fn).trace(direction, direction, shapes[6]).lower(lowering_platforms=("cuda",)).as_text()
+  assert hlo.count("mosaic_gpu") >= 2 if one_pass else "mosaic_gpu" not in hlo
+  assert ("xla.gpu.triton" in hlo) != one_pass
+  assert hlo.count("output_operand_alias<") >= (2 if one_pass else 0)

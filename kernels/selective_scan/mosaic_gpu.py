@@ -1,0 +1,324 @@
+r"""Vim's fused bidirectional forward as one pass per direction, a Pallas Mosaic GPU kernel for Hopper (inference).
+
+One warpgroup per (sequence, block of channels) walks the whole sequence once, its (channels, state) state in
+registers in the layout `layout` names (`LAYOUTS`), blocks of `block_t` positions staged through shared memory by
+TMA (`emit_pipeline`, the next block's copies in flight). With `share_channel_work` the warpgroup first computes a
+block's softplus and silu(z) gate once per (position, channel) into shared memory, where the threads of a channel
+read them. `bidirectional` runs Vim's two directions and their combine in two launches, as the Triton kernels do:
+the backward direction walks the blocks and positions last first and reads the forward one's ungated y.
+
+Why it exists beside the Triton kernels (`pallas_gpu`): where sequences are long and many, the Triton forward runs
+in two chunked passes (chunk ends, then outputs), each with the exp unit's full load; one pass here does that
+work once. NVIDIA H200, jax 0.11.2, bf16, Vim-Ti shapes (experiments/results, thirtieth session): one direction at
+1248², batch 32 0.99 ms against Triton's 1.14 (`quarter_rows`, block_d 32, block_t 64, shared work; the other
+layouts 1.05-1.57); both directions with the combine 1.95 (2.02 in place) against 2.28; Vim-Ti's whole forward
+63.2 against 70.0 ms at 1248² and 44.2 against 49.0 at 1024². At 224², batch 128 (197 positions) it is slower
+(0.108 ms at best against 0.099), and with few sequences it cannot fill the GPU (no chunking), so `pallas_gpu`
+calls it only where `fits` says (the measured shapes), and only without gradients: there is no backward.
+
+Mosaic GPU needs sm_90 (Hopper) and its API still moves: this lowers on jax 0.11.2 and 0.12 (tests lower it for
+CUDA on CPU and run its math in interpret mode, which reads blocks from HBM in place (`staged=False`) because it
+cannot run the staged copies).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+
+def _tiled(tiles, warp_dims, lane_dims):
+  return plgpu.Layout.TILED(plgpu.Tiling(tiles), warp_dims=warp_dims, lane_dims=lane_dims, vector_dim=-1)
+
+
+# Register layouts of the (channels, state) state tile, with the channels a warpgroup holds (`block_d` is a multiple).
+# A per-channel vector takes the tile's layout reduced over the state, a per-state one over the channels.
+LAYOUTS = {
+  # WGMMA's: a thread holds 2 channels x 4 states (state a multiple of 8), so a quad repeats each channel's
+  # softplus, skip and gate, and y's sum over the state crosses the quad.
+  "wgmma": (plgpu.Layout.WGMMA, 64),
+  # A channel per thread, its whole state of 16 in the thread, as the Triton by-channel forward: per-channel work
+  # once and y's sum within the thread; B_t and C_t whole in every thread.
+  "rows": (_tiled(((128, 16), (32, 16)), (-4,), (-2,)), 128),
+  # A channel per two threads, 8 states each: twice the warps of "rows", per-channel work twice.
+  "half_rows": (_tiled(((64, 16), (16, 16), (8,)), (-5,), (-3, -2)), 64),
+  # A channel per four threads, 4 states each: four times the warps of "rows".
+  "quarter_rows": (_tiled(((32, 16), (8, 16), (4,)), (-5,), (-3, -2)), 32),
+}
+_STATE_OF = {"rows": 16, "half_rows": 16, "quarter_rows": 16}  # the state size the tiled layouts are written for
+
+
+def _load(ref, layout):
+  return plgpu.load(ref, layout=layout, optimized=False).astype(jnp.float32)
+
+
+def _softplus(x: jax.Array) -> jax.Array:
+  return jnp.where(x > 20.0, x, jnp.log(1.0 + jnp.exp(x)))
+
+
+def _gate(z: jax.Array) -> jax.Array:
+  return z / (1.0 + jnp.exp(-z))
+
+
+class _Combine(NamedTuple):
+  """What a direction's y becomes: averaged with the other direction's (`partner`), then gated by silu(z)."""
+
+  gated: bool
+  partner: bool
+
+
+def _step(h, a_log2, skip, rows_at, cols_at, store_y, combine):
+  """One position: the state update and y_t, from loaders of its per-channel inputs ("step_size", the softplus of
+  delta + bias; "u"; "gate", silu(z); "partner", the other direction's y) and per-state ones ("B", "C")."""
+  delta, u = rows_at("step_size"), rows_at("u")
+  b_t, c_t = cols_at("B"), cols_at("C")
+  rows = lambda v: lax.broadcast_in_dim(v, h.shape, [0])
+  cols = lambda v: lax.broadcast_in_dim(v, h.shape, [1])
+  h = jnp.exp2(rows(delta) * a_log2) * h + rows(delta * u) * cols(b_t)
+  y = (h * cols(c_t)).sum(axis=1) + skip * u
+  if combine.partner:
+    y = (y + rows_at("partner")) * 0.5
+  store_y(y * rows_at("gate") if combine.gated else y)
+  return h
+
+
+def _raw_rows(load, bias):
+  """`_step`'s per-channel loader from one of the raw inputs' rows (`load(name)`): each thread computes the
+  softplus and the gate of the channels it holds."""
+
+  def rows_at(name):
+    if name == "step_size":
+      return _softplus(load("delta") + bias)
+    if name == "gate":
+      return _gate(load("z"))
+    return load(name)
+
+  return rows_at
+
+
+def _walk(step, length: int, h, unroll: int, reverse: bool):
+  """h through `step(t, h)` for t over range(length), last first if `reverse`."""
+  position = (lambda i: length - 1 - i) if reverse else (lambda i: i)
+  unrolled = length // unroll * unroll  # Mosaic GPU unrolls only by a divisor of the trip count
+  h = lax.fori_loop(0, unrolled, lambda i, h: step(position(i), h), h, unroll=unroll)
+  return lax.fori_loop(unrolled, length, lambda i, h: step(position(i), h), h)
+
+
+# A (positions, channels) block spread over the warpgroup with no element held twice: lanes over 32 channels, warps
+# over four groups of positions, each thread the rest of its channel's positions (blocks of 32 x 32 multiples).
+_SPREAD = _tiled(((32, 32), (8, 32), (1,)), (-5,), (-2,))
+
+
+def _forward_kernel(*refs, seq_names, block_d, block_t, unroll, layout, staged, share, reverse, combine, y_over):
+  """refs: the (batch, length, channels) inputs named by `seq_names`, then B, C, A, D, delta_bias and y (unless y
+  goes over the input `y_over`: each block of it is read before y is written there)."""
+  seq_refs = dict(zip(seq_names, refs[: len(seq_names)], strict=True))
+  b_ref, c_ref, a_ref, d_ref, bias_ref, *y_ref = refs[len(seq_names) :]
+  y_ref = seq_refs[y_over] if y_over else y_ref[0]
+  tile = LAYOUTS[layout][0]
+  per_channel, per_state = tile.reduce(1), tile.reduce(0)
+  sequence, block = lax.axis_index("sequence"), lax.axis_index("block")
+  channels = pl.ds(block * block_d, block_d)
+  a_log2 = _load(a_ref.at[channels, :], tile) * math.log2(math.e)
+  skip, bias = _load(d_ref.at[channels], per_channel), _load(bias_ref.at[channels], per_channel)
+  h0 = plgpu.layout_cast(jnp.zeros((block_d, b_ref.shape[-1]), jnp.float32), tile)
+  length = y_ref.shape[1]
+  states = dict(B=b_ref, C=c_ref)
+
+  if not block_t:  # every load straight from HBM
+
+    def step(t, h):
+      def store_y(y):
+        y_ref[sequence, t, channels] = y.astype(y_ref.dtype)
+
+      rows_at = _raw_rows(lambda k: _load(seq_refs[k].at[sequence, t, channels], per_channel), bias)
+      cols_at = lambda k: _load(states[k].at[sequence, t, :], per_state)  # noqa: E731
+      return _step(h, a_log2, skip, rows_at, cols_at, store_y, combine)
+
+    _walk(step, length, h0, unroll, reverse)
+    return
+
+  def walk_blocks(shared: dict):
+    """The sequence in blocks of block_t positions; `shared` (SMEM) holds a block's step sizes and gates, if given."""
+    if shared:
+      spread_bias = lax.broadcast_in_dim(_load(bias_ref.at[channels], _SPREAD.reduce(0)), (block_t, block_d), [1])
+
+    def block_body(*block_refs):
+      *block_refs, y_s, h = block_refs
+      blocks = dict(zip((*seq_names, "B", "C"), block_refs, strict=True))
+      if shared:
+        plgpu.commit_smem()  # every thread is done with the last block's values
+        shared["step_size"][...] = _softplus(_load(blocks["delta"], _SPREAD) + spread_bias)
+        if combine.gated:
+          shared["gate"][...] = _gate(_load(blocks["z"], _SPREAD))
+        plgpu.commit_smem()  # and sees every thread's values of this block
+
+      def step(t, h):
+        def store_y(y):
+          y_s[t] = y.astype(y_s.dtype)
+
+        if shared:
+          rows_at = lambda k: _load((shared if k in shared else blocks)[k].at[t], per_channel)  # noqa: E731
+        else:
+          rows_at = _raw_rows(lambda k: _load(blocks[k].at[t], per_channel), bias)
+        cols_at = lambda k: _load(blocks[k].at[t], per_state)  # noqa: E731
+        return _step(h, a_log2, skip, rows_at, cols_at, store_y, combine)
+
+      return _walk(step, block_t, h, unroll, reverse)
+
+    num_blocks = pl.cdiv(length, block_t)
+    block_at = (lambda i: num_blocks - 1 - i) if reverse else (lambda i: i)
+    refs = tuple(r.at[sequence] for r in (*seq_refs.values(), b_ref, c_ref, y_ref))
+    if not staged:  # blocks read where they lie in HBM (what interpret mode runs; the length a multiple of block_t)
+      per_channel_refs = (True,) * len(seq_refs) + (False, False, True)  # B and C are whole rows
+
+      def over_blocks(i, h):
+        at = pl.ds(block_at(i) * block_t, block_t)
+        views = (r.at[at, channels] if c else r.at[at] for r, c in zip(refs, per_channel_refs, strict=True))
+        return block_body(*views, h)
+
+      lax.fori_loop(0, num_blocks, over_blocks, h0)
+      return
+
+    # Blocks staged through shared memory by TMA, the next block's copy in flight.
+    # With shared work, a tiling of 1 pins the blocks untiled: the spread loads would otherwise make Mosaic GPU tile
+    # them by 8 positions, and their copies would then need a length that is a multiple of 8.
+    untiled = (plgpu.TilingTransform((1,)),) if shared else ()
+    seq_spec = plgpu.BlockSpec((block_t, block_d), lambda i: (block_at(i), block), transforms=untiled)
+    state_spec = plgpu.BlockSpec((block_t, b_ref.shape[-1]), lambda i: (block_at(i), 0))
+    pipeline = plgpu.emit_pipeline(
+      lambda indices, *blocks: block_body(*blocks),
+      grid=(num_blocks,),
+      in_specs=[seq_spec] * len(seq_names) + [state_spec] * 2,
+      out_specs=[seq_spec],
+      max_concurrent_steps=2,
+      init_carry=h0,
+    )
+    pipeline(*refs)
+
+  if share:  # the softplus and the gate of a whole block at once, each (position, channel) computed once
+    floats = plgpu.SMEM((block_t, block_d), jnp.float32)
+    names = ("step_size", "gate") if combine.gated else ("step_size",)
+    pl.run_scoped(lambda *scratch: walk_blocks(dict(zip(names, scratch, strict=True))), *[floats] * len(names))
+  else:
+    walk_blocks({})
+
+
+def forward(
+  u,
+  delta,
+  A,
+  B,
+  C,
+  D,
+  z,
+  delta_bias,
+  *,
+  block_d: int = 64,
+  block_t: int = 0,
+  unroll: int = 1,
+  layout: str = "wgmma",
+  share_channel_work: bool = False,
+  staged: bool = True,
+  reverse: bool = False,
+  gated: bool = True,
+  partner=None,
+  y_over: str | None = None,
+  interpret=False,
+):
+  """y of the selective scan with delta_softplus, for (batch, length, channels) inputs: averaged with `partner` (the
+  other direction's y) if given, then gated by silu(z) if `gated`. `share_channel_work` computes each block's
+  softplus and gate once per (position, channel) into shared memory (`block_t` a multiple of 32, `block_d` of 32);
+  `staged=False` reads the blocks from HBM without TMA (the length then a multiple of `block_t`). `y_over` ("delta" or
+  "partner") writes y over that input, as a mutable ref (`jax.new_ref`), which XLA aliases to the output: no new
+  buffer where the input is not read again."""
+  batch, length, channels = u.shape
+  multiple = LAYOUTS[layout][1]
+  if channels % block_d or block_d % multiple:
+    raise ValueError(f"channels ({channels}) must be a multiple of block_d ({block_d}), itself of {multiple}")
+  if _STATE_OF.get(layout, A.shape[1]) != A.shape[1]:
+    raise ValueError(f"layout {layout!r} is written for state {_STATE_OF[layout]}, got A of shape {A.shape}")
+  if share_channel_work and (block_t % 32 or not block_t or block_d % 32):
+    raise ValueError(f"share_channel_work needs block_t ({block_t}) > 0 and it and block_d ({block_d}) multiples of 32")
+  if block_t and not staged and length % block_t:
+    raise ValueError(f"staged=False needs a length that is a multiple of block_t ({block_t}), got {length}")
+  seqs = dict(u=u, delta=delta) | (dict(z=z) if gated else {}) | ({} if partner is None else dict(partner=partner))
+  if y_over not in (None, *seqs):
+    raise ValueError(f"y_over must be None or one of {tuple(seqs)}, got {y_over!r}")
+  if y_over:
+    seqs[y_over] = jax.new_ref(seqs[y_over].astype(u.dtype))
+  kernel = plgpu.kernel(
+    functools.partial(
+      _forward_kernel,
+      seq_names=tuple(seqs),
+      block_d=block_d,
+      block_t=block_t,
+      unroll=unroll,
+      layout=layout,
+      staged=staged,
+      share=share_channel_work,
+      reverse=reverse,
+      combine=_Combine(gated=gated, partner=partner is not None),
+      y_over=y_over,
+    ),
+    out_type=() if y_over else jax.ShapeDtypeStruct(u.shape, u.dtype),
+    grid=(batch, channels // block_d),
+    grid_names=("sequence", "block"),
+    compiler_params=plgpu.CompilerParams(approx_math=True),  # as the Triton kernel's ex2.approx
+    interpret=interpret,
+  )
+  y = kernel(*seqs.values(), B, C, A, D, delta_bias)
+  return jax.freeze(seqs[y_over]) if y_over else y
+
+
+def bidirectional(forward_args: tuple, backward_args: tuple, z, *, in_place: bool = False, **options) -> jax.Array:
+  """Vim's (y_forward + y_backward) / 2 * silu(z) as two launches, as the Triton kernels do: the forward direction
+  writes its ungated y, the backward one reads it and writes the combined output. `forward_args` and `backward_args`
+  are (u, delta, A, B, C, D, delta_bias) as arrays. `in_place` writes the first y over the forward direction's
+  delta and the second over the first, as the Triton inference path does."""
+  y_forward = forward(
+    *forward_args[:6], z, forward_args[6], gated=False, y_over="delta" if in_place else None, **options
+  )
+  return forward(
+    *backward_args[:6],
+    z,
+    backward_args[6],
+    reverse=True,
+    partner=y_forward,
+    y_over="partner" if in_place else None,
+    **options,
+  )
+
+
+# What `pallas_gpu` runs (the fastest setting at 1248², batch 32 on an H200) and where: sequences of at least
+# FITS_LENGTH positions, at least FITS_PROGRAMS (sequence, channel block) programs (Vim-Ti at 1024² and 1248², batch
+# 32, has 384), bf16, state 16, on sm_90.
+OPTIONS = dict(layout="quarter_rows", block_d=32, block_t=64, unroll=4, share_channel_work=True, in_place=True)
+FITS_LENGTH = 4096
+FITS_PROGRAMS = 384
+
+
+def fits(batch: int, length: int, channels: int, state: int, dtype, compute_capability: str | None) -> bool:
+  """Whether `bidirectional` with OPTIONS is the measured faster forward for these shapes on this GPU."""
+  block_d = OPTIONS["block_d"]
+  return (
+    compute_capability == "9.0"
+    and jnp.dtype(dtype) == jnp.bfloat16
+    and state == _STATE_OF[OPTIONS["layout"]]
+    and channels % block_d == 0
+    and length >= FITS_LENGTH
+    and batch * channels // block_d >= FITS_PROGRAMS
+  )
+
+
+def compute_capability() -> str | None:
+  """The default device's compute capability ("9.0" on an H100 or H200), None off NVIDIA GPUs."""
+  device = jax.devices()[0]
+  return getattr(device, "compute_capability", None) if device.platform == "gpu" else None
