@@ -13,7 +13,8 @@ machine. Checked against the card: Vim-Ti at 1248², batch 32, code of ea758cc, 
 `AbstractDevice` that `TARGETS` names and are compiled by XLA like on the card; Mosaic GPU kernels are compiled only
 when they first run, so Vim's inference where the card runs the Mosaic GPU forward (`mosaic_gpu.fits`: 1024² and
 1248², batch 32) is compiled here with the Triton kernels (on an H200 the Mosaic forward held 7 MiB less at 1248²).
-cuDNN's attention needs cuDNN installed (`deit_*:cudnn` fails without it). Nothing here is timed. The plugin skips its check of the CUDA libraries' versions only with JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1.
+cuDNN's attention needs cuDNN installed (`deit_*:cudnn` fails without it). Nothing here is timed. The plugin skips
+its check of the CUDA libraries' versions only with JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1.
 
 `--live_at_peak` prints, per case, the buffers live where the entry computation's live bytes peak (a walk over the
 scheduled HLO, one buffer per tuple element, views sharing their operand's): what a memory change has to remove.
