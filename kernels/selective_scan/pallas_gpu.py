@@ -2,7 +2,7 @@
 
 Triton rather than Mosaic GPU (the backend Pallas is moving to), for now and by measurement. A Mosaic GPU
 forward (`mosaic_gpu`: one pass over whole sequences, one warpgroup per block of channels, inputs staged through
-shared memory by TMA) is 15% faster than the two chunked Triton passes at 1248², batch 32 (H200), and
+shared memory by TMA) takes 13% less time than the two chunked Triton passes at 1248², batch 32 (H200), and
 `bidirectional` runs it where nothing is differentiated and it fits (`mosaic_gpu.fits`: long sequences, many of
 them, bf16, Hopper): Vim-Ti's forward at 1248², batch 32 63.2 against 70.0 ms. It is slower at 224², has no
 chunking for small batches and no backward, and Mosaic GPU's API still moves. Triton runs on jax 0.11 and 0.12; it
