@@ -20,6 +20,7 @@ from jax.tree_util import keystr
 from kernels.selective_scan import pallas_gpu, pallas_tpu, reference, xla
 from kernels.selective_scan.columns import Columns
 from kernels.selective_scan.negative_exp import NegativeExp
+from kernels.selective_scan.padding import plain
 from kernels.selective_scan.softplus import softplus
 
 _log = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ def _check(name: str, x, dims: tuple[str, ...], sizes: dict[str, int]) -> jax.Ar
 
 def _sliced(args: Direction) -> Direction:
   """`args` with `Columns` windows sliced and a `NegativeExp` computed, for the impls that take plain arrays."""
-  return Direction(*(x.value() if isinstance(x, (Columns, NegativeExp)) else x for x in args))
+  return Direction(*plain(args))
 
 
 _SEQ, _SEQ_STATE, _CHANNEL = ("batch", "length", "channels"), ("batch", "length", "state"), ("channels",)

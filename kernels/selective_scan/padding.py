@@ -1,7 +1,11 @@
-"""Zero padding to kernel block sizes and the compute dtype, shared by the Pallas kernels."""
+"""What the kernels share about their arguments: zero padding to block sizes, the compute dtype, and plain arrays
+in place of the lazy `Columns` and `NegativeExp` arguments."""
 
 import jax
 import jax.numpy as jnp
+
+from kernels.selective_scan.columns import Columns
+from kernels.selective_scan.negative_exp import NegativeExp
 
 
 def pad_to(x: jax.Array, axis: int, size: int) -> jax.Array:
@@ -16,3 +20,8 @@ def pad_to(x: jax.Array, axis: int, size: int) -> jax.Array:
 def compute_dtype(*arrays) -> jnp.dtype:
   """float32, or wider if an input is (float64 in x64 tests); None entries (absent options) are skipped."""
   return jnp.dtype(jnp.result_type(jnp.float32, *(x for x in arrays if x is not None)))
+
+
+def plain(args: tuple) -> tuple:
+  """`args` with `Columns` windows sliced and a `NegativeExp` computed, for code that takes plain arrays."""
+  return tuple(x.value() if isinstance(x, Columns | NegativeExp) else x for x in args)

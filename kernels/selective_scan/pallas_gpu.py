@@ -74,7 +74,7 @@ from jax.experimental.pallas import triton as plgpu
 from kernels.selective_scan import mosaic_gpu, ptx
 from kernels.selective_scan.columns import Columns
 from kernels.selective_scan.negative_exp import NegativeExp
-from kernels.selective_scan.padding import compute_dtype, pad_to
+from kernels.selective_scan.padding import compute_dtype, pad_to, plain
 from kernels.selective_scan.softplus import silu_grad, softplus, softplus_grad
 
 # Chosen with experiments/benchmarks/scan_tune.py on an H100 (bf16; scan_tune_h100.json and, with the loads
@@ -1107,11 +1107,6 @@ def gate_backward(dy: jax.Array, y_ungated: jax.Array, z: jax.Array, scale: floa
   return (dy_ * jax.nn.silu(z_) * scale).astype(dy.dtype), dz.astype(z.dtype)
 
 
-def _as_array(x):
-  """A `Columns` or `NegativeExp` argument as the array it stands for (the Mosaic GPU forward takes arrays)."""
-  return x.value() if isinstance(x, Columns | NegativeExp) else x
-
-
 def _one_pass_fits(forward: tuple, backward: tuple, z, *, scale: float, softplus: bool, interpret: bool) -> bool:
   """Whether the inference path runs `mosaic_gpu.bidirectional` (Vim's combine, bf16 sequences, `mosaic_gpu.fits`)."""
   sequences = (forward[0], forward[1], backward[0], backward[1], z)
@@ -1120,7 +1115,7 @@ def _one_pass_fits(forward: tuple, backward: tuple, z, *, scale: float, softplus
   if any(x.dtype != jnp.bfloat16 for x in sequences) or backward[0].shape != forward[0].shape:
     return False
   batch, length, channels = forward[0].shape
-  state = _as_array(forward[2]).shape[1]
+  state = forward[2].shape[1]
   return mosaic_gpu.fits(batch, length, channels, state, jnp.bfloat16, mosaic_gpu.compute_capability())
 
 
@@ -1181,8 +1176,7 @@ def bidirectional(
   @jax.custom_vjp
   def run(forward, backward, z):
     if _one_pass_fits(forward, backward, z, scale=scale, softplus=delta_softplus, interpret=interpret):
-      arrays = [tuple(_as_array(x) for x in args) for args in (forward, backward)]
-      return mosaic_gpu.bidirectional(*arrays, z, **mosaic_gpu.OPTIONS)
+      return mosaic_gpu.bidirectional(plain(forward), plain(backward), z, **mosaic_gpu.OPTIONS)
     return outputs(*inference, forward, backward, z, differentiated=False)[0]
 
   def run_fwd(forward, backward, z):
