@@ -14,7 +14,9 @@ work once. NVIDIA H200, jax 0.11.2, bf16, Vim-Ti shapes (experiments/results, th
 layouts 1.05-1.57); both directions with the combine 1.95 (2.02 in place) against 2.28; Vim-Ti's whole forward
 63.2 against 70.0 ms at 1248² and 44.2 against 49.0 at 1024². At 224², batch 128 (197 positions) it is slower
 (0.108 ms at best against 0.099), and with few sequences it cannot fill the GPU (no chunking), so `pallas_gpu`
-calls it only where `fits` says (the measured shapes), and only without gradients: there is no backward.
+calls it only where `fits` says (the measured shapes), and only without gradients: there is no backward. Those
+times had two warpgroup barriers at every position, which Pallas puts around each store to shared memory; they are
+now left out (the comment at `plgpu.kernel`), and the kernel has not been timed without them.
 
 Mosaic GPU needs sm_90 (Hopper) and its API still moves: this lowers on jax 0.11.2 and 0.12 (tests lower it for
 CUDA on CPU and run its math in interpret mode, which reads blocks from HBM in place (`staged=False`) because it
@@ -231,6 +233,7 @@ def forward(
   gated: bool = True,
   partner=None,
   y_over: str | None = None,
+  auto_barriers: bool = False,
   interpret=False,
 ):
   """y of the selective scan with delta_softplus, for (batch, length, channels) inputs: averaged with `partner` (the
@@ -238,7 +241,8 @@ def forward(
   softplus and gate once per (position, channel) into shared memory (`block_t` a multiple of 32, `block_d` of 32);
   `staged=False` reads the blocks from HBM without TMA (the length then a multiple of `block_t`). `y_over` ("delta" or
   "partner") writes y over that input, as a mutable ref (`jax.new_ref`), which XLA aliases to the output: no new
-  buffer where the input is not read again."""
+  buffer where the input is not read again. `auto_barriers` puts back the warpgroup barriers Pallas inserts around
+  every shared-memory store (the comment at `plgpu.kernel` says why they are left out)."""
   batch, length, channels = u.shape
   multiple = LAYOUTS[layout][1]
   if channels % block_d or block_d % multiple:
@@ -254,6 +258,14 @@ def forward(
     raise ValueError(f"y_over must be None or one of {tuple(seqs)}, got {y_over!r}")
   if y_over:
     seqs[y_over] = jax.new_ref(seqs[y_over].astype(u.dtype))
+  # approx_math: ex2.approx, as the Triton kernels. Pallas puts a warpgroup barrier (bar.sync) before and after every
+  # store to shared memory unless told not to: here two per position, around y's store into its output block, which
+  # hold the four warps in lockstep and every load of the next positions behind them. None of them is needed: no
+  # thread reads shared memory another thread wrote without an explicit barrier between. The block's softplus and
+  # gate are read after the second `commit_smem` (a fence and a barrier), y's block by its TMA copy after the
+  # pipeline's `commit_smem`; an input slot is refilled, and an output slot written again, only after that barrier and
+  # the pipeline's wait on its earlier copy (a barrier follows it). The loop over positions now holds no barrier (a
+  # test reads the lowered module), where it held eight per four positions.
   kernel = plgpu.kernel(
     functools.partial(
       _forward_kernel,
@@ -271,7 +283,7 @@ def forward(
     out_type=() if y_over else jax.ShapeDtypeStruct(u.shape, u.dtype),
     grid=(batch, channels // block_d),
     grid_names=("sequence", "block"),
-    compiler_params=plgpu.CompilerParams(approx_math=True),  # as the Triton kernel's ex2.approx
+    compiler_params=plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=not auto_barriers),
     interpret=interpret,
   )
   y = kernel(*seqs.values(), B, C, A, D, delta_bias)

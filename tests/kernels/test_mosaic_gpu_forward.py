@@ -11,6 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from forward_inputs import forward_inputs
+from jax.experimental.mosaic.gpu import dialect as mgpu_dialect
+from jax.interpreters import mlir as jax_mlir
+from jaxlib.mlir import ir
 
 from kernels import Direction, selective_scan, selective_scan_bidirectional
 from kernels.selective_scan import mosaic_gpu
@@ -91,6 +94,63 @@ def test_forward_lowers_for_cuda_at_vim_tiny_shapes(layout, block_d, block_t, un
   )
   text = jax.jit(forward).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
+
+
+def _kernel_modules(lowered) -> list[ir.Module]:
+  """The Mosaic GPU modules of a lowered computation's kernels, parsed from their custom calls' bytecode."""
+  modules = []
+
+  def visit(op):
+    if op.name == "stablehlo.custom_call" and "mhlo.backend_config" in op.attributes:
+      config = ir.DictAttr(op.attributes["mhlo.backend_config"])
+      if "module" in config:
+        modules.append(ir.StringAttr(config["module"]).value_bytes)
+    for region in op.regions:
+      for block in region:
+        for inner in block:
+          visit(inner)
+
+  visit(lowered.compiler_ir("stablehlo").operation)
+  context = jax_mlir.make_ir_context()  # with JAX's dialects: the modules hold gpu address spaces
+  mgpu_dialect.register_dialect(context)
+  allowed, context.allow_unregistered_dialects = context.allow_unregistered_dialects, True  # versioned op names
+  try:
+    with context:
+      return [ir.Module.parse(module) for module in modules]
+  finally:
+    context.allow_unregistered_dialects = allowed
+
+
+def _innermost_loops(op) -> list:
+  """The scf.for loops under `op` that hold no other loop."""
+  loops, nested = [], False
+  for region in op.regions:
+    for block in region:
+      for inner in block:
+        found = _innermost_loops(inner)
+        nested = nested or bool(found) or _is_loop(inner)
+        loops += found
+  return loops or ([op] if _is_loop(op) and not nested else [])
+
+
+def _is_loop(op) -> bool:
+  return op.name.endswith("scf.for")  # serialized, ops carry a version prefix ("stable_mosaic_gpu.scf.for")
+
+
+@pytest.mark.parametrize("auto_barriers", [False, True])
+def test_the_position_loop_holds_no_barrier(auto_barriers):
+  """y's store into shared memory at every position gets no warpgroup barrier (Pallas adds two unless told not to,
+  `auto_barriers=True` puts them back): the positions' loads and exps may overlap."""
+  args = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in forward_inputs(1, 1, 384, jnp.bfloat16)]
+  args = [jax.ShapeDtypeStruct((32, 6085, *x.shape[2:]), x.dtype) if x.ndim == 3 else x for x in args]
+  options = {k: v for k, v in mosaic_gpu.OPTIONS.items() if k != "in_place"}
+  forward = functools.partial(mosaic_gpu.forward, gated=False, auto_barriers=auto_barriers, **options)
+  (module,) = _kernel_modules(jax.jit(forward).trace(*args).lower(lowering_platforms=("cuda",)))
+  with module.context:
+    loops = _innermost_loops(module.operation)
+    barriers = [str(loop).count("bar.sync") for loop in loops]
+    assert any("ex2.approx" in str(loop) for loop in loops)  # the loop over positions is among them
+  assert (sum(barriers) == 2 * options["unroll"]) if auto_barriers else not any(barriers)
 
 
 @pytest.mark.parametrize("in_place", [False, True])
