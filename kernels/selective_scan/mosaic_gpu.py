@@ -76,23 +76,27 @@ class _Combine(NamedTuple):
   partner: bool
 
 
-def _step(h, a_log2, skip, rows_at, cols_at, store_y, combine):
-  """One position: the state update and y_t, from loaders of its per-channel inputs ("step_size", the softplus of
-  delta + bias; "u"; "gate", silu(z); "partner", the other direction's y) and per-state ones ("B", "C")."""
-  delta, u = rows_at("step_size"), rows_at("u")
-  b_t, c_t = cols_at("B"), cols_at("C")
+def _inputs(rows_at, cols_at, combine) -> dict:
+  """What one position reads, from loaders of its per-channel inputs ("step_size", the softplus of delta + bias;
+  "u"; "gate", silu(z); "partner", the other direction's y) and per-state ones ("B", "C")."""
+  names = ("step_size", "u") + ("partner",) * combine.partner + ("gate",) * combine.gated
+  return {name: rows_at(name) for name in names} | {name: cols_at(name) for name in ("B", "C")}
+
+
+def _update(h, inputs: dict, *, a_log2, skip, combine):
+  """One position's state update and output: (h_t, y_t)."""
+  delta, u = inputs["step_size"], inputs["u"]
   rows = lambda v: lax.broadcast_in_dim(v, h.shape, [0])
   cols = lambda v: lax.broadcast_in_dim(v, h.shape, [1])
-  h = jnp.exp2(rows(delta) * a_log2) * h + rows(delta * u) * cols(b_t)
-  y = (h * cols(c_t)).sum(axis=1) + skip * u
+  h = jnp.exp2(rows(delta) * a_log2) * h + rows(delta * u) * cols(inputs["B"])
+  y = (h * cols(inputs["C"])).sum(axis=1) + skip * u
   if combine.partner:
-    y = (y + rows_at("partner")) * 0.5
-  store_y(y * rows_at("gate") if combine.gated else y)
-  return h
+    y = (y + inputs["partner"]) * 0.5
+  return h, y * inputs["gate"] if combine.gated else y
 
 
 def _raw_rows(load, bias):
-  """`_step`'s per-channel loader from one of the raw inputs' rows (`load(name)`): each thread computes the
+  """`_inputs`'s per-channel loader from one of the raw inputs' rows (`load(name)`): each thread computes the
   softplus and the gate of the channels it holds."""
 
   def rows_at(name):
@@ -105,12 +109,26 @@ def _raw_rows(load, bias):
   return rows_at
 
 
-def _walk(step, length: int, h, unroll: int, reverse: bool):
-  """h through `step(t, h)` for t over range(length), last first if `reverse`."""
+def _walk(read, update, write, length: int, h, unroll: int, reverse: bool):
+  """h through `update(h, read(t)) -> (h, y)` for t over range(length), last first if `reverse`, each y to
+  `write(t, y)`. Positions go in groups of `unroll` whose reads all come before their writes: a read may not move
+  past a write to shared memory that the compiler cannot tell apart, so per position, each load would wait for the
+  last position's whole update."""
   position = (lambda i: length - 1 - i) if reverse else (lambda i: i)
-  unrolled = length // unroll * unroll  # Mosaic GPU unrolls only by a divisor of the trip count
-  h = lax.fori_loop(0, unrolled, lambda i, h: step(position(i), h), h, unroll=unroll)
-  return lax.fori_loop(unrolled, length, lambda i, h: step(position(i), h), h)
+
+  def group(first, size, h):
+    positions = [position(first + k) for k in range(size)]
+    inputs = [read(t) for t in positions]
+    ys = []
+    for values in inputs:
+      h, y = update(h, values)
+      ys.append(y)
+    for t, y in zip(positions, ys, strict=True):
+      write(t, y)
+    return h
+
+  h = lax.fori_loop(0, length // unroll, lambda i, h: group(i * unroll, unroll, h), h)
+  return lax.fori_loop(length // unroll * unroll, length, lambda i, h: group(i, 1, h), h)
 
 
 # A (positions, channels) block spread over the warpgroup with no element held twice: lanes over 32 channels, warps
@@ -133,18 +151,18 @@ def _forward_kernel(*refs, seq_names, block_d, block_t, unroll, layout, staged, 
   h0 = plgpu.layout_cast(jnp.zeros((block_d, b_ref.shape[-1]), jnp.float32), tile)
   length = y_ref.shape[1]
   states = dict(B=b_ref, C=c_ref)
+  update = functools.partial(_update, a_log2=a_log2, skip=skip, combine=combine)
 
   if not block_t:  # every load straight from HBM
 
-    def step(t, h):
-      def store_y(y):
-        y_ref[sequence, t, channels] = y.astype(y_ref.dtype)
-
+    def read(t):
       rows_at = _raw_rows(lambda k: _load(seq_refs[k].at[sequence, t, channels], per_channel), bias)
-      cols_at = lambda k: _load(states[k].at[sequence, t, :], per_state)  # noqa: E731
-      return _step(h, a_log2, skip, rows_at, cols_at, store_y, combine)
+      return _inputs(rows_at, lambda k: _load(states[k].at[sequence, t, :], per_state), combine)
 
-    _walk(step, length, h0, unroll, reverse)
+    def write(t, y):
+      y_ref[sequence, t, channels] = y.astype(y_ref.dtype)
+
+    _walk(read, update, write, length, h0, unroll, reverse)
     return
 
   def walk_blocks(shared: dict):
@@ -162,18 +180,17 @@ def _forward_kernel(*refs, seq_names, block_d, block_t, unroll, layout, staged, 
           shared["gate"][...] = _gate(_load(blocks["z"], _SPREAD))
         plgpu.commit_smem()  # and sees every thread's values of this block
 
-      def step(t, h):
-        def store_y(y):
-          y_s[t] = y.astype(y_s.dtype)
-
+      def read(t):
         if shared:
           rows_at = lambda k: _load((shared if k in shared else blocks)[k].at[t], per_channel)  # noqa: E731
         else:
           rows_at = _raw_rows(lambda k: _load(blocks[k].at[t], per_channel), bias)
-        cols_at = lambda k: _load(blocks[k].at[t], per_state)  # noqa: E731
-        return _step(h, a_log2, skip, rows_at, cols_at, store_y, combine)
+        return _inputs(rows_at, lambda k: _load(blocks[k].at[t], per_state), combine)
 
-      return _walk(step, block_t, h, unroll, reverse)
+      def write(t, y):
+        y_s[t] = y.astype(y_s.dtype)
+
+      return _walk(read, update, write, block_t, h, unroll, reverse)
 
     num_blocks = pl.cdiv(length, block_t)
     block_at = (lambda i: num_blocks - 1 - i) if reverse else (lambda i: i)

@@ -138,19 +138,23 @@ def _is_loop(op) -> bool:
 
 
 @pytest.mark.parametrize("auto_barriers", [False, True])
-def test_the_position_loop_holds_no_barrier(auto_barriers):
-  """y's store into shared memory at every position gets no warpgroup barrier (Pallas adds two unless told not to,
-  `auto_barriers=True` puts them back): the positions' loads and exps may overlap."""
+def test_the_position_loop_reads_first_and_holds_no_barrier(auto_barriers):
+  """A group of `unroll` positions loads all its inputs before it stores any y, and y's store into shared memory
+  gets no warpgroup barrier (Pallas adds two unless told not to; `auto_barriers=True` puts them back): the
+  positions' loads and exps may overlap."""
   args = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in forward_inputs(1, 1, 384, jnp.bfloat16)]
   args = [jax.ShapeDtypeStruct((32, 6085, *x.shape[2:]), x.dtype) if x.ndim == 3 else x for x in args]
   options = {k: v for k, v in mosaic_gpu.OPTIONS.items() if k != "in_place"}
   forward = functools.partial(mosaic_gpu.forward, gated=False, auto_barriers=auto_barriers, **options)
   (module,) = _kernel_modules(jax.jit(forward).trace(*args).lower(lowering_platforms=("cuda",)))
   with module.context:
-    loops = _innermost_loops(module.operation)
-    barriers = [str(loop).count("bar.sync") for loop in loops]
-    assert any("ex2.approx" in str(loop) for loop in loops)  # the loop over positions is among them
-  assert (sum(barriers) == 2 * options["unroll"]) if auto_barriers else not any(barriers)
+    (loop,) = [loop for loop in _innermost_loops(module.operation) if "ex2.approx" in str(loop)]
+    names = [op.name.removeprefix("stable_mosaic_gpu.") for op in loop.regions[0].blocks[0]]
+    assert str(loop).count("bar.sync") == (2 * options["unroll"] if auto_barriers else 0)
+  loads = [i for i, name in enumerate(names) if name == "llvm.load"]
+  stores = [i for i, name in enumerate(names) if name == "llvm.store"]
+  assert len(loads) == 4 * options["unroll"] and len(stores) == options["unroll"]  # step size, u, B, C; y
+  assert max(loads) < min(stores)
 
 
 @pytest.mark.parametrize("in_place", [False, True])
