@@ -8,11 +8,15 @@ r"""The compiled Pallas GPU scan against the reference on the GPU itself (tests 
   compute-sanitizer --tool memcheck python experiments/checks/scan_gpu_check.py --case=1
   compute-sanitizer --tool racecheck python experiments/checks/scan_gpu_check.py --case=3 --bidirectional_only
   python experiments/checks/scan_gpu_check.py --tiles   # every forward pass as tiles, as at 1248², batch 32
+  python experiments/checks/scan_gpu_check.py --mosaic  # the Mosaic GPU forward (Hopper), as pallas_gpu runs it
+  compute-sanitizer --tool racecheck python experiments/checks/scan_gpu_check.py --mosaic --case=0
 
 Forward (y, last state) and the gradients of all eight arrays, both directions, and the fused
 bidirectional scan with its gradients (A also as `NegativeExp`) and without them (its inference path, which
 writes y over its inputs), on shapes that exercise short last chunks, partial sub-chunks, padded channels
-and several chunks (`--case=i` runs one of them, to keep sanitizer runs short).
+and several chunks (`--case=i` runs one of them, to keep sanitizer runs short). `--mosaic` checks the Mosaic GPU
+one-pass forward instead, with the options `pallas_gpu` runs it with (`mosaic_gpu.OPTIONS`), on `MOSAIC_CASES`:
+`pallas_gpu` calls it only for long sequences and many of them, which none of `CASES` is.
 Prints the worst relative error per case and exits non-zero above the tolerance. With the platform
 allocator every buffer is its own allocation, so compute-sanitizer sees any access past one; command
 buffers (CUDA graphs) are off so that every kernel launch is its own. XLA's compiler crashes under the
@@ -29,12 +33,13 @@ from absl import app, flags
 
 from experiments.checks.gpu_check import Tally
 from kernels import Direction, NegativeExp, selective_scan, selective_scan_bidirectional
-from kernels.selective_scan import pallas_gpu
+from kernels.selective_scan import mosaic_gpu, pallas_gpu
 
 _CASE = flags.DEFINE_integer("case", None, "Index into CASES to run only that case (default: all).")
 _BIDIRECTIONAL_ONLY = flags.DEFINE_bool(
   "bidirectional_only", False, "Run only the fused bidirectional scans (shorter sanitizer runs)."
 )
+_MOSAIC = flags.DEFINE_bool("mosaic", False, "Check the Mosaic GPU one-pass forward on MOSAIC_CASES instead.")
 _TILES = flags.DEFINE_bool(
   "tiles", False, "Run every forward pass as (channels, state) tiles, the layout used where programs are many."
 )
@@ -45,6 +50,11 @@ CASES = [
   (2, 197, 40, 16, jnp.float32),
   (1, 300, 384, 16, jnp.bfloat16),
   (2, 777, 64, 16, jnp.float32),
+]
+# A last block of 40 positions (of 64) and the 1248² length; bf16 and state 16, as mosaic_gpu.fits asks.
+MOSAIC_CASES = [
+  (2, 1000, 64, 16, jnp.bfloat16),
+  (1, 6085, 384, 16, jnp.bfloat16),
 ]
 TOLERANCE = {jnp.float32: 1e-4, jnp.bfloat16: 3e-2}
 
@@ -93,30 +103,68 @@ def _run_bidirectional(impl, arrays, weights, negative_exp=False, differentiated
   return y, grads
 
 
+def _mosaic_runs(arrays) -> dict:
+  """The Mosaic GPU forward as `pallas_gpu` runs it, both directions (in place or not) and one gated direction each
+  way, as {what: run(impl)}, impl "mosaic_gpu" or "reference"."""
+  rolled = {k: jnp.roll(arrays[k], 1, axis=1) for k in ("u", "delta", "B", "C")}
+  forward = Direction(*(arrays[k] for k in Direction._fields))
+  backward = forward._replace(**rolled)
+  options = {k: v for k, v in mosaic_gpu.OPTIONS.items() if k != "in_place"}
+
+  def bidirectional(impl, in_place):
+    if impl == "reference":
+      return selective_scan_bidirectional(forward, backward, arrays["z"], delta_softplus=True, impl=impl)
+    return jax.jit(functools.partial(mosaic_gpu.bidirectional, in_place=in_place, **options))(
+      tuple(forward), tuple(backward), arrays["z"]
+    )
+
+  def one_direction(impl, reverse):
+    if impl == "reference":
+      return selective_scan(**arrays, delta_softplus=True, reverse=reverse, impl=impl)
+    args = [arrays[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    return jax.jit(functools.partial(mosaic_gpu.forward, reverse=reverse, **options))(*args)
+
+  return {
+    "bidirectional": functools.partial(bidirectional, in_place=False),
+    "bidirectional, in place": functools.partial(bidirectional, in_place=True),
+    **{f"gated, reverse={r}": functools.partial(one_direction, reverse=r) for r in (False, True)},
+  }
+
+
 def main(argv) -> int:
   del argv
   if _TILES.value:
     pallas_gpu.BY_CHANNEL_PROGRAMS = 0
   tally = Tally()
-  cases = range(len(CASES)) if _CASE.value is None else [_CASE.value]
+  case_list = MOSAIC_CASES if _MOSAIC.value else CASES
+  cases = range(len(case_list)) if _CASE.value is None else [_CASE.value]
   for i in cases:
-    batch, length, channels, state, dtype = CASES[i]
+    batch, length, channels, state, dtype = case_list[i]
     arrays, weights = _inputs(jax.random.key(i), batch, length, channels, state, dtype)
-    runs = {f"reverse={reverse}": functools.partial(_run, arrays=arrays, weights=weights, reverse=reverse)
-            for reverse in (False, True) if not _BIDIRECTIONAL_ONLY.value}  # fmt: skip
-    runs["bidirectional"] = functools.partial(_run_bidirectional, arrays=arrays, weights=weights)
-    runs["bidirectional, NegativeExp"] = functools.partial(
-      _run_bidirectional, arrays=arrays, weights=weights, negative_exp=True
-    )
-    runs["bidirectional, inference"] = functools.partial(
-      _run_bidirectional, arrays=arrays, weights=weights, differentiated=False
-    )
+    runs = _mosaic_runs(arrays) if _MOSAIC.value else _pallas_gpu_runs(arrays, weights)
     for what, run in runs.items():
-      errors, worst = tally.compare(run("pallas_gpu"), run("reference"), TOLERANCE[dtype])
+      errors, worst = tally.compare(
+        run("mosaic_gpu" if _MOSAIC.value else "pallas_gpu"), run("reference"), TOLERANCE[dtype]
+      )
       name = f"b{batch} l{length} d{channels} n{state} {jnp.dtype(dtype).name} {what}"
       grads = f"; grads {jax.tree.map(lambda e: f'{e:.1e}', errors[1])}" if isinstance(errors, tuple) else ""
       print(f"{name}: worst relative error {worst:.2e}{grads}")
   return tally.verdict()
+
+
+def _pallas_gpu_runs(arrays, weights) -> dict:
+  """`pallas_gpu`'s scans: each direction alone (unless --bidirectional_only) and the fused bidirectional call with
+  and without gradients, as {what: run(impl)}."""
+  runs = {f"reverse={reverse}": functools.partial(_run, arrays=arrays, weights=weights, reverse=reverse)
+          for reverse in (False, True) if not _BIDIRECTIONAL_ONLY.value}  # fmt: skip
+  runs["bidirectional"] = functools.partial(_run_bidirectional, arrays=arrays, weights=weights)
+  runs["bidirectional, NegativeExp"] = functools.partial(
+    _run_bidirectional, arrays=arrays, weights=weights, negative_exp=True
+  )
+  runs["bidirectional, inference"] = functools.partial(
+    _run_bidirectional, arrays=arrays, weights=weights, differentiated=False
+  )
+  return runs
 
 
 if __name__ == "__main__":
