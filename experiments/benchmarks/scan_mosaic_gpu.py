@@ -5,6 +5,7 @@ r"""The scan's forward as a Pallas Mosaic GPU kernel, timed against the Triton k
       --layout=rows,half_rows,quarter_rows --block_d=32,64,128 --block_t=32,64 --unroll=1,4 --share_channel_work=0,1
   PYTHONPATH=. python experiments/benchmarks/scan_mosaic_gpu.py --bidirectional --cases=1248_b32 ...
   PYTHONPATH=. python experiments/benchmarks/scan_mosaic_gpu.py --cases=1248_b32 --auto_barriers=0,1 ...
+  PYTHONPATH=. python experiments/benchmarks/scan_mosaic_gpu.py --cases=1248_b8,1248_b1 --chunks=1,4,16,32 ...
 
 Times the Mosaic GPU forward (`kernels.selective_scan.mosaic_gpu`: one pass over whole sequences, the state in the
 register layout `--layout` names) in every setting given, one direction or (`--bidirectional`) Vim's two directions
@@ -38,6 +39,7 @@ _BIDIRECTIONAL = flags.DEFINE_bool(
   "bidirectional", False, "Time Vim's two directions and their combine (`bidirectional`) against the fused Triton call."
 )
 _IN_PLACE = flags.DEFINE_list("in_place", ["0"], "With --bidirectional, 0, 1 or both: each y over an input.")
+_CHUNKS = flags.DEFINE_list("chunks", ["1"], "Chunks per sequence (a launch for their end states first, if > 1).")
 _AUTO_BARRIERS = flags.DEFINE_list(
   "auto_barriers", ["0"], "0, 1 or both: Pallas's barriers around each shared-memory store (left out by default)."
 )
@@ -50,6 +52,7 @@ def main(argv):
   in_place = _IN_PLACE.value if _BIDIRECTIONAL.value else ["0"]
   variants = {
     f"mosaic {layout} block_d={d} block_t={t} unroll={u} share={share}"
+    + (f" chunks={chunks}" if chunks != "1" else "")
     + (" in_place" if place == "1" else "")
     + (" auto_barriers" if barriers == "1" else ""): (
       functools.partial(
@@ -59,11 +62,19 @@ def main(argv):
         unroll=int(u),
         layout=layout,
         share_channel_work=share == "1",
+        chunks=int(chunks),
         auto_barriers=barriers == "1",
       )
     )
-    for layout, d, t, u, share, place, barriers in itertools.product(
-      _LAYOUT.value, _BLOCK_D.value, _BLOCK_T.value, _UNROLL.value, _SHARE.value, in_place, _AUTO_BARRIERS.value
+    for layout, d, t, u, share, chunks, place, barriers in itertools.product(
+      _LAYOUT.value,
+      _BLOCK_D.value,
+      _BLOCK_T.value,
+      _UNROLL.value,
+      _SHARE.value,
+      _CHUNKS.value,
+      in_place,
+      _AUTO_BARRIERS.value,
     )
     if int(d) % LAYOUTS[layout][1] == 0
   }

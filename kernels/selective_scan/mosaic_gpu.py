@@ -5,18 +5,20 @@ registers in the layout `layout` names (`LAYOUTS`), blocks of `block_t` position
 TMA (`emit_pipeline`, the next block's copies in flight). With `share_channel_work` the warpgroup first computes a
 block's softplus and silu(z) gate once per (position, channel) into shared memory, where the threads of a channel
 read them. `bidirectional` runs Vim's two directions and their combine in two launches, as the Triton kernels do:
-the backward direction walks the blocks and positions last first and reads the forward one's ungated y.
+the backward direction walks the blocks and positions last first and reads the forward one's ungated y. Where
+sequences are too few to fill the GPU, `chunks` splits them (`_Chunks`): a launch for the chunks' end states from
+a zero start, then one for y, each chunk started from the state the earlier ones carry to it.
 
 Why it exists beside the Triton kernels (`pallas_gpu`): where sequences are long and many, the Triton forward runs
 in two chunked passes (chunk ends, then outputs), each with the exp unit's full load; one pass here does that
 work once. NVIDIA H200, jax 0.11.2, bf16, Vim-Ti shapes (experiments/results, thirtieth session): one direction at
 1248², batch 32 0.99 ms against Triton's 1.14 (`quarter_rows`, block_d 32, block_t 64, shared work; the other
 layouts 1.05-1.57); both directions with the combine 1.95 (2.02 in place) against 2.28; Vim-Ti's whole forward
-63.2 against 70.0 ms at 1248² and 44.2 against 49.0 at 1024². At 224², batch 128 (197 positions) it is slower
-(0.108 ms at best against 0.099), and with few sequences it cannot fill the GPU (no chunking), so `pallas_gpu`
-calls it only where `fits` says (the measured shapes), and only without gradients: there is no backward. Those
-times had two warpgroup barriers at every position, which Pallas puts around each store to shared memory; they are
-now left out (the comment at `plgpu.kernel`), and the kernel has not been timed without them.
+63.2 against 70.0 ms at 1248² and 44.2 against 49.0 at 1024². At 224², batch 128 (197 positions) it was slower
+(0.108 ms at best against 0.099), so `pallas_gpu` calls it only where `fits` says (the measured shapes), unchunked,
+and only without gradients: there is no backward. Those times had two warpgroup barriers at every position, which
+Pallas puts around each store to shared memory, and each position's loads behind the last one's store; both are
+gone now (the comment at `plgpu.kernel`, `_walk`), and neither that kernel nor the chunks has been timed yet.
 
 Mosaic GPU needs sm_90 (Hopper) and its API still moves: this lowers on jax 0.11.2 and 0.12 (tests lower it for
 CUDA on CPU and run its math in interpret mode, which reads blocks from HBM in place (`staged=False`) because it
@@ -76,23 +78,40 @@ class _Combine(NamedTuple):
   partner: bool
 
 
-def _inputs(rows_at, cols_at, combine) -> dict:
+def _inputs(rows_at, cols_at, combine, ends: bool = False) -> dict:
   """What one position reads, from loaders of its per-channel inputs ("step_size", the softplus of delta + bias;
-  "u"; "gate", silu(z); "partner", the other direction's y) and per-state ones ("B", "C")."""
+  "u"; "gate", silu(z); "partner", the other direction's y) and per-state ones ("B", "C"); for a chunk's end state
+  (`ends`) only the step size, u and B."""
+  if ends:
+    return {"step_size": rows_at("step_size"), "u": rows_at("u"), "B": cols_at("B")}
   names = ("step_size", "u") + ("partner",) * combine.partner + ("gate",) * combine.gated
   return {name: rows_at(name) for name in names} | {name: cols_at(name) for name in ("B", "C")}
 
 
+def _rows(v, shape):
+  return lax.broadcast_in_dim(v, shape, [0])
+
+
+def _next_state(h, inputs: dict, a_log2):
+  """h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t."""
+  delta = inputs["step_size"]
+  b_t = lax.broadcast_in_dim(inputs["B"], h.shape, [1])
+  return jnp.exp2(_rows(delta, h.shape) * a_log2) * h + _rows(delta * inputs["u"], h.shape) * b_t
+
+
 def _update(h, inputs: dict, *, a_log2, skip, combine):
   """One position's state update and output: (h_t, y_t)."""
-  delta, u = inputs["step_size"], inputs["u"]
-  rows = lambda v: lax.broadcast_in_dim(v, h.shape, [0])
-  cols = lambda v: lax.broadcast_in_dim(v, h.shape, [1])
-  h = jnp.exp2(rows(delta) * a_log2) * h + rows(delta * u) * cols(inputs["B"])
-  y = (h * cols(inputs["C"])).sum(axis=1) + skip * u
+  h = _next_state(h, inputs, a_log2)
+  y = (h * lax.broadcast_in_dim(inputs["C"], h.shape, [1])).sum(axis=1) + skip * inputs["u"]
   if combine.partner:
     y = (y + inputs["partner"]) * 0.5
   return h, y * inputs["gate"] if combine.gated else y
+
+
+def _end_update(carry, inputs: dict, *, a_log2):
+  """One position of a chunk's walk to its end state: ((h_t, the step sizes' running total), no output)."""
+  h, total = carry
+  return (_next_state(h, inputs, a_log2), total + inputs["step_size"]), None
 
 
 def _raw_rows(load, bias):
@@ -110,10 +129,10 @@ def _raw_rows(load, bias):
 
 
 def _walk(read, update, write, length: int, h, unroll: int, reverse: bool):
-  """h through `update(h, read(t)) -> (h, y)` for t over range(length), last first if `reverse`, each y to
-  `write(t, y)`. Positions go in groups of `unroll` whose reads all come before their writes: a read may not move
-  past a write to shared memory that the compiler cannot tell apart, so per position, each load would wait for the
-  last position's whole update."""
+  """h through `update(h, read(t)) -> (h, y)` for t over range(length), last first if `reverse`, each y (unless
+  None) to `write(t, y)`. Positions go in groups of `unroll` whose reads all come before their writes: a read may
+  not move past a write to shared memory that the compiler cannot tell apart, so per position, each load would wait
+  for the last position's whole update."""
   position = (lambda i: length - 1 - i) if reverse else (lambda i: i)
 
   def group(first, size, h):
@@ -124,7 +143,8 @@ def _walk(read, update, write, length: int, h, unroll: int, reverse: bool):
       h, y = update(h, values)
       ys.append(y)
     for t, y in zip(positions, ys, strict=True):
-      write(t, y)
+      if y is not None:
+        write(t, y)
     return h
 
   h = lax.fori_loop(0, length // unroll, lambda i, h: group(i * unroll, unroll, h), h)
@@ -136,24 +156,43 @@ def _walk(read, update, write, length: int, h, unroll: int, reverse: bool):
 _SPREAD = _tiled(((32, 32), (8, 32), (1,)), (-5,), (-2,))
 
 
-def _forward_kernel(*refs, seq_names, block_d, block_t, unroll, layout, staged, share, reverse, combine, y_over):
-  """refs: the (batch, length, channels) inputs named by `seq_names`, then B, C, A, D, delta_bias and y (unless y
-  goes over the input `y_over`: each block of it is read before y is written there)."""
+class _Chunks(NamedTuple):
+  """The sequence as `count` chunks of `blocks` blocks of positions (the last chunk may be shorter); one chunk is
+  the whole sequence. With several, the `ends` launch walks every chunk but the one walked last from a zero state
+  and writes its end state and the total of its step sizes; the outputs launch starts each chunk from the state that
+  the chunks walked before it carry to its start: h -> exp(A total) h + end state, a step per chunk."""
+
+  count: int = 1
+  blocks: int = 0
+  ends: bool = False
+
+
+def _forward_kernel(
+  *refs, seq_names, block_d, block_t, unroll, layout, staged, share, reverse, combine, y_over, chunks
+):
+  """refs: the (batch, length, channels) inputs named by `seq_names`, then B, C, A, D and delta_bias; with several
+  chunks, the (batch, chunks, channels, state) end states and (batch, chunks, channels) step totals (inputs of the
+  outputs launch, outputs of the ends launch); then y (outputs launch, unless y goes over the input `y_over`: each
+  block of it is read before y is written there)."""
   seq_refs = dict(zip(seq_names, refs[: len(seq_names)], strict=True))
-  b_ref, c_ref, a_ref, d_ref, bias_ref, *y_ref = refs[len(seq_names) :]
-  y_ref = seq_refs[y_over] if y_over else y_ref[0]
+  b_ref, c_ref, a_ref, d_ref, bias_ref, *rest = refs[len(seq_names) :]
+  ends_ref, totals_ref = rest[:2] if chunks.count > 1 else (None, None)
+  y_ref = None if chunks.ends else seq_refs[y_over] if y_over else rest[-1]
   tile = LAYOUTS[layout][0]
   per_channel, per_state = tile.reduce(1), tile.reduce(0)
   sequence, block = lax.axis_index("sequence"), lax.axis_index("block")
   channels = pl.ds(block * block_d, block_d)
   a_log2 = _load(a_ref.at[channels, :], tile) * math.log2(math.e)
   skip, bias = _load(d_ref.at[channels], per_channel), _load(bias_ref.at[channels], per_channel)
-  h0 = plgpu.layout_cast(jnp.zeros((block_d, b_ref.shape[-1]), jnp.float32), tile)
-  length = y_ref.shape[1]
+  zeros = plgpu.layout_cast(jnp.zeros((block_d, b_ref.shape[-1]), jnp.float32), tile)
+  length = b_ref.shape[1]
   states = dict(B=b_ref, C=c_ref)
-  update = functools.partial(_update, a_log2=a_log2, skip=skip, combine=combine)
+  if chunks.ends:
+    update = functools.partial(_end_update, a_log2=a_log2)
+  else:
+    update = functools.partial(_update, a_log2=a_log2, skip=skip, combine=combine)
 
-  if not block_t:  # every load straight from HBM
+  if not block_t:  # every load straight from HBM (one chunk)
 
     def read(t):
       rows_at = _raw_rows(lambda k: _load(seq_refs[k].at[sequence, t, channels], per_channel), bias)
@@ -162,21 +201,48 @@ def _forward_kernel(*refs, seq_names, block_d, block_t, unroll, layout, staged, 
     def write(t, y):
       y_ref[sequence, t, channels] = y.astype(y_ref.dtype)
 
-    _walk(read, update, write, length, h0, unroll, reverse)
+    _walk(read, update, write, length, zeros, unroll, reverse)
     return
 
+  # This program's chunk and its blocks. The ends launch has no program for the chunk walked last (its end is no
+  # other chunk's start): the last one going forward, the first one in reverse.
+  num_blocks = pl.cdiv(length, block_t)
+  if chunks.count == 1:
+    chunk, first, count = 0, 0, num_blocks
+  else:
+    chunk = lax.axis_index("chunk") + int(chunks.ends and reverse)
+    first = chunk * chunks.blocks
+    count = jnp.minimum(chunks.blocks, num_blocks - first)
+  block_at = (lambda i: first + count - 1 - i) if reverse else (lambda i: first + i)
+
+  def carried_state():
+    """The state at this chunk's start: the chunks walked before it, folded in walk order."""
+
+    def fold(i, h):
+      earlier = chunks.count - 1 - i if reverse else i
+      decay = jnp.exp2(_rows(_load(totals_ref.at[sequence, earlier, channels], per_channel), h.shape) * a_log2)
+      return decay * h + _load(ends_ref.at[sequence, earlier, channels, :], tile)
+
+    return lax.fori_loop(0, chunks.count - 1 - chunk if reverse else chunk, fold, zeros)
+
+  if chunks.ends:
+    carry = (zeros, plgpu.layout_cast(jnp.zeros((block_d,), jnp.float32), per_channel))
+  else:
+    carry = carried_state() if chunks.count > 1 else zeros
+
   def walk_blocks(shared: dict):
-    """The sequence in blocks of block_t positions; `shared` (SMEM) holds a block's step sizes and gates, if given."""
+    """The chunk in blocks of block_t positions; `shared` (SMEM) holds a block's step sizes and gates, if given."""
     if shared:
       spread_bias = lax.broadcast_in_dim(_load(bias_ref.at[channels], _SPREAD.reduce(0)), (block_t, block_d), [1])
 
     def block_body(*block_refs):
-      *block_refs, y_s, h = block_refs
-      blocks = dict(zip((*seq_names, "B", "C"), block_refs, strict=True))
+      *block_refs, carry = block_refs
+      names = (*seq_names, "B") if chunks.ends else (*seq_names, "B", "C", "y")
+      blocks = dict(zip(names, block_refs, strict=True))
       if shared:
         plgpu.commit_smem()  # every thread is done with the last block's values
         shared["step_size"][...] = _softplus(_load(blocks["delta"], _SPREAD) + spread_bias)
-        if combine.gated:
+        if "gate" in shared:
           shared["gate"][...] = _gate(_load(blocks["z"], _SPREAD))
         plgpu.commit_smem()  # and sees every thread's values of this block
 
@@ -185,26 +251,24 @@ def _forward_kernel(*refs, seq_names, block_d, block_t, unroll, layout, staged, 
           rows_at = lambda k: _load((shared if k in shared else blocks)[k].at[t], per_channel)  # noqa: E731
         else:
           rows_at = _raw_rows(lambda k: _load(blocks[k].at[t], per_channel), bias)
-        return _inputs(rows_at, lambda k: _load(blocks[k].at[t], per_state), combine)
+        return _inputs(rows_at, lambda k: _load(blocks[k].at[t], per_state), combine, ends=chunks.ends)
 
       def write(t, y):
-        y_s[t] = y.astype(y_s.dtype)
+        blocks["y"][t] = y.astype(blocks["y"].dtype)
 
-      return _walk(read, update, write, block_t, h, unroll, reverse)
+      return _walk(read, update, write, block_t, carry, unroll, reverse)
 
-    num_blocks = pl.cdiv(length, block_t)
-    block_at = (lambda i: num_blocks - 1 - i) if reverse else (lambda i: i)
-    refs = tuple(r.at[sequence] for r in (*seq_refs.values(), b_ref, c_ref, y_ref))
+    per_channel_refs = [*seq_refs.values()] + ([] if chunks.ends else [y_ref])
+    state_refs = [b_ref] if chunks.ends else [b_ref, c_ref]
     if not staged:  # blocks read where they lie in HBM (what interpret mode runs; the length a multiple of block_t)
-      per_channel_refs = (True,) * len(seq_refs) + (False, False, True)  # B and C are whole rows
 
-      def over_blocks(i, h):
+      def over_blocks(i, carry):
         at = pl.ds(block_at(i) * block_t, block_t)
-        views = (r.at[at, channels] if c else r.at[at] for r, c in zip(refs, per_channel_refs, strict=True))
-        return block_body(*views, h)
+        seq_views = [r.at[sequence, at, channels] for r in per_channel_refs]
+        state_views = [r.at[sequence, at] for r in state_refs]
+        return block_body(*seq_views[: len(seq_names)], *state_views, *seq_views[len(seq_names) :], carry)
 
-      lax.fori_loop(0, num_blocks, over_blocks, h0)
-      return
+      return lax.fori_loop(0, count, over_blocks, carry)
 
     # Blocks staged through shared memory by TMA, the next block's copy in flight.
     # With shared work, a tiling of 1 pins the blocks untiled: the spread loads would otherwise make Mosaic GPU tile
@@ -214,20 +278,25 @@ def _forward_kernel(*refs, seq_names, block_d, block_t, unroll, layout, staged, 
     state_spec = plgpu.BlockSpec((block_t, b_ref.shape[-1]), lambda i: (block_at(i), 0))
     pipeline = plgpu.emit_pipeline(
       lambda indices, *blocks: block_body(*blocks),
-      grid=(num_blocks,),
-      in_specs=[seq_spec] * len(seq_names) + [state_spec] * 2,
-      out_specs=[seq_spec],
+      grid=(count,),
+      in_specs=[seq_spec] * len(seq_names) + [state_spec] * len(state_refs),
+      out_specs=[seq_spec] * (len(per_channel_refs) - len(seq_names)),
       max_concurrent_steps=2,
-      init_carry=h0,
+      init_carry=carry,
     )
-    pipeline(*refs)
+    return pipeline(*(r.at[sequence] for r in (*seq_refs.values(), *state_refs, *per_channel_refs[len(seq_names) :])))
 
   if share:  # the softplus and the gate of a whole block at once, each (position, channel) computed once
     floats = plgpu.SMEM((block_t, block_d), jnp.float32)
-    names = ("step_size", "gate") if combine.gated else ("step_size",)
-    pl.run_scoped(lambda *scratch: walk_blocks(dict(zip(names, scratch, strict=True))), *[floats] * len(names))
+    names = ("step_size", "gate") if combine.gated and not chunks.ends else ("step_size",)
+    scratch = [floats] * len(names)
+    end = pl.run_scoped(lambda *scratch: walk_blocks(dict(zip(names, scratch, strict=True))), *scratch)
   else:
-    walk_blocks({})
+    end = walk_blocks({})
+  if chunks.ends:
+    h, total = end
+    ends_ref[sequence, chunk, channels, :] = h
+    totals_ref[sequence, chunk, channels] = total
 
 
 def forward(
@@ -250,6 +319,7 @@ def forward(
   gated: bool = True,
   partner=None,
   y_over: str | None = None,
+  chunks: int = 1,
   auto_barriers: bool = False,
   interpret=False,
 ):
@@ -258,7 +328,9 @@ def forward(
   softplus and gate once per (position, channel) into shared memory (`block_t` a multiple of 32, `block_d` of 32);
   `staged=False` reads the blocks from HBM without TMA (the length then a multiple of `block_t`). `y_over` ("delta" or
   "partner") writes y over that input, as a mutable ref (`jax.new_ref`), which XLA aliases to the output: no new
-  buffer where the input is not read again. `auto_barriers` puts back the warpgroup barriers Pallas inserts around
+  buffer where the input is not read again. `chunks` > 1 splits each sequence into that many chunks of whole blocks
+  (`_Chunks`), for a GPU that too few sequences would leave idle: a launch for the chunks' end states, then one for
+  y. `auto_barriers` puts back the warpgroup barriers Pallas inserts around
   every shared-memory store (the comment at `plgpu.kernel` says why they are left out)."""
   batch, length, channels = u.shape
   multiple = LAYOUTS[layout][1]
@@ -270,9 +342,45 @@ def forward(
     raise ValueError(f"share_channel_work needs block_t ({block_t}) > 0 and it and block_d ({block_d}) multiples of 32")
   if block_t and not staged and length % block_t:
     raise ValueError(f"staged=False needs a length that is a multiple of block_t ({block_t}), got {length}")
+  num_blocks = pl.cdiv(length, block_t) if block_t else 1
+  if chunks < 1 or (chunks > 1 and not block_t):
+    raise ValueError(f"chunks must be 1, or more with blocks (block_t > 0), got {chunks} with block_t {block_t}")
   seqs = dict(u=u, delta=delta) | (dict(z=z) if gated else {}) | ({} if partner is None else dict(partner=partner))
   if y_over not in (None, *seqs):
     raise ValueError(f"y_over must be None or one of {tuple(seqs)}, got {y_over!r}")
+  chunk_blocks = pl.cdiv(num_blocks, chunks)
+  plan = _Chunks(count=pl.cdiv(num_blocks, chunk_blocks), blocks=chunk_blocks)
+
+  def launch(seqs: dict, extra: tuple, plan: _Chunks, out_type, barriers: bool):
+    chunk_programs = (plan.count - plan.ends,) if plan.count > 1 else ()
+    kernel = plgpu.kernel(
+      functools.partial(
+        _forward_kernel,
+        seq_names=tuple(seqs),
+        block_d=block_d,
+        block_t=block_t,
+        unroll=unroll,
+        layout=layout,
+        staged=staged,
+        share=share_channel_work,
+        reverse=reverse,
+        combine=_Combine(gated=gated, partner=partner is not None),
+        y_over=y_over,
+        chunks=plan,
+      ),
+      out_type=out_type,
+      grid=(batch, channels // block_d, *chunk_programs),
+      grid_names=("sequence", "block", "chunk")[: 2 + len(chunk_programs)],
+      compiler_params=plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=not barriers),
+      interpret=interpret,
+    )
+    return kernel(*seqs.values(), B, C, A, D, delta_bias, *extra)
+
+  extra = ()
+  if plan.count > 1:  # the chunks' end states first; Pallas's barriers stay there: no y copy's commit precedes a refill
+    shapes = [(batch, plan.count, channels, A.shape[1]), (batch, plan.count, channels)]
+    ends_out = [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes]
+    extra = launch(dict(u=u, delta=delta), (), plan._replace(ends=True), ends_out, barriers=True)
   if y_over:
     seqs[y_over] = jax.new_ref(seqs[y_over].astype(u.dtype))
   # approx_math: ex2.approx, as the Triton kernels. Pallas puts a warpgroup barrier (bar.sync) before and after every
@@ -283,27 +391,8 @@ def forward(
   # pipeline's `commit_smem`; an input slot is refilled, and an output slot written again, only after that barrier and
   # the pipeline's wait on its earlier copy (a barrier follows it). The loop over positions now holds no barrier (a
   # test reads the lowered module), where it held eight per four positions.
-  kernel = plgpu.kernel(
-    functools.partial(
-      _forward_kernel,
-      seq_names=tuple(seqs),
-      block_d=block_d,
-      block_t=block_t,
-      unroll=unroll,
-      layout=layout,
-      staged=staged,
-      share=share_channel_work,
-      reverse=reverse,
-      combine=_Combine(gated=gated, partner=partner is not None),
-      y_over=y_over,
-    ),
-    out_type=() if y_over else jax.ShapeDtypeStruct(u.shape, u.dtype),
-    grid=(batch, channels // block_d),
-    grid_names=("sequence", "block"),
-    compiler_params=plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=not auto_barriers),
-    interpret=interpret,
-  )
-  y = kernel(*seqs.values(), B, C, A, D, delta_bias)
+  out_type = () if y_over else jax.ShapeDtypeStruct(u.shape, u.dtype)
+  y = launch(seqs, extra, plan, out_type, barriers=auto_barriers)
   return jax.freeze(seqs[y_over]) if y_over else y
 
 

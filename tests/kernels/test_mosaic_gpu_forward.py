@@ -71,6 +71,44 @@ def test_bidirectional_matches_reference_in_interpret_mode(block_t, share_channe
 
 
 @pytest.mark.parametrize(
+  "chunks, share_channel_work, reverse", [(2, False, False), (3, True, True), (5, True, False), (5, False, True)]
+)
+def test_chunked_forward_matches_reference_in_interpret_mode(chunks, share_channel_work, reverse):
+  """Five blocks of 32 positions in chunks of 3 + 2, 2 + 2 + 1 and 1 each: a launch for the chunks' end states, then
+  one for y, each chunk from the state the chunks walked before it carry; unroll 4 walks each block in groups."""
+  args = forward_inputs(2, 5 * 32, 64, jnp.float32)
+  options = dict(block_d=32, block_t=32, unroll=4, layout="quarter_rows", staged=False, reverse=reverse)
+  y = mosaic_gpu.forward(
+    *args,
+    **options,
+    share_channel_work=share_channel_work,
+    chunks=chunks,
+    interpret=mosaic_gpu.plgpu.InterpretGPUParams(),
+  )
+  expected = selective_scan(*args, delta_softplus=True, reverse=reverse, impl="reference")
+  np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_bidirectional_in_place_matches_reference_in_interpret_mode():
+  forward_args, backward_args = (forward_inputs(2, 4 * 32, 32, jnp.float32, seed=seed) for seed in (0, 1))
+  pair = [Direction(*args[:6], args[7]) for args in (forward_args, backward_args)]
+  y = mosaic_gpu.bidirectional(
+    *pair,
+    forward_args[6],
+    block_d=32,
+    block_t=32,
+    layout="quarter_rows",
+    share_channel_work=True,
+    in_place=True,
+    staged=False,
+    chunks=2,
+    interpret=mosaic_gpu.plgpu.InterpretGPUParams(),
+  )
+  expected = selective_scan_bidirectional(*pair, forward_args[6], delta_softplus=True, impl="reference")
+  np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
   "layout, block_d, block_t, unroll, share_channel_work, length",
   [
     ("wgmma", 128, 16, 1, False, 197),
@@ -175,6 +213,24 @@ def test_bidirectional_lowers_for_cuda_at_vim_tiny_1248_shapes(in_place):
   text = jax.jit(bidirectional).trace(direction, direction, shapes[6]).lower(lowering_platforms=("cuda",)).as_text()
   assert text.count("mosaic_gpu") >= 2
   assert text.count("output_operand_alias<") == (2 if in_place else 0)
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_chunked_bidirectional_lowers_for_cuda_at_vim_tiny_1248_batch_8(in_place):
+  """Four chunks: per direction a launch for the chunks' end states and one for y (in place, over an input)."""
+  shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in forward_inputs(1, 1, 384, jnp.bfloat16)]
+  shapes = [jax.ShapeDtypeStruct((8, 6085, *x.shape[2:]), x.dtype) if x.ndim == 3 else x for x in shapes]
+  direction = Direction(*shapes[:6], shapes[7])
+  options = dict(mosaic_gpu.OPTIONS, in_place=in_place)
+  bidirectional = functools.partial(mosaic_gpu.bidirectional, **options, chunks=4)
+  text = jax.jit(bidirectional).trace(direction, direction, shapes[6]).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("mosaic_gpu_v2") == 4
+  assert text.count("output_operand_alias<") == (2 if in_place else 0)
+
+
+def test_chunks_need_blocks():
+  with pytest.raises(ValueError, match="chunks"):
+    mosaic_gpu.forward(*forward_inputs(1, 64, 32, jnp.float32), block_d=32, layout="quarter_rows", chunks=2)
 
 
 def test_unstaged_blocks_refuse_a_length_off_the_block():
