@@ -51,7 +51,8 @@ CASES = [
   (1, 300, 384, 16, jnp.bfloat16),
   (2, 777, 64, 16, jnp.float32),
 ]
-# A last block of 40 positions (of 64) and the 1248² length; bf16 and state 16, as mosaic_gpu.fits asks.
+# A last block of 40 positions (of 64; in 3 chunks, of 6, 6 and 4 blocks) and the 1248² length; bf16 and state 16,
+# as mosaic_gpu.fits asks.
 MOSAIC_CASES = [
   (2, 1000, 64, 16, jnp.bfloat16),
   (1, 6085, 384, 16, jnp.bfloat16),
@@ -104,17 +105,17 @@ def _run_bidirectional(impl, arrays, weights, negative_exp=False, differentiated
 
 
 def _mosaic_runs(arrays) -> dict:
-  """The Mosaic GPU forward as `pallas_gpu` runs it, both directions (in place or not) and one gated direction each
-  way, as {what: run(impl)}, impl "mosaic_gpu" or "reference"."""
+  """The Mosaic GPU forward as `pallas_gpu` runs it, both directions (in place or not, and in chunks) and one gated
+  direction each way, as {what: run(impl)}, impl "mosaic_gpu" or "reference"."""
   rolled = {k: jnp.roll(arrays[k], 1, axis=1) for k in ("u", "delta", "B", "C")}
   forward = Direction(*(arrays[k] for k in Direction._fields))
   backward = forward._replace(**rolled)
   options = {k: v for k, v in mosaic_gpu.OPTIONS.items() if k != "in_place"}
 
-  def bidirectional(impl, in_place):
+  def bidirectional(impl, in_place, chunks=1):
     if impl == "reference":
       return selective_scan_bidirectional(forward, backward, arrays["z"], delta_softplus=True, impl=impl)
-    return jax.jit(functools.partial(mosaic_gpu.bidirectional, in_place=in_place, **options))(
+    return jax.jit(functools.partial(mosaic_gpu.bidirectional, in_place=in_place, chunks=chunks, **options))(
       tuple(forward), tuple(backward), arrays["z"]
     )
 
@@ -127,6 +128,7 @@ def _mosaic_runs(arrays) -> dict:
   return {
     "bidirectional": functools.partial(bidirectional, in_place=False),
     "bidirectional, in place": functools.partial(bidirectional, in_place=True),
+    "bidirectional, in place, 3 chunks": functools.partial(bidirectional, in_place=True, chunks=3),
     **{f"gated, reverse={r}": functools.partial(one_direction, reverse=r) for r in (False, True)},
   }
 
