@@ -39,6 +39,9 @@ _BIDIRECTIONAL = flags.DEFINE_bool(
   "bidirectional", False, "Time Vim's two directions and their combine (`bidirectional`) against the fused Triton call."
 )
 _IN_PLACE = flags.DEFINE_list("in_place", ["0"], "With --bidirectional, 0, 1 or both: each y over an input.")
+_F32_STATES = flags.DEFINE_list(
+  "f32_states", ["0"], "0, 1 or both: with shared work, B's and C's rows also converted to float32 once per block."
+)
 _CHUNKS = flags.DEFINE_list("chunks", ["1"], "Chunks per sequence (a launch for their end states first, if > 1).")
 _AUTO_BARRIERS = flags.DEFINE_list(
   "auto_barriers", ["0"], "0, 1 or both: Pallas's barriers around each shared-memory store (left out by default)."
@@ -52,6 +55,7 @@ def main(argv):
   in_place = _IN_PLACE.value if _BIDIRECTIONAL.value else ["0"]
   variants = {
     f"mosaic {layout} block_d={d} block_t={t} unroll={u} share={share}"
+    + (" f32_states" if f32 == "1" else "")
     + (f" chunks={chunks}" if chunks != "1" else "")
     + (" in_place" if place == "1" else "")
     + (" auto_barriers" if barriers == "1" else ""): (
@@ -62,21 +66,23 @@ def main(argv):
         unroll=int(u),
         layout=layout,
         share_channel_work=share == "1",
+        f32_states=f32 == "1",
         chunks=int(chunks),
         auto_barriers=barriers == "1",
       )
     )
-    for layout, d, t, u, share, chunks, place, barriers in itertools.product(
+    for layout, d, t, u, share, f32, chunks, place, barriers in itertools.product(
       _LAYOUT.value,
       _BLOCK_D.value,
       _BLOCK_T.value,
       _UNROLL.value,
       _SHARE.value,
+      _F32_STATES.value,
       _CHUNKS.value,
       in_place,
       _AUTO_BARRIERS.value,
     )
-    if int(d) % LAYOUTS[layout][1] == 0
+    if int(d) % LAYOUTS[layout][1] == 0 and (share == "1" or f32 == "0")
   }
   compare_forwards(_CASES.value, variants, _REPS.value, _OUT.value, bidirectional=_BIDIRECTIONAL.value)
 

@@ -168,7 +168,7 @@ class _Chunks(NamedTuple):
 
 
 def _forward_kernel(
-  *refs, seq_names, block_d, block_t, unroll, layout, staged, share, reverse, combine, y_over, chunks
+  *refs, seq_names, block_d, block_t, unroll, layout, staged, share, f32_states, reverse, combine, y_over, chunks
 ):
   """refs: the (batch, length, channels) inputs named by `seq_names`, then B, C, A, D and delta_bias; with several
   chunks, the (batch, chunks, channels, state) end states and (batch, chunks, channels) step totals (inputs of the
@@ -231,9 +231,13 @@ def _forward_kernel(
     carry = carried_state() if chunks.count > 1 else zeros
 
   def walk_blocks(shared: dict):
-    """The chunk in blocks of block_t positions; `shared` (SMEM) holds a block's step sizes and gates, if given."""
+    """The chunk in blocks of block_t positions; `shared` (SMEM) holds a block's step sizes and gates, and B's and C's
+    rows in float32, if given."""
     if shared:
       spread_bias = lax.broadcast_in_dim(_load(bias_ref.at[channels], _SPREAD.reduce(0)), (block_t, block_d), [1])
+      state_rows = plgpu.Layout.WG_STRIDED(
+        (block_t, b_ref.shape[-1]), vec_size=min(8, block_t * b_ref.shape[-1] // 128)
+      )
 
     def block_body(*block_refs):
       *block_refs, carry = block_refs
@@ -244,6 +248,9 @@ def _forward_kernel(
         shared["step_size"][...] = _softplus(_load(blocks["delta"], _SPREAD) + spread_bias)
         if "gate" in shared:
           shared["gate"][...] = _gate(_load(blocks["z"], _SPREAD))
+        for name in ("B", "C"):
+          if name in shared:
+            shared[name][...] = _load(blocks[name], state_rows)
         plgpu.commit_smem()  # and sees every thread's values of this block
 
       def read(t):
@@ -251,7 +258,8 @@ def _forward_kernel(
           rows_at = lambda k: _load((shared if k in shared else blocks)[k].at[t], per_channel)  # noqa: E731
         else:
           rows_at = _raw_rows(lambda k: _load(blocks[k].at[t], per_channel), bias)
-        return _inputs(rows_at, lambda k: _load(blocks[k].at[t], per_state), combine, ends=chunks.ends)
+        cols_at = lambda k: _load((shared if k in shared else blocks)[k].at[t], per_state)  # noqa: E731
+        return _inputs(rows_at, cols_at, combine, ends=chunks.ends)
 
       def write(t, y):
         blocks["y"][t] = y.astype(blocks["y"].dtype)
@@ -287,9 +295,12 @@ def _forward_kernel(
     return pipeline(*(r.at[sequence] for r in (*seq_refs.values(), *state_refs, *per_channel_refs[len(seq_names) :])))
 
   if share:  # the softplus and the gate of a whole block at once, each (position, channel) computed once
-    floats = plgpu.SMEM((block_t, block_d), jnp.float32)
     names = ("step_size", "gate") if combine.gated and not chunks.ends else ("step_size",)
-    scratch = [floats] * len(names)
+    scratch = [plgpu.SMEM((block_t, block_d), jnp.float32)] * len(names)
+    if f32_states:  # and B's and C's rows converted once, not by every channel's threads at every position
+      state_names = ("B",) if chunks.ends else ("B", "C")
+      names += state_names
+      scratch += [plgpu.SMEM((block_t, b_ref.shape[-1]), jnp.float32)] * len(state_names)
     end = pl.run_scoped(lambda *scratch: walk_blocks(dict(zip(names, scratch, strict=True))), *scratch)
   else:
     end = walk_blocks({})
@@ -314,6 +325,7 @@ def forward(
   unroll: int = 1,
   layout: str = "wgmma",
   share_channel_work: bool = False,
+  f32_states: bool = False,
   staged: bool = True,
   reverse: bool = False,
   gated: bool = True,
@@ -325,7 +337,9 @@ def forward(
 ):
   """y of the selective scan with delta_softplus, for (batch, length, channels) inputs: averaged with `partner` (the
   other direction's y) if given, then gated by silu(z) if `gated`. `share_channel_work` computes each block's
-  softplus and gate once per (position, channel) into shared memory (`block_t` a multiple of 32, `block_d` of 32);
+  softplus and gate once per (position, channel) into shared memory (`block_t` a multiple of 32, `block_d` of 32),
+  and with `f32_states` also B's and C's rows in float32 (bf16 rows are otherwise converted by every channel's
+  threads at every position);
   `staged=False` reads the blocks from HBM without TMA (the length then a multiple of `block_t`). `y_over` ("delta" or
   "partner") writes y over that input, as a mutable ref (`jax.new_ref`), which XLA aliases to the output: no new
   buffer where the input is not read again. `chunks` > 1 splits each sequence into that many chunks of whole blocks
@@ -340,6 +354,8 @@ def forward(
     raise ValueError(f"layout {layout!r} is written for state {_STATE_OF[layout]}, got A of shape {A.shape}")
   if share_channel_work and (block_t % 32 or not block_t or block_d % 32):
     raise ValueError(f"share_channel_work needs block_t ({block_t}) > 0 and it and block_d ({block_d}) multiples of 32")
+  if f32_states and not share_channel_work:
+    raise ValueError("f32_states needs share_channel_work")
   if block_t and not staged and length % block_t:
     raise ValueError(f"staged=False needs a length that is a multiple of block_t ({block_t}), got {length}")
   num_blocks = pl.cdiv(length, block_t) if block_t else 1
@@ -363,6 +379,7 @@ def forward(
         layout=layout,
         staged=staged,
         share=share_channel_work,
+        f32_states=f32_states,
         reverse=reverse,
         combine=_Combine(gated=gated, partner=partner is not None),
         y_over=y_over,

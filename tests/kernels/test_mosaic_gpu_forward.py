@@ -27,11 +27,13 @@ def test_forward_matches_reference_in_interpret_mode(layout):
   np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("share_channel_work", [False, True], ids=["per-thread", "shared"])
+@pytest.mark.parametrize(
+  "share_channel_work, f32_states", [(False, False), (True, False), (True, True)], ids=["per-thread", "shared", "f32"]
+)
 @pytest.mark.parametrize("layout, block_d", [("quarter_rows", 32), ("wgmma", 64)])
-def test_blocked_forward_matches_reference_in_interpret_mode(layout, block_d, share_channel_work):
+def test_blocked_forward_matches_reference_in_interpret_mode(layout, block_d, share_channel_work, f32_states):
   """Blocks of 32 positions read from HBM in place (the staged copies do not run in interpret mode), two channel
-  blocks."""
+  blocks; with shared work, B's and C's rows also in float32 in shared memory."""
   args = forward_inputs(2, 64, 2 * block_d, jnp.float32)
   y = mosaic_gpu.forward(
     *args,
@@ -39,6 +41,7 @@ def test_blocked_forward_matches_reference_in_interpret_mode(layout, block_d, sh
     block_t=32,
     layout=layout,
     share_channel_work=share_channel_work,
+    f32_states=f32_states,
     staged=False,
     interpret=mosaic_gpu.plgpu.InterpretGPUParams(),
   )
@@ -82,6 +85,7 @@ def test_chunked_forward_matches_reference_in_interpret_mode(chunks, share_chann
     *args,
     **options,
     share_channel_work=share_channel_work,
+    f32_states=share_channel_work and chunks == 3,
     chunks=chunks,
     interpret=mosaic_gpu.plgpu.InterpretGPUParams(),
   )
@@ -109,17 +113,22 @@ def test_chunked_bidirectional_in_place_matches_reference_in_interpret_mode():
 
 
 @pytest.mark.parametrize(
-  "layout, block_d, block_t, unroll, share_channel_work, length",
+  "layout, block_d, block_t, unroll, share_channel_work, f32_states, length",
   [
-    ("wgmma", 128, 16, 1, False, 197),
-    ("wgmma", 64, 32, 4, False, 197),
-    ("rows", 128, 32, 4, False, 197),
-    ("half_rows", 64, 16, 1, False, 197),
-    ("quarter_rows", 32, 32, 4, True, 6085),
-    ("rows", 128, 64, 1, True, 197),
+    ("wgmma", 128, 16, 1, False, False, 197),
+    ("wgmma", 64, 32, 4, False, False, 197),
+    ("rows", 128, 32, 4, False, False, 197),
+    ("half_rows", 64, 16, 1, False, False, 197),
+    ("quarter_rows", 32, 32, 4, True, False, 6085),
+    ("rows", 128, 64, 1, True, False, 197),
+    ("half_rows", 128, 32, 4, True, True, 197),
+    ("quarter_rows", 32, 64, 4, True, True, 6085),
+    ("quarter_rows", 32, 128, 8, True, True, 6085),
   ],
 )
-def test_forward_lowers_for_cuda_at_vim_tiny_shapes(layout, block_d, block_t, unroll, share_channel_work, length):
+def test_forward_lowers_for_cuda_at_vim_tiny_shapes(
+  layout, block_d, block_t, unroll, share_channel_work, f32_states, length
+):
   args = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in forward_inputs(1, 1, 384, jnp.bfloat16)]
   args = [jax.ShapeDtypeStruct((32, length, *x.shape[2:]), x.dtype) if x.ndim == 3 else x for x in args]
   forward = functools.partial(
@@ -129,6 +138,7 @@ def test_forward_lowers_for_cuda_at_vim_tiny_shapes(layout, block_d, block_t, un
     unroll=unroll,
     layout=layout,
     share_channel_work=share_channel_work,
+    f32_states=f32_states,
   )
   text = jax.jit(forward).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
@@ -226,6 +236,13 @@ def test_chunked_bidirectional_lowers_for_cuda_at_vim_tiny_1248_batch_8(in_place
   text = jax.jit(bidirectional).trace(direction, direction, shapes[6]).lower(lowering_platforms=("cuda",)).as_text()
   assert text.count("mosaic_gpu_v2") == 4
   assert text.count("output_operand_alias<") == (2 if in_place else 0)
+
+
+def test_f32_states_need_shared_work():
+  with pytest.raises(ValueError, match="f32_states"):
+    mosaic_gpu.forward(
+      *forward_inputs(1, 64, 32, jnp.float32), block_d=32, block_t=32, layout="quarter_rows", f32_states=True
+    )
 
 
 def test_chunks_need_blocks():
