@@ -4,7 +4,7 @@ One warpgroup per (sequence, block of channels) walks the whole sequence once, i
 registers in the layout `layout` names (`LAYOUTS`), blocks of `block_t` positions staged through shared memory by
 TMA (`emit_pipeline`, the next block's copies in flight). With `share_channel_work` the warpgroup first computes a
 block's softplus and silu(z) gate once per (position, channel) into shared memory, where the threads of a channel
-read them. `bidirectional` runs Vim's two directions and their combine in two launches, as the Triton kernels do:
+read them; with `f32_states` also B's and C's rows, converted to float32 once per block. `bidirectional` runs Vim's two directions and their combine in two launches, as the Triton kernels do:
 the backward direction walks the blocks and positions last first and reads the forward one's ungated y. Where
 sequences are too few to fill the GPU, `chunks` splits them (`_Chunks`): a launch for the chunks' end states from
 a zero start, then one for y, each chunk started from the state the earlier ones carry to it.
