@@ -4,10 +4,11 @@ One warpgroup per (sequence, block of channels) walks the whole sequence once, i
 registers in the layout `layout` names (`LAYOUTS`), blocks of `block_t` positions staged through shared memory by
 TMA (`emit_pipeline`, the next block's copies in flight). With `share_channel_work` the warpgroup first computes a
 block's softplus and silu(z) gate once per (position, channel) into shared memory, where the threads of a channel
-read them; with `f32_states` also B's and C's rows, converted to float32 once per block. `bidirectional` runs Vim's two directions and their combine in two launches, as the Triton kernels do:
-the backward direction walks the blocks and positions last first and reads the forward one's ungated y. Where
-sequences are too few to fill the GPU, `chunks` splits them (`_Chunks`): a launch for the chunks' end states from
-a zero start, then one for y, each chunk started from the state the earlier ones carry to it.
+read them; with `f32_states` also B's and C's rows, converted to float32 once per block. `bidirectional` runs
+Vim's two directions and their combine in two launches, as the Triton kernels do: the backward direction walks the
+blocks and positions last first and reads the forward one's ungated y. Where sequences are too few to fill the GPU,
+`chunks` splits them (`_Chunks`): a launch for the chunks' end states from a zero start, then one for y, each chunk
+started from the state the earlier ones carry to it.
 
 Why it exists beside the Triton kernels (`pallas_gpu`): where sequences are long and many, the Triton forward runs
 in two chunked passes (chunk ends, then outputs), each with the exp unit's full load; one pass here does that
@@ -336,16 +337,17 @@ def forward(
   interpret=False,
 ):
   """y of the selective scan with delta_softplus, for (batch, length, channels) inputs: averaged with `partner` (the
-  other direction's y) if given, then gated by silu(z) if `gated`. `share_channel_work` computes each block's
-  softplus and gate once per (position, channel) into shared memory (`block_t` a multiple of 32, `block_d` of 32),
-  and with `f32_states` also B's and C's rows in float32 (bf16 rows are otherwise converted by every channel's
-  threads at every position);
-  `staged=False` reads the blocks from HBM without TMA (the length then a multiple of `block_t`). `y_over` ("delta" or
-  "partner") writes y over that input, as a mutable ref (`jax.new_ref`), which XLA aliases to the output: no new
-  buffer where the input is not read again. `chunks` > 1 splits each sequence into that many chunks of whole blocks
-  (`_Chunks`), for a GPU that too few sequences would leave idle: a launch for the chunks' end states, then one for
-  y. `auto_barriers` puts back the warpgroup barriers Pallas inserts around
-  every shared-memory store (the comment at `plgpu.kernel` says why they are left out)."""
+  other direction's y) if given, then gated by silu(z) if `gated`.
+
+  `share_channel_work` computes each block's softplus and gate once per (position, channel) into shared memory
+  (`block_t` a multiple of 32, `block_d` of 32); `f32_states` then also converts B's and C's rows to float32 there
+  once, which every channel's threads otherwise do at every position. `staged=False` reads the blocks from HBM
+  without TMA (the length then a multiple of `block_t`). `y_over` ("delta" or "partner") writes y over that input,
+  as a mutable ref (`jax.new_ref`), which XLA aliases to the output: no new buffer where the input is not read
+  again. `chunks` > 1 splits each sequence into that many chunks of whole blocks (`_Chunks`), for a GPU that too few
+  sequences would leave idle: a launch for the chunks' end states, then one for y. `auto_barriers` puts back the
+  warpgroup barriers Pallas inserts around every shared-memory store (the comment at `plgpu.kernel` says why they
+  are left out)."""
   batch, length, channels = u.shape
   multiple = LAYOUTS[layout][1]
   if channels % block_d or block_d % multiple:
