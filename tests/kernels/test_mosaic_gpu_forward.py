@@ -1,8 +1,9 @@
 """The Mosaic GPU forward (`kernels.selective_scan.mosaic_gpu`) in every state layout, with and without shared
-per-channel work, one direction and both, in place or not: its math in Mosaic GPU's interpret mode (rows or blocks
-read from HBM in place: interpret mode cannot run the pipeline's predicated copies), the lowering for CUDA, where
-Mosaic GPU checks its layout rules, of the variants that stage blocks through shared memory, at Vim-Ti's shapes in
-bf16, and where `pallas_gpu` calls it."""
+per-channel work (and float32 B and C rows), whole or in chunks, one direction and both, in place or not: its math in
+Mosaic GPU's interpret mode (rows or blocks read from HBM in place: interpret mode cannot run the pipeline's
+predicated copies), the lowering for CUDA, where Mosaic GPU checks its layout rules, of the variants that stage
+blocks through shared memory, at Vim-Ti's shapes in bf16, the lowered loop over positions (no barrier, every load
+before any store), and where `pallas_gpu` calls it."""
 
 import functools
 
