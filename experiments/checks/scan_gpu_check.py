@@ -104,6 +104,21 @@ def _run_bidirectional(impl, arrays, weights, negative_exp=False, differentiated
   return y, grads
 
 
+def _pallas_gpu_runs(arrays, weights) -> dict:
+  """`pallas_gpu`'s scans: each direction alone (unless --bidirectional_only) and the fused bidirectional call with
+  and without gradients, as {what: run(impl)}."""
+  runs = {f"reverse={reverse}": functools.partial(_run, arrays=arrays, weights=weights, reverse=reverse)
+          for reverse in (False, True) if not _BIDIRECTIONAL_ONLY.value}  # fmt: skip
+  runs["bidirectional"] = functools.partial(_run_bidirectional, arrays=arrays, weights=weights)
+  runs["bidirectional, NegativeExp"] = functools.partial(
+    _run_bidirectional, arrays=arrays, weights=weights, negative_exp=True
+  )
+  runs["bidirectional, inference"] = functools.partial(
+    _run_bidirectional, arrays=arrays, weights=weights, differentiated=False
+  )
+  return runs
+
+
 def _mosaic_runs(arrays) -> dict:
   """The Mosaic GPU forward as `pallas_gpu` runs it, both directions (in place or not, and in chunks) and one gated
   direction each way, as {what: run(impl)}, impl "mosaic_gpu" or "reference"."""
@@ -152,21 +167,6 @@ def main(argv) -> int:
       grads = f"; grads {jax.tree.map(lambda e: f'{e:.1e}', errors[1])}" if isinstance(errors, tuple) else ""
       print(f"{name}: worst relative error {worst:.2e}{grads}")
   return tally.verdict()
-
-
-def _pallas_gpu_runs(arrays, weights) -> dict:
-  """`pallas_gpu`'s scans: each direction alone (unless --bidirectional_only) and the fused bidirectional call with
-  and without gradients, as {what: run(impl)}."""
-  runs = {f"reverse={reverse}": functools.partial(_run, arrays=arrays, weights=weights, reverse=reverse)
-          for reverse in (False, True) if not _BIDIRECTIONAL_ONLY.value}  # fmt: skip
-  runs["bidirectional"] = functools.partial(_run_bidirectional, arrays=arrays, weights=weights)
-  runs["bidirectional, NegativeExp"] = functools.partial(
-    _run_bidirectional, arrays=arrays, weights=weights, negative_exp=True
-  )
-  runs["bidirectional, inference"] = functools.partial(
-    _run_bidirectional, arrays=arrays, weights=weights, differentiated=False
-  )
-  return runs
 
 
 if __name__ == "__main__":
