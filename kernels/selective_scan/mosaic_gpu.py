@@ -90,20 +90,25 @@ def _inputs(rows_at, cols_at, combine, ends: bool = False) -> dict:
 
 
 def _rows(v, shape):
+  """A per-channel vector across a (channels, state) tile."""
   return lax.broadcast_in_dim(v, shape, [0])
+
+
+def _cols(v, shape):
+  """A per-state vector down a (channels, state) tile."""
+  return lax.broadcast_in_dim(v, shape, [1])
 
 
 def _next_state(h, inputs: dict, a_log2):
   """h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t."""
-  delta = inputs["step_size"]
-  b_t = lax.broadcast_in_dim(inputs["B"], h.shape, [1])
-  return jnp.exp2(_rows(delta, h.shape) * a_log2) * h + _rows(delta * inputs["u"], h.shape) * b_t
+  delta, shape = inputs["step_size"], h.shape
+  return jnp.exp2(_rows(delta, shape) * a_log2) * h + _rows(delta * inputs["u"], shape) * _cols(inputs["B"], shape)
 
 
 def _update(h, inputs: dict, *, a_log2, skip, combine):
   """One position's state update and output: (h_t, y_t)."""
   h = _next_state(h, inputs, a_log2)
-  y = (h * lax.broadcast_in_dim(inputs["C"], h.shape, [1])).sum(axis=1) + skip * inputs["u"]
+  y = (h * _cols(inputs["C"], h.shape)).sum(axis=1) + skip * inputs["u"]
   if combine.partner:
     y = (y + inputs["partner"]) * 0.5
   return h, y * inputs["gate"] if combine.gated else y
