@@ -165,13 +165,17 @@ def _backward_kernel(
 
 
 def _interpret_params(interpret: bool, dtype) -> pltpu.InterpretParams | bool:
-  """Interpret mode for `dtype`: TPU interpret mode for float32, as it simulates VMEM and the grid
+  """Interpret mode for `dtype`: TPU interpret mode for float32 on one device, as it simulates VMEM and the grid
   (uninitialised scratch reads as NaN, the parallel axes run shuffled), so it catches more; the generic
-  interpreter otherwise, as the TPU one's callbacks run outside a `jax.enable_x64` context and fail on
-  float64 (jax 0.12)."""
+  interpreter otherwise. The TPU one's callbacks run outside a `jax.enable_x64` context and fail on float64 (jax
+  0.12). Over several devices (in `shard_map`) it starts every kernel with a barrier across them, in a host
+  callback, which XLA's CPU collectives can deadlock: a device that reaches an independent all-reduce first waits
+  there for one that waits at the barrier for it, until XLA's collective timeout aborts the process (once in CI, in
+  a test under an 8-device mesh)."""
   if not interpret:
     return False
-  return pltpu.InterpretParams() if dtype == jnp.float32 else True
+  one_device = jax.sharding.get_abstract_mesh().size <= 1
+  return pltpu.InterpretParams() if dtype == jnp.float32 and one_device else True
 
 
 class _Plan:
