@@ -29,9 +29,9 @@ channels and dA over batch and length: the kernel writes per-channel-block and p
 partials, summed in XLA.
 
 float32 only on TPU: Mosaic has no float64 vector ops. `interpret=True` runs the kernels on CPU, in
-TPU interpret mode for float32 and in the generic Pallas interpreter for other dtypes, float64 included
-(see `_interpret_params`). Checked in interpret mode and by lowering for TPU on a CPU host; not yet
-compiled by Mosaic or run on a TPU.
+TPU interpret mode for float32 on one device and in the generic Pallas interpreter otherwise (other dtypes,
+float64 included, and over several devices; see `_interpret_params`). Checked in interpret mode and by
+lowering for TPU on a CPU host; not yet compiled by Mosaic or run on a TPU.
 """
 
 import functools
