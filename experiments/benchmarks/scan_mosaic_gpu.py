@@ -18,7 +18,9 @@ scan_mosaic_gpu_bidirectional_h200.json), forward ms: one direction at 1248², b
 at best (quarter_rows, block_d 32, block_t 64, shared work), every layout 0.99-1.57; at 224², batch 128, Triton
 0.099, Mosaic 0.108 at best (half_rows, block_d 128, block_t 32). Both directions: 2.277 against 1.949 (2.016 in
 place) at 1248², 1.585 against 1.327 (1.383) at 1024². Earlier, on an H100 with the WGMMA layout
-(scan_mosaic_gpu_h100.json): 1.55 against 1.38 at 1248²; loads straight from HBM were 2.7x slower there.
+(scan_mosaic_gpu_h100.json): 1.55 against 1.38 at 1248²; loads straight from HBM were 2.7x slower there. All of these
+had Pallas's barriers around every shared-memory store and each position's loads after the last one's store (what
+`--auto_barriers=1` comes close to); the kernel has not been timed without them.
 """
 
 import functools
