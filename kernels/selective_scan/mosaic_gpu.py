@@ -18,8 +18,9 @@ layouts 1.05-1.57); both directions with the combine 1.95 (2.02 in place) agains
 63.2 against 70.0 ms at 1248² and 44.2 against 49.0 at 1024². At 224², batch 128 (197 positions) it was slower
 (0.108 ms at best against 0.099), so `pallas_gpu` calls it only where `fits` says (the measured shapes), unchunked,
 and only without gradients: there is no backward. Those times had two warpgroup barriers at every position, which
-Pallas puts around each store to shared memory, and each position's loads behind the last one's store; both are
-gone now (the comment at `plgpu.kernel`, `_walk`), and neither that kernel nor the chunks has been timed yet.
+Pallas puts around each store to shared memory, and each position's loads behind the last one's store. The loads
+now come first (`_walk`) and `auto_barriers=False` leaves the barriers out (the comment at `plgpu.kernel`), which
+`pallas_gpu` does not do yet (`OPTIONS`); neither that kernel nor the chunks has been timed or run on a card yet.
 
 Mosaic GPU needs sm_90 (Hopper) and its API still moves: this lowers on jax 0.11.2 and 0.12 (tests lower it for
 CUDA on CPU and run its math in interpret mode, which reads blocks from HBM in place (`staged=False`) because it
@@ -413,8 +414,9 @@ def forward(
   # thread reads shared memory another thread wrote without an explicit barrier between. The block's softplus and
   # gate are read after the second `commit_smem` (a fence and a barrier), y's block by its TMA copy after the
   # pipeline's `commit_smem`; an input slot is refilled, and an output slot written again, only after that barrier and
-  # the pipeline's wait on its earlier copy (a barrier follows it). The loop over positions now holds no barrier (a
-  # test reads the lowered module), where it held eight per four positions.
+  # the pipeline's wait on its earlier copy (a barrier follows it). Without them the loop over positions holds no
+  # barrier (a test reads the lowered module), where it held eight per four positions. `pallas_gpu` keeps them
+  # (`OPTIONS`) until that has been checked on a card.
   out_type = () if y_over else jax.ShapeDtypeStruct(u.shape, u.dtype)
   y = launch(seqs, extra, plan, out_type, barriers=auto_barriers)
   return jax.freeze(seqs[y_over]) if y_over else y
@@ -441,8 +443,11 @@ def bidirectional(forward_args: tuple, backward_args: tuple, z, *, in_place: boo
 
 # What `pallas_gpu` runs (the fastest setting at 1248², batch 32 on an H200) and where: sequences of at least
 # FITS_LENGTH positions, at least FITS_PROGRAMS (sequence, channel block) programs (Vim-Ti at 1024² and 1248², batch
-# 32, has 384), bf16, state 16, on sm_90.
-OPTIONS = dict(layout="quarter_rows", block_d=32, block_t=64, unroll=4, share_channel_work=True, in_place=True)
+# 32, has 384), bf16, state 16, on sm_90. It keeps Pallas's barriers until the kernel without them has passed
+# `scan_gpu_check.py --mosaic` and compute-sanitizer's racecheck on a card (no GPU was lent when they were removed).
+OPTIONS = dict(
+  layout="quarter_rows", block_d=32, block_t=64, unroll=4, share_channel_work=True, in_place=True, auto_barriers=True
+)
 FITS_LENGTH = 4096
 FITS_PROGRAMS = 384
 
