@@ -4,9 +4,9 @@ Triton rather than Mosaic GPU (the backend Pallas is moving to), for now and by 
 forward (`mosaic_gpu`: one pass over whole sequences, one warpgroup per block of channels, inputs staged through
 shared memory by TMA) takes 13% less time than the two chunked Triton passes at 1248², batch 32 (H200), and
 `bidirectional` runs it where nothing is differentiated and it fits (`mosaic_gpu.fits`: long sequences, many of
-them, bf16, Hopper): Vim-Ti's forward at 1248², batch 32 63.2 against 70.0 ms. It is slower at 224², has no
-chunking for small batches and no backward, and Mosaic GPU's API still moves. Triton runs on jax 0.11 and 0.12; it
-is deprecated since 0.11 (lowering warns), so the port of the rest is due.
+them, bf16, Hopper): Vim-Ti's forward at 1248², batch 32 63.2 against 70.0 ms. It was slower at 224², its chunks
+for small batches are untimed and not called here, it has no backward, and Mosaic GPU's API still moves. Triton
+runs on jax 0.11 and 0.12; it is deprecated since 0.11 (lowering warns), so the port of the rest is due.
 
 Fused like the official CUDA kernel: the kernels read the raw arguments in their own dtype (bf16 or f32)
 and do all per-position work in float32 registers: delta + delta_bias, softplus, the recurrence,
