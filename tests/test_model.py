@@ -259,12 +259,13 @@ def test_padded_step_rank_changes_no_value(monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
-@pytest.mark.parametrize("impl", ["xla", "pallas_gpu"])
+@pytest.mark.parametrize("impl", ["xla", "pallas_gpu", "pallas_tpu"])
 def test_training_step_holds_no_tensor_of_all_states(impl):
   """No array of a Vim-Ti-width training step at 448² (785 tokens) holds the (batch, length, channels,
   state) states of every position, forward or backward: XLA's chunked scan keeps under a quarter, the GPU
   kernels' backward one state per `SUB_CHUNK` positions (a transient buffer; chunks are rounded up to whole
-  sub-chunks, hence 5% slack). The GPU step is lowered for an H100 on any host (an abstract device)."""
+  sub-chunks, hence 5% slack), the TPU kernels one per chunk. The GPU step is lowered for an H100 on any host
+  (an abstract device), the TPU step for TPU: the whole model, not only its scan, takes the TPU path."""
   if impl == "pallas_gpu" and not hasattr(jax.sharding, "AbstractDevice"):
     pytest.skip("this jax cannot name an abstract GPU to lower for")
   model = create_model("vim_tiny", img_size=448, depth=2, dtype="bfloat16", scan_impl=impl)
@@ -276,6 +277,10 @@ def test_training_step_holds_no_tensor_of_all_states(impl):
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)):
       hlo = step.trace(params, images).lower(lowering_platforms=("cuda",)).as_text()
     assert "selective_scan_bwd" in hlo and "step_projections" in hlo
+  elif impl == "pallas_tpu":
+    hlo = step.trace(params, images).lower(lowering_platforms=("tpu",)).as_text()
+    kernels = re.findall(r'custom_call @tpu_custom_call.*kernel_name = "(\w+)"', hlo)
+    assert sorted(kernels) == ["selective_scan_bwd"] * 4 + ["selective_scan_fwd"] * 4  # 2 layers x 2 directions
   else:
     hlo = step.trace(params, images).lower().as_text()
   sizes = {math.prod(map(int, dims.split("x")[:-1])) for dims in re.findall(r"tensor<((?:\d+x)+)\w+>", hlo)}
