@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels import Direction, selective_scan, selective_scan_bidirectional
+from kernels.selective_scan import pallas_gpu
 
 CASES = {
   "224_b128": (128, 197),
@@ -87,10 +88,11 @@ def copy_bandwidth() -> float:
 def compare_forwards(
   cases: list[str], variants: dict, reps: int, out: str | None, *, bidirectional: bool = False
 ) -> list[dict]:
-  """Time the shipped Triton forward and each variant (name -> fn(u, delta, A, B, C, D, z, delta_bias) with
-  delta_softplus and the gate; with `bidirectional`, name -> fn(forward Direction, backward Direction, z) of Vim's
-  combined output, against the fused Triton call) at `cases` in bf16, with each one's largest error against the
-  reference; a variant that fails is a row with its error. Prints each row as JSON and writes them all to `out`."""
+  """Time the Triton forward, what `selective_scan` ships (the Mosaic GPU forward where `mosaic_gpu.fits`, else the
+  same Triton one) and each variant (name -> fn(u, delta, A, B, C, D, z, delta_bias) with delta_softplus and the
+  gate; with `bidirectional`, name -> fn(forward Direction, backward Direction, z) of Vim's combined output, against
+  the fused calls) at `cases` in bf16, with each one's largest error against the reference; a variant that fails is
+  a row with its error. Prints each row as JSON and writes them all to `out`."""
   names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
   print(f"{jax.devices()[0].device_kind}; jax {jax.__version__}")
   rows = []
@@ -101,12 +103,14 @@ def compare_forwards(
       make = lambda seed, single=single: (single(2 * seed), single(2 * seed + 1))  # noqa: E731
       shipped, reference = (bidirectional_fn(impl, fused=True) for impl in ("pallas_gpu", "reference"))
       call = lambda fn, x: fn(*(Direction(*(d[k] for k in Direction._fields)) for d in x), x[0]["z"])  # noqa: E731
+      triton = functools.partial(pallas_gpu.bidirectional, delta_softplus=True, one_pass=False)
     else:
       make, shipped, reference = single, scan_fn("pallas_gpu"), scan_fn("reference")
       call = lambda fn, x: fn(*(x[k] for k in names))  # noqa: E731
+      triton = lambda *args: pallas_gpu.scan(*args, delta_softplus=True, one_pass=False)[0]  # noqa: E731
     x = make(0)
     expected = reference(x).astype(jnp.float32)
-    candidates = {"triton (shipped)": jax.jit(shipped)}
+    candidates = {"triton": jax.jit(functools.partial(call, triton)), "shipped": jax.jit(shipped)}
     candidates |= {name: jax.jit(functools.partial(call, fn)) for name, fn in variants.items()}
     for name, fn in candidates.items():
       try:

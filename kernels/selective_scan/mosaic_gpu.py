@@ -17,7 +17,8 @@ work once. NVIDIA H200, jax 0.11.2, bf16, Vim-Ti shapes (experiments/results, th
 layouts 1.05-1.57); both directions with the combine 1.95 (2.02 in place) against 2.28; Vim-Ti's whole forward
 63.2 against 70.0 ms at 1248² and 44.2 against 49.0 at 1024². At 224², batch 128 (197 positions) it was slower
 (0.108 ms at best against 0.099), so `pallas_gpu` calls it only where `fits` says (the measured shapes), unchunked,
-and only without gradients: there is no backward. Those times had two warpgroup barriers at every position, which
+and only without gradients (there is no backward): for Vim's fused call, and for one direction with its last state
+(`last_state`). Those times had two warpgroup barriers at every position, which
 Pallas puts around each store to shared memory, and each position's loads behind the last one's store. The loads
 now come first (`_walk`) and `auto_barriers=False` leaves the barriers out (the comment at `plgpu.kernel`), which
 `pallas_gpu` does not do yet (`OPTIONS`); neither that kernel nor the chunks has been timed or run on a card yet.
@@ -175,16 +176,31 @@ class _Chunks(NamedTuple):
 
 
 def _forward_kernel(
-  *refs, seq_names, block_d, block_t, unroll, layout, staged, share, f32_states, reverse, combine, y_over, chunks
+  *refs,
+  seq_names,
+  block_d,
+  block_t,
+  unroll,
+  layout,
+  staged,
+  share,
+  f32_states,
+  reverse,
+  combine,
+  y_over,
+  chunks,
+  last_state,
 ):
   """refs: the (batch, length, channels) inputs named by `seq_names`, then B, C, A, D and delta_bias; with several
   chunks, the (batch, chunks, channels, state) end states and (batch, chunks, channels) step totals (inputs of the
   outputs launch, outputs of the ends launch); then y (outputs launch, unless y goes over the input `y_over`: each
-  block of it is read before y is written there)."""
+  block of it is read before y is written there); then, with `last_state`, the (batch, channels, state) state after
+  the last position walked (outputs launch)."""
   seq_refs = dict(zip(seq_names, refs[: len(seq_names)], strict=True))
   b_ref, c_ref, a_ref, d_ref, bias_ref, *rest = refs[len(seq_names) :]
   ends_ref, totals_ref = rest[:2] if chunks.count > 1 else (None, None)
-  y_ref = None if chunks.ends else seq_refs[y_over] if y_over else rest[-1]
+  last_ref = rest[-1] if last_state else None
+  y_ref = None if chunks.ends else seq_refs[y_over] if y_over else rest[-1 - last_state]
   tile = LAYOUTS[layout][0]
   per_channel, per_state = tile.reduce(1), tile.reduce(0)
   sequence, block = lax.axis_index("sequence"), lax.axis_index("block")
@@ -208,7 +224,9 @@ def _forward_kernel(
     def write(t, y):
       y_ref[sequence, t, channels] = y.astype(y_ref.dtype)
 
-    _walk(read, update, write, length, zeros, unroll, reverse)
+    h = _walk(read, update, write, length, zeros, unroll, reverse)
+    if last_state:
+      last_ref[sequence, channels, :] = h
     return
 
   # This program's chunk and its blocks. The ends launch has no program for the chunk walked last (its end is no
@@ -315,6 +333,13 @@ def _forward_kernel(
     h, total = end
     ends_ref[sequence, chunk, channels, :] = h
     totals_ref[sequence, chunk, channels] = total
+  elif last_state and chunks.count == 1:
+    last_ref[sequence, channels, :] = end
+  elif last_state:  # by the program whose chunk is walked last
+
+    @pl.when(chunk == (0 if reverse else chunks.count - 1))
+    def _():
+      last_ref[sequence, channels, :] = end
 
 
 def forward(
@@ -339,11 +364,13 @@ def forward(
   partner=None,
   y_over: str | None = None,
   chunks: int = 1,
+  last_state: bool = False,
   auto_barriers: bool = False,
   interpret=False,
 ):
   """y of the selective scan with delta_softplus, for (batch, length, channels) inputs: averaged with `partner` (the
-  other direction's y) if given, then gated by silu(z) if `gated`.
+  other direction's y) if given, then gated by silu(z) if `gated`; with `last_state`, (y, the float32 state after the
+  last position walked), as `selective_scan`'s return_last_state.
 
   `share_channel_work` computes each block's softplus and gate once per (position, channel) into shared memory
   (`block_t` a multiple of 32, `block_d` of 32); `f32_states` then also converts B's and C's rows to float32 there
@@ -392,6 +419,7 @@ def forward(
         combine=_Combine(gated=gated, partner=partner is not None),
         y_over=y_over,
         chunks=plan,
+        last_state=last_state and not plan.ends,
       ),
       out_type=out_type,
       grid=(batch, channels // block_d, *chunk_programs),
@@ -417,9 +445,11 @@ def forward(
   # the pipeline's wait on its earlier copy (a barrier follows it). Without them the loop over positions holds no
   # barrier (a test reads the lowered module), where it held eight per four positions. `pallas_gpu` keeps them
   # (`OPTIONS`) until that has been checked on a card.
-  out_type = () if y_over else jax.ShapeDtypeStruct(u.shape, u.dtype)
-  y = launch(seqs, extra, plan, out_type, barriers=auto_barriers)
-  return jax.freeze(seqs[y_over]) if y_over else y
+  out_type = [] if y_over else [jax.ShapeDtypeStruct(u.shape, u.dtype)]
+  out_type += [jax.ShapeDtypeStruct((batch, channels, A.shape[1]), jnp.float32)] * last_state
+  outs = launch(seqs, extra, plan, tuple(out_type), barriers=auto_barriers)
+  y = jax.freeze(seqs[y_over]) if y_over else outs[0]
+  return (y, outs[-1]) if last_state else y
 
 
 def bidirectional(forward_args: tuple, backward_args: tuple, z, *, in_place: bool = False, **options) -> jax.Array:
@@ -448,6 +478,8 @@ def bidirectional(forward_args: tuple, backward_args: tuple, z, *, in_place: boo
 OPTIONS = dict(
   layout="quarter_rows", block_d=32, block_t=64, unroll=4, share_channel_work=True, in_place=True, auto_barriers=True
 )
+# A single direction (`pallas_gpu.scan` without gradients) runs the same kernel with y beside its inputs.
+SINGLE_OPTIONS = {k: v for k, v in OPTIONS.items() if k != "in_place"}
 FITS_LENGTH = 4096
 FITS_PROGRAMS = 384
 

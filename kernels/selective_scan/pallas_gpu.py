@@ -3,8 +3,9 @@
 Triton rather than Mosaic GPU (the backend Pallas is moving to), for now and by measurement. A Mosaic GPU
 forward (`mosaic_gpu`: one pass over whole sequences, one warpgroup per block of channels, inputs staged through
 shared memory by TMA) takes 13% less time than the two chunked Triton passes at 1248², batch 32 (H200), and
-`bidirectional` runs it where nothing is differentiated and it fits (`mosaic_gpu.fits`: long sequences, many of
-them, bf16, Hopper): Vim-Ti's forward at 1248², batch 32 63.2 against 70.0 ms. It was slower at 224², its chunks
+`bidirectional` and `scan` (one direction, with its last state) run it where nothing is differentiated and it fits
+(`mosaic_gpu.fits`: long sequences, many of them, bf16, Hopper): Vim-Ti's forward at 1248², batch 32 63.2 against
+70.0 ms. It was slower at 224², its chunks
 for small batches are untimed and not called here, it has no backward, and Mosaic GPU's API still moves. Triton
 runs on jax 0.11 and 0.12; it is deprecated since 0.11 (lowering warns), so the port of the rest is due.
 
@@ -1059,7 +1060,9 @@ def scan(
   1/sub_chunk of all states), `states_dtype` (of those states; `_states_dtype`) and `forward_sub_chunk`
   (positions the forward loads ahead: FORWARD_SUB_CHUNK by channel, TILES_FORWARD_SUB_CHUNK as tiles); chunks
   are rounded up to a multiple of both sub-chunks. `by_channel` forces the forward's layout; `paired_forward` and
-  `paired_states` whether the forward passes and the backward's states pass load two sub-chunks ahead."""
+  `paired_states` whether the forward passes and the backward's states pass load two sub-chunks ahead. Where nothing
+  is differentiated and `_one_pass_fits`, `mosaic_gpu`'s one-pass forward runs instead, unless `one_pass` is False."""
+  one_pass = tuning.pop("one_pass", True)
   channels, state = A.shape
   dtype = compute_dtype(u, delta, A, B, C, D, z, delta_bias)
   u, delta, A, B, C, D, delta_bias = _with_defaults((u, delta, A, B, C, D, delta_bias), dtype)
@@ -1075,6 +1078,14 @@ def scan(
 
   @jax.custom_vjp
   def run(*arrays):
+    u, delta, A, B, C, D, delta_bias, z = arrays
+    sequences = (u, delta) + (() if z is None else (z,))
+    if one_pass and _one_pass_fits(sequences, A, softplus=delta_softplus, interpret=interpret):
+      y, last = mosaic_gpu.forward(
+        *plain((u, delta, A, B, C, D)), z, delta_bias, reverse=reverse, gated=z is not None, last_state=True,
+        **mosaic_gpu.SINGLE_OPTIONS,
+      )  # fmt: skip
+      return y, last.astype(dtype)
     return outputs(inference, arrays)[0]
 
   def run_fwd(*arrays):
@@ -1107,16 +1118,13 @@ def gate_backward(dy: jax.Array, y_ungated: jax.Array, z: jax.Array, scale: floa
   return (dy_ * jax.nn.silu(z_) * scale).astype(dy.dtype), dz.astype(z.dtype)
 
 
-def _one_pass_fits(forward: tuple, backward: tuple, z, *, scale: float, softplus: bool, interpret: bool) -> bool:
-  """Whether the inference path runs `mosaic_gpu.bidirectional` (Vim's combine, bf16 sequences, `mosaic_gpu.fits`)."""
-  sequences = (forward[0], forward[1], backward[0], backward[1], z)
-  if interpret or z is None or not softplus or scale != 0.5:
+def _one_pass_fits(sequences: tuple, A, *, softplus: bool, interpret: bool) -> bool:
+  """Whether the inference path runs `mosaic_gpu`'s one-pass forward for these (batch, length, channels) sequences
+  (all of one shape): bf16, delta through softplus, where `mosaic_gpu.fits`."""
+  if interpret or not softplus or any(x.dtype != jnp.bfloat16 or x.shape != sequences[0].shape for x in sequences):
     return False
-  if any(x.dtype != jnp.bfloat16 for x in sequences) or backward[0].shape != forward[0].shape:
-    return False
-  batch, length, channels = forward[0].shape
-  state = forward[2].shape[1]
-  return mosaic_gpu.fits(batch, length, channels, state, jnp.bfloat16, mosaic_gpu.compute_capability())
+  batch, length, channels = sequences[0].shape
+  return mosaic_gpu.fits(batch, length, channels, A.shape[1], jnp.bfloat16, mosaic_gpu.compute_capability())
 
 
 def bidirectional(
@@ -1133,7 +1141,8 @@ def bidirectional(
   the forward direction writes its ungated output, and the backward direction's kernel reads it back,
   adds its own, scales and gates. `forward` and `backward` are (u, delta, A, B, C, D, delta_bias); the
   backward direction runs reverse=True. Where nothing is differentiated and `_one_pass_fits`, the two kernels are
-  `mosaic_gpu`'s one-pass forward. Returns y in the forward u's dtype."""
+  `mosaic_gpu`'s one-pass forward, unless `tuning` sets `one_pass=False`. Returns y in the forward u's dtype."""
+  one_pass = tuning.pop("one_pass", True)
   channels = forward[2].shape[0]
   scale = 0.5 if divide_out else 1.0
   dtype = compute_dtype(*forward, *backward, z)
@@ -1175,7 +1184,9 @@ def bidirectional(
 
   @jax.custom_vjp
   def run(forward, backward, z):
-    if _one_pass_fits(forward, backward, z, scale=scale, softplus=delta_softplus, interpret=interpret):
+    sequences = (forward[0], forward[1], backward[0], backward[1], z)
+    combine = z is not None and scale == 0.5  # what `mosaic_gpu.bidirectional` computes
+    if one_pass and combine and _one_pass_fits(sequences, forward[2], softplus=delta_softplus, interpret=interpret):
       return mosaic_gpu.bidirectional(plain(forward), plain(backward), z, **mosaic_gpu.OPTIONS)
     return outputs(*inference, forward, backward, z, differentiated=False)[0]
 

@@ -94,6 +94,25 @@ def test_chunked_forward_matches_reference_in_interpret_mode(chunks, share_chann
   np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+  "chunks, reverse, gated", [(1, False, True), (1, True, False), (3, True, True), (3, False, False)]
+)
+def test_forward_returns_the_last_state_in_interpret_mode(chunks, reverse, gated):
+  """`last_state`: the state after the last position walked, from the program whose chunk is walked last."""
+  args = forward_inputs(2, 5 * 32, 64, jnp.float32)
+  options = dict(block_d=32, block_t=32, unroll=4, layout="quarter_rows", share_channel_work=True, staged=False)
+  interpret = mosaic_gpu.plgpu.InterpretGPUParams()
+  y, last = mosaic_gpu.forward(
+    *args, **options, reverse=reverse, gated=gated, chunks=chunks, last_state=True, interpret=interpret
+  )
+  z = args[6] if gated else None
+  expected = selective_scan(
+    *args[:6], z, args[7], delta_softplus=True, reverse=reverse, return_last_state=True, impl="reference"
+  )
+  np.testing.assert_allclose(y, expected[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(last, expected[1], rtol=1e-5, atol=1e-5)
+
+
 def test_chunked_bidirectional_in_place_matches_reference_in_interpret_mode():
   forward_args, backward_args = (forward_inputs(2, 4 * 32, 32, jnp.float32, seed=seed) for seed in (0, 1))
   pair = [Direction(*args[:6], args[7]) for args in (forward_args, backward_args)]
@@ -299,3 +318,28 @@ def test_pallas_gpu_runs_the_one_pass_forward_where_it_fits(monkeypatch, batch, 
   assert hlo.count("mosaic_gpu") >= 2 if one_pass else "mosaic_gpu" not in hlo
   assert ("xla.gpu.triton" in hlo) != one_pass
   assert hlo.count("output_operand_alias<") >= (2 if one_pass else 0)
+
+
+@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("differentiated", [False, True])
+def test_pallas_gpu_runs_one_direction_in_one_pass_where_it_fits(monkeypatch, differentiated, gated):
+  """A single scan (`selective_scan`, y and its last state) at 1248², batch 32 on Hopper runs the Mosaic GPU forward
+  where nothing is differentiated, Triton's kernels where something is."""
+  if not hasattr(jax.sharding, "AbstractDevice"):
+    pytest.skip("this jax cannot name an abstract GPU to lower for")
+  monkeypatch.setattr(mosaic_gpu, "compute_capability", lambda: "9.0")
+  shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in forward_inputs(1, 1, 384, jnp.bfloat16)]
+  shapes = [jax.ShapeDtypeStruct((32, 6085, *x.shape[2:]), x.dtype) if x.ndim == 3 else x for x in shapes]
+  if not gated:
+    shapes[6] = None
+
+  def call(*args):
+    return selective_scan(*args, delta_softplus=True, reverse=True, return_last_state=True, impl="pallas_gpu")
+
+  fn = (lambda *args: jax.grad(lambda u: jnp.sum(call(u, *args[1:])[1]))(args[0])) if differentiated else call
+  h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)):
+    hlo = jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+  assert ("mosaic_gpu" in hlo) != differentiated
+  assert ("xla.gpu.triton" in hlo) == differentiated
