@@ -10,9 +10,11 @@ XLA's GPU compiler runs without a device when the CUDA plugin is given a target 
 the memory columns of throughput.py (`model_mib`, `temp_mib`, `argument_mib`, `xla_peak_mib`) come out of a CPU
 machine. Checked against the card: Vim-Ti at 1248², batch 32, code of ea758cc, 1,231.9 MiB of temporaries here and
 1,231.9 on an H200 (throughput_vim_deit_twenty_fifth_session_h200.json). The Pallas Triton kernels lower for the
-`AbstractDevice` that `TARGETS` names and are compiled by XLA like on the card; Mosaic GPU kernels are compiled only
-when they first run, so Vim's inference where the card runs the Mosaic GPU forward (`mosaic_gpu.fits`: 1024² and
-1248², batch 32) is compiled here with the Triton kernels (on an H200 the Mosaic forward held 7 MiB less at 1248²).
+`AbstractDevice` that `TARGETS` names and are compiled by XLA like on the card. Mosaic GPU kernels are compiled only
+when they first run, but XLA plans their buffers from the custom call's shapes, so the path the card runs is
+compiled here too: `mosaic_gpu.compute_capability` answers the target's (sm_90), and Vim's inference at 1024² and
+1248², batch 32 takes the Mosaic GPU forward (`mosaic_gpu.fits`) as on the card. Vim-Ti at 1248², batch 32:
+1,434.2 MiB, 832.1 of them temporaries, here and on an H200 (thirtieth session, `ab_model_mosaic_vim_tiny_h200.txt`).
 cuDNN's attention needs cuDNN installed (`deit_*:cudnn` fails without it). Nothing here is timed. The plugin skips
 its check of the CUDA libraries' versions only with JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1.
 
@@ -25,12 +27,14 @@ from __future__ import annotations
 import json
 import re
 from math import prod
+from unittest import mock
 
 import jax
 from absl import app, flags
 from jax.experimental import topologies
 
 from experiments.benchmarks.model_steps import Program, create_model_spec, forward_program, train_program
+from kernels.selective_scan import mosaic_gpu
 from vim_jax.models import DEIT_VARIANTS
 
 MIB = 2**20
@@ -59,14 +63,23 @@ _LIVE = flags.DEFINE_bool("live_at_peak", False, "Print the buffers live at each
 _OUT = flags.DEFINE_string("out", None, "JSON file for the results.")
 
 
+def _capability(target: str) -> str:
+  """The target's compute capability as `mosaic_gpu.compute_capability` spells it ("9.0")."""
+  major = re.search(r"cuda_compute_capability {\s*major: (\d+)", TARGETS[target]).group(1)
+  minor = re.search(r"cuda_compute_capability {\s*major: \d+\s*minor: (\d+)", TARGETS[target])
+  return f"{major}.{minor.group(1) if minor else 0}"
+
+
 def _compile(program: Program, target: str) -> jax.stages.Compiled:
-  """`program` compiled for one deviceless `target` GPU (arguments abstract: nothing is allocated)."""
+  """`program` compiled for one deviceless `target` GPU (arguments abstract: nothing is allocated), with the
+  kernels the target would run: there is no device here to ask for its compute capability."""
   device = topologies.get_topology_desc("", "cuda", target_config=TARGETS[target], topology="1x1x1").devices[0]
   sharding = jax.sharding.SingleDeviceSharding(device)
   args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), program.args)
   name = re.search(r'device_description_str: "([^"]+)"', TARGETS[target]).group(1)
   abstract = jax.sharding.AbstractDevice(device_kind=name, num_cores=132, platform="gpu")  # what Pallas lowers for
-  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=abstract)):
+  capability = mock.patch.object(mosaic_gpu, "compute_capability", lambda: _capability(target))
+  with capability, jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=abstract)):
     jitted = jax.jit(program.fn, in_shardings=sharding, out_shardings=sharding, donate_argnums=program.donate_argnums)
     lowered = jitted.trace(*args).lower(lowering_platforms=("cuda",))
   return lowered.compile()
