@@ -123,7 +123,7 @@ def _pallas_gpu_runs(arrays, weights) -> dict:
 def _mosaic_runs(arrays) -> dict:
   """The Mosaic GPU forward with the options `pallas_gpu` runs it with, and again without Pallas's barriers (which it
   keeps until this check has passed without them): both directions (in place or not, and in chunks) and one gated
-  direction each way, as {what: run(impl)}, impl "mosaic_gpu" or "reference"."""
+  direction each way with its last state, as {what: run(impl)}, impl "mosaic_gpu" or "reference"."""
   rolled = {k: jnp.roll(arrays[k], 1, axis=1) for k in ("u", "delta", "B", "C")}
   forward = Direction(*(arrays[k] for k in Direction._fields))
   backward = forward._replace(**rolled)
@@ -137,10 +137,14 @@ def _mosaic_runs(arrays) -> dict:
     )
 
   def one_direction(impl, options, reverse):
+    """y and the last state, as `pallas_gpu.scan` takes them without gradients."""
     if impl == "reference":
-      return selective_scan(**arrays, delta_softplus=True, reverse=reverse, impl=impl)
-    args = [arrays[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
-    return jax.jit(functools.partial(mosaic_gpu.forward, reverse=reverse, **options))(*args)
+      y, last = selective_scan(**arrays, delta_softplus=True, reverse=reverse, return_last_state=True, impl=impl)
+    else:
+      args = [arrays[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+      forward = functools.partial(mosaic_gpu.forward, reverse=reverse, last_state=True, **options)
+      y, last = jax.jit(forward)(*args)
+    return {"y": y, "last_state": last}
 
   runs = {}
   for suffix, options in (("", shipped), (", no barriers", dict(shipped, auto_barriers=False))):
