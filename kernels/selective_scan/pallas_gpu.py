@@ -131,6 +131,13 @@ BY_CHANNEL_PROGRAMS = 2048
 # processes), 2.80 -> 2.75 at 224² stride 8; at 1248², batch 32 (9,216 programs, many warps per SM) 6.09 against 6.13
 # paired, so not there (twenty-sixth session, scan_tune_paired_states_h200.txt).
 PAIRED_STATES_PROGRAMS = 2048
+# The states pass stores each bf16 state through indices that show Triton runs of 4 states (`_in_runs_of_four`), not
+# 16: Triton then stores 8 bytes per thread, not 16, and lays the (channels, state) tile over 8 x 4 threads as for
+# float32 states, not 16 x 2, so dC's sum over the channels crosses 8 lanes, not 16. Offline (sm_90, Vim-Ti's fused
+# bidirectional backward at 224², batch 128): 910 -> 757 SASS instructions per 4 positions of its loop (shuffles
+# 76 -> 24 per 2 positions), 128 -> 93 registers. Off until an A/B on a card has timed it (thirty-second session,
+# no GPU lent).
+NARROW_STATES_STORE = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +178,8 @@ class _Plan:
   paired_states: bool = False
   # Of the states the backward's states pass keeps for its gradient kernel (`_states_dtype`).
   states_dtype: jnp.dtype = jnp.dtype(jnp.float32)
+  # The states pass stores them in runs of 4 states (`NARROW_STATES_STORE`).
+  narrow_states_store: bool = False
   # The forward passes run pairs of sub-chunks too (the tiles forward, `TILES_FORWARD_SUB_CHUNK`).
   paired_forward: bool = False
 
@@ -479,7 +488,9 @@ def _forward_kernel(*refs, plan: _Plan, chunk_index, outputs: tuple[str, ...], s
 
   def sub_chunk(j, steps, carry):  # unrolled
     if "sub_chunk_states" in out:
-      out["sub_chunk_states"][j] = carry[0].astype(out["sub_chunk_states"].dtype)
+      ref = out["sub_chunk_states"]
+      at = _in_runs_of_four(ref.shape[1:]) if plan.narrow_states_store else ()
+      ref[j, *at] = carry[0].astype(ref.dtype)
     for p in chunk.positions(steps):
       carry = step(p, carry)
     return carry
@@ -489,6 +500,13 @@ def _forward_kernel(*refs, plan: _Plan, chunk_index, outputs: tuple[str, ...], s
     out["end_state"][...] = h
   if "total_delta" in out:
     out["total_delta"][...] = total
+
+
+def _in_runs_of_four(shape: tuple[int, int]) -> tuple[jax.Array, jax.Array]:
+  """Indices of a whole (rows, columns) block, (rows, columns % 4 + columns // 4 * 4) with truncating division (jnp's
+  floor division hides the runs behind a select): Triton's analysis sees columns contiguous in runs of 4 only."""
+  rows, columns = (jax.lax.broadcasted_iota(jnp.int32, shape, axis) for axis in (0, 1))
+  return rows, jax.lax.rem(columns, 4) + jax.lax.div(columns, 4) * 4
 
 
 def _forward_by_channel_kernel(*refs, plan: _Plan, chunk_index, outputs: tuple[str, ...], start: str):
@@ -1003,6 +1021,7 @@ def _plan(
     by_channel=by_channel,
     paired_states=tuning.get("paired_states", programs <= PAIRED_STATES_PROGRAMS),
     states_dtype=jnp.dtype(tuning.get("states_dtype", _states_dtype(u.dtype, dtype))),
+    narrow_states_store=tuning.get("narrow_states_store", NARROW_STATES_STORE),
     paired_forward=tuning.get("paired_forward", not by_channel),
   )
 
@@ -1057,7 +1076,8 @@ def scan(
   (channels per program, a power of two), `num_warps`, `max_chunk` (positions per program at most; by
   default CHUNK if batch x channel blocks < FILLING_PROGRAMS, or FORWARD_FILLING_PROGRAMS without
   gradients, else whole sequences), `sub_chunk` (positions per state the backward keeps; its buffer is
-  1/sub_chunk of all states), `states_dtype` (of those states; `_states_dtype`) and `forward_sub_chunk`
+  1/sub_chunk of all states), `states_dtype` (of those states; `_states_dtype`), `narrow_states_store` (how the
+  states pass stores them: `NARROW_STATES_STORE`) and `forward_sub_chunk`
   (positions the forward loads ahead: FORWARD_SUB_CHUNK by channel, TILES_FORWARD_SUB_CHUNK as tiles); chunks
   are rounded up to a multiple of both sub-chunks. `by_channel` forces the forward's layout; `paired_forward` and
   `paired_states` whether the forward passes and the backward's states pass load two sub-chunks ahead. Where nothing

@@ -303,6 +303,21 @@ def test_bf16_kept_states_change_bf16_gradients_by_at_most_an_output_rounding():
       np.testing.assert_allclose(got, want, rtol=0, atol=tolerance, err_msg=name)
 
 
+def test_narrow_states_store_keeps_every_gradient():
+  """`narrow_states_store` only changes how Triton sees the states pass's store (runs of 4 states): the kept states,
+  and so every gradient, are the same."""
+  forward, backward, z = bidirectional_inputs(np.random.default_rng(5), (2, 37, 24, 16), jnp.bfloat16)
+  dy = jnp.asarray(np.random.default_rng(6).normal(size=z.shape), jnp.bfloat16)
+
+  def gradients(narrow):
+    fused = functools.partial(pallas_gpu.bidirectional, delta_softplus=True, interpret=True, narrow_states_store=narrow)
+    return jit_run(lambda *a: jax.vjp(fused, *a)[1](dy), forward, backward, z)
+
+  chex.assert_trees_all_equal(gradients(True), gradients(False))
+  indices = pallas_gpu._in_runs_of_four((3, 16))
+  chex.assert_trees_all_equal(jnp.stack(indices), jnp.indices((3, 16)))
+
+
 def test_packed_pairs_unpack_to_the_exact_bf16_values():
   """The by-channel forward's uint32 words of two bf16 give back each value exactly as float32, signs, zeros,
   subnormals, infinities and NaN included, in order."""
