@@ -135,9 +135,12 @@ PAIRED_STATES_PROGRAMS = 2048
 # 16: Triton then stores 8 bytes per thread, not 16, and lays the (channels, state) tile over 8 x 4 threads as for
 # float32 states, not 16 x 2, so dC's sum over the channels crosses 8 lanes, not 16. Offline (sm_90, Vim-Ti's fused
 # bidirectional backward at 224², batch 128): 910 -> 757 SASS instructions per 4 positions of its loop (shuffles
-# 76 -> 24 per 2 positions), 128 -> 93 registers. Off until an A/B on a card has timed it (thirty-second session,
-# no GPU lent).
+# 152 -> 48), 128 -> 93 registers. The gradient kernel reading them so (NARROW_STATES_LOAD) gets the same layout:
+# 772 -> 694 instructions per 2 positions but 168 -> 209 registers (12 -> 9 resident warps per SM); at 1248²,
+# batch 32, 805 -> 741 and 212 -> 221 (9 warps either way). Both off until an A/B on a card has timed them
+# (thirty-second session, no GPU lent).
 NARROW_STATES_STORE = False
+NARROW_STATES_LOAD = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,8 +181,10 @@ class _Plan:
   paired_states: bool = False
   # Of the states the backward's states pass keeps for its gradient kernel (`_states_dtype`).
   states_dtype: jnp.dtype = jnp.dtype(jnp.float32)
-  # The states pass stores them in runs of 4 states (`NARROW_STATES_STORE`).
+  # The states pass stores them, and the gradient kernel loads them, in runs of 4 states (`NARROW_STATES_STORE`,
+  # `NARROW_STATES_LOAD`).
   narrow_states_store: bool = False
+  narrow_states_load: bool = False
   # The forward passes run pairs of sub-chunks too (the tiles forward, `TILES_FORWARD_SUB_CHUNK`).
   paired_forward: bool = False
 
@@ -625,7 +630,8 @@ def _grad_kernel(*refs, plan: _Plan, chunk_index, start: str):
   A, D = chunk.A, chunk.D
 
   def load(j):
-    return states_ref[j], chunk.sub_chunk(j, C=True, z=plan.gated, extra=dy_ref)
+    at = _in_runs_of_four(states_ref.shape[1:]) if plan.narrow_states_load else ()
+    return states_ref[j, *at], chunk.sub_chunk(j, C=True, z=plan.gated, extra=dy_ref)
 
   def sub_chunk(j, loaded, carry):
     g_next, dA, dD, dbias = carry
@@ -1022,6 +1028,7 @@ def _plan(
     paired_states=tuning.get("paired_states", programs <= PAIRED_STATES_PROGRAMS),
     states_dtype=jnp.dtype(tuning.get("states_dtype", _states_dtype(u.dtype, dtype))),
     narrow_states_store=tuning.get("narrow_states_store", NARROW_STATES_STORE),
+    narrow_states_load=tuning.get("narrow_states_load", NARROW_STATES_LOAD),
     paired_forward=tuning.get("paired_forward", not by_channel),
   )
 
@@ -1076,9 +1083,10 @@ def scan(
   (channels per program, a power of two), `num_warps`, `max_chunk` (positions per program at most; by
   default CHUNK if batch x channel blocks < FILLING_PROGRAMS, or FORWARD_FILLING_PROGRAMS without
   gradients, else whole sequences), `sub_chunk` (positions per state the backward keeps; its buffer is
-  1/sub_chunk of all states), `states_dtype` (of those states; `_states_dtype`), `narrow_states_store` (how the
-  states pass stores them: `NARROW_STATES_STORE`) and `forward_sub_chunk`
-  (positions the forward loads ahead: FORWARD_SUB_CHUNK by channel, TILES_FORWARD_SUB_CHUNK as tiles); chunks
+  1/sub_chunk of all states), `states_dtype` (of those states; `_states_dtype`), `narrow_states_store` and
+  `narrow_states_load` (how the states pass stores them and the gradient kernel loads them: `NARROW_STATES_STORE`)
+  and `forward_sub_chunk` (positions the forward loads ahead: FORWARD_SUB_CHUNK by channel, TILES_FORWARD_SUB_CHUNK
+  as tiles); chunks
   are rounded up to a multiple of both sub-chunks. `by_channel` forces the forward's layout; `paired_forward` and
   `paired_states` whether the forward passes and the backward's states pass load two sub-chunks ahead. Where nothing
   is differentiated and `_one_pass_fits`, `mosaic_gpu`'s one-pass forward runs instead, unless `one_pass` is False."""
