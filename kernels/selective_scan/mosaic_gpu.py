@@ -18,10 +18,10 @@ layouts 1.05-1.57); both directions with the combine 1.95 (2.02 in place) agains
 63.2 against 70.0 ms at 1248² and 44.2 against 49.0 at 1024². At 224², batch 128 (197 positions) it was slower
 (0.108 ms at best against 0.099), so `pallas_gpu` calls it only where `fits` says (the measured shapes), unchunked,
 and only without gradients (there is no backward): for Vim's fused call, and for one direction with its last state
-(`last_state`). Those times had two warpgroup barriers at every position, which
-Pallas puts around each store to shared memory, and each position's loads behind the last one's store. The loads
-now come first (`_walk`) and `auto_barriers=False` leaves the barriers out (the comment at `plgpu.kernel`), which
-`pallas_gpu` does not do yet (`OPTIONS`); neither that kernel nor the chunks has been timed or run on a card yet.
+(`last_state`). Those times had two warpgroup barriers at every position, which Pallas puts around each store to
+shared memory, and each position's loads behind the last one's store. The loads now come first (`_walk`) and
+`auto_barriers=False` leaves the barriers out (the comment at `plgpu.kernel`), which `pallas_gpu` does not do yet
+(`OPTIONS`); neither that kernel nor the chunks has been timed or run on a card yet.
 
 Mosaic GPU needs sm_90 (Hopper) and its API still moves: this lowers on jax 0.11.2 and 0.12 (tests lower it for
 CUDA on CPU and run its math in interpret mode, which reads blocks from HBM in place (`staged=False`) because it
@@ -200,7 +200,7 @@ def _forward_kernel(
   b_ref, c_ref, a_ref, d_ref, bias_ref, *rest = refs[len(seq_names) :]
   ends_ref, totals_ref = rest[:2] if chunks.count > 1 else (None, None)
   last_ref = rest[-1] if last_state else None
-  y_ref = None if chunks.ends else seq_refs[y_over] if y_over else rest[-1 - last_state]
+  y_ref = None if chunks.ends else seq_refs[y_over] if y_over else rest[-2] if last_state else rest[-1]
   tile = LAYOUTS[layout][0]
   per_channel, per_state = tile.reduce(1), tile.reduce(0)
   sequence, block = lax.axis_index("sequence"), lax.axis_index("block")
@@ -446,7 +446,8 @@ def forward(
   # barrier (a test reads the lowered module), where it held eight per four positions. `pallas_gpu` keeps them
   # (`OPTIONS`) until that has been checked on a card.
   out_type = [] if y_over else [jax.ShapeDtypeStruct(u.shape, u.dtype)]
-  out_type += [jax.ShapeDtypeStruct((batch, channels, A.shape[1]), jnp.float32)] * last_state
+  if last_state:
+    out_type.append(jax.ShapeDtypeStruct((batch, channels, A.shape[1]), jnp.float32))
   outs = launch(seqs, extra, plan, tuple(out_type), barriers=auto_barriers)
   y = jax.freeze(seqs[y_over]) if y_over else outs[0]
   return (y, outs[-1]) if last_state else y

@@ -5,9 +5,9 @@ forward (`mosaic_gpu`: one pass over whole sequences, one warpgroup per block of
 shared memory by TMA) takes 13% less time than the two chunked Triton passes at 1248², batch 32 (H200), and
 `bidirectional` and `scan` (one direction, with its last state) run it where nothing is differentiated and it fits
 (`mosaic_gpu.fits`: long sequences, many of them, bf16, Hopper): Vim-Ti's forward at 1248², batch 32 63.2 against
-70.0 ms. It was slower at 224², its chunks
-for small batches are untimed and not called here, it has no backward, and Mosaic GPU's API still moves. Triton
-runs on jax 0.11 and 0.12; it is deprecated since 0.11 (lowering warns), so the port of the rest is due.
+70.0 ms. It was slower at 224², its chunks for small batches are untimed and not called here, it has no backward,
+and Mosaic GPU's API still moves. Triton runs on jax 0.11 and 0.12; it is deprecated since 0.11 (lowering warns),
+so the port of the rest is due.
 
 Fused like the official CUDA kernel: the kernels read the raw arguments in their own dtype (bf16 or f32)
 and do all per-position work in float32 registers: delta + delta_bias, softplus, the recurrence,
@@ -1086,10 +1086,10 @@ def scan(
   1/sub_chunk of all states), `states_dtype` (of those states; `_states_dtype`), `narrow_states_store` and
   `narrow_states_load` (how the states pass stores them and the gradient kernel loads them: `NARROW_STATES_STORE`)
   and `forward_sub_chunk` (positions the forward loads ahead: FORWARD_SUB_CHUNK by channel, TILES_FORWARD_SUB_CHUNK
-  as tiles); chunks
-  are rounded up to a multiple of both sub-chunks. `by_channel` forces the forward's layout; `paired_forward` and
-  `paired_states` whether the forward passes and the backward's states pass load two sub-chunks ahead. Where nothing
-  is differentiated and `_one_pass_fits`, `mosaic_gpu`'s one-pass forward runs instead, unless `one_pass` is False."""
+  as tiles); chunks are rounded up to a multiple of both sub-chunks. `by_channel` forces the forward's layout;
+  `paired_forward` and `paired_states` whether the forward passes and the backward's states pass load two sub-chunks
+  ahead. Where nothing is differentiated and `_one_pass_fits`, `mosaic_gpu`'s one-pass forward runs instead, unless
+  `one_pass` is False."""
   one_pass = tuning.pop("one_pass", True)
   channels, state = A.shape
   dtype = compute_dtype(u, delta, A, B, C, D, z, delta_bias)
