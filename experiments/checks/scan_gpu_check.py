@@ -147,7 +147,8 @@ def _mosaic_runs(arrays) -> dict:
     return {"y": y, "last_state": last}
 
   runs = {}
-  for suffix, options in (("", shipped), (", no barriers", dict(shipped, auto_barriers=False))):
+  variants = [("", shipped)] + [(", no barriers", dict(shipped, auto_barriers=False))] * shipped["auto_barriers"]
+  for suffix, options in variants:
     runs |= {
       f"bidirectional{suffix}": functools.partial(bidirectional, options=options, in_place=False),
       f"bidirectional, in place{suffix}": functools.partial(bidirectional, options=options, in_place=True),

@@ -190,12 +190,14 @@ def _forward_kernel(
   y_over,
   chunks,
   last_state,
+  length,
 ):
   """refs: the (batch, length, channels) inputs named by `seq_names`, then B, C, A, D and delta_bias; with several
   chunks, the (batch, chunks, channels, state) end states and (batch, chunks, channels) step totals (inputs of the
   outputs launch, outputs of the ends launch); then y (outputs launch, unless y goes over the input `y_over`: each
   block of it is read before y is written there); then, with `last_state`, the (batch, channels, state) state after
-  the last position walked (outputs launch)."""
+  the last position walked (outputs launch). `length` is the sequences' own: a last block past it reads zeros (TMA's
+  fill out of bounds, or `forward`'s padding)."""
   seq_refs = dict(zip(seq_names, refs[: len(seq_names)], strict=True))
   b_ref, c_ref, a_ref, d_ref, bias_ref, *rest = refs[len(seq_names) :]
   ends_ref, totals_ref = rest[:2] if chunks.count > 1 else (None, None)
@@ -208,7 +210,6 @@ def _forward_kernel(
   a_log2 = _load(a_ref.at[channels, :], tile) * math.log2(math.e)
   skip, bias = _load(d_ref.at[channels], per_channel), _load(bias_ref.at[channels], per_channel)
   zeros = plgpu.layout_cast(jnp.zeros((block_d, b_ref.shape[-1]), jnp.float32), tile)
-  length = b_ref.shape[1]
   states = dict(B=b_ref, C=c_ref)
   if chunks.ends:
     update = functools.partial(_end_update, a_log2=a_log2)
@@ -264,7 +265,11 @@ def _forward_kernel(
         (block_t, b_ref.shape[-1]), vec_size=min(8, block_t * b_ref.shape[-1] // 128)
       )
 
-    def block_body(*block_refs):
+    # Zeros past the sequence's end still decay the state (their step size is softplus(bias) > 0). Walked last (not in
+    # reverse) and the state kept, their step sizes are zeroed; walked first, they leave the zero state as it is.
+    past_end = bool(block_t and length % block_t) and not reverse and last_state
+
+    def block_body(start, *block_refs):
       *block_refs, carry = block_refs
       names = (*seq_names, "B") if chunks.ends else (*seq_names, "B", "C", "y")
       blocks = dict(zip(names, block_refs, strict=True))
@@ -284,7 +289,10 @@ def _forward_kernel(
         else:
           rows_at = _raw_rows(lambda k: _load(blocks[k].at[t], per_channel), bias)
         cols_at = lambda k: _load((shared if k in shared else blocks)[k].at[t], per_state)  # noqa: E731
-        return _inputs(rows_at, cols_at, combine, ends=chunks.ends)
+        inputs = _inputs(rows_at, cols_at, combine, ends=chunks.ends)
+        if past_end:
+          inputs["step_size"] = inputs["step_size"] * jnp.clip(length - start - t, 0, 1).astype(jnp.float32)
+        return inputs
 
       def write(t, y):
         blocks["y"][t] = y.astype(blocks["y"].dtype)
@@ -293,13 +301,15 @@ def _forward_kernel(
 
     per_channel_refs = [*seq_refs.values()] + ([] if chunks.ends else [y_ref])
     state_refs = [b_ref] if chunks.ends else [b_ref, c_ref]
-    if not staged:  # blocks read where they lie in HBM (what interpret mode runs; the length a multiple of block_t)
+    if not staged:  # blocks read where they lie in HBM (what interpret mode runs; the length padded to whole blocks)
 
       def over_blocks(i, carry):
         at = pl.ds(block_at(i) * block_t, block_t)
         seq_views = [r.at[sequence, at, channels] for r in per_channel_refs]
         state_views = [r.at[sequence, at] for r in state_refs]
-        return block_body(*seq_views[: len(seq_names)], *state_views, *seq_views[len(seq_names) :], carry)
+        return block_body(
+          block_at(i) * block_t, *seq_views[: len(seq_names)], *state_views, *seq_views[len(seq_names) :], carry
+        )
 
       return lax.fori_loop(0, count, over_blocks, carry)
 
@@ -310,7 +320,7 @@ def _forward_kernel(
     seq_spec = plgpu.BlockSpec((block_t, block_d), lambda i: (block_at(i), block), transforms=untiled)
     state_spec = plgpu.BlockSpec((block_t, b_ref.shape[-1]), lambda i: (block_at(i), 0))
     pipeline = plgpu.emit_pipeline(
-      lambda indices, *blocks: block_body(*blocks),
+      lambda indices, *blocks: block_body(block_at(indices[0]) * block_t, *blocks),
       grid=(count,),
       in_specs=[seq_spec] * len(seq_names) + [state_spec] * len(state_refs),
       out_specs=[seq_spec] * (len(per_channel_refs) - len(seq_names)),
@@ -375,12 +385,12 @@ def forward(
   `share_channel_work` computes each block's softplus and gate once per (position, channel) into shared memory
   (`block_t` a multiple of 32, `block_d` of 32); `f32_states` then also converts B's and C's rows to float32 there
   once, which every channel's threads otherwise do at every position. `staged=False` reads the blocks from HBM
-  without TMA (the length then a multiple of `block_t`). `y_over` ("delta" or "partner") writes y over that input,
-  as a mutable ref (`jax.new_ref`), which XLA aliases to the output: no new buffer where the input is not read
-  again. `chunks` > 1 splits each sequence into that many chunks of whole blocks (`_Chunks`), for a GPU that too few
-  sequences would leave idle: a launch for the chunks' end states, then one for y. `auto_barriers` puts back the
-  warpgroup barriers Pallas inserts around every shared-memory store (the comment at `plgpu.kernel` says why they
-  are left out)."""
+  without TMA (interpret mode), the sequences padded with zeros to whole blocks as TMA's copies read them. `y_over`
+  ("delta" or "partner") writes y over that input, as a mutable ref (`jax.new_ref`), which XLA aliases to the
+  output: no new buffer where the input is not read again. `chunks` > 1 splits each sequence into that many chunks
+  of whole blocks (`_Chunks`), for a GPU that too few sequences would leave idle: a launch for the chunks' end
+  states, then one for y. `auto_barriers` puts back the warpgroup barriers Pallas inserts around every shared-memory
+  store (the comment at `plgpu.kernel` says why they are left out)."""
   batch, length, channels = u.shape
   multiple = LAYOUTS[layout][1]
   if channels % block_d or block_d % multiple:
@@ -391,14 +401,18 @@ def forward(
     raise ValueError(f"share_channel_work needs block_t ({block_t}) > 0 and it and block_d ({block_d}) multiples of 32")
   if f32_states and not share_channel_work:
     raise ValueError("f32_states needs share_channel_work")
-  if block_t and not staged and length % block_t:
-    raise ValueError(f"staged=False needs a length that is a multiple of block_t ({block_t}), got {length}")
   num_blocks = pl.cdiv(length, block_t) if block_t else 1
   if chunks < 1 or (chunks > 1 and not block_t):
     raise ValueError(f"chunks must be 1, or more with blocks (block_t > 0), got {chunks} with block_t {block_t}")
   seqs = dict(u=u, delta=delta) | (dict(z=z) if gated else {}) | ({} if partner is None else dict(partner=partner))
   if y_over not in (None, *seqs):
     raise ValueError(f"y_over must be None or one of {tuple(seqs)}, got {y_over!r}")
+  if block_t and not staged and length % block_t:  # zeros past the end, as TMA's copies read there
+
+    def pad(x):
+      return jnp.pad(x, ((0, 0), (0, num_blocks * block_t - length), (0, 0)))
+
+    seqs, B, C = {k: pad(v) for k, v in seqs.items()}, pad(B), pad(C)
   chunk_blocks = pl.cdiv(num_blocks, chunks)
   plan = _Chunks(count=pl.cdiv(num_blocks, chunk_blocks), blocks=chunk_blocks)
 
@@ -420,6 +434,7 @@ def forward(
         y_over=y_over,
         chunks=plan,
         last_state=last_state and not plan.ends,
+        length=length,
       ),
       out_type=out_type,
       grid=(batch, channels // block_d, *chunk_programs),
@@ -433,7 +448,7 @@ def forward(
   if plan.count > 1:  # the chunks' end states first; Pallas's barriers stay there: no y copy's commit precedes a refill
     shapes = [(batch, plan.count, channels, A.shape[1]), (batch, plan.count, channels)]
     ends_out = [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes]
-    extra = launch(dict(u=u, delta=delta), (), plan._replace(ends=True), ends_out, barriers=True)
+    extra = launch(dict(u=seqs["u"], delta=seqs["delta"]), (), plan._replace(ends=True), ends_out, barriers=True)
   if y_over:
     seqs[y_over] = jax.new_ref(seqs[y_over].astype(u.dtype))
   # approx_math: ex2.approx, as the Triton kernels. Pallas puts a warpgroup barrier (bar.sync) before and after every
@@ -445,11 +460,11 @@ def forward(
   # the pipeline's wait on its earlier copy (a barrier follows it). Without them the loop over positions holds no
   # barrier (a test reads the lowered module), where it held eight per four positions. `pallas_gpu` keeps them
   # (`OPTIONS`) until that has been checked on a card.
-  out_type = [] if y_over else [jax.ShapeDtypeStruct(u.shape, u.dtype)]
+  out_type = [] if y_over else [jax.ShapeDtypeStruct(seqs["u"].shape, u.dtype)]
   if last_state:
     out_type.append(jax.ShapeDtypeStruct((batch, channels, A.shape[1]), jnp.float32))
   outs = launch(seqs, extra, plan, tuple(out_type), barriers=auto_barriers)
-  y = jax.freeze(seqs[y_over]) if y_over else outs[0]
+  y = (jax.freeze(seqs[y_over]) if y_over else outs[0])[:, :length]
   return (y, outs[-1]) if last_state else y
 
 
