@@ -15,9 +15,9 @@ Forward (y, last state) and the gradients of all eight arrays, both directions, 
 bidirectional scan with its gradients (A also as `NegativeExp`) and without them (its inference path, which
 writes y over its inputs), on shapes that exercise short last chunks, partial sub-chunks, padded channels
 and several chunks (`--case=i` runs one of them, to keep sanitizer runs short). `--mosaic` checks the Mosaic GPU
-one-pass forward instead, with the options `pallas_gpu` runs it with (`mosaic_gpu.OPTIONS`) and again without
-Pallas's barriers, on `MOSAIC_CASES`: `pallas_gpu` calls it only for long sequences and many of them, which none of
-`CASES` is.
+one-pass forward instead, with the options `pallas_gpu` runs it with (`mosaic_gpu.OPTIONS`) and, while those keep
+Pallas's barriers, without them, on `MOSAIC_CASES`: `pallas_gpu` calls it only for long sequences and many of
+them, which none of `CASES` is.
 Prints the worst relative error per case and exits non-zero above the tolerance. With the platform
 allocator every buffer is its own allocation, so compute-sanitizer sees any access past one; command
 buffers (CUDA graphs) are off so that every kernel launch is its own. XLA's compiler crashes under the
@@ -121,8 +121,8 @@ def _pallas_gpu_runs(arrays, weights) -> dict:
 
 
 def _mosaic_runs(arrays) -> dict:
-  """The Mosaic GPU forward with the options `pallas_gpu` runs it with, and again without Pallas's barriers (which it
-  keeps until this check has passed without them): both directions (in place or not, and in chunks) and one gated
+  """The Mosaic GPU forward with the options `pallas_gpu` runs it with, and again without Pallas's barriers while
+  those keep them: both directions (in place or not, and in chunks) and one gated
   direction each way with its last state, as {what: run(impl)}, impl "mosaic_gpu" or "reference"."""
   rolled = {k: jnp.roll(arrays[k], 1, axis=1) for k in ("u", "delta", "B", "C")}
   forward = Direction(*(arrays[k] for k in Direction._fields))

@@ -19,9 +19,11 @@ layouts 1.05-1.57); both directions with the combine 1.95 (2.02 in place) agains
 (0.108 ms at best against 0.099), so `pallas_gpu` calls it only where `fits` says (the measured shapes), unchunked,
 and only without gradients (there is no backward): for Vim's fused call, and for one direction with its last state
 (`last_state`). Those times had two warpgroup barriers at every position, which Pallas puts around each store to
-shared memory, and each position's loads behind the last one's store. The loads now come first (`_walk`) and
-`auto_barriers=False` leaves the barriers out (the comment at `plgpu.kernel`), which `pallas_gpu` does not do yet
-(`OPTIONS`); neither that kernel nor the chunks has been timed or run on a card yet.
+shared memory, and each position's loads behind the last one's store. The loads now come first (`_walk`): one
+direction at 1248², batch 32 0.80 ms (thirty-third session). `auto_barriers=False` leaves the barriers out (the
+comment at `plgpu.kernel`): 0.72 ms, 0.71 with `f32_states`, and every `scan_gpu_check.py --mosaic` run matched the
+reference without them; `pallas_gpu` keeps them (`OPTIONS`) until racecheck has passed. The chunks have not run on
+a card yet.
 
 Mosaic GPU needs sm_90 (Hopper) and its API still moves: this lowers on jax 0.11.2 and 0.12 (tests lower it for
 CUDA on CPU and run its math in interpret mode, which reads blocks from HBM in place (`staged=False`) because it
@@ -459,7 +461,7 @@ def forward(
   # pipeline's `commit_smem`; an input slot is refilled, and an output slot written again, only after that barrier and
   # the pipeline's wait on its earlier copy (a barrier follows it). Without them the loop over positions holds no
   # barrier (a test reads the lowered module), where it held eight per four positions. `pallas_gpu` keeps them
-  # (`OPTIONS`) until that has been checked on a card.
+  # (`OPTIONS`) until racecheck has checked that on a card.
   out_type = [] if y_over else [jax.ShapeDtypeStruct(seqs["u"].shape, u.dtype)]
   if last_state:
     out_type.append(jax.ShapeDtypeStruct((batch, channels, A.shape[1]), jnp.float32))
@@ -490,7 +492,7 @@ def bidirectional(forward_args: tuple, backward_args: tuple, z, *, in_place: boo
 # What `pallas_gpu` runs (the fastest setting at 1248², batch 32 on an H200) and where: sequences of at least
 # FITS_LENGTH positions, at least FITS_PROGRAMS (sequence, channel block) programs (Vim-Ti at 1024² and 1248², batch
 # 32, has 384), bf16, state 16, on sm_90. It keeps Pallas's barriers until the kernel without them has passed
-# `scan_gpu_check.py --mosaic` and compute-sanitizer's racecheck on a card (no GPU was lent when they were removed).
+# compute-sanitizer's racecheck on a card (`scan_gpu_check.py --mosaic` has: H200, thirty-third session).
 OPTIONS = dict(
   layout="quarter_rows", block_d=32, block_t=64, unroll=4, share_channel_work=True, in_place=True, auto_barriers=True
 )
