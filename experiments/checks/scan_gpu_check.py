@@ -122,8 +122,8 @@ def _pallas_gpu_runs(arrays, weights) -> dict:
 
 def _mosaic_runs(arrays) -> dict:
   """The Mosaic GPU forward with the options `pallas_gpu` runs it with, and again without Pallas's barriers while
-  those keep them: both directions (in place or not, and in chunks) and one gated
-  direction each way with its last state, as {what: run(impl)}, impl "mosaic_gpu" or "reference"."""
+  those keep them: both directions (in place or not, and in chunks) and one gated direction each way with its last
+  state, as {what: run(impl)}, impl "mosaic_gpu" or "reference"."""
   rolled = {k: jnp.roll(arrays[k], 1, axis=1) for k in ("u", "delta", "B", "C")}
   forward = Direction(*(arrays[k] for k in Direction._fields))
   backward = forward._replace(**rolled)
@@ -147,7 +147,9 @@ def _mosaic_runs(arrays) -> dict:
     return {"y": y, "last_state": last}
 
   runs = {}
-  variants = [("", shipped)] + [(", no barriers", dict(shipped, auto_barriers=False))] * shipped["auto_barriers"]
+  variants = [("", shipped)]
+  if shipped["auto_barriers"]:
+    variants.append((", no barriers", dict(shipped, auto_barriers=False)))
   for suffix, options in variants:
     runs |= {
       f"bidirectional{suffix}": functools.partial(bidirectional, options=options, in_place=False),
