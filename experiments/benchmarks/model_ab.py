@@ -7,21 +7,17 @@ tree's, in one process, rounds alternating between the two.
 
 Cases are mode:image_size:batch, mode `inference` (logits, `model_steps.forward_step`) or `train` (forward, backward
 and AdamW, `model_steps.train_step`). Both steps are compiled first, the `before` one with the selective-scan API
-pointed at `pallas_gpu_before`; then 4 rounds of 10 calls each alternate between them (`model_steps.time_per_call`).
+pointed at `pallas_gpu_before`; then 4 rounds of 10 calls each alternate between them (`model_steps.alternate_rounds`).
 Prints one JSON line per case and code: every round's ms per call, their median and XLA's temporary memory.
 """
 
-import json
 import sys
 
 import jax
-import numpy as np
 
-from experiments.benchmarks.model_steps import forward_step, time_per_call, train_step
+from experiments.benchmarks.model_steps import alternate_rounds, forward_step, train_step
 from kernels.selective_scan import api, pallas_gpu, pallas_gpu_before
 from vim_jax.models import create_model
-
-_ROUNDS, _REPS = 4, 10
 
 
 def _step(mode: str, size: int, batch: int, module):
@@ -41,16 +37,7 @@ def main(cases: list[str]) -> None:
     steps = {
       code: _step(mode, int(size), int(batch), m) for code, m in (("before", pallas_gpu_before), ("after", pallas_gpu))
     }
-    rounds = {code: [] for code in steps}
-    for _ in range(_ROUNDS):
-      for code, step in steps.items():
-        seconds, args = time_per_call(step, _REPS)
-        steps[code] = step._replace(args=args)
-        rounds[code].append(round(seconds * 1e3, 3))
-    for code, step in steps.items():
-      temp = step.compiled.memory_analysis().temp_size_in_bytes / 2**20
-      row = {"mode": mode, "image_size": int(size), "batch": int(batch), "code": code, "ms_rounds": rounds[code]}
-      print(json.dumps(row | {"median_ms": float(np.median(rounds[code])), "temp_mib": round(temp, 1)}), flush=True)
+    alternate_rounds({"mode": mode, "image_size": int(size), "batch": int(batch)}, steps)
 
 
 if __name__ == "__main__":

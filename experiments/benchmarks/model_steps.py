@@ -3,6 +3,7 @@ trainer_step_ab.py and memory_offline.py."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -134,3 +135,19 @@ def time_per_call(step: Step, reps: int) -> tuple[float, tuple]:
     args, out = step.call(args)
   jax.block_until_ready((args, out))
   return (time.perf_counter() - start) / reps, args
+
+
+def alternate_rounds(case: dict, steps: dict, rounds_of: int = 4, reps: int = 10) -> None:
+  """Times the compiled `steps` ({code: Step}) in `rounds_of` rounds of `reps` calls, alternating between them (an
+  A/B in one process: drift hits every code alike), and prints one JSON line per code: `case`, every round's ms per
+  call, their median and XLA's temporary memory."""
+  rounds = {code: [] for code in steps}
+  for _ in range(rounds_of):
+    for code, step in steps.items():
+      seconds, args = time_per_call(step, reps)
+      steps[code] = step._replace(args=args)
+      rounds[code].append(round(seconds * 1e3, 3))
+  for code, step in steps.items():
+    temp = step.compiled.memory_analysis().temp_size_in_bytes / 2**20
+    row = case | {"code": code, "ms_rounds": rounds[code], "median_ms": float(np.median(rounds[code]))}
+    print(json.dumps(row | {"temp_mib": round(temp, 1)}), flush=True)

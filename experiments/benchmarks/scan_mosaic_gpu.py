@@ -20,7 +20,10 @@ at best (quarter_rows, block_d 32, block_t 64, shared work), every layout 0.99-1
 place) at 1248², 1.585 against 1.327 (1.383) at 1024². Earlier, on an H100 with the WGMMA layout
 (scan_mosaic_gpu_h100.json): 1.55 against 1.38 at 1248²; loads straight from HBM were 2.7x slower there. All of these
 had Pallas's barriers around every shared-memory store and each position's loads after the last one's store (what
-`--auto_barriers=1` comes close to); the kernel has not been timed without them.
+`--auto_barriers=1` comes close to). NVIDIA H100, thirty-fourth session, as `pallas_gpu` now runs it (loads first,
+no barriers, f32_states, in place): both directions 1.43 ms at 1248², batch 32 (Triton 2.28, barriers kept 1.65;
+scan_mosaic_gpu_bidirectional_no_barriers_h100.json); at batch 8 in 4-16 chunks 0.57-0.60 (Triton 0.76), at batch 1
+in 32 chunks 0.10 (Triton 0.28; scan_mosaic_gpu_bidirectional_chunks_1248_b8_b1_h100.json).
 """
 
 import functools

@@ -15,9 +15,8 @@ Forward (y, last state) and the gradients of all eight arrays, both directions, 
 bidirectional scan with its gradients (A also as `NegativeExp`) and without them (its inference path, which
 writes y over its inputs), on shapes that exercise short last chunks, partial sub-chunks, padded channels
 and several chunks (`--case=i` runs one of them, to keep sanitizer runs short). `--mosaic` checks the Mosaic GPU
-one-pass forward instead, with the options `pallas_gpu` runs it with (`mosaic_gpu.OPTIONS`) and, while those keep
-Pallas's barriers, without them, on `MOSAIC_CASES`: `pallas_gpu` calls it only for long sequences and many of
-them, which none of `CASES` is.
+one-pass forward instead, with the options `pallas_gpu` runs it with (`mosaic_gpu.OPTIONS`), whole and in 3 chunks,
+on `MOSAIC_CASES`: `pallas_gpu` calls it only for long sequences, which none of `CASES` is.
 Prints the worst relative error per case and exits non-zero above the tolerance. With the platform
 allocator every buffer is its own allocation, so compute-sanitizer sees any access past one; command
 buffers (CUDA graphs) are off so that every kernel launch is its own. XLA's compiler crashes under the
@@ -121,48 +120,41 @@ def _pallas_gpu_runs(arrays, weights) -> dict:
 
 
 def _mosaic_runs(arrays) -> dict:
-  """The Mosaic GPU forward with the options `pallas_gpu` runs it with, and again without Pallas's barriers while
-  those keep them: both directions (in place or not, and in chunks) and one gated direction each way with its last
-  state, as {what: run(impl)}, impl "mosaic_gpu" or "reference"."""
+  """The Mosaic GPU forward with the options `pallas_gpu` runs it with: both directions (in place or not, and in
+  chunks) and one gated direction each way with its last state (whole and in chunks), as {what: run(impl)}, impl
+  "mosaic_gpu" or "reference"."""
   rolled = {k: jnp.roll(arrays[k], 1, axis=1) for k in ("u", "delta", "B", "C")}
   forward = Direction(*(arrays[k] for k in Direction._fields))
   backward = forward._replace(**rolled)
-  shipped = {k: v for k, v in mosaic_gpu.OPTIONS.items() if k != "in_place"}
 
-  def bidirectional(impl, options, in_place, chunks=1):
+  def bidirectional(impl, in_place, chunks=1):
     if impl == "reference":
       return selective_scan_bidirectional(forward, backward, arrays["z"], delta_softplus=True, impl=impl)
-    return jax.jit(functools.partial(mosaic_gpu.bidirectional, in_place=in_place, chunks=chunks, **options))(
-      tuple(forward), tuple(backward), arrays["z"]
-    )
+    options = dict(mosaic_gpu.OPTIONS, in_place=in_place, chunks=chunks)
+    return jax.jit(functools.partial(mosaic_gpu.bidirectional, **options))(tuple(forward), tuple(backward), arrays["z"])
 
-  def one_direction(impl, options, reverse):
+  def one_direction(impl, reverse, chunks=1):
     """y and the last state, as `pallas_gpu.scan` takes them without gradients."""
     if impl == "reference":
       y, last = selective_scan(**arrays, delta_softplus=True, reverse=reverse, return_last_state=True, impl=impl)
     else:
       args = [arrays[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
-      forward = functools.partial(mosaic_gpu.forward, reverse=reverse, last_state=True, **options)
-      y, last = jax.jit(forward)(*args)
+      options = dict(mosaic_gpu.SINGLE_OPTIONS, reverse=reverse, last_state=True, chunks=chunks)
+      y, last = jax.jit(functools.partial(mosaic_gpu.forward, **options))(*args)
     return {"y": y, "last_state": last}
 
-  runs = {}
-  variants = [("", shipped)]
-  if shipped["auto_barriers"]:
-    variants.append((", no barriers", dict(shipped, auto_barriers=False)))
-  for suffix, options in variants:
-    runs |= {
-      f"bidirectional{suffix}": functools.partial(bidirectional, options=options, in_place=False),
-      f"bidirectional, in place{suffix}": functools.partial(bidirectional, options=options, in_place=True),
-      f"bidirectional, in place, 3 chunks{suffix}": functools.partial(
-        bidirectional, options=options, in_place=True, chunks=3
-      ),
-      **{
-        f"gated, reverse={r}{suffix}": functools.partial(one_direction, options=options, reverse=r)
-        for r in (False, True)
-      },
-    }
-  return runs
+  return {
+    "bidirectional": functools.partial(bidirectional, in_place=False),
+    "bidirectional, in place": functools.partial(bidirectional, in_place=True),
+    "bidirectional, in place, 3 chunks": functools.partial(bidirectional, in_place=True, chunks=3),
+    **{
+      f"gated, reverse={r}{', 3 chunks' if chunks > 1 else ''}": functools.partial(
+        one_direction, reverse=r, chunks=chunks
+      )
+      for r in (False, True)
+      for chunks in (1, 3)
+    },
+  }
 
 
 def main(argv) -> int:

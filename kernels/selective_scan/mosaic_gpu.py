@@ -16,14 +16,15 @@ work once. NVIDIA H200, jax 0.11.2, bf16, Vim-Ti shapes (experiments/results, th
 1248², batch 32 0.99 ms against Triton's 1.14 (`quarter_rows`, block_d 32, block_t 64, shared work; the other
 layouts 1.05-1.57); both directions with the combine 1.95 (2.02 in place) against 2.28; Vim-Ti's whole forward
 63.2 against 70.0 ms at 1248² and 44.2 against 49.0 at 1024². At 224², batch 128 (197 positions) it was slower
-(0.108 ms at best against 0.099), so `pallas_gpu` calls it only where `fits` says (the measured shapes), unchunked,
-and only without gradients (there is no backward): for Vim's fused call, and for one direction with its last state
+(0.108 ms at best against 0.099), so `pallas_gpu` calls it only where `fits` says (the measured shapes), and only
+without gradients (there is no backward): for Vim's fused call, and for one direction with its last state
 (`last_state`). Those times had two warpgroup barriers at every position, which Pallas puts around each store to
 shared memory, and each position's loads behind the last one's store. The loads now come first (`_walk`): one
 direction at 1248², batch 32 0.80 ms (thirty-third session). `auto_barriers=False` leaves the barriers out (the
-comment at `plgpu.kernel`): 0.72 ms, 0.71 with `f32_states`, and every `scan_gpu_check.py --mosaic` run matched the
-reference without them; `pallas_gpu` keeps them (`OPTIONS`) until racecheck has passed. The chunks have not run on
-a card yet.
+comment at `plgpu.kernel`): 0.72 ms, 0.71 with `f32_states`. racecheck found no hazard without them (H100,
+thirty-fourth session), so `OPTIONS` leaves them out: both directions at 1248², batch 32 1.43 ms against 1.65 with
+them and Triton's 2.28 (H100). Chunks fill the GPU where the batch does not (`chunks_to_fill`): both directions at
+1248², batch 8 0.60 ms against Triton's 0.76, at batch 1 0.10 against 0.28 (H100).
 
 Mosaic GPU needs sm_90 (Hopper) and its API still moves: this lowers on jax 0.11.2 and 0.12 (tests lower it for
 CUDA on CPU and run its math in interpret mode, which reads blocks from HBM in place (`staged=False`) because it
@@ -460,8 +461,8 @@ def forward(
   # gate are read after the second `commit_smem` (a fence and a barrier), y's block by its TMA copy after the
   # pipeline's `commit_smem`; an input slot is refilled, and an output slot written again, only after that barrier and
   # the pipeline's wait on its earlier copy (a barrier follows it). Without them the loop over positions holds no
-  # barrier (a test reads the lowered module), where it held eight per four positions. `pallas_gpu` keeps them
-  # (`OPTIONS`) until racecheck has checked that on a card.
+  # barrier (a test reads the lowered module), where it held eight per four positions. compute-sanitizer's racecheck
+  # agrees (scan_racecheck_mosaic_no_barriers_h100.txt).
   out_type = [] if y_over else [jax.ShapeDtypeStruct(seqs["u"].shape, u.dtype)]
   if last_state:
     out_type.append(jax.ShapeDtypeStruct((batch, channels, A.shape[1]), jnp.float32))
@@ -489,16 +490,17 @@ def bidirectional(forward_args: tuple, backward_args: tuple, z, *, in_place: boo
   )
 
 
-# What `pallas_gpu` runs (the fastest setting at 1248², batch 32 on an H200) and where: sequences of at least
-# FITS_LENGTH positions, at least FITS_PROGRAMS (sequence, channel block) programs (Vim-Ti at 1024² and 1248², batch
-# 32, has 384), bf16, state 16, on sm_90. It keeps Pallas's barriers until the kernel without them has passed
-# compute-sanitizer's racecheck on a card (`scan_gpu_check.py --mosaic` has: H200, thirty-third session).
+# What `pallas_gpu` runs (the fastest setting at 1248², batch 32 on an H200 and an H100) and where: sequences of
+# at least FITS_LENGTH positions, bf16, state 16, on sm_90, in `chunks_to_fill` chunks. Without Pallas's barriers:
+# racecheck found no hazard (H100, thirty-fourth session), and Vim-Ti's forward at 1248², batch 32 went from 58.8 to
+# 53.5 ms with `f32_states` too (H100, ab_mosaic_options_vim_tiny_1248_h100.txt).
 OPTIONS = dict(
-  layout="quarter_rows", block_d=32, block_t=64, unroll=4, share_channel_work=True, in_place=True, auto_barriers=True
+  layout="quarter_rows", block_d=32, block_t=64, unroll=4, share_channel_work=True, f32_states=True, in_place=True
 )
 # A single direction (`pallas_gpu.scan` without gradients) runs the same kernel with y beside its inputs.
 SINGLE_OPTIONS = {k: v for k, v in OPTIONS.items() if k != "in_place"}
 FITS_LENGTH = 4096
+# (sequence, channel block) programs that fill an H100 or H200: Vim-Ti at 1024² and 1248², batch 32, has 384.
 FITS_PROGRAMS = 384
 
 
@@ -511,8 +513,14 @@ def fits(batch: int, length: int, channels: int, state: int, dtype, compute_capa
     and state == _STATE_OF[OPTIONS["layout"]]
     and channels % block_d == 0
     and length >= FITS_LENGTH
-    and batch * channels // block_d >= FITS_PROGRAMS
   )
+
+
+def chunks_to_fill(batch: int, channels: int) -> int:
+  """Chunks per sequence that give at least FITS_PROGRAMS programs with OPTIONS: one for Vim-Ti at batch 32, 4 at
+  batch 8, 32 for one image. One direction at 1248², H100: 0.29 ms at batch 8 against 0.37 unchunked and Triton's
+  0.39; 0.10 at batch 1 against 0.38 and 0.14 (scan_mosaic_gpu_chunks_1248_b8_b1_h100.json)."""
+  return -(-FITS_PROGRAMS // (batch * channels // OPTIONS["block_d"]))
 
 
 def compute_capability() -> str | None:

@@ -2,12 +2,12 @@
 
 Triton rather than Mosaic GPU (the backend Pallas is moving to), for now and by measurement. A Mosaic GPU
 forward (`mosaic_gpu`: one pass over whole sequences, one warpgroup per block of channels, inputs staged through
-shared memory by TMA) takes 13% less time than the two chunked Triton passes at 1248², batch 32 (H200), and
+shared memory by TMA) takes 37% less time than the two chunked Triton passes at 1248², batch 32 (H100), and
 `bidirectional` and `scan` (one direction, with its last state) run it where nothing is differentiated and it fits
-(`mosaic_gpu.fits`: long sequences, many of them, bf16, Hopper): Vim-Ti's forward at 1248², batch 32 63.2 against
-70.0 ms. It was slower at 224², its chunks for small batches are untimed and not called here, it has no backward,
-and Mosaic GPU's API still moves. Triton runs on jax 0.11 and 0.12; it is deprecated since 0.11 (lowering warns),
-so the port of the rest is due.
+(`mosaic_gpu.fits`: long sequences, bf16, Hopper; in chunks where the batch is small): Vim-Ti's forward at 1248²,
+batch 32 53.5 against 74.7 ms, at batch 8 19.3 against 23.9 (H100). It was slower at 224², it has no backward, and
+Mosaic GPU's API still moves. Triton runs on jax 0.11 and 0.12; it is deprecated since 0.11 (lowering warns), so the
+port of the rest is due.
 
 Fused like the official CUDA kernel: the kernels read the raw arguments in their own dtype (bf16 or f32)
 and do all per-position work in float32 registers: delta + delta_bias, softplus, the recurrence,
@@ -135,12 +135,11 @@ PAIRED_STATES_PROGRAMS = 2048
 # 16: Triton then stores 8 bytes per thread, not 16, and lays the (channels, state) tile over 8 x 4 threads as for
 # float32 states, not 16 x 2, so dC's sum over the channels crosses 8 lanes, not 16. Offline (sm_90, Vim-Ti's fused
 # bidirectional backward at 224², batch 128): 910 -> 757 SASS instructions per 4 positions of its loop (shuffles
-# 152 -> 48), 128 -> 93 registers. The gradient kernel reading them so (NARROW_STATES_LOAD) gets the same layout:
-# 772 -> 694 instructions per 2 positions but 168 -> 209 registers (12 -> 9 resident warps per SM); at 1248²,
-# batch 32, 805 -> 741 and 212 -> 221 (9 warps either way). Both off until an A/B on a card has timed them
-# (thirty-second session, no GPU lent).
+# 152 -> 48), 128 -> 93 registers (thirty-second session). Fused bidirectional backward on an H100, bf16: 6.79 against
+# 6.98-7.00 ms at 1248², batch 32, but 0.747 against 0.731-0.746 at 224², batch 128, within the spread
+# (scan_tune_narrow_states_h100.txt); off until the trainer's step at 224² has been timed with it. The gradient kernel
+# reading the states so as well took 0.92 and 8.45 ms (168 -> 209 registers offline), so it reads them whole.
 NARROW_STATES_STORE = False
-NARROW_STATES_LOAD = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,10 +180,8 @@ class _Plan:
   paired_states: bool = False
   # Of the states the backward's states pass keeps for its gradient kernel (`_states_dtype`).
   states_dtype: jnp.dtype = jnp.dtype(jnp.float32)
-  # The states pass stores them, and the gradient kernel loads them, in runs of 4 states (`NARROW_STATES_STORE`,
-  # `NARROW_STATES_LOAD`).
+  # The states pass stores them in runs of 4 states (`NARROW_STATES_STORE`).
   narrow_states_store: bool = False
-  narrow_states_load: bool = False
   # The forward passes run pairs of sub-chunks too (the tiles forward, `TILES_FORWARD_SUB_CHUNK`).
   paired_forward: bool = False
 
@@ -630,8 +627,7 @@ def _grad_kernel(*refs, plan: _Plan, chunk_index, start: str):
   A, D = chunk.A, chunk.D
 
   def load(j):
-    at = _in_runs_of_four(states_ref.shape[1:]) if plan.narrow_states_load else ()
-    return states_ref[j, *at], chunk.sub_chunk(j, C=True, z=plan.gated, extra=dy_ref)
+    return states_ref[j], chunk.sub_chunk(j, C=True, z=plan.gated, extra=dy_ref)
 
   def sub_chunk(j, loaded, carry):
     g_next, dA, dD, dbias = carry
@@ -1028,7 +1024,6 @@ def _plan(
     paired_states=tuning.get("paired_states", programs <= PAIRED_STATES_PROGRAMS),
     states_dtype=jnp.dtype(tuning.get("states_dtype", _states_dtype(u.dtype, dtype))),
     narrow_states_store=tuning.get("narrow_states_store", NARROW_STATES_STORE),
-    narrow_states_load=tuning.get("narrow_states_load", NARROW_STATES_LOAD),
     paired_forward=tuning.get("paired_forward", not by_channel),
   )
 
@@ -1083,13 +1078,12 @@ def scan(
   (channels per program, a power of two), `num_warps`, `max_chunk` (positions per program at most; by
   default CHUNK if batch x channel blocks < FILLING_PROGRAMS, or FORWARD_FILLING_PROGRAMS without
   gradients, else whole sequences), `sub_chunk` (positions per state the backward keeps; its buffer is
-  1/sub_chunk of all states), `states_dtype` (of those states; `_states_dtype`), `narrow_states_store` and
-  `narrow_states_load` (how the states pass stores them and the gradient kernel loads them: `NARROW_STATES_STORE`)
-  and `forward_sub_chunk` (positions the forward loads ahead: FORWARD_SUB_CHUNK by channel, TILES_FORWARD_SUB_CHUNK
-  as tiles); chunks are rounded up to a multiple of both sub-chunks. `by_channel` forces the forward's layout;
-  `paired_forward` and `paired_states` whether the forward passes and the backward's states pass load two sub-chunks
-  ahead. Where nothing is differentiated and `_one_pass_fits`, `mosaic_gpu`'s one-pass forward runs instead, unless
-  `one_pass` is False."""
+  1/sub_chunk of all states), `states_dtype` (of those states; `_states_dtype`), `narrow_states_store`
+  (how the states pass stores them: `NARROW_STATES_STORE`) and `forward_sub_chunk` (positions the forward loads
+  ahead: FORWARD_SUB_CHUNK by channel, TILES_FORWARD_SUB_CHUNK as tiles); chunks are rounded up to a multiple of both
+  sub-chunks. `by_channel` forces the forward's layout; `paired_forward` and `paired_states` whether the forward
+  passes and the backward's states pass load two sub-chunks ahead. Where nothing is differentiated and
+  `_one_pass_fits`, `mosaic_gpu`'s one-pass forward runs instead, unless `one_pass` is False."""
   one_pass = tuning.pop("one_pass", True)
   channels, state = A.shape
   dtype = compute_dtype(u, delta, A, B, C, D, z, delta_bias)
@@ -1111,7 +1105,7 @@ def scan(
     if one_pass and _one_pass_fits(sequences, A, softplus=delta_softplus, interpret=interpret):
       y, last = mosaic_gpu.forward(
         *plain((u, delta, A, B, C, D)), z, delta_bias, reverse=reverse, gated=z is not None, last_state=True,
-        **mosaic_gpu.SINGLE_OPTIONS,
+        chunks=mosaic_gpu.chunks_to_fill(u.shape[0], channels), **mosaic_gpu.SINGLE_OPTIONS,
       )  # fmt: skip
       return y, last.astype(dtype)
     return outputs(inference, arrays)[0]
@@ -1215,7 +1209,8 @@ def bidirectional(
     sequences = (forward[0], forward[1], backward[0], backward[1], z)
     combine = z is not None and scale == 0.5  # what `mosaic_gpu.bidirectional` computes
     if one_pass and combine and _one_pass_fits(sequences, forward[2], softplus=delta_softplus, interpret=interpret):
-      return mosaic_gpu.bidirectional(plain(forward), plain(backward), z, **mosaic_gpu.OPTIONS)
+      chunks = mosaic_gpu.chunks_to_fill(forward[0].shape[0], channels)
+      return mosaic_gpu.bidirectional(plain(forward), plain(backward), z, chunks=chunks, **mosaic_gpu.OPTIONS)
     return outputs(*inference, forward, backward, z, differentiated=False)[0]
 
   def run_fwd(forward, backward, z):

@@ -215,7 +215,7 @@ def test_the_position_loop_reads_first_and_holds_no_barrier(auto_barriers):
   positions' loads and exps may overlap."""
   args = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in forward_inputs(1, 1, 384, jnp.bfloat16)]
   args = [jax.ShapeDtypeStruct((32, 6085, *x.shape[2:]), x.dtype) if x.ndim == 3 else x for x in args]
-  options = {k: v for k, v in mosaic_gpu.OPTIONS.items() if k not in ("in_place", "auto_barriers")}
+  options = mosaic_gpu.SINGLE_OPTIONS
   forward = functools.partial(mosaic_gpu.forward, gated=False, auto_barriers=auto_barriers, **options)
   (module,) = _kernel_modules(jax.jit(forward).trace(*args).lower(lowering_platforms=("cuda",)))
   with module.context:
@@ -283,7 +283,9 @@ def test_forward_refuses_a_block_off_the_layouts_channels():
   [
     (32, 6085, jnp.bfloat16, "9.0", True),  # Vim-Ti 1248², batch 32: 384 programs
     (32, 4097, jnp.bfloat16, "9.0", True),  # 1024²
-    (8, 6085, jnp.bfloat16, "9.0", False),  # 96 programs: no chunking, the GPU would idle
+    (8, 6085, jnp.bfloat16, "9.0", True),  # 96 programs, in 4 chunks
+    (1, 6085, jnp.bfloat16, "9.0", True),  # 12 programs, in 32 chunks
+    (32, 2117, jnp.bfloat16, "9.0", False),  # 736²: unmeasured below FITS_LENGTH
     (128, 197, jnp.bfloat16, "9.0", False),  # 224²: slower than Triton there
     (32, 6085, jnp.float32, "9.0", False),  # measured in bf16 only
     (32, 6085, jnp.bfloat16, "8.0", False),  # Mosaic GPU needs Hopper
@@ -294,11 +296,18 @@ def test_fits_only_where_measured_faster(batch, length, dtype, capability, expec
   assert mosaic_gpu.fits(batch, length, 384, 16, dtype, capability) is expected
 
 
+@pytest.mark.parametrize("batch, chunks", [(32, 1), (64, 1), (8, 4), (2, 16), (1, 32)])
+def test_chunks_fill_the_gpu_where_the_batch_does_not(batch, chunks):
+  """Vim-Ti's 384 channels in blocks of 32: 12 programs per sequence, FITS_PROGRAMS (384) at least in all."""
+  assert mosaic_gpu.chunks_to_fill(batch, 384) == chunks
+
+
 @pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
-@pytest.mark.parametrize("batch, differentiated, one_pass", [(32, False, True), (32, True, False), (8, False, False)])
-def test_pallas_gpu_runs_the_one_pass_forward_where_it_fits(monkeypatch, batch, differentiated, one_pass):
+@pytest.mark.parametrize("batch, differentiated, launches", [(32, False, 2), (32, True, 0), (8, False, 4)])
+def test_pallas_gpu_runs_the_one_pass_forward_where_it_fits(monkeypatch, batch, differentiated, launches):
   """On a Hopper GPU (stood in for by an abstract H100), Vim's fused call at 1248² runs the Mosaic GPU forward,
-  in place, where nothing is differentiated and the batch fills the GPU; Triton's kernels everywhere else."""
+  in place, where nothing is differentiated: a launch per direction at batch 32, two at batch 8 (the chunks' end
+  states, then y); Triton's kernels where something is."""
   if not hasattr(jax.sharding, "AbstractDevice"):
     pytest.skip("this jax cannot name an abstract GPU to lower for")
   monkeypatch.setattr(mosaic_gpu, "compute_capability", lambda: "9.0")
@@ -313,23 +322,24 @@ def test_pallas_gpu_runs_the_one_pass_forward_where_it_fits(monkeypatch, batch, 
   h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
   with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)):
     hlo = jax.jit(fn).trace(direction, direction, shapes[6]).lower(lowering_platforms=("cuda",)).as_text()
-  assert hlo.count("mosaic_gpu") >= 2 if one_pass else "mosaic_gpu" not in hlo
-  assert ("xla.gpu.triton" in hlo) != one_pass
-  assert hlo.count("output_operand_alias<") >= (2 if one_pass else 0)
+  assert hlo.count("mosaic_gpu_v2") == launches
+  assert ("xla.gpu.triton" in hlo) != bool(launches)
+  assert hlo.count("output_operand_alias<") >= (2 if launches else 0)
 
 
 @pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("differentiated", [False, True])
-def test_pallas_gpu_runs_one_direction_in_one_pass_where_it_fits(monkeypatch, differentiated, gated):
-  """A single scan (`selective_scan`, y and its last state) at 1248², batch 32 on Hopper runs the Mosaic GPU forward
-  where nothing is differentiated, Triton's kernels where something is; gated in reverse, ungated forward, which
-  zeroes the step sizes past the sequence's end."""
+@pytest.mark.parametrize("batch", [32, 8])
+def test_pallas_gpu_runs_one_direction_in_one_pass_where_it_fits(monkeypatch, batch, differentiated, gated):
+  """A single scan (`selective_scan`, y and its last state) at 1248² on Hopper runs the Mosaic GPU forward where
+  nothing is differentiated (at batch 8 in chunks: a launch for their end states first), Triton's kernels where
+  something is; gated in reverse, ungated forward, which zeroes the step sizes past the sequence's end."""
   if not hasattr(jax.sharding, "AbstractDevice"):
     pytest.skip("this jax cannot name an abstract GPU to lower for")
   monkeypatch.setattr(mosaic_gpu, "compute_capability", lambda: "9.0")
   shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in forward_inputs(1, 1, 384, jnp.bfloat16)]
-  shapes = [jax.ShapeDtypeStruct((32, 6085, *x.shape[2:]), x.dtype) if x.ndim == 3 else x for x in shapes]
+  shapes = [jax.ShapeDtypeStruct((batch, 6085, *x.shape[2:]), x.dtype) if x.ndim == 3 else x for x in shapes]
   if not gated:
     shapes[6] = None
 
@@ -340,5 +350,5 @@ def test_pallas_gpu_runs_one_direction_in_one_pass_where_it_fits(monkeypatch, di
   h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
   with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)):
     hlo = jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
-  assert ("mosaic_gpu" in hlo) != differentiated
+  assert hlo.count("mosaic_gpu_v2") == (0 if differentiated else 1 if batch == 32 else 2)
   assert ("xla.gpu.triton" in hlo) == differentiated

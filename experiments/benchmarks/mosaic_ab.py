@@ -1,0 +1,52 @@
+r"""A/B of how the Pallas GPU scan uses the Mosaic GPU forward, in Vim-Ti's inference: Triton's kernels alone
+(`triton`), Mosaic GPU as it was (`before`) and as the working tree runs it (`after`), in one process, rounds
+alternating (`model_steps.alternate_rounds`).
+
+  PYTHONPATH=. python experiments/benchmarks/mosaic_ab.py 1248:32,1024:32,1248:8 \
+      '{"auto_barriers": true, "f32_states": false}' --unchunked
+
+Cases are image_size:batch. The second argument updates `mosaic_gpu.OPTIONS` while `before` traces; `--unchunked`
+also has `before` call Mosaic GPU only where the batch alone gives `FITS_PROGRAMS` programs, in one chunk (as before
+the thirty-fourth session); `before` is left out where that calls it nowhere.
+"""
+
+import json
+import sys
+
+import jax
+
+from experiments.benchmarks.model_steps import alternate_rounds, forward_step
+from kernels.selective_scan import mosaic_gpu
+from vim_jax.models import create_model
+
+
+def _step(size: int, batch: int, patches: dict):
+  """Vim-Ti's compiled forward with `patches` ({mosaic_gpu attribute: value}) set while it traces."""
+  shipped = {name: getattr(mosaic_gpu, name) for name in patches}
+  for name, value in patches.items():
+    setattr(mosaic_gpu, name, value)
+  try:
+    return forward_step(create_model("vim_tiny", img_size=size, dtype="bfloat16"), batch)
+  finally:
+    for name, value in shipped.items():
+      setattr(mosaic_gpu, name, value)
+
+
+def main(cases: list[str], before_options: dict, unchunked: bool) -> None:
+  print(jax.devices()[0].device_kind, jax.__version__, "before:", before_options, "unchunked" * unchunked, flush=True)
+  fits, filled = mosaic_gpu.fits, lambda batch: batch * 384 // mosaic_gpu.OPTIONS["block_d"] >= mosaic_gpu.FITS_PROGRAMS
+  for case in cases:
+    size, batch = map(int, case.split(":"))
+    before = {"OPTIONS": mosaic_gpu.OPTIONS | before_options}
+    if unchunked:
+      before |= {"fits": lambda b, *rest: fits(b, *rest) and filled(b), "chunks_to_fill": lambda *_: 1}
+    patches = {"triton": {"fits": lambda *_: False}, "before": before, "after": {}}
+    if unchunked and not filled(batch):
+      del patches["before"]
+    alternate_rounds({"image_size": size, "batch": batch}, {code: _step(size, batch, p) for code, p in patches.items()})
+
+
+if __name__ == "__main__":
+  if len(sys.argv) not in (3, 4) or sys.argv[3:] not in ([], ["--unchunked"]):
+    sys.exit(__doc__)
+  main(sys.argv[1].split(","), json.loads(sys.argv[2]), unchunked=sys.argv[3:] == ["--unchunked"])
