@@ -19,6 +19,8 @@ from experiments.benchmarks.model_steps import alternate_rounds, forward_step
 from kernels.selective_scan import mosaic_gpu
 from vim_jax.models import create_model
 
+_VIM_TINY_CHANNELS = 384  # the scan's channels: 2 x the embedding's 192
+
 
 def _step(size: int, batch: int, patches: dict):
   """Vim-Ti's compiled forward with `patches` ({mosaic_gpu attribute: value}) set while it traces."""
@@ -33,15 +35,19 @@ def _step(size: int, batch: int, patches: dict):
 
 
 def main(cases: list[str], before_options: dict, unchunked: bool) -> None:
-  print(jax.devices()[0].device_kind, jax.__version__, "before:", before_options, "unchunked" * unchunked, flush=True)
-  fits, filled = mosaic_gpu.fits, lambda batch: batch * 384 // mosaic_gpu.OPTIONS["block_d"] >= mosaic_gpu.FITS_PROGRAMS
+  print(jax.devices()[0].device_kind, jax.__version__, "before:", before_options, "unchunked" if unchunked else "")
+  fits, chunks_to_fill = mosaic_gpu.fits, mosaic_gpu.chunks_to_fill
+
+  def fits_unchunked(batch, length, channels, *rest):
+    return fits(batch, length, channels, *rest) and chunks_to_fill(batch, channels) == 1
+
   for case in cases:
     size, batch = map(int, case.split(":"))
     before = {"OPTIONS": mosaic_gpu.OPTIONS | before_options}
     if unchunked:
-      before |= {"fits": lambda b, *rest: fits(b, *rest) and filled(b), "chunks_to_fill": lambda *_: 1}
+      before |= {"fits": fits_unchunked, "chunks_to_fill": lambda *_: 1}
     patches = {"triton": {"fits": lambda *_: False}, "before": before, "after": {}}
-    if unchunked and not filled(batch):
+    if unchunked and chunks_to_fill(batch, _VIM_TINY_CHANNELS) > 1:
       del patches["before"]
     alternate_rounds({"image_size": size, "batch": batch}, {code: _step(size, batch, p) for code, p in patches.items()})
 
