@@ -2,12 +2,12 @@
 
 Triton rather than Mosaic GPU (the backend Pallas is moving to), for now and by measurement. A Mosaic GPU
 forward (`mosaic_gpu`: one pass over whole sequences, one warpgroup per block of channels, inputs staged through
-shared memory by TMA) takes 37% less time than the two chunked Triton passes at 1248², batch 32 (H100), and
-`bidirectional` and `scan` (one direction, with its last state) run it where nothing is differentiated and it fits
-(`mosaic_gpu.fits`: long sequences, bf16, Hopper; in chunks where the batch is small): Vim-Ti's forward at 1248²,
-batch 32 53.5 against 74.7 ms, at batch 8 19.3 against 23.9 (H100). It was slower at 224², it has no backward, and
-Mosaic GPU's API still moves. Triton runs on jax 0.11 and 0.12; it is deprecated since 0.11 (lowering warns), so the
-port of the rest is due.
+shared memory by TMA) takes 37% less time for Vim's two directions than the chunked Triton passes at 1248², batch 32
+(H100), and `bidirectional` and `scan` (one direction, with its last state) run it where nothing is differentiated
+and it fits (`mosaic_gpu.fits`: long sequences, bf16, Hopper; in chunks where the batch is small): Vim-Ti's forward
+at 1248², batch 32 53.5 against 74.7 ms, at batch 8 19.3 against 23.9 (H100). It was slower at 224², it has no
+backward, and Mosaic GPU's API still moves. Triton runs on jax 0.11 and 0.12; it is deprecated since 0.11 (lowering
+warns), so the port of the rest is due.
 
 Fused like the official CUDA kernel: the kernels read the raw arguments in their own dtype (bf16 or f32)
 and do all per-position work in float32 registers: delta + delta_bias, softplus, the recurrence,
