@@ -47,6 +47,9 @@ _IN_PLACE = flags.DEFINE_list("in_place", ["0"], "With --bidirectional, 0, 1 or 
 _F32_STATES = flags.DEFINE_list(
   "f32_states", ["0"], "0, 1 or both: with shared work, B's and C's rows also converted to float32 once per block."
 )
+_EPILOGUE = flags.DEFINE_list(
+  "epilogue", ["0"], "0, 1 or both: with shared work, y's skip, combine and gate in a pass over each block."
+)
 _CHUNKS = flags.DEFINE_list("chunks", ["1"], "Chunks per sequence (a launch for their end states first, if > 1).")
 _AUTO_BARRIERS = flags.DEFINE_list(
   "auto_barriers", ["0"], "0, 1 or both: Pallas's barriers around each shared-memory store (left out by default)."
@@ -61,6 +64,7 @@ def main(argv):
   variants = {
     f"mosaic {layout} block_d={d} block_t={t} unroll={u} share={share}"
     + (" f32_states" if f32 == "1" else "")
+    + (" epilogue" if epilogue == "1" else "")
     + (f" chunks={chunks}" if chunks != "1" else "")
     + (" in_place" if place == "1" else "")
     + (" auto_barriers" if barriers == "1" else ""): (
@@ -72,22 +76,24 @@ def main(argv):
         layout=layout,
         share_channel_work=share == "1",
         f32_states=f32 == "1",
+        epilogue=epilogue == "1",
         chunks=int(chunks),
         auto_barriers=barriers == "1",
       )
     )
-    for layout, d, t, u, share, f32, chunks, place, barriers in itertools.product(
+    for layout, d, t, u, share, f32, epilogue, chunks, place, barriers in itertools.product(
       _LAYOUT.value,
       _BLOCK_D.value,
       _BLOCK_T.value,
       _UNROLL.value,
       _SHARE.value,
       _F32_STATES.value,
+      _EPILOGUE.value,
       _CHUNKS.value,
       in_place,
       _AUTO_BARRIERS.value,
     )
-    if int(d) % LAYOUTS[layout][1] == 0 and (share == "1" or f32 == "0")
+    if int(d) % LAYOUTS[layout][1] == 0 and (share == "1" or f32 == epilogue == "0")
   }
   compare_forwards(_CASES.value, variants, _REPS.value, _OUT.value, bidirectional=_BIDIRECTIONAL.value)
 

@@ -111,12 +111,19 @@ def _next_state(h, inputs: dict, a_log2):
 
 
 def _update(h, inputs: dict, *, a_log2, skip, combine):
-  """One position's state update and output: (h_t, y_t)."""
+  """One position's state update and output: (h_t, y_t); without `skip`, y_t is C_t h_t alone (the block's epilogue
+  finishes it)."""
   h = _next_state(h, inputs, a_log2)
-  y = (h * _cols(inputs["C"], h.shape)).sum(axis=1) + skip * inputs["u"]
+  y = (h * _cols(inputs["C"], h.shape)).sum(axis=1)
+  return h, y if skip is None else _finish(y, inputs, skip=skip, combine=combine)
+
+
+def _finish(y, inputs: dict, *, skip, combine):
+  """y from C_t h_t: the skip, then the combine."""
+  y = y + skip * inputs["u"]
   if combine.partner:
     y = (y + inputs["partner"]) * 0.5
-  return h, y * inputs["gate"] if combine.gated else y
+  return y * inputs["gate"] if combine.gated else y
 
 
 def _end_update(carry, inputs: dict, *, a_log2):
@@ -188,6 +195,7 @@ def _forward_kernel(
   staged,
   share,
   f32_states,
+  epilogue,
   reverse,
   combine,
   y_over,
@@ -202,6 +210,7 @@ def _forward_kernel(
   the last position walked (outputs launch). `length` is the sequences' own: a last block past it reads zeros (TMA's
   fill out of bounds, or `forward`'s padding)."""
   seq_refs = dict(zip(seq_names, refs[: len(seq_names)], strict=True))
+  epilogue = epilogue and not chunks.ends  # the ends launch has no y
   b_ref, c_ref, a_ref, d_ref, bias_ref, *rest = refs[len(seq_names) :]
   ends_ref, totals_ref = rest[:2] if chunks.count > 1 else (None, None)
   last_ref = rest[-1] if last_state else None
@@ -217,7 +226,7 @@ def _forward_kernel(
   if chunks.ends:
     update = functools.partial(_end_update, a_log2=a_log2)
   else:
-    update = functools.partial(_update, a_log2=a_log2, skip=skip, combine=combine)
+    update = functools.partial(_update, a_log2=a_log2, skip=None if epilogue else skip, combine=combine)
 
   if not block_t:  # every load straight from HBM (one chunk)
 
@@ -260,10 +269,13 @@ def _forward_kernel(
     carry = carried_state() if chunks.count > 1 else zeros
 
   def walk_blocks(shared: dict):
-    """The chunk in blocks of block_t positions; `shared` (SMEM) holds a block's step sizes and gates, and B's and C's
-    rows in float32, if given."""
+    """The chunk in blocks of block_t positions; `shared` (SMEM) holds a block's step sizes and gates (C_t h_t with the
+    epilogue), and B's and C's rows in float32, if given."""
     if shared:
-      spread_bias = lax.broadcast_in_dim(_load(bias_ref.at[channels], _SPREAD.reduce(0)), (block_t, block_d), [1])
+      spread_bias, spread_skip = (
+        lax.broadcast_in_dim(_load(ref.at[channels], _SPREAD.reduce(0)), (block_t, block_d), [1])
+        for ref in (bias_ref, d_ref)
+      )
       state_rows = plgpu.Layout.WG_STRIDED(
         (block_t, b_ref.shape[-1]), vec_size=min(8, block_t * b_ref.shape[-1] // 128)
       )
@@ -292,15 +304,26 @@ def _forward_kernel(
         else:
           rows_at = _raw_rows(lambda k: _load(blocks[k].at[t], per_channel), bias)
         cols_at = lambda k: _load((shared if k in shared else blocks)[k].at[t], per_state)  # noqa: E731
-        inputs = _inputs(rows_at, cols_at, combine, ends=chunks.ends)
+        inputs = _inputs(rows_at, cols_at, _Combine(False, False) if epilogue else combine, ends=chunks.ends)
         if past_end:
           inputs["step_size"] = inputs["step_size"] * jnp.clip(length - start - t, 0, 1).astype(jnp.float32)
         return inputs
 
       def write(t, y):
-        blocks["y"][t] = y.astype(blocks["y"].dtype)
+        if epilogue:
+          shared["C_h"][t] = y
+        else:
+          blocks["y"][t] = y.astype(blocks["y"].dtype)
 
-      return _walk(read, update, write, block_t, carry, unroll, reverse)
+      carry = _walk(read, update, write, block_t, carry, unroll, reverse)
+      if epilogue:  # the block's y from its C_t h_t, each (position, channel) once
+        plgpu.commit_smem()
+        spread = {name: _load(blocks[name], _SPREAD) for name in ("u", "partner", "z") if name in blocks}
+        if "z" in spread:
+          spread["gate"] = _gate(spread["z"])
+        y = _finish(_load(shared["C_h"], _SPREAD), spread, skip=spread_skip, combine=combine)
+        blocks["y"][...] = y.astype(blocks["y"].dtype)
+      return carry
 
     per_channel_refs = [*seq_refs.values()] + ([] if chunks.ends else [y_ref])
     state_refs = [b_ref] if chunks.ends else [b_ref, c_ref]
@@ -333,7 +356,9 @@ def _forward_kernel(
     return pipeline(*(r.at[sequence] for r in (*seq_refs.values(), *state_refs, *per_channel_refs[len(seq_names) :])))
 
   if share:  # the softplus and the gate of a whole block at once, each (position, channel) computed once
-    names = ("step_size", "gate") if combine.gated and not chunks.ends else ("step_size",)
+    names = ("step_size",)
+    if epilogue or (combine.gated and not chunks.ends):  # C_t h_t for the epilogue, else the gate
+      names += ("C_h",) if epilogue else ("gate",)
     scratch = [plgpu.SMEM((block_t, block_d), jnp.float32)] * len(names)
     if f32_states:  # and B's and C's rows converted once, not by every channel's threads at every position
       state_names = ("B",) if chunks.ends else ("B", "C")
@@ -371,6 +396,7 @@ def forward(
   layout: str = "wgmma",
   share_channel_work: bool = False,
   f32_states: bool = False,
+  epilogue: bool = False,
   staged: bool = True,
   reverse: bool = False,
   gated: bool = True,
@@ -387,7 +413,10 @@ def forward(
 
   `share_channel_work` computes each block's softplus and gate once per (position, channel) into shared memory
   (`block_t` a multiple of 32, `block_d` of 32); `f32_states` then also converts B's and C's rows to float32 there
-  once, which every channel's threads otherwise do at every position. `staged=False` reads the blocks from HBM
+  once, which every channel's threads otherwise do at every position. `epilogue` (with shared work too) leaves each
+  position's skip, combine and gate out of the walk, which then stores only C_t h_t, in float32 to shared memory: a
+  pass over the block after it finishes y once per (position, channel), where the four threads of a channel in
+  `quarter_rows` each do it at every position. `staged=False` reads the blocks from HBM
   without TMA (interpret mode), the sequences padded with zeros to whole blocks as TMA's copies read them. `y_over`
   ("delta" or "partner") writes y over that input, as a mutable ref (`jax.new_ref`), which XLA aliases to the
   output: no new buffer where the input is not read again. `chunks` > 1 splits each sequence into that many chunks
@@ -402,8 +431,8 @@ def forward(
     raise ValueError(f"layout {layout!r} is written for state {_STATE_OF[layout]}, got A of shape {A.shape}")
   if share_channel_work and (block_t % 32 or not block_t or block_d % 32):
     raise ValueError(f"share_channel_work needs block_t ({block_t}) > 0 and it and block_d ({block_d}) multiples of 32")
-  if f32_states and not share_channel_work:
-    raise ValueError("f32_states needs share_channel_work")
+  if (f32_states or epilogue) and not share_channel_work:
+    raise ValueError(f"f32_states ({f32_states}) and epilogue ({epilogue}) need share_channel_work")
   num_blocks = pl.cdiv(length, block_t) if block_t else 1
   if chunks < 1 or (chunks > 1 and not block_t):
     raise ValueError(f"chunks must be 1, or more with blocks (block_t > 0), got {chunks} with block_t {block_t}")
@@ -432,6 +461,7 @@ def forward(
         staged=staged,
         share=share_channel_work,
         f32_states=f32_states,
+        epilogue=epilogue,
         reverse=reverse,
         combine=_Combine(gated=gated, partner=partner is not None),
         y_over=y_over,

@@ -29,12 +29,14 @@ def test_forward_matches_reference_in_interpret_mode(layout):
 
 
 @pytest.mark.parametrize(
-  "share_channel_work, f32_states", [(False, False), (True, False), (True, True)], ids=["per-thread", "shared", "f32"]
+  "share_channel_work, f32_states, epilogue",
+  [(False, False, False), (True, False, False), (True, True, False), (True, True, True)],
+  ids=["per-thread", "shared", "f32", "epilogue"],
 )
 @pytest.mark.parametrize("layout, block_d", [("quarter_rows", 32), ("wgmma", 64)])
-def test_blocked_forward_matches_reference_in_interpret_mode(layout, block_d, share_channel_work, f32_states):
+def test_blocked_forward_matches_reference_in_interpret_mode(layout, block_d, share_channel_work, f32_states, epilogue):
   """Blocks of 32 positions read from HBM in place (the staged copies do not run in interpret mode), two channel
-  blocks; with shared work, B's and C's rows also in float32 in shared memory."""
+  blocks; with shared work, B's and C's rows also in float32 in shared memory, and y finished after each block."""
   args = forward_inputs(2, 64, 2 * block_d, jnp.float32)
   y = mosaic_gpu.forward(
     *args,
@@ -43,6 +45,7 @@ def test_blocked_forward_matches_reference_in_interpret_mode(layout, block_d, sh
     layout=layout,
     share_channel_work=share_channel_work,
     f32_states=f32_states,
+    epilogue=epilogue,
     staged=False,
     interpret=mosaic_gpu.plgpu.InterpretGPUParams(),
   )
@@ -51,11 +54,18 @@ def test_blocked_forward_matches_reference_in_interpret_mode(layout, block_d, sh
 
 
 @pytest.mark.parametrize(
-  "block_t, share_channel_work, in_place", [(0, False, False), (32, False, True), (32, True, False), (32, True, True)]
+  "block_t, share_channel_work, in_place, epilogue",
+  [
+    (0, False, False, False),
+    (32, False, True, False),
+    (32, True, False, False),
+    (32, True, True, False),
+    (32, True, True, True),
+  ],
 )
-def test_bidirectional_matches_reference_in_interpret_mode(block_t, share_channel_work, in_place):
+def test_bidirectional_matches_reference_in_interpret_mode(block_t, share_channel_work, in_place, epilogue):
   """Vim's two directions and their combine: the backward direction walks blocks and positions last first; in
-  place, each y over an input (its delta, then the first y)."""
+  place, each y over an input (its delta, then the first y); with `epilogue`, y finished after each block."""
   forward_args, backward_args = (forward_inputs(2, 64, 64, jnp.float32, seed=seed) for seed in (0, 1))
   pair = [Direction(*args[:6], args[7]) for args in (forward_args, backward_args)]
   z = forward_args[6]
@@ -66,6 +76,8 @@ def test_bidirectional_matches_reference_in_interpret_mode(block_t, share_channe
     block_t=block_t,
     layout="quarter_rows",
     share_channel_work=share_channel_work,
+    f32_states=epilogue,
+    epilogue=epilogue,
     in_place=in_place,
     staged=False,
     interpret=mosaic_gpu.plgpu.InterpretGPUParams(),
@@ -261,10 +273,11 @@ def test_chunked_bidirectional_lowers_for_cuda_at_vim_tiny_1248_batch_8(in_place
   assert text.count("output_operand_alias<") == (2 if in_place else 0)
 
 
-def test_f32_states_need_shared_work():
-  with pytest.raises(ValueError, match="f32_states"):
+@pytest.mark.parametrize("option", ["f32_states", "epilogue"])
+def test_f32_states_and_epilogue_need_shared_work(option):
+  with pytest.raises(ValueError, match=option):
     mosaic_gpu.forward(
-      *forward_inputs(1, 64, 32, jnp.float32), block_d=32, block_t=32, layout="quarter_rows", f32_states=True
+      *forward_inputs(1, 64, 32, jnp.float32), block_d=32, block_t=32, layout="quarter_rows", **{option: True}
     )
 
 
