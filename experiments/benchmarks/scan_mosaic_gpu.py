@@ -6,6 +6,9 @@ r"""The scan's forward as a Pallas Mosaic GPU kernel, timed against the Triton k
   PYTHONPATH=. python experiments/benchmarks/scan_mosaic_gpu.py --bidirectional --cases=1248_b32 ...
   PYTHONPATH=. python experiments/benchmarks/scan_mosaic_gpu.py --cases=1248_b32 --auto_barriers=0,1 ...
   PYTHONPATH=. python experiments/benchmarks/scan_mosaic_gpu.py --cases=1248_b8,1248_b1 --chunks=1,4,16,32 ...
+  PYTHONPATH=. python experiments/benchmarks/scan_mosaic_gpu.py --bidirectional --cases=1248_b32 --layout=quarter_rows \
+      --block_d=32 --block_t=64 --unroll=8 --share_channel_work=1 --f32_states=0,1 --state_pairs=0,1 --epilogue=1 \
+      --in_place=1
 
 Times the Mosaic GPU forward (`kernels.selective_scan.mosaic_gpu`: one pass over whole sequences, the state in the
 register layout `--layout` names) in every setting given, one direction or (`--bidirectional`) Vim's two directions
@@ -23,7 +26,9 @@ had Pallas's barriers around every shared-memory store and each position's loads
 `--auto_barriers=1` comes close to). NVIDIA H100, thirty-fourth session, as `pallas_gpu` now runs it (loads first,
 no barriers, f32_states, in place): both directions 1.43 ms at 1248², batch 32 (Triton 2.28, barriers kept 1.65;
 scan_mosaic_gpu_bidirectional_no_barriers_h100.json); at batch 8 in 4-16 chunks 0.57-0.60 (Triton 0.76), at batch 1
-in 32 chunks 0.10 (Triton 0.28; scan_mosaic_gpu_bidirectional_chunks_1248_b8_b1_h100.json).
+in 32 chunks 0.10 (Triton 0.28; scan_mosaic_gpu_bidirectional_chunks_1248_b8_b1_h100.json). Thirty-fifth session
+(H100): the epilogue and unroll 8 took both directions at 1248², batch 32 from 1.441 to 1.376 ms
+(scan_mosaic_gpu_epilogue_unroll_1248_h100.json).
 """
 
 import functools
@@ -47,6 +52,9 @@ _IN_PLACE = flags.DEFINE_list("in_place", ["0"], "With --bidirectional, 0, 1 or 
 _F32_STATES = flags.DEFINE_list(
   "f32_states", ["0"], "0, 1 or both: with shared work, B's and C's rows also converted to float32 once per block."
 )
+_STATE_PAIRS = flags.DEFINE_list(
+  "state_pairs", ["0"], "0, 1 or both: with shared work, B and C as bf16 pairs in one word per state (not with f32)."
+)
 _EPILOGUE = flags.DEFINE_list(
   "epilogue", ["0"], "0, 1 or both: with shared work, y's skip, combine and gate in a pass over each block."
 )
@@ -64,6 +72,7 @@ def main(argv):
   variants = {
     f"mosaic {layout} block_d={d} block_t={t} unroll={u} share={share}"
     + (" f32_states" if f32 == "1" else "")
+    + (" state_pairs" if pairs == "1" else "")
     + (" epilogue" if epilogue == "1" else "")
     + (f" chunks={chunks}" if chunks != "1" else "")
     + (" in_place" if place == "1" else "")
@@ -76,24 +85,28 @@ def main(argv):
         layout=layout,
         share_channel_work=share == "1",
         f32_states=f32 == "1",
+        state_pairs=pairs == "1",
         epilogue=epilogue == "1",
         chunks=int(chunks),
         auto_barriers=barriers == "1",
       )
     )
-    for layout, d, t, u, share, f32, epilogue, chunks, place, barriers in itertools.product(
+    for layout, d, t, u, share, f32, pairs, epilogue, chunks, place, barriers in itertools.product(
       _LAYOUT.value,
       _BLOCK_D.value,
       _BLOCK_T.value,
       _UNROLL.value,
       _SHARE.value,
       _F32_STATES.value,
+      _STATE_PAIRS.value,
       _EPILOGUE.value,
       _CHUNKS.value,
       in_place,
       _AUTO_BARRIERS.value,
     )
-    if int(d) % LAYOUTS[layout][1] == 0 and (share == "1" or f32 == epilogue == "0")
+    if int(d) % LAYOUTS[layout][1] == 0
+    and (share == "1" or f32 == pairs == epilogue == "0")
+    and not (f32 == pairs == "1")
   }
   compare_forwards(_CASES.value, variants, _REPS.value, _OUT.value, bidirectional=_BIDIRECTIONAL.value)
 

@@ -24,7 +24,11 @@ direction at 1248², batch 32 0.80 ms (thirty-third session). `auto_barriers=Fal
 comment at `plgpu.kernel`): 0.72 ms, 0.71 with `f32_states`. racecheck found no hazard without them (H100,
 thirty-fourth session), so `OPTIONS` leaves them out: both directions at 1248², batch 32 1.43 ms against 1.65 with
 them and Triton's 2.28 (H100). Chunks fill the GPU where the batch does not (`chunks_to_fill`): both directions at
-1248², batch 8 0.60 ms against Triton's 0.76, at batch 1 0.10 against 0.28 (H100).
+1248², batch 8 0.60 ms against Triton's 0.76, at batch 1 0.10 against 0.28 (H100). In Nsight Compute the loop
+then ran nearest the shared-memory unit's ceiling (89%; ncu_mosaic_forward_1248_b32_h100.md): B's and C's float32
+rows cost 8 of a warp's 11-13 wavefronts per position. `epilogue` takes y's skip, combine and gate out of the loop
+and `unroll` 8 walks positions in groups of 8: both directions 1.38 ms, Vim-Ti's forward 51.8 against 53.6 ms
+(1248², batch 32, H100, thirty-fifth session).
 
 Mosaic GPU needs sm_90 (Hopper) and its API still moves: this lowers on jax 0.11.2 and 0.12 (tests lower it for
 CUDA on CPU and run its math in interpret mode, which reads blocks from HBM in place (`staged=False`) because it
@@ -67,6 +71,18 @@ _STATE_OF = {"rows": 16, "half_rows": 16, "quarter_rows": 16}  # the state size 
 
 def _load(ref, layout):
   return plgpu.load(ref, layout=layout, optimized=False).astype(jnp.float32)
+
+
+def _state_pairs(b: jax.Array, c: jax.Array) -> jax.Array:
+  """bf16 B and C as one uint32 word per state: B's bits low, C's high."""
+  bits = [lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32) for x in (b, c)]
+  return bits[0] | (bits[1] << 16)
+
+
+def _unpaired(word: jax.Array) -> dict:
+  """B and C in float32 from `_state_pairs`'s words (a bf16's bits are a float32's high half)."""
+  as_f32 = functools.partial(lax.bitcast_convert_type, new_dtype=jnp.float32)
+  return {"B": as_f32(word << 16), "C": as_f32(word & jnp.uint32(0xFFFF0000))}
 
 
 def _softplus(x: jax.Array) -> jax.Array:
@@ -195,6 +211,7 @@ def _forward_kernel(
   staged,
   share,
   f32_states,
+  state_pairs,
   epilogue,
   reverse,
   combine,
@@ -296,6 +313,9 @@ def _forward_kernel(
         for name in ("B", "C"):
           if name in shared:
             shared[name][...] = _load(blocks[name], state_rows)
+        if "BC" in shared:
+          pair = [plgpu.load(blocks[name], layout=state_rows, optimized=False) for name in ("B", "C")]
+          shared["BC"][...] = _state_pairs(*pair)
         plgpu.commit_smem()  # and sees every thread's values of this block
 
       def read(t):
@@ -304,6 +324,8 @@ def _forward_kernel(
         else:
           rows_at = _raw_rows(lambda k: _load(blocks[k].at[t], per_channel), bias)
         cols_at = lambda k: _load((shared if k in shared else blocks)[k].at[t], per_state)  # noqa: E731
+        if "BC" in shared:  # one load for both
+          cols_at = _unpaired(plgpu.load(shared["BC"].at[t], layout=per_state, optimized=False)).__getitem__
         inputs = _inputs(rows_at, cols_at, _Combine(False, False) if epilogue else combine, ends=chunks.ends)
         if past_end:
           inputs["step_size"] = inputs["step_size"] * jnp.clip(length - start - t, 0, 1).astype(jnp.float32)
@@ -360,7 +382,10 @@ def _forward_kernel(
     if epilogue or (combine.gated and not chunks.ends):  # C_t h_t for the epilogue, else the gate
       names += ("C_h",) if epilogue else ("gate",)
     scratch = [plgpu.SMEM((block_t, block_d), jnp.float32)] * len(names)
-    if f32_states:  # and B's and C's rows converted once, not by every channel's threads at every position
+    if state_pairs and not chunks.ends:  # and B's and C's rows as one word per state
+      names += ("BC",)
+      scratch.append(plgpu.SMEM((block_t, b_ref.shape[-1]), jnp.uint32))
+    elif f32_states or state_pairs:  # or converted once, not by every channel's threads at every position
       state_names = ("B",) if chunks.ends else ("B", "C")
       names += state_names
       scratch += [plgpu.SMEM((block_t, b_ref.shape[-1]), jnp.float32)] * len(state_names)
@@ -396,6 +421,7 @@ def forward(
   layout: str = "wgmma",
   share_channel_work: bool = False,
   f32_states: bool = False,
+  state_pairs: bool = False,
   epilogue: bool = False,
   staged: bool = True,
   reverse: bool = False,
@@ -413,10 +439,12 @@ def forward(
 
   `share_channel_work` computes each block's softplus and gate once per (position, channel) into shared memory
   (`block_t` a multiple of 32, `block_d` of 32); `f32_states` then also converts B's and C's rows to float32 there
-  once, which every channel's threads otherwise do at every position. `epilogue` (with shared work too) leaves each
-  position's skip, combine and gate out of the walk, which then stores only C_t h_t, in float32 to shared memory: a
-  pass over the block after it finishes y once per (position, channel), where the four threads of a channel in
-  `quarter_rows` each do it at every position. `staged=False` reads the blocks from HBM
+  once, which every channel's threads otherwise do at every position. `state_pairs` (bf16 B and C) instead stores
+  them there as one 32-bit word per state, which a thread reads for both in one load per position and unpacks with
+  a shift and a mask: shared memory's wavefronts, not the arithmetic, bound the loop. `epilogue` (with shared work
+  too) leaves each position's skip, combine and gate out of the walk, which then stores only C_t h_t, in float32 to
+  shared memory: a pass over the block after it finishes y once per (position, channel), where the four threads of a
+  channel in `quarter_rows` each do it at every position. `staged=False` reads the blocks from HBM
   without TMA (interpret mode), the sequences padded with zeros to whole blocks as TMA's copies read them. `y_over`
   ("delta" or "partner") writes y over that input, as a mutable ref (`jax.new_ref`), which XLA aliases to the
   output: no new buffer where the input is not read again. `chunks` > 1 splits each sequence into that many chunks
@@ -431,8 +459,12 @@ def forward(
     raise ValueError(f"layout {layout!r} is written for state {_STATE_OF[layout]}, got A of shape {A.shape}")
   if share_channel_work and (block_t % 32 or not block_t or block_d % 32):
     raise ValueError(f"share_channel_work needs block_t ({block_t}) > 0 and it and block_d ({block_d}) multiples of 32")
-  if (f32_states or epilogue) and not share_channel_work:
-    raise ValueError(f"f32_states ({f32_states}) and epilogue ({epilogue}) need share_channel_work")
+  if (f32_states or state_pairs or epilogue) and not share_channel_work:
+    raise ValueError(
+      f"f32_states ({f32_states}), state_pairs ({state_pairs}) and epilogue ({epilogue}) need share_channel_work"
+    )
+  if state_pairs and (f32_states or B.dtype != jnp.bfloat16):
+    raise ValueError(f"state_pairs takes bf16 B and C (got {B.dtype}) and replaces f32_states ({f32_states})")
   num_blocks = pl.cdiv(length, block_t) if block_t else 1
   if chunks < 1 or (chunks > 1 and not block_t):
     raise ValueError(f"chunks must be 1, or more with blocks (block_t > 0), got {chunks} with block_t {block_t}")
@@ -461,6 +493,7 @@ def forward(
         staged=staged,
         share=share_channel_work,
         f32_states=f32_states,
+        state_pairs=state_pairs,
         epilogue=epilogue,
         reverse=reverse,
         combine=_Combine(gated=gated, partner=partner is not None),
@@ -523,9 +556,18 @@ def bidirectional(forward_args: tuple, backward_args: tuple, z, *, in_place: boo
 # What `pallas_gpu` runs (the fastest setting at 1248², batch 32 on an H200 and an H100) and where: sequences of
 # at least FITS_LENGTH positions, bf16, state 16, on sm_90, in `chunks_to_fill` chunks. Without Pallas's barriers:
 # racecheck found no hazard (H100, thirty-fourth session), and Vim-Ti's forward at 1248², batch 32 went from 58.8 to
-# 53.5 ms with `f32_states` too (H100, ab_mosaic_options_vim_tiny_1248_h100.txt).
+# 53.5 ms with `f32_states` too (H100, ab_mosaic_options_vim_tiny_1248_h100.txt); with `epilogue` and unroll 8 it
+# takes 51.8 against 53.6 (H100, ab_mosaic_epilogue_unroll8_vim_tiny_1248_h100.txt; not yet timed at 1024² or in
+# chunks).
 OPTIONS = dict(
-  layout="quarter_rows", block_d=32, block_t=64, unroll=4, share_channel_work=True, f32_states=True, in_place=True
+  layout="quarter_rows",
+  block_d=32,
+  block_t=64,
+  unroll=8,
+  share_channel_work=True,
+  f32_states=True,
+  epilogue=True,
+  in_place=True,
 )
 # A single direction (`pallas_gpu.scan` without gradients) runs the same kernel with y beside its inputs.
 SINGLE_OPTIONS = {k: v for k, v in OPTIONS.items() if k != "in_place"}

@@ -2,10 +2,10 @@
 
 Triton rather than Mosaic GPU (the backend Pallas is moving to), for now and by measurement. A Mosaic GPU
 forward (`mosaic_gpu`: one pass over whole sequences, one warpgroup per block of channels, inputs staged through
-shared memory by TMA) takes 37% less time for Vim's two directions than the chunked Triton passes at 1248², batch 32
+shared memory by TMA) takes 40% less time for Vim's two directions than the chunked Triton passes at 1248², batch 32
 (H100), and `bidirectional` and `scan` (one direction, with its last state) run it where nothing is differentiated
 and it fits (`mosaic_gpu.fits`: long sequences, bf16, Hopper; in chunks where the batch is small): Vim-Ti's forward
-at 1248², batch 32 53.5 against 74.7 ms, at batch 8 19.3 against 23.9 (H100). It was slower at 224², it has no
+at 1248², batch 32 51.8 against 74.5 ms, at batch 8 19.3 against 23.9 (H100). It was slower at 224², it has no
 backward, and Mosaic GPU's API still moves. Triton runs on jax 0.11 and 0.12; it is deprecated since 0.11 (lowering
 warns), so the port of the rest is due.
 

@@ -92,7 +92,7 @@ def test_bidirectional_matches_reference_in_interpret_mode(block_t, share_channe
 def test_chunked_forward_matches_reference_in_interpret_mode(chunks, share_channel_work, reverse):
   """Five blocks of 32 positions (the last of 22) in chunks of 3 + 2, 2 + 2 + 1 and 1 each: a launch for the chunks'
   end states, then one for y, each chunk from the state the chunks walked before it carry; unroll 4 walks each block
-  in groups."""
+  in groups; with 5 chunks and shared work, y finished after each block (`epilogue`)."""
   args = forward_inputs(2, 4 * 32 + 22, 64, jnp.float32)
   options = dict(block_d=32, block_t=32, unroll=4, layout="quarter_rows", staged=False, reverse=reverse)
   y = mosaic_gpu.forward(
@@ -100,6 +100,7 @@ def test_chunked_forward_matches_reference_in_interpret_mode(chunks, share_chann
     **options,
     share_channel_work=share_channel_work,
     f32_states=share_channel_work and chunks == 3,
+    epilogue=share_channel_work and chunks == 5,
     chunks=chunks,
     interpret=mosaic_gpu.plgpu.InterpretGPUParams(),
   )
@@ -112,12 +113,20 @@ def test_chunked_forward_matches_reference_in_interpret_mode(chunks, share_chann
 )
 def test_forward_returns_the_last_state_in_interpret_mode(chunks, reverse, gated):
   """`last_state`: the state after the last position walked, from the program whose chunk is walked last. The last
-  block holds 8 positions of 32: the 24 zeros past them, as TMA reads them, must leave the state as it is."""
+  block holds 8 positions of 32: the 24 zeros past them, as TMA reads them, must leave the state as it is. In 3
+  chunks, y is finished after each block (`epilogue`)."""
   args = forward_inputs(2, 4 * 32 + 8, 64, jnp.float32)
   options = dict(block_d=32, block_t=32, unroll=4, layout="quarter_rows", share_channel_work=True, staged=False)
   interpret = mosaic_gpu.plgpu.InterpretGPUParams()
   y, last = mosaic_gpu.forward(
-    *args, **options, reverse=reverse, gated=gated, chunks=chunks, last_state=True, interpret=interpret
+    *args,
+    **options,
+    reverse=reverse,
+    gated=gated,
+    epilogue=chunks == 3,
+    chunks=chunks,
+    last_state=True,
+    interpret=interpret,
   )
   z = args[6] if gated else None
   expected = selective_scan(
@@ -128,7 +137,8 @@ def test_forward_returns_the_last_state_in_interpret_mode(chunks, reverse, gated
 
 
 def test_chunked_bidirectional_in_place_matches_reference_in_interpret_mode():
-  """In place, over inputs padded to whole blocks (the last of 22 positions), in chunks of 2 blocks."""
+  """In place, over inputs padded to whole blocks (the last of 22 positions), in chunks of 2 blocks, with the
+  shipped options' float32 B and C rows, 8 positions per group and the epilogue."""
   forward_args, backward_args = (forward_inputs(2, 3 * 32 + 22, 32, jnp.float32, seed=seed) for seed in (0, 1))
   pair = [Direction(*args[:6], args[7]) for args in (forward_args, backward_args)]
   y = mosaic_gpu.bidirectional(
@@ -138,6 +148,9 @@ def test_chunked_bidirectional_in_place_matches_reference_in_interpret_mode():
     block_t=32,
     layout="quarter_rows",
     share_channel_work=True,
+    f32_states=True,
+    epilogue=True,
+    unroll=8,
     in_place=True,
     staged=False,
     chunks=2,
@@ -145,6 +158,23 @@ def test_chunked_bidirectional_in_place_matches_reference_in_interpret_mode():
   )
   expected = selective_scan_bidirectional(*pair, forward_args[6], delta_softplus=True, impl="reference")
   np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_state_pairs_read_what_f32_states_read_in_interpret_mode(chunks):
+  """B and C packed as bf16 pairs in one word per state unpack to exactly the float32 rows `f32_states` stores: Vim's
+  two directions in place, bf16, give the same bits."""
+  forward_args, backward_args = (forward_inputs(2, 3 * 32 + 22, 64, jnp.bfloat16, seed=seed) for seed in (0, 1))
+  pair = [Direction(*args[:6], args[7]) for args in (forward_args, backward_args)]
+  options = dict(block_d=32, block_t=32, layout="quarter_rows", share_channel_work=True, epilogue=True, unroll=8)
+  interpret = mosaic_gpu.plgpu.InterpretGPUParams()
+  y_f32, y_pairs = (
+    mosaic_gpu.bidirectional(
+      *pair, forward_args[6], **options, **flag, in_place=True, staged=False, chunks=chunks, interpret=interpret
+    )
+    for flag in ({"f32_states": True}, {"state_pairs": True})
+  )
+  np.testing.assert_array_equal(y_pairs, y_f32)
 
 
 @pytest.mark.parametrize(
@@ -220,14 +250,14 @@ def _is_loop(op) -> bool:
   return op.name.endswith("scf.for")  # serialized, ops carry a version prefix ("stable_mosaic_gpu.scf.for")
 
 
-@pytest.mark.parametrize("auto_barriers", [False, True])
-def test_the_position_loop_reads_first_and_holds_no_barrier(auto_barriers):
-  """A group of `unroll` positions loads all its inputs before it stores any y, and y's store into shared memory
-  gets no warpgroup barrier (Pallas adds two unless told not to; `auto_barriers=True` puts them back): the
-  positions' loads and exps may overlap."""
+@pytest.mark.parametrize("auto_barriers, state_pairs", [(False, False), (True, False), (False, True)])
+def test_the_position_loop_reads_first_and_holds_no_barrier(auto_barriers, state_pairs):
+  """A group of `unroll` positions loads all its inputs before it stores any y (C_t h_t, with the epilogue), and
+  that store into shared memory gets no warpgroup barrier (Pallas adds two unless told not to; `auto_barriers=True`
+  puts them back): the positions' loads and exps may overlap. With `state_pairs`, B and C are one load."""
   args = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in forward_inputs(1, 1, 384, jnp.bfloat16)]
   args = [jax.ShapeDtypeStruct((32, 6085, *x.shape[2:]), x.dtype) if x.ndim == 3 else x for x in args]
-  options = mosaic_gpu.SINGLE_OPTIONS
+  options = mosaic_gpu.SINGLE_OPTIONS | ({"f32_states": False, "state_pairs": True} if state_pairs else {})
   forward = functools.partial(mosaic_gpu.forward, gated=False, auto_barriers=auto_barriers, **options)
   (module,) = _kernel_modules(jax.jit(forward).trace(*args).lower(lowering_platforms=("cuda",)))
   with module.context:
@@ -236,7 +266,8 @@ def test_the_position_loop_reads_first_and_holds_no_barrier(auto_barriers):
     assert str(loop).count("bar.sync") == (2 * options["unroll"] if auto_barriers else 0)
   loads = [i for i, name in enumerate(names) if name == "llvm.load"]
   stores = [i for i, name in enumerate(names) if name == "llvm.store"]
-  assert len(loads) == 4 * options["unroll"] and len(stores) == options["unroll"]  # step size, u, B, C; y
+  per_position = 3 if state_pairs else 4  # step size, u, and B and C together or apart
+  assert len(loads) == per_position * options["unroll"] and len(stores) == options["unroll"]
   assert max(loads) < min(stores)
 
 
@@ -273,11 +304,25 @@ def test_chunked_bidirectional_lowers_for_cuda_at_vim_tiny_1248_batch_8(in_place
   assert text.count("output_operand_alias<") == (2 if in_place else 0)
 
 
-@pytest.mark.parametrize("option", ["f32_states", "epilogue"])
-def test_f32_states_and_epilogue_need_shared_work(option):
+@pytest.mark.parametrize("option", ["f32_states", "state_pairs", "epilogue"])
+def test_options_of_shared_work_need_it(option):
   with pytest.raises(ValueError, match=option):
     mosaic_gpu.forward(
-      *forward_inputs(1, 64, 32, jnp.float32), block_d=32, block_t=32, layout="quarter_rows", **{option: True}
+      *forward_inputs(1, 64, 32, jnp.bfloat16), block_d=32, block_t=32, layout="quarter_rows", **{option: True}
+    )
+
+
+@pytest.mark.parametrize("dtype, f32_states", [(jnp.float32, False), (jnp.bfloat16, True)])
+def test_state_pairs_take_bf16_and_replace_f32_states(dtype, f32_states):
+  with pytest.raises(ValueError, match="state_pairs"):
+    mosaic_gpu.forward(
+      *forward_inputs(1, 64, 32, dtype),
+      block_d=32,
+      block_t=32,
+      layout="quarter_rows",
+      share_channel_work=True,
+      f32_states=f32_states,
+      state_pairs=True,
     )
 
 
