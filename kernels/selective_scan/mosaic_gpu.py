@@ -521,11 +521,12 @@ def forward(
   # store to shared memory unless told not to: here two per position, around y's store into its output block, which
   # hold the four warps in lockstep and every load of the next positions behind them. None of them is needed: no
   # thread reads shared memory another thread wrote without an explicit barrier between. The block's softplus and
-  # gate are read after the second `commit_smem` (a fence and a barrier), y's block by its TMA copy after the
-  # pipeline's `commit_smem`; an input slot is refilled, and an output slot written again, only after that barrier and
-  # the pipeline's wait on its earlier copy (a barrier follows it). Without them the loop over positions holds no
-  # barrier (a test reads the lowered module), where it held eight per four positions. compute-sanitizer's racecheck
-  # agrees (scan_racecheck_mosaic_no_barriers_h100.txt).
+  # gate are read after the second `commit_smem` (a fence and a barrier), the epilogue's C_t h_t after its own, and
+  # written again only after the next block's two; y's block is read by its TMA copy after the pipeline's
+  # `commit_smem`; an input slot is refilled, and an output slot written again, only after that barrier and the
+  # pipeline's wait on its earlier copy (a barrier follows it). Without them the loop over positions holds no barrier
+  # (a test reads the lowered module), where it held eight per four positions. compute-sanitizer's racecheck agrees
+  # (scan_racecheck_mosaic_no_barriers_h100.txt, before the epilogue; it has not run on the epilogue).
   out_type = [] if y_over else [jax.ShapeDtypeStruct(seqs["u"].shape, u.dtype)]
   if last_state:
     out_type.append(jax.ShapeDtypeStruct((batch, channels, A.shape[1]), jnp.float32))
