@@ -19,13 +19,14 @@ import sys
 def kernels(path: str) -> list[tuple[str, list[dict]]]:
   """(name, rows) for each kernel of the CSV, rows keyed by its header."""
   found, header = [], None
-  for row in csv.reader(open(path)):
-    if row and row[0] == "Kernel Name":
-      found.append((row[1], []))
-    elif row and row[0] == "Address":
-      header = row
-    elif row and found and header:
-      found[-1][1].append(dict(zip(header, row, strict=False)))
+  with open(path, newline="") as f:
+    for row in csv.reader(f):
+      if row and row[0] == "Kernel Name":
+        found.append((row[1], []))
+      elif row and row[0] == "Address":
+        header = row
+      elif row and found and header:
+        found[-1][1].append(dict(zip(header, row, strict=False)))
   return found
 
 

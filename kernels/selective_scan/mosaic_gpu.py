@@ -323,9 +323,10 @@ def _forward_kernel(
           rows_at = lambda k: _load((shared if k in shared else blocks)[k].at[t], per_channel)  # noqa: E731
         else:
           rows_at = _raw_rows(lambda k: _load(blocks[k].at[t], per_channel), bias)
-        cols_at = lambda k: _load((shared if k in shared else blocks)[k].at[t], per_state)  # noqa: E731
         if "BC" in shared:  # one load for both
           cols_at = _unpaired(plgpu.load(shared["BC"].at[t], layout=per_state, optimized=False)).__getitem__
+        else:
+          cols_at = lambda k: _load((shared if k in shared else blocks)[k].at[t], per_state)  # noqa: E731
         inputs = _inputs(rows_at, cols_at, _Combine(False, False) if epilogue else combine, ends=chunks.ends)
         if past_end:
           inputs["step_size"] = inputs["step_size"] * jnp.clip(length - start - t, 0, 1).astype(jnp.float32)
@@ -385,7 +386,8 @@ def _forward_kernel(
     if state_pairs and not chunks.ends:  # and B's and C's rows as one word per state
       names += ("BC",)
       scratch.append(plgpu.SMEM((block_t, b_ref.shape[-1]), jnp.uint32))
-    elif f32_states or state_pairs:  # or converted once, not by every channel's threads at every position
+    elif f32_states or state_pairs:  # or in float32 (the ends launch's B alone, with state_pairs): converted once,
+      # not by every channel's threads at every position
       state_names = ("B",) if chunks.ends else ("B", "C")
       names += state_names
       scratch += [plgpu.SMEM((block_t, b_ref.shape[-1]), jnp.float32)] * len(state_names)
