@@ -3,7 +3,7 @@ r"""A/B of how the Pallas GPU scan uses the Mosaic GPU forward, in Vim-Ti's infe
 alternating (`model_steps.alternate_rounds`).
 
   PYTHONPATH=. python experiments/benchmarks/mosaic_ab.py 1248:32,1024:32,1248:8 \
-      '{"auto_barriers": true, "f32_states": false}' --unchunked
+      '{"state_pairs": false, "f32_states": true}' --unchunked
 
 Cases are image_size:batch. The second argument updates `mosaic_gpu.OPTIONS` while `before` traces; `--unchunked`
 also has `before` call Mosaic GPU only where the batch alone gives `FITS_PROGRAMS` programs, in one chunk (as before

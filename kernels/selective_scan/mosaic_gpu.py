@@ -560,15 +560,15 @@ def bidirectional(forward_args: tuple, backward_args: tuple, z, *, in_place: boo
 # at least FITS_LENGTH positions, bf16, state 16, on sm_90, in `chunks_to_fill` chunks. Without Pallas's barriers:
 # racecheck found no hazard (H100, thirty-fourth session), and Vim-Ti's forward at 1248², batch 32 went from 58.8 to
 # 53.5 ms with `f32_states` too (H100, ab_mosaic_options_vim_tiny_1248_h100.txt); with `epilogue` and unroll 8 it
-# takes 51.8 against 53.6 (H100, ab_mosaic_epilogue_unroll8_vim_tiny_1248_h100.txt; not yet timed at 1024² or in
-# chunks).
+# takes 51.8 against 53.6 (H100, ab_mosaic_epilogue_unroll8_vim_tiny_1248_h100.txt); `state_pairs` instead of
+# `f32_states` takes it from 47.4 to 45.5 ms (H200, ab_mosaic_state_pairs_vim_tiny_1248_h200.txt; racecheck clean).
 OPTIONS = dict(
   layout="quarter_rows",
   block_d=32,
   block_t=64,
   unroll=8,
   share_channel_work=True,
-  f32_states=True,
+  state_pairs=True,
   epilogue=True,
   in_place=True,
 )

@@ -1102,7 +1102,7 @@ def scan(
   def run(*arrays):
     u, delta, A, B, C, D, delta_bias, z = arrays
     sequences = (u, delta) + (() if z is None else (z,))
-    if one_pass and _one_pass_fits(sequences, A, softplus=delta_softplus, interpret=interpret):
+    if one_pass and _one_pass_fits(sequences, (B, C), A, softplus=delta_softplus, interpret=interpret):
       y, last = mosaic_gpu.forward(
         *plain((u, delta, A, B, C, D)), z, delta_bias, reverse=reverse, gated=z is not None, last_state=True,
         chunks=mosaic_gpu.chunks_to_fill(u.shape[0], channels), **mosaic_gpu.SINGLE_OPTIONS,
@@ -1140,10 +1140,13 @@ def gate_backward(dy: jax.Array, y_ungated: jax.Array, z: jax.Array, scale: floa
   return (dy_ * jax.nn.silu(z_) * scale).astype(dy.dtype), dz.astype(z.dtype)
 
 
-def _one_pass_fits(sequences: tuple, A, *, softplus: bool, interpret: bool) -> bool:
+def _one_pass_fits(sequences: tuple, states: tuple, A, *, softplus: bool, interpret: bool) -> bool:
   """Whether the inference path runs `mosaic_gpu`'s one-pass forward for these (batch, length, channels) sequences
-  (all of one shape): bf16, delta through softplus, where `mosaic_gpu.fits`."""
-  if interpret or not softplus or any(x.dtype != jnp.bfloat16 or x.shape != sequences[0].shape for x in sequences):
+  (all of one shape) and (batch, length, state) B and C rows: all bf16, delta through softplus, where
+  `mosaic_gpu.fits`."""
+  if interpret or not softplus or any(x.shape != sequences[0].shape for x in sequences):
+    return False
+  if any(x.dtype != jnp.bfloat16 for x in sequences + states):
     return False
   batch, length, channels = sequences[0].shape
   return mosaic_gpu.fits(batch, length, channels, A.shape[1], jnp.bfloat16, mosaic_gpu.compute_capability())
@@ -1208,7 +1211,9 @@ def bidirectional(
   def run(forward, backward, z):
     sequences = (forward[0], forward[1], backward[0], backward[1], z)
     combine = z is not None and scale == 0.5  # what `mosaic_gpu.bidirectional` computes
-    if one_pass and combine and _one_pass_fits(sequences, forward[2], softplus=delta_softplus, interpret=interpret):
+    states = (forward[3], forward[4], backward[3], backward[4])  # B and C
+    fits = _one_pass_fits(sequences, states, forward[2], softplus=delta_softplus, interpret=interpret)
+    if one_pass and combine and fits:
       chunks = mosaic_gpu.chunks_to_fill(forward[0].shape[0], channels)
       return mosaic_gpu.bidirectional(plain(forward), plain(backward), z, chunks=chunks, **mosaic_gpu.OPTIONS)
     return outputs(*inference, forward, backward, z, differentiated=False)[0]

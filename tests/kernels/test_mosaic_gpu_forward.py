@@ -257,7 +257,7 @@ def test_the_position_loop_reads_first_and_holds_no_barrier(auto_barriers, state
   puts them back): the positions' loads and exps may overlap. With `state_pairs`, B and C are one load."""
   args = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in forward_inputs(1, 1, 384, jnp.bfloat16)]
   args = [jax.ShapeDtypeStruct((32, 6085, *x.shape[2:]), x.dtype) if x.ndim == 3 else x for x in args]
-  options = mosaic_gpu.SINGLE_OPTIONS | ({"f32_states": False, "state_pairs": True} if state_pairs else {})
+  options = mosaic_gpu.SINGLE_OPTIONS | {"f32_states": not state_pairs, "state_pairs": state_pairs}
   forward = functools.partial(mosaic_gpu.forward, gated=False, auto_barriers=auto_barriers, **options)
   (module,) = _kernel_modules(jax.jit(forward).trace(*args).lower(lowering_platforms=("cuda",)))
   with module.context:
@@ -361,16 +361,20 @@ def test_chunks_fill_the_gpu_where_the_batch_does_not(batch, chunks):
 
 
 @pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
-@pytest.mark.parametrize("batch, differentiated, launches", [(32, False, 2), (32, True, 0), (8, False, 4)])
-def test_pallas_gpu_runs_the_one_pass_forward_where_it_fits(monkeypatch, batch, differentiated, launches):
+@pytest.mark.parametrize(
+  "batch, differentiated, states_dtype, launches",
+  [(32, False, jnp.bfloat16, 2), (32, True, jnp.bfloat16, 0), (8, False, jnp.bfloat16, 4), (32, False, jnp.float32, 0)],
+)
+def test_pallas_gpu_runs_the_one_pass_forward_where_it_fits(monkeypatch, batch, differentiated, states_dtype, launches):
   """On a Hopper GPU (stood in for by an abstract H100), Vim's fused call at 1248² runs the Mosaic GPU forward,
   in place, where nothing is differentiated: a launch per direction at batch 32, two at batch 8 (the chunks' end
-  states, then y); Triton's kernels where something is."""
+  states, then y); Triton's kernels where something is differentiated or B and C are not bf16."""
   if not hasattr(jax.sharding, "AbstractDevice"):
     pytest.skip("this jax cannot name an abstract GPU to lower for")
   monkeypatch.setattr(mosaic_gpu, "compute_capability", lambda: "9.0")
   shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in forward_inputs(1, 1, 384, jnp.bfloat16)]
   shapes = [jax.ShapeDtypeStruct((batch, 6085, *x.shape[2:]), x.dtype) if x.ndim == 3 else x for x in shapes]
+  shapes[3:5] = [jax.ShapeDtypeStruct(x.shape, states_dtype) for x in shapes[3:5]]  # B and C
   direction = Direction(*shapes[:6], shapes[7])
 
   def call(forward, backward, z):
