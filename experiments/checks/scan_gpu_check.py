@@ -16,7 +16,8 @@ bidirectional scan with its gradients (A also as `NegativeExp`) and without them
 writes y over its inputs), on shapes that exercise short last chunks, partial sub-chunks, padded channels
 and several chunks (`--case=i` runs one of them, to keep sanitizer runs short). `--mosaic` checks the Mosaic GPU
 one-pass forward instead, with the options `pallas_gpu` runs it with (`mosaic_gpu.OPTIONS`), whole and in 3 chunks,
-on `MOSAIC_CASES`: `pallas_gpu` calls it only for long sequences, which none of `CASES` is.
+B and C also read in place from one array as x_proj writes them, on `MOSAIC_CASES`: `pallas_gpu` calls it only for
+long sequences, which none of `CASES` is.
 Prints the worst relative error per case and exits non-zero above the tolerance. With the platform
 allocator every buffer is its own allocation, so compute-sanitizer sees any access past one; command
 buffers (CUDA graphs) are off so that every kernel launch is its own. XLA's compiler crashes under the
@@ -34,6 +35,7 @@ from absl import app, flags
 from experiments.checks.gpu_check import Tally
 from kernels import Direction, NegativeExp, selective_scan, selective_scan_bidirectional
 from kernels.selective_scan import mosaic_gpu, pallas_gpu
+from kernels.selective_scan.columns import Columns
 
 _CASE = flags.DEFINE_integer("case", None, "Index into CASES to run only that case (default: all).")
 _BIDIRECTIONAL_ONLY = flags.DEFINE_bool(
@@ -127,11 +129,18 @@ def _mosaic_runs(arrays) -> dict:
   forward = Direction(*(arrays[k] for k in Direction._fields))
   backward = forward._replace(**rolled)
 
-  def bidirectional(impl, in_place, chunks=1):
+  def windows(direction: Direction) -> Direction:
+    """B and C as `Columns` of one [step | B | C] array, as the model passes x_proj's output."""
+    projected = jnp.concatenate([direction.delta[..., : direction.B.shape[-1]], direction.B, direction.C], axis=-1)
+    state = direction.B.shape[-1]
+    return direction._replace(B=Columns(projected, state, state), C=Columns(projected, 2 * state, state))
+
+  def bidirectional(impl, in_place, chunks=1, in_windows=False):
     if impl == "reference":
       return selective_scan_bidirectional(forward, backward, arrays["z"], delta_softplus=True, impl=impl)
     options = dict(mosaic_gpu.OPTIONS, in_place=in_place, chunks=chunks)
-    return jax.jit(functools.partial(mosaic_gpu.bidirectional, **options))(tuple(forward), tuple(backward), arrays["z"])
+    pair = (windows(forward), windows(backward)) if in_windows else (forward, backward)
+    return jax.jit(functools.partial(mosaic_gpu.bidirectional, **options))(*map(tuple, pair), arrays["z"])
 
   def one_direction(impl, reverse, chunks=1):
     """y and the last state, as `pallas_gpu.scan` takes them without gradients."""
@@ -147,6 +156,10 @@ def _mosaic_runs(arrays) -> dict:
     "bidirectional": functools.partial(bidirectional, in_place=False),
     "bidirectional, in place": functools.partial(bidirectional, in_place=True),
     "bidirectional, in place, 3 chunks": functools.partial(bidirectional, in_place=True, chunks=3),
+    "bidirectional, in place, B and C windows": functools.partial(bidirectional, in_place=True, in_windows=True),
+    "bidirectional, in place, 3 chunks, B and C windows": functools.partial(
+      bidirectional, in_place=True, chunks=3, in_windows=True
+    ),
     **{
       f"gated, reverse={r}{', 3 chunks' if chunks > 1 else ''}": functools.partial(
         one_direction, reverse=r, chunks=chunks

@@ -47,6 +47,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from kernels.selective_scan.columns import Columns
+
 
 def _tiled(tiles, warp_dims, lane_dims):
   return plgpu.Layout.TILED(plgpu.Tiling(tiles), warp_dims=warp_dims, lane_dims=lane_dims, vector_dim=-1)
@@ -71,6 +73,15 @@ _STATE_OF = {"rows": 16, "half_rows": 16, "quarter_rows": 16}  # the state size 
 
 def _load(ref, layout):
   return plgpu.load(ref, layout=layout, optimized=False).astype(jnp.float32)
+
+
+def _state_block(x: jax.Array | Columns, state: int) -> tuple[jax.Array, int]:
+  """B or C as the kernel reads it: an array and the index of its block of `state` columns. A `Columns` window that is
+  such a block (B's and C's in x_proj's output) is read where it lies, by TMA: no slice before the launch."""
+  if not isinstance(x, Columns):
+    return x, 0
+  block = x.block(state)
+  return (x.value(), 0) if block is None else (x.array, block)
 
 
 def _state_pairs(b: jax.Array, c: jax.Array) -> jax.Array:
@@ -213,6 +224,7 @@ def _forward_kernel(
   f32_states,
   state_pairs,
   epilogue,
+  state_columns,
   reverse,
   combine,
   y_over,
@@ -220,7 +232,8 @@ def _forward_kernel(
   last_state,
   length,
 ):
-  """refs: the (batch, length, channels) inputs named by `seq_names`, then B, C, A, D and delta_bias; with several
+  """refs: the (batch, length, channels) inputs named by `seq_names`, then B, C (each its `state_columns` block of
+  state-wide columns of a (batch, length, width) array), A, D and delta_bias; with several
   chunks, the (batch, chunks, channels, state) end states and (batch, chunks, channels) step totals (inputs of the
   outputs launch, outputs of the ends launch); then y (outputs launch, unless y goes over the input `y_over`: each
   block of it is read before y is written there); then, with `last_state`, the (batch, channels, state) state after
@@ -238,8 +251,12 @@ def _forward_kernel(
   channels = pl.ds(block * block_d, block_d)
   a_log2 = _load(a_ref.at[channels, :], tile) * math.log2(math.e)
   skip, bias = _load(d_ref.at[channels], per_channel), _load(bias_ref.at[channels], per_channel)
-  zeros = plgpu.layout_cast(jnp.zeros((block_d, b_ref.shape[-1]), jnp.float32), tile)
+  state = a_ref.shape[1]
+  zeros = plgpu.layout_cast(jnp.zeros((block_d, state), jnp.float32), tile)
   states = dict(B=b_ref, C=c_ref)
+  state_names = ("B",) if chunks.ends else ("B", "C")  # what this launch reads
+  column_block = dict(zip(states, state_columns, strict=True))
+  columns = {name: pl.ds(index * state, state) for name, index in column_block.items()}
   if chunks.ends:
     update = functools.partial(_end_update, a_log2=a_log2)
   else:
@@ -249,7 +266,7 @@ def _forward_kernel(
 
     def read(t):
       rows_at = _raw_rows(lambda k: _load(seq_refs[k].at[sequence, t, channels], per_channel), bias)
-      return _inputs(rows_at, lambda k: _load(states[k].at[sequence, t, :], per_state), combine)
+      return _inputs(rows_at, lambda k: _load(states[k].at[sequence, t, columns[k]], per_state), combine)
 
     def write(t, y):
       y_ref[sequence, t, channels] = y.astype(y_ref.dtype)
@@ -293,9 +310,7 @@ def _forward_kernel(
         lax.broadcast_in_dim(_load(ref.at[channels], _SPREAD.reduce(0)), (block_t, block_d), [1])
         for ref in (bias_ref, d_ref)
       )
-      state_rows = plgpu.Layout.WG_STRIDED(
-        (block_t, b_ref.shape[-1]), vec_size=min(8, block_t * b_ref.shape[-1] // 128)
-      )
+      state_rows = plgpu.Layout.WG_STRIDED((block_t, state), vec_size=min(8, block_t * state // 128))
 
     # Zeros past the sequence's end still decay the state (their step size is softplus(bias) > 0). Walked last (not in
     # reverse) and the state kept, their step sizes are zeroed; walked first, they leave the zero state as it is.
@@ -349,13 +364,13 @@ def _forward_kernel(
       return carry
 
     per_channel_refs = [*seq_refs.values()] + ([] if chunks.ends else [y_ref])
-    state_refs = [b_ref] if chunks.ends else [b_ref, c_ref]
+    state_refs = [states[name] for name in state_names]
     if not staged:  # blocks read where they lie in HBM (what interpret mode runs; the length padded to whole blocks)
 
       def over_blocks(i, carry):
         at = pl.ds(block_at(i) * block_t, block_t)
         seq_views = [r.at[sequence, at, channels] for r in per_channel_refs]
-        state_views = [r.at[sequence, at] for r in state_refs]
+        state_views = [states[name].at[sequence, at, columns[name]] for name in state_names]
         return block_body(
           block_at(i) * block_t, *seq_views[: len(seq_names)], *state_views, *seq_views[len(seq_names) :], carry
         )
@@ -367,11 +382,14 @@ def _forward_kernel(
     # them by 8 positions, and their copies would then need a length that is a multiple of 8.
     untiled = (plgpu.TilingTransform((1,)),) if shared else ()
     seq_spec = plgpu.BlockSpec((block_t, block_d), lambda i: (block_at(i), block), transforms=untiled)
-    state_spec = plgpu.BlockSpec((block_t, b_ref.shape[-1]), lambda i: (block_at(i), 0))
+    state_specs = [  # B's or C's block of columns of its (length, width) array, read in place by TMA
+      plgpu.BlockSpec((block_t, state), lambda i, index=column_block[name]: (block_at(i), index))
+      for name in state_names
+    ]
     pipeline = plgpu.emit_pipeline(
       lambda indices, *blocks: block_body(block_at(indices[0]) * block_t, *blocks),
       grid=(count,),
-      in_specs=[seq_spec] * len(seq_names) + [state_spec] * len(state_refs),
+      in_specs=[seq_spec] * len(seq_names) + state_specs,
       out_specs=[seq_spec] * (len(per_channel_refs) - len(seq_names)),
       max_concurrent_steps=2,
       init_carry=carry,
@@ -385,12 +403,11 @@ def _forward_kernel(
     scratch = [plgpu.SMEM((block_t, block_d), jnp.float32)] * len(names)
     if state_pairs and not chunks.ends:  # and B's and C's rows as one word per state
       names += ("BC",)
-      scratch.append(plgpu.SMEM((block_t, b_ref.shape[-1]), jnp.uint32))
+      scratch.append(plgpu.SMEM((block_t, state), jnp.uint32))
     elif f32_states or state_pairs:  # or in float32 (the ends launch's B alone, with state_pairs): converted once,
       # not by every channel's threads at every position
-      state_names = ("B",) if chunks.ends else ("B", "C")
       names += state_names
-      scratch += [plgpu.SMEM((block_t, b_ref.shape[-1]), jnp.float32)] * len(state_names)
+      scratch += [plgpu.SMEM((block_t, state), jnp.float32)] * len(state_names)
     end = pl.run_scoped(lambda *scratch: walk_blocks(dict(zip(names, scratch, strict=True))), *scratch)
   else:
     end = walk_blocks({})
@@ -437,7 +454,8 @@ def forward(
 ):
   """y of the selective scan with delta_softplus, for (batch, length, channels) inputs: averaged with `partner` (the
   other direction's y) if given, then gated by silu(z) if `gated`; with `last_state`, (y, the float32 state after the
-  last position walked), as `selective_scan`'s return_last_state.
+  last position walked), as `selective_scan`'s return_last_state. B and C are (batch, length, state) arrays or
+  `Columns` windows of a wider one, read in place where a window is a whole block of `state` columns.
 
   `share_channel_work` computes each block's softplus and gate once per (position, channel) into shared memory
   (`block_t` a multiple of 32, `block_d` of 32); `f32_states` then also converts B's and C's rows to float32 there
@@ -467,6 +485,7 @@ def forward(
     )
   if state_pairs and (f32_states or B.dtype != jnp.bfloat16):
     raise ValueError(f"state_pairs takes bf16 B and C (got {B.dtype}) and replaces f32_states ({f32_states})")
+  (B, b_block), (C, c_block) = (_state_block(x, A.shape[1]) for x in (B, C))
   num_blocks = pl.cdiv(length, block_t) if block_t else 1
   if chunks < 1 or (chunks > 1 and not block_t):
     raise ValueError(f"chunks must be 1, or more with blocks (block_t > 0), got {chunks} with block_t {block_t}")
@@ -497,6 +516,7 @@ def forward(
         f32_states=f32_states,
         state_pairs=state_pairs,
         epilogue=epilogue,
+        state_columns=(b_block, c_block),
         reverse=reverse,
         combine=_Combine(gated=gated, partner=partner is not None),
         y_over=y_over,
@@ -540,8 +560,8 @@ def forward(
 def bidirectional(forward_args: tuple, backward_args: tuple, z, *, in_place: bool = False, **options) -> jax.Array:
   """Vim's (y_forward + y_backward) / 2 * silu(z) as two launches, as the Triton kernels do: the forward direction
   writes its ungated y, the backward one reads it and writes the combined output. `forward_args` and `backward_args`
-  are (u, delta, A, B, C, D, delta_bias) as arrays. `in_place` writes the first y over the forward direction's
-  delta and the second over the first, as the Triton inference path does."""
+  are (u, delta, A, B, C, D, delta_bias) as arrays (B and C may be `Columns`). `in_place` writes the first y over the
+  forward direction's delta and the second over the first, as the Triton inference path does."""
   y_forward = forward(
     *forward_args[:6], z, forward_args[6], gated=False, y_over="delta" if in_place else None, **options
   )

@@ -22,6 +22,8 @@ def compute_dtype(*arrays) -> jnp.dtype:
   return jnp.dtype(jnp.result_type(jnp.float32, *(x for x in arrays if x is not None)))
 
 
-def plain(args: tuple) -> tuple:
-  """`args` with `Columns` windows sliced and a `NegativeExp` computed, for code that takes plain arrays."""
-  return tuple(x.value() if isinstance(x, Columns | NegativeExp) else x for x in args)
+def plain(args: tuple, *, windows: bool = True) -> tuple:
+  """`args` with `Columns` windows sliced (unless not `windows`: for a kernel that reads them in place) and a
+  `NegativeExp` computed, for code that takes plain arrays."""
+  kinds = Columns | NegativeExp if windows else NegativeExp
+  return tuple(x.value() if isinstance(x, kinds) else x for x in args)

@@ -1104,7 +1104,8 @@ def scan(
     sequences = (u, delta) + (() if z is None else (z,))
     if one_pass and _one_pass_fits(sequences, (B, C), A, softplus=delta_softplus, interpret=interpret):
       y, last = mosaic_gpu.forward(
-        *plain((u, delta, A, B, C, D)), z, delta_bias, reverse=reverse, gated=z is not None, last_state=True,
+        *plain((u, delta, A, B, C, D), windows=False), z, delta_bias,  # B and C read where x_proj wrote them
+        reverse=reverse, gated=z is not None, last_state=True,
         chunks=mosaic_gpu.chunks_to_fill(u.shape[0], channels), **mosaic_gpu.SINGLE_OPTIONS,
       )  # fmt: skip
       return y, last.astype(dtype)
@@ -1215,7 +1216,8 @@ def bidirectional(
     fits = _one_pass_fits(sequences, states, forward[2], softplus=delta_softplus, interpret=interpret)
     if one_pass and combine and fits:
       chunks = mosaic_gpu.chunks_to_fill(forward[0].shape[0], channels)
-      return mosaic_gpu.bidirectional(plain(forward), plain(backward), z, chunks=chunks, **mosaic_gpu.OPTIONS)
+      in_place = functools.partial(plain, windows=False)  # B and C read where x_proj wrote them
+      return mosaic_gpu.bidirectional(in_place(forward), in_place(backward), z, chunks=chunks, **mosaic_gpu.OPTIONS)
     return outputs(*inference, forward, backward, z, differentiated=False)[0]
 
   def run_fwd(forward, backward, z):

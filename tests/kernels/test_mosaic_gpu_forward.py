@@ -18,6 +18,7 @@ from jaxlib.mlir import ir
 
 from kernels import Direction, selective_scan, selective_scan_bidirectional
 from kernels.selective_scan import mosaic_gpu
+from kernels.selective_scan.columns import Columns
 
 
 @pytest.mark.parametrize("layout", mosaic_gpu.LAYOUTS)
@@ -271,6 +272,39 @@ def test_the_position_loop_reads_first_and_holds_no_barrier(auto_barriers, state
   assert max(loads) < min(stores)
 
 
+def _as_windows(direction: Direction, key) -> Direction:
+  """`direction` with B and C as `Columns` of one (batch, length, 48) array, [step | B | C] as x_proj writes them."""
+  step = jax.random.normal(key, direction.B.shape, jnp.float32).astype(direction.B.dtype)
+  projected = jnp.concatenate([step, direction.B, direction.C], axis=-1)
+  return direction._replace(B=Columns(projected, 16, 16), C=Columns(projected, 32, 16))
+
+
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_state_windows_are_read_in_place_in_interpret_mode(chunks):
+  """B and C as windows of x_proj's output give the bits that the sliced arrays give, with the shipped options."""
+  forward_args, backward_args = (forward_inputs(2, 3 * 32 + 22, 64, jnp.bfloat16, seed=seed) for seed in (0, 1))
+  pair = [Direction(*args[:6], args[7]) for args in (forward_args, backward_args)]
+  windows = [_as_windows(d, jax.random.key(i)) for i, d in enumerate(pair)]
+  options = dict(mosaic_gpu.OPTIONS, block_t=32, staged=False, chunks=chunks)
+  interpret = mosaic_gpu.plgpu.InterpretGPUParams()
+  y_sliced, y_windows = (
+    mosaic_gpu.bidirectional(*p, forward_args[6], **options, interpret=interpret) for p in (pair, windows)
+  )
+  np.testing.assert_array_equal(y_windows, y_sliced)
+
+
+def test_state_windows_lower_for_cuda_without_slices():
+  """At Vim-Ti's 1248² shapes, B's and C's TMA copies read x_proj's (batch, length, 48) output where it lies."""
+  shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in forward_inputs(1, 1, 384, jnp.bfloat16)]
+  shapes = [jax.ShapeDtypeStruct((32, 6085, *x.shape[2:]), x.dtype) if x.ndim == 3 else x for x in shapes]
+  projected = jax.ShapeDtypeStruct((32, 6085, 48), jnp.bfloat16)
+  direction = Direction(*shapes[:3], Columns(projected, 16, 16), Columns(projected, 32, 16), shapes[5], shapes[7])
+  bidirectional = functools.partial(mosaic_gpu.bidirectional, **mosaic_gpu.OPTIONS)
+  text = jax.jit(bidirectional).trace(direction, direction, shapes[6]).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("mosaic_gpu_v2") == 2
+  assert "stablehlo.slice" not in text
+
+
 @pytest.mark.parametrize("in_place", [False, True])
 def test_bidirectional_lowers_for_cuda_at_vim_tiny_1248_shapes(in_place):
   """In place, both launches alias an input to their output (a new buffer for neither)."""
@@ -368,13 +402,15 @@ def test_chunks_fill_the_gpu_where_the_batch_does_not(batch, chunks):
 def test_pallas_gpu_runs_the_one_pass_forward_where_it_fits(monkeypatch, batch, differentiated, states_dtype, launches):
   """On a Hopper GPU (stood in for by an abstract H100), Vim's fused call at 1248² runs the Mosaic GPU forward,
   in place, where nothing is differentiated: a launch per direction at batch 32, two at batch 8 (the chunks' end
-  states, then y); Triton's kernels where something is differentiated or B and C are not bf16."""
+  states, then y); Triton's kernels where something is differentiated or B and C are not bf16. B and C are windows
+  of x_proj's output, as the model passes them, which the Mosaic forward reads without a slice."""
   if not hasattr(jax.sharding, "AbstractDevice"):
     pytest.skip("this jax cannot name an abstract GPU to lower for")
   monkeypatch.setattr(mosaic_gpu, "compute_capability", lambda: "9.0")
   shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in forward_inputs(1, 1, 384, jnp.bfloat16)]
   shapes = [jax.ShapeDtypeStruct((batch, 6085, *x.shape[2:]), x.dtype) if x.ndim == 3 else x for x in shapes]
-  shapes[3:5] = [jax.ShapeDtypeStruct(x.shape, states_dtype) for x in shapes[3:5]]  # B and C
+  projected = jax.ShapeDtypeStruct((batch, 6085, 48), states_dtype)
+  shapes[3:5] = Columns(projected, 16, 16), Columns(projected, 32, 16)  # B and C
   direction = Direction(*shapes[:6], shapes[7])
 
   def call(forward, backward, z):
@@ -387,6 +423,7 @@ def test_pallas_gpu_runs_the_one_pass_forward_where_it_fits(monkeypatch, batch, 
   assert hlo.count("mosaic_gpu_v2") == launches
   assert ("xla.gpu.triton" in hlo) != bool(launches)
   assert hlo.count("output_operand_alias<") >= (2 if launches else 0)
+  assert "stablehlo.slice" not in hlo or not launches
 
 
 @pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
