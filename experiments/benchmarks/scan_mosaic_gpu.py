@@ -58,6 +58,9 @@ _STATE_PAIRS = flags.DEFINE_list(
 _EPILOGUE = flags.DEFINE_list(
   "epilogue", ["0"], "0, 1 or both: with shared work, y's skip, combine and gate in a pass over each block."
 )
+_SCATTER_SUMS = flags.DEFINE_list(
+  "scatter_sums", ["0"], "0, 1 or both: with the epilogue (quarter_rows), y's sums over the state reduce-scattered."
+)
 _CHUNKS = flags.DEFINE_list("chunks", ["1"], "Chunks per sequence (a launch for their end states first, if > 1).")
 _AUTO_BARRIERS = flags.DEFINE_list(
   "auto_barriers", ["0"], "0, 1 or both: Pallas's barriers around each shared-memory store (left out by default)."
@@ -74,6 +77,7 @@ def main(argv):
     + (" f32_states" if f32 == "1" else "")
     + (" state_pairs" if pairs == "1" else "")
     + (" epilogue" if epilogue == "1" else "")
+    + (" scatter_sums" if scatter == "1" else "")
     + (f" chunks={chunks}" if chunks != "1" else "")
     + (" in_place" if place == "1" else "")
     + (" auto_barriers" if barriers == "1" else ""): (
@@ -87,11 +91,12 @@ def main(argv):
         f32_states=f32 == "1",
         state_pairs=pairs == "1",
         epilogue=epilogue == "1",
+        scatter_sums=scatter == "1",
         chunks=int(chunks),
         auto_barriers=barriers == "1",
       )
     )
-    for layout, d, t, u, share, f32, pairs, epilogue, chunks, place, barriers in itertools.product(
+    for layout, d, t, u, share, f32, pairs, epilogue, scatter, chunks, place, barriers in itertools.product(
       _LAYOUT.value,
       _BLOCK_D.value,
       _BLOCK_T.value,
@@ -100,6 +105,7 @@ def main(argv):
       _F32_STATES.value,
       _STATE_PAIRS.value,
       _EPILOGUE.value,
+      _SCATTER_SUMS.value,
       _CHUNKS.value,
       in_place,
       _AUTO_BARRIERS.value,
@@ -107,6 +113,7 @@ def main(argv):
     if int(d) % LAYOUTS[layout][1] == 0
     and (share == "1" or f32 == pairs == epilogue == "0")
     and not (f32 == pairs == "1")
+    and (scatter == "0" or (epilogue == "1" and layout == "quarter_rows"))
   }
   compare_forwards(_CASES.value, variants, _REPS.value, _OUT.value, bidirectional=_BIDIRECTIONAL.value)
 

@@ -28,7 +28,10 @@ them and Triton's 2.28 (H100). Chunks fill the GPU where the batch does not (`ch
 then ran nearest the shared-memory unit's ceiling (89%; ncu_mosaic_forward_1248_b32_h100.md): B's and C's float32
 rows cost 8 of a warp's 11-13 wavefronts per position. `epilogue` takes y's skip, combine and gate out of the loop
 and `unroll` 8 walks positions in groups of 8: both directions 1.38 ms, Vim-Ti's forward 51.8 against 53.6 ms
-(1248², batch 32, H100, thirty-fifth session).
+(1248², batch 32, H100, thirty-fifth session). `state_pairs` reads B and C as bf16 pairs, one 128-bit load per
+position: both directions 1.28 ms against 1.35, Vim-Ti 45.5 against 47.4 ms (H200, thirty-sixth session). B and C
+are read where x_proj wrote them (`Columns`, no slice). `scatter_sums` (not yet run on a GPU, so not in `OPTIONS`)
+cuts y's shuffles from 8 to 3 per 4 positions (`_store_scattered_sums`).
 
 Mosaic GPU needs sm_90 (Hopper) and its API still moves: this lowers on jax 0.11.2 and 0.12 (tests lower it for
 CUDA on CPU and run its math in interpret mode, which reads blocks from HBM in place (`staged=False`) because it
@@ -45,7 +48,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
+from jaxlib.mlir import ir
+from jaxlib.mlir.dialects import arith, memref, vector
 
 from kernels.selective_scan.columns import Columns
 
@@ -137,12 +143,80 @@ def _next_state(h, inputs: dict, a_log2):
   return jnp.exp2(_rows(delta, shape) * a_log2) * h + _rows(delta * inputs["u"], shape) * _cols(inputs["B"], shape)
 
 
-def _update(h, inputs: dict, *, a_log2, skip, combine):
+def _update(h, inputs: dict, *, a_log2, skip, combine, summed: bool = True):
   """One position's state update and output: (h_t, y_t); without `skip`, y_t is C_t h_t alone (the block's epilogue
-  finishes it)."""
+  finishes it); not `summed`, the (channels, state) product C_t ⊙ h_t (`_store_scattered_sums` sums it)."""
   h = _next_state(h, inputs, a_log2)
-  y = (h * _cols(inputs["C"], h.shape)).sum(axis=1)
+  product = h * _cols(inputs["C"], h.shape)
+  if not summed:
+    return h, product
+  y = product.sum(axis=1)
   return h, y if skip is None else _finish(y, inputs, skip=skip, combine=combine)
+
+
+SCATTERED = 4  # positions per reduce-scatter: one per thread of a channel in `quarter_rows`
+_QUARTER_DIM = -2  # `quarter_rows`'s tiled dimension of a channel's four threads (`_tiled`'s lane_dims)
+
+
+def _store_scattered_sums(products: list, rows_ref, *, reverse: bool, inline: bool) -> None:
+  """rows_ref[k] = products[k].sum(axis=1) for 4 positions' (block_d, 16) products C_t ⊙ h_t in `quarter_rows`, the
+  last position walked first if `reverse` (rows_ref's rows in sequence order).
+
+  Summed one position at a time, each of a channel's four threads adds its 4 states, then two butterfly shuffles
+  give every one of them the whole sum: 8 shuffles for 4 positions, on the shared-memory unit that binds the loop.
+  A reduce-scatter gives each thread one position's sum in 3: halves of the positions cross between thread pairs
+  two lanes apart, then single positions between neighbours; each thread stores its own. Pallas has no such
+  reduction, so it is Mosaic GPU code (`plgpu.inline_mgpu`), which interpret mode cannot run: there (`inline`
+  False) each position's sum is stored as `_update` sums it."""
+  if not inline:
+    for k, product in enumerate(products):
+      rows_ref[SCATTERED - 1 - k if reverse else k] = product.sum(axis=1)
+    return
+  layout = LAYOUTS["quarter_rows"][0]
+
+  @plgpu.inline_mgpu(arg_types=((layout,) * SCATTERED, plgpu.RefType()))
+  def store(ctx, arrays, ref):
+    del ctx
+    index = ir.IndexType.get()
+    constant = functools.partial(mgpu_utils.c, ty=index)
+    tiles = arrays[0].layout
+    quarter_lanes = 1  # the lane stride between a channel's quarters: the lane dims minor to theirs
+    for dim in reversed(tiles.lane_dims):
+      if dim == _QUARTER_DIM:
+        break
+      quarter_lanes *= tiles.tiled_tiling_shape[dim]
+    # A register per 32 channels a thread holds (one at block_d 32), each the thread's 4 states of its channel.
+    for r, (channel, first_state) in enumerate(tiles.thread_idxs(arrays[0].shape)):
+      sums = []
+      for array in arrays:
+        register = array.registers.flat[r]
+        (size,) = ir.VectorType(register.type).shape
+        states = [
+          vector.extract(register, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([i]))
+          for i in range(size)
+        ]
+        sums.append(functools.reduce(arith.addf, states))
+      quarter = arith.divui(first_state, constant(size))
+      high, low = (
+        arith.cmpi(arith.CmpIPredicate.ne, arith.andi(quarter, constant(bit)), constant(0)) for bit in (2, 1)
+      )
+      # Positions 2 and 3 to the threads of quarters 2 and 3, 0 and 1 to the others (their partners 2 apart) ...
+      halves = [
+        arith.addf(
+          arith.select(high, sums[k + 2], sums[k]),
+          mgpu_utils.shfl_bfly(arith.select(high, sums[k], sums[k + 2]), 2 * quarter_lanes),
+        )
+        for k in (0, 1)
+      ]
+      # ... then one of those two to each of a pair of neighbouring quarters: position 2 high + low.
+      kept, sent = arith.select(low, halves[1], halves[0]), arith.select(low, halves[0], halves[1])
+      total = arith.addf(kept, mgpu_utils.shfl_bfly(sent, quarter_lanes))
+      position = arith.addi(*(arith.select(b, constant(v), constant(0)) for b, v in ((high, 2), (low, 1))))
+      if reverse:
+        position = arith.subi(constant(SCATTERED - 1), position)
+      memref.store(total, ref, [position, channel])
+
+  store(tuple(products), rows_ref)
 
 
 def _finish(y, inputs: dict, *, skip, combine):
@@ -174,10 +248,10 @@ def _raw_rows(load, bias):
 
 
 def _walk(read, update, write, length: int, h, unroll: int, reverse: bool):
-  """h through `update(h, read(t)) -> (h, y)` for t over range(length), last first if `reverse`, each y (unless
-  None) to `write(t, y)`. Positions go in groups of `unroll` whose reads all come before their writes: a read may
-  not move past a write to shared memory that the compiler cannot tell apart, so per position, each load would wait
-  for the last position's whole update."""
+  """h through `update(h, read(t)) -> (h, y)` for t over range(length), last first if `reverse`, each group's
+  positions and ys (unless None) to `write(positions, ys)`. Positions go in groups of `unroll` whose reads all come
+  before their writes: a read may not move past a write to shared memory that the compiler cannot tell apart, so per
+  position, each load would wait for the last position's whole update."""
   position = (lambda i: length - 1 - i) if reverse else (lambda i: i)
 
   def group(first, size, h):
@@ -187,13 +261,14 @@ def _walk(read, update, write, length: int, h, unroll: int, reverse: bool):
     for values in inputs:
       h, y = update(h, values)
       ys.append(y)
-    for t, y in zip(positions, ys, strict=True):
-      if y is not None:
-        write(t, y)
+    if ys[0] is not None:
+      write(positions, ys)
     return h
 
   h = lax.fori_loop(0, length // unroll, lambda i, h: group(i * unroll, unroll, h), h)
-  return lax.fori_loop(length // unroll * unroll, length, lambda i, h: group(i, 1, h), h)
+  if length % unroll:  # the rest one at a time
+    h = lax.fori_loop(length // unroll * unroll, length, lambda i, h: group(i, 1, h), h)
+  return h
 
 
 # A (positions, channels) block spread over the warpgroup with no element held twice: lanes over 32 channels, warps
@@ -224,6 +299,8 @@ def _forward_kernel(
   f32_states,
   state_pairs,
   epilogue,
+  scatter_sums,
+  inline,
   state_columns,
   reverse,
   combine,
@@ -241,6 +318,7 @@ def _forward_kernel(
   fill out of bounds, or `forward`'s padding)."""
   seq_refs = dict(zip(seq_names, refs[: len(seq_names)], strict=True))
   epilogue = epilogue and not chunks.ends  # the ends launch has no y
+  scatter_sums = scatter_sums and epilogue
   b_ref, c_ref, a_ref, d_ref, bias_ref, *rest = refs[len(seq_names) :]
   ends_ref, totals_ref = rest[:2] if chunks.count > 1 else (None, None)
   last_ref = rest[-1] if last_state else None
@@ -260,7 +338,9 @@ def _forward_kernel(
   if chunks.ends:
     update = functools.partial(_end_update, a_log2=a_log2)
   else:
-    update = functools.partial(_update, a_log2=a_log2, skip=None if epilogue else skip, combine=combine)
+    update = functools.partial(
+      _update, a_log2=a_log2, skip=None if epilogue else skip, combine=combine, summed=not scatter_sums
+    )
 
   if not block_t:  # every load straight from HBM (one chunk)
 
@@ -268,8 +348,9 @@ def _forward_kernel(
       rows_at = _raw_rows(lambda k: _load(seq_refs[k].at[sequence, t, channels], per_channel), bias)
       return _inputs(rows_at, lambda k: _load(states[k].at[sequence, t, columns[k]], per_state), combine)
 
-    def write(t, y):
-      y_ref[sequence, t, channels] = y.astype(y_ref.dtype)
+    def write(positions, ys):
+      for t, y in zip(positions, ys, strict=True):
+        y_ref[sequence, t, channels] = y.astype(y_ref.dtype)
 
     h = _walk(read, update, write, length, zeros, unroll, reverse)
     if last_state:
@@ -347,11 +428,17 @@ def _forward_kernel(
           inputs["step_size"] = inputs["step_size"] * jnp.clip(length - start - t, 0, 1).astype(jnp.float32)
         return inputs
 
-      def write(t, y):
-        if epilogue:
-          shared["C_h"][t] = y
-        else:
-          blocks["y"][t] = y.astype(blocks["y"].dtype)
+      def write(positions, ys):
+        if scatter_sums:  # positions in sequence order from the group's first (last if reverse), 4 at a time
+          for i in range(0, len(ys), SCATTERED):
+            rows = pl.ds(positions[i + SCATTERED - 1 if reverse else i], SCATTERED)
+            _store_scattered_sums(ys[i : i + SCATTERED], shared["C_h"].at[rows], reverse=reverse, inline=inline)
+          return
+        for t, y in zip(positions, ys, strict=True):
+          if epilogue:
+            shared["C_h"][t] = y
+          else:
+            blocks["y"][t] = y.astype(blocks["y"].dtype)
 
       carry = _walk(read, update, write, block_t, carry, unroll, reverse)
       if epilogue:  # the block's y from its C_t h_t, each (position, channel) once
@@ -442,6 +529,7 @@ def forward(
   f32_states: bool = False,
   state_pairs: bool = False,
   epilogue: bool = False,
+  scatter_sums: bool = False,
   staged: bool = True,
   reverse: bool = False,
   gated: bool = True,
@@ -483,6 +571,11 @@ def forward(
     raise ValueError(
       f"f32_states ({f32_states}), state_pairs ({state_pairs}) and epilogue ({epilogue}) need share_channel_work"
     )
+  if scatter_sums and (not epilogue or layout != "quarter_rows" or unroll % SCATTERED or block_t % unroll):
+    raise ValueError(
+      f"scatter_sums needs the epilogue ({epilogue}), layout 'quarter_rows' ({layout!r}), unroll ({unroll}) a multiple"
+      f" of {SCATTERED} and block_t ({block_t}) one of unroll"
+    )
   if state_pairs and (f32_states or B.dtype != jnp.bfloat16):
     raise ValueError(f"state_pairs takes bf16 B and C (got {B.dtype}) and replaces f32_states ({f32_states})")
   (B, b_block), (C, c_block) = (_state_block(x, A.shape[1]) for x in (B, C))
@@ -516,6 +609,8 @@ def forward(
         f32_states=f32_states,
         state_pairs=state_pairs,
         epilogue=epilogue,
+        scatter_sums=scatter_sums,
+        inline=not interpret,
         state_columns=(b_block, c_block),
         reverse=reverse,
         combine=_Combine(gated=gated, partner=partner is not None),
@@ -548,7 +643,9 @@ def forward(
   # `commit_smem`; an input slot is refilled, and an output slot written again, only after that barrier and the
   # pipeline's wait on its earlier copy (a barrier follows it). Without them the loop over positions holds no barrier
   # (a test reads the lowered module), where it held eight per four positions. compute-sanitizer's racecheck agrees
-  # (scan_racecheck_mosaic_no_barriers_h100.txt, before the epilogue; it has not run on the epilogue).
+  # (scan_racecheck_mosaic_no_barriers_h100.txt; with the epilogue and state_pairs,
+  # racecheck_mosaic_state_pairs_h200.txt; not yet with scatter_sums, whose stores go where the epilogue's do, before
+  # the same barrier).
   out_type = [] if y_over else [jax.ShapeDtypeStruct(seqs["u"].shape, u.dtype)]
   if last_state:
     out_type.append(jax.ShapeDtypeStruct((batch, channels, A.shape[1]), jnp.float32))

@@ -272,6 +272,46 @@ def test_the_position_loop_reads_first_and_holds_no_barrier(auto_barriers, state
   assert max(loads) < min(stores)
 
 
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_scattered_sums_store_each_position_where_summed_ones_go_in_interpret_mode(chunks):
+  """With `scatter_sums`, interpret mode stores each group's 4 sums in the rows their positions name (the
+  reduce-scatter itself is Mosaic GPU code that only a GPU runs): Vim's two directions give the same bits."""
+  forward_args, backward_args = (forward_inputs(2, 3 * 32 + 22, 64, jnp.bfloat16, seed=seed) for seed in (0, 1))
+  pair = [Direction(*args[:6], args[7]) for args in (forward_args, backward_args)]
+  options = dict(mosaic_gpu.OPTIONS, block_t=32, staged=False, chunks=chunks)
+  interpret = mosaic_gpu.plgpu.InterpretGPUParams()
+  y_summed, y_scattered = (
+    mosaic_gpu.bidirectional(*pair, forward_args[6], **options, scatter_sums=scatter, interpret=interpret)
+    for scatter in (False, True)
+  )
+  np.testing.assert_array_equal(y_scattered, y_summed)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("scatter_sums, shuffles", [(False, 16), (True, 6)])
+def test_scattered_sums_take_3_shuffles_per_4_positions(reverse, scatter_sums, shuffles):
+  """Lowered for CUDA at Vim-Ti's 1248² shapes, the loop over 8 positions holds 16 butterfly shuffles as Mosaic GPU
+  sums each position (2 each), 6 with the reduce-scatter, whose stores are each thread's own."""
+  args = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in forward_inputs(1, 1, 384, jnp.bfloat16)]
+  args = [jax.ShapeDtypeStruct((32, 6085, *x.shape[2:]), x.dtype) if x.ndim == 3 else x for x in args]
+  options = mosaic_gpu.SINGLE_OPTIONS | {"scatter_sums": scatter_sums}
+  forward = functools.partial(mosaic_gpu.forward, gated=False, reverse=reverse, **options)
+  (module,) = _kernel_modules(jax.jit(forward).trace(*args).lower(lowering_platforms=("cuda",)))
+  with module.context:
+    (loop,) = [loop for loop in _innermost_loops(module.operation) if "ex2.approx" in str(loop)]
+    assert options["unroll"] == 8 and str(loop).count("shfl.sync") == shuffles
+
+
+@pytest.mark.parametrize(
+  "options", [dict(epilogue=False), dict(layout="half_rows", block_d=64), dict(unroll=2), dict(block_t=32, unroll=12)]
+)
+def test_scattered_sums_need_the_epilogue_quarter_rows_and_groups_of_4(options):
+  with pytest.raises(ValueError, match="scatter_sums"):
+    mosaic_gpu.forward(
+      *forward_inputs(1, 64, 128, jnp.bfloat16), **(mosaic_gpu.SINGLE_OPTIONS | options), scatter_sums=True
+    )
+
+
 def _as_windows(direction: Direction, key) -> Direction:
   """`direction` with B and C as `Columns` of one (batch, length, 48) array, [step | B | C] as x_proj writes them."""
   step = jax.random.normal(key, direction.B.shape, jnp.float32).astype(direction.B.dtype)
