@@ -167,7 +167,9 @@ def _store_scattered_sums(products: list, rows_ref, *, reverse: bool, inline: bo
   A reduce-scatter gives each thread one position's sum in 3: halves of the positions cross between thread pairs
   two lanes apart, then single positions between neighbours; each thread stores its own. Pallas has no such
   reduction, so it is Mosaic GPU code (`plgpu.inline_mgpu`), which interpret mode cannot run: there (`inline`
-  False) each position's sum is stored as `_update` sums it."""
+  False) each position's sum is stored as `_update` sums it. A warp's 32 stores (8 channels at 4 positions, rows 32
+  floats apart) meet in 8 banks, 4 wavefronts per 4 positions, as many as the 4 row stores they replace: rows padded
+  to 8 banks apart would make it one, but the epilogue's tiled load of the block needs rows of a multiple of 32."""
   if not inline:
     for k, product in enumerate(products):
       rows_ref[SCATTERED - 1 - k if reverse else k] = product.sum(axis=1)
