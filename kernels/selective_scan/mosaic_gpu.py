@@ -31,7 +31,7 @@ and `unroll` 8 walks positions in groups of 8: both directions 1.38 ms, Vim-Ti's
 (1248², batch 32, H100, thirty-fifth session). `state_pairs` reads B and C as bf16 pairs, one 128-bit load per
 position: both directions 1.28 ms against 1.35, Vim-Ti 45.5 against 47.4 ms (H200, thirty-sixth session). B and C
 are read where x_proj wrote them (`Columns`, no slice). `scatter_sums` (not yet run on a GPU, so not in `OPTIONS`)
-cuts y's shuffles from 8 to 3 per 4 positions (`_store_scattered_sums`).
+cuts y's shuffles from 8 to 3 per 4 positions and its stores from 4 wavefronts to 1 (`_store_scattered_sums`).
 
 Mosaic GPU needs sm_90 (Hopper) and its API still moves: this lowers on jax 0.11.2 and 0.12 (tests lower it for
 CUDA on CPU and run its math in interpret mode, which reads blocks from HBM in place (`staged=False`) because it
@@ -46,8 +46,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxlib.mlir import ir
@@ -158,6 +160,36 @@ SCATTERED = 4  # positions per reduce-scatter: one per thread of a channel in `q
 _QUARTER_DIM = -2  # `quarter_rows`'s tiled dimension of a channel's four threads (`_tiled`'s lane_dims)
 
 
+def _swizzled_column(row: ir.Value, channel: ir.Value) -> ir.Value:
+  """Where `_store_scattered_sums` puts (row, channel) of C_t h_t: in its row, at channel XOR 8 (row mod 4). A warp's
+  scattered stores, 8 channels at 4 consecutive rows 32 floats apart, then meet in 32 different banks, where in
+  place they would meet in 8 (4 wavefronts); a row stays one row, which the epilogue reads in one wavefront."""
+  index = ir.IndexType.get()
+  eights = arith.muli(arith.andi(row, mgpu_utils.c(SCATTERED - 1, index)), mgpu_utils.c(8, index))
+  return arith.xori(channel, eights)
+
+
+def _load_c_h(ref, shape: tuple[int, int], *, swizzled: bool) -> jax.Array:
+  """The block's C_t h_t in `_SPREAD`, the epilogue's layout; `swizzled`, from where `_store_scattered_sums` put it."""
+  if not swizzled:
+    return _load(ref, _SPREAD)
+
+  @plgpu.inline_mgpu(
+    arg_types=(plgpu.RefType(),), return_type=plgpu.ShapeDtypeStruct(shape, jnp.float32, layout=_SPREAD)
+  )
+  def load(ctx, ref):
+    del ctx
+    layout = _SPREAD.to_mgpu()
+    register_type = layout.registers_element_type(ir.F32Type.get())
+    assert ir.VectorType(register_type).shape == [1], register_type  # an element per register
+    registers = np.empty(layout.registers_shape(shape), dtype=object)
+    for i, (row, channel) in zip(np.ndindex(registers.shape), layout.thread_idxs(shape), strict=True):
+      registers[i] = vector.broadcast(register_type, memref.load(ref, [row, _swizzled_column(row, channel)]))
+    return mgpu.FragmentedArray(_registers=registers, _layout=layout, _is_signed=None)
+
+  return load(ref)
+
+
 def _store_scattered_sums(products: list, rows_ref, *, reverse: bool, inline: bool) -> None:
   """rows_ref[k] = products[k].sum(axis=1) for 4 positions' (block_d, 16) products C_t ⊙ h_t in `quarter_rows`, the
   last position walked first if `reverse` (rows_ref's rows in sequence order).
@@ -167,9 +199,9 @@ def _store_scattered_sums(products: list, rows_ref, *, reverse: bool, inline: bo
   A reduce-scatter gives each thread one position's sum in 3: halves of the positions cross between thread pairs
   two lanes apart, then single positions between neighbours; each thread stores its own. Pallas has no such
   reduction, so it is Mosaic GPU code (`plgpu.inline_mgpu`), which interpret mode cannot run: there (`inline`
-  False) each position's sum is stored as `_update` sums it. A warp's 32 stores (8 channels at 4 positions, rows 32
-  floats apart) meet in 8 banks, 4 wavefronts per 4 positions, as many as the 4 row stores they replace: rows padded
-  to 8 banks apart would make it one, but the epilogue's tiled load of the block needs rows of a multiple of 32."""
+  False) each position's sum is stored as `_update` sums it. The stores go where `_swizzled_column` says (and the
+  epilogue reads them back from there, `_load_c_h`): in one wavefront per 4 positions instead of 4. Rows start at
+  multiples of 4 positions (`forward` checks that groups of `unroll` tile the blocks)."""
   if not inline:
     for k, product in enumerate(products):
       rows_ref[SCATTERED - 1 - k if reverse else k] = product.sum(axis=1)
@@ -216,7 +248,7 @@ def _store_scattered_sums(products: list, rows_ref, *, reverse: bool, inline: bo
       position = arith.addi(*(arith.select(b, constant(v), constant(0)) for b, v in ((high, 2), (low, 1))))
       if reverse:
         position = arith.subi(constant(SCATTERED - 1), position)
-      memref.store(total, ref, [position, channel])
+      memref.store(total, ref, [position, _swizzled_column(position, channel)])
 
   store(tuple(products), rows_ref)
 
@@ -448,7 +480,8 @@ def _forward_kernel(
         spread = {name: _load(blocks[name], _SPREAD) for name in ("u", "partner", "z") if name in blocks}
         if "z" in spread:
           spread["gate"] = _gate(spread["z"])
-        y = _finish(_load(shared["C_h"], _SPREAD), spread, skip=spread_skip, combine=combine)
+        c_h = _load_c_h(shared["C_h"], (block_t, block_d), swizzled=scatter_sums and inline)
+        y = _finish(c_h, spread, skip=spread_skip, combine=combine)
         blocks["y"][...] = y.astype(blocks["y"].dtype)
       return carry
 
