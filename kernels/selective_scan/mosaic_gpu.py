@@ -344,12 +344,12 @@ def _forward_kernel(
   length,
 ):
   """refs: the (batch, length, channels) inputs named by `seq_names`, then B, C (each its `state_columns` block of
-  state-wide columns of a (batch, length, width) array), A, D and delta_bias; with several
-  chunks, the (batch, chunks, channels, state) end states and (batch, chunks, channels) step totals (inputs of the
-  outputs launch, outputs of the ends launch); then y (outputs launch, unless y goes over the input `y_over`: each
-  block of it is read before y is written there); then, with `last_state`, the (batch, channels, state) state after
-  the last position walked (outputs launch). `length` is the sequences' own: a last block past it reads zeros (TMA's
-  fill out of bounds, or `forward`'s padding)."""
+  state-wide columns of a (batch, length, width) array), A, D and delta_bias; with several chunks, the (batch,
+  chunks, channels, state) end states and (batch, chunks, channels) step totals (inputs of the outputs launch,
+  outputs of the ends launch); then y (outputs launch, unless y goes over the input `y_over`: each block of it is read
+  before y is written there); then, with `last_state`, the (batch, channels, state) state after the last position
+  walked (outputs launch). `length` is the sequences' own: a last block past it reads zeros (TMA's fill out of
+  bounds, or `forward`'s padding). `inline` (not interpret mode) runs `scatter_sums`'s Mosaic GPU code."""
   seq_refs = dict(zip(seq_names, refs[: len(seq_names)], strict=True))
   epilogue = epilogue and not chunks.ends  # the ends launch has no y
   scatter_sums = scatter_sums and epilogue
