@@ -1213,11 +1213,14 @@ def bidirectional(
     sequences = (forward[0], forward[1], backward[0], backward[1], z)
     combine = z is not None and scale == 0.5  # what `mosaic_gpu.bidirectional` computes
     states = (forward[3], forward[4], backward[3], backward[4])  # B and C
-    fits = _one_pass_fits(sequences, states, forward[2], softplus=delta_softplus, interpret=interpret)
-    if one_pass and combine and fits:
+    if (
+      one_pass
+      and combine
+      and _one_pass_fits(sequences, states, forward[2], softplus=delta_softplus, interpret=interpret)
+    ):
       chunks = mosaic_gpu.chunks_to_fill(forward[0].shape[0], channels)
-      in_place = functools.partial(plain, windows=False)  # B and C read where x_proj wrote them
-      return mosaic_gpu.bidirectional(in_place(forward), in_place(backward), z, chunks=chunks, **mosaic_gpu.OPTIONS)
+      unsliced = functools.partial(plain, windows=False)  # B and C read where x_proj wrote them
+      return mosaic_gpu.bidirectional(unsliced(forward), unsliced(backward), z, chunks=chunks, **mosaic_gpu.OPTIONS)
     return outputs(*inference, forward, backward, z, differentiated=False)[0]
 
   def run_fwd(forward, backward, z):

@@ -436,14 +436,23 @@ def test_chunks_fill_the_gpu_where_the_batch_does_not(batch, chunks):
 
 @pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
 @pytest.mark.parametrize(
-  "batch, differentiated, states_dtype, launches",
-  [(32, False, jnp.bfloat16, 2), (32, True, jnp.bfloat16, 0), (8, False, jnp.bfloat16, 4), (32, False, jnp.float32, 0)],
+  "batch, differentiated, states_dtype, gated, launches",
+  [
+    (32, False, jnp.bfloat16, True, 2),
+    (32, True, jnp.bfloat16, True, 0),
+    (8, False, jnp.bfloat16, True, 4),
+    (32, False, jnp.float32, True, 0),
+    (32, False, jnp.bfloat16, False, 0),
+  ],
 )
-def test_pallas_gpu_runs_the_one_pass_forward_where_it_fits(monkeypatch, batch, differentiated, states_dtype, launches):
+def test_pallas_gpu_runs_the_one_pass_forward_where_it_fits(
+  monkeypatch, batch, differentiated, states_dtype, gated, launches
+):
   """On a Hopper GPU (stood in for by an abstract H100), Vim's fused call at 1248² runs the Mosaic GPU forward,
   in place, where nothing is differentiated: a launch per direction at batch 32, two at batch 8 (the chunks' end
-  states, then y); Triton's kernels where something is differentiated or B and C are not bf16. B and C are windows
-  of x_proj's output, as the model passes them, which the Mosaic forward reads without a slice."""
+  states, then y); Triton's kernels where something is differentiated, B and C are not bf16 or there is no gate.
+  B and C are windows of x_proj's output, as the model passes them, which the Mosaic forward reads without a
+  slice."""
   if not hasattr(jax.sharding, "AbstractDevice"):
     pytest.skip("this jax cannot name an abstract GPU to lower for")
   monkeypatch.setattr(mosaic_gpu, "compute_capability", lambda: "9.0")
@@ -451,6 +460,7 @@ def test_pallas_gpu_runs_the_one_pass_forward_where_it_fits(monkeypatch, batch, 
   shapes = [jax.ShapeDtypeStruct((batch, 6085, *x.shape[2:]), x.dtype) if x.ndim == 3 else x for x in shapes]
   projected = jax.ShapeDtypeStruct((batch, 6085, 48), states_dtype)
   shapes[3:5] = Columns(projected, 16, 16), Columns(projected, 32, 16)  # B and C
+  shapes[6] = shapes[6] if gated else None  # z
   direction = Direction(*shapes[:6], shapes[7])
 
   def call(forward, backward, z):
