@@ -9,6 +9,7 @@ r"""The compiled Pallas GPU scan against the reference on the GPU itself (tests 
   compute-sanitizer --tool racecheck python experiments/checks/scan_gpu_check.py --case=3 --bidirectional_only
   python experiments/checks/scan_gpu_check.py --tiles   # every forward pass as tiles, as at 1248², batch 32
   python experiments/checks/scan_gpu_check.py --mosaic  # the Mosaic GPU forward (Hopper), as pallas_gpu runs it
+  python experiments/checks/scan_gpu_check.py --mosaic --mosaic_options='{"scatter_sums": true}'  # a candidate
   compute-sanitizer --tool racecheck python experiments/checks/scan_gpu_check.py --mosaic --case=0
 
 Forward (y, last state) and the gradients of all eight arrays, both directions, and the fused
@@ -26,6 +27,7 @@ left in the persistent compilation cache.
 """
 
 import functools
+import json
 import sys
 
 import jax
@@ -42,6 +44,9 @@ _BIDIRECTIONAL_ONLY = flags.DEFINE_bool(
   "bidirectional_only", False, "Run only the fused bidirectional scans (shorter sanitizer runs)."
 )
 _MOSAIC = flags.DEFINE_bool("mosaic", False, "Check the Mosaic GPU one-pass forward on MOSAIC_CASES instead.")
+_MOSAIC_OPTIONS = flags.DEFINE_string(
+  "mosaic_options", "{}", "With --mosaic, JSON that updates mosaic_gpu.OPTIONS (a candidate before it ships)."
+)
 _TILES = flags.DEFINE_bool(
   "tiles", False, "Run every forward pass as (channels, state) tiles, the layout used where programs are many."
 )
@@ -129,6 +134,8 @@ def _mosaic_runs(arrays) -> dict:
   forward = Direction(*(arrays[k] for k in Direction._fields))
   backward = forward._replace(**rolled)
 
+  candidate = json.loads(_MOSAIC_OPTIONS.value)
+
   def windows(direction: Direction) -> Direction:
     """B and C as `Columns` of one [step | B | C] array, as the model passes x_proj's output."""
     projected = jnp.concatenate([direction.delta[..., : direction.B.shape[-1]], direction.B, direction.C], axis=-1)
@@ -138,7 +145,7 @@ def _mosaic_runs(arrays) -> dict:
   def bidirectional(impl, in_place, chunks=1, in_windows=False):
     if impl == "reference":
       return selective_scan_bidirectional(forward, backward, arrays["z"], delta_softplus=True, impl=impl)
-    options = dict(mosaic_gpu.OPTIONS, in_place=in_place, chunks=chunks)
+    options = dict(mosaic_gpu.OPTIONS, **candidate, in_place=in_place, chunks=chunks)
     pair = (windows(forward), windows(backward)) if in_windows else (forward, backward)
     return jax.jit(functools.partial(mosaic_gpu.bidirectional, **options))(*map(tuple, pair), arrays["z"])
 
@@ -148,7 +155,7 @@ def _mosaic_runs(arrays) -> dict:
       y, last = selective_scan(**arrays, delta_softplus=True, reverse=reverse, return_last_state=True, impl=impl)
     else:
       args = [arrays[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
-      options = dict(mosaic_gpu.SINGLE_OPTIONS, reverse=reverse, last_state=True, chunks=chunks)
+      options = dict(mosaic_gpu.SINGLE_OPTIONS, **candidate, reverse=reverse, last_state=True, chunks=chunks)
       y, last = jax.jit(functools.partial(mosaic_gpu.forward, **options))(*args)
     return {"y": y, "last_state": last}
 
