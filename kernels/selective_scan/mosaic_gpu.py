@@ -156,7 +156,7 @@ def _update(h, inputs: dict, *, a_log2, skip, combine, summed: bool = True):
   return h, y if skip is None else _finish(y, inputs, skip=skip, combine=combine)
 
 
-SCATTERED = 4  # positions per reduce-scatter: one per thread of a channel in `quarter_rows`
+_SCATTERED = 4  # positions per reduce-scatter: one per thread of a channel in `quarter_rows`
 _QUARTER_DIM = -2  # `quarter_rows`'s tiled dimension of a channel's four threads (`_tiled`'s lane_dims)
 
 
@@ -165,7 +165,7 @@ def _swizzled_column(row: ir.Value, channel: ir.Value) -> ir.Value:
   scattered stores, 8 channels at 4 consecutive rows 32 floats apart, then meet in 32 different banks, where in
   place they would meet in 8 (4 wavefronts); a row stays one row, which the epilogue reads in one wavefront."""
   index = ir.IndexType.get()
-  eights = arith.muli(arith.andi(row, mgpu_utils.c(SCATTERED - 1, index)), mgpu_utils.c(8, index))
+  eights = arith.muli(arith.andi(row, mgpu_utils.c(_SCATTERED - 1, index)), mgpu_utils.c(8, index))
   return arith.xori(channel, eights)
 
 
@@ -204,11 +204,11 @@ def _store_scattered_sums(products: list, rows_ref, *, reverse: bool, inline: bo
   multiples of 4 positions (`forward` checks that groups of `unroll` tile the blocks)."""
   if not inline:
     for k, product in enumerate(products):
-      rows_ref[SCATTERED - 1 - k if reverse else k] = product.sum(axis=1)
+      rows_ref[_SCATTERED - 1 - k if reverse else k] = product.sum(axis=1)
     return
   layout = LAYOUTS["quarter_rows"][0]
 
-  @plgpu.inline_mgpu(arg_types=((layout,) * SCATTERED, plgpu.RefType()))
+  @plgpu.inline_mgpu(arg_types=((layout,) * _SCATTERED, plgpu.RefType()))
   def store(ctx, arrays, ref):
     del ctx
     index = ir.IndexType.get()
@@ -247,7 +247,7 @@ def _store_scattered_sums(products: list, rows_ref, *, reverse: bool, inline: bo
       total = arith.addf(kept, mgpu_utils.shfl_bfly(sent, quarter_lanes))
       position = arith.addi(*(arith.select(b, constant(v), constant(0)) for b, v in ((high, 2), (low, 1))))
       if reverse:
-        position = arith.subi(constant(SCATTERED - 1), position)
+        position = arith.subi(constant(_SCATTERED - 1), position)
       memref.store(total, ref, [position, _swizzled_column(position, channel)])
 
   store(tuple(products), rows_ref)
@@ -464,9 +464,9 @@ def _forward_kernel(
 
       def write(positions, ys):
         if scatter_sums:  # positions in sequence order from the group's first (last if reverse), 4 at a time
-          for i in range(0, len(ys), SCATTERED):
-            rows = pl.ds(positions[i + SCATTERED - 1 if reverse else i], SCATTERED)
-            _store_scattered_sums(ys[i : i + SCATTERED], shared["C_h"].at[rows], reverse=reverse, inline=inline)
+          for i in range(0, len(ys), _SCATTERED):
+            rows = pl.ds(positions[i + _SCATTERED - 1 if reverse else i], _SCATTERED)
+            _store_scattered_sums(ys[i : i + _SCATTERED], shared["C_h"].at[rows], reverse=reverse, inline=inline)
           return
         for t, y in zip(positions, ys, strict=True):
           if epilogue:
@@ -606,10 +606,10 @@ def forward(
     raise ValueError(
       f"f32_states ({f32_states}), state_pairs ({state_pairs}) and epilogue ({epilogue}) need share_channel_work"
     )
-  if scatter_sums and (not epilogue or layout != "quarter_rows" or unroll % SCATTERED or block_t % unroll):
+  if scatter_sums and (not epilogue or layout != "quarter_rows" or unroll % _SCATTERED or block_t % unroll):
     raise ValueError(
       f"scatter_sums needs the epilogue ({epilogue}), layout 'quarter_rows' ({layout!r}), unroll ({unroll}) a multiple"
-      f" of {SCATTERED} and block_t ({block_t}) one of unroll"
+      f" of {_SCATTERED} and block_t ({block_t}) one of unroll"
     )
   if state_pairs and (f32_states or B.dtype != jnp.bfloat16):
     raise ValueError(f"state_pairs takes bf16 B and C (got {B.dtype}) and replaces f32_states ({f32_states})")
