@@ -29,7 +29,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jax.sharding import PartitionSpec as P
 
-from kernels.selective_scan import ptx
 from kernels.selective_scan.padding import pad_to
 
 PIECE = 16  # output columns per tensor-core product (Triton's dot needs 16 or more, a power of two)
@@ -42,11 +41,6 @@ BLOCK_CHANNELS = 128  # channels per product: x_proj's contraction, dt_proj's ou
 NUM_WARPS = 4
 NUM_STAGES = 3  # blocks of rows whose loads are in flight (Triton's pipelining of the loop over blocks)
 PROGRAMS = 66  # per direction
-# The same for `conv_and_project`, whose blocks load x four times (a shifted block per conv tap): 3 stages of
-# 32 rows of those exceed shared memory.
-CONV_BLOCK_ROWS = 16
-CONV_NUM_STAGES = 2
-CONV_PROGRAMS = 66
 
 
 # What the weights and the pipelined blocks of u may take of an SM's shared memory (227 KiB on an H100 or
@@ -84,178 +78,90 @@ def project(
     interpret: Pallas interpret mode (CPU tests).
   Under a mesh the kernel runs per device (`shard_map`), the batch split over every mesh axis.
   """
+  batch, length, channels = u_f.shape
+  width = packed.shape[2] - rank
   if u_b.shape != u_f.shape or u_b.dtype != u_f.dtype:
     raise ValueError(
       f"step_projections: u_f and u_b must match, got {u_f.shape} {u_f.dtype} and {u_b.shape} {u_b.dtype}"
     )
-  _check(u_f.shape, u_f.dtype, packed, rank)
-  fn = functools.partial(_launch, conv=None, rank=rank, interpret=interpret)
-  return _per_device(lambda u_f, u_b, packed: fn((u_f, u_b), packed), (u_f, u_b, packed), 2, 1)
-
-
-def conv_and_project(
-  x: jax.Array,
-  forward: tuple[jax.Array, jax.Array],
-  backward: tuple[jax.Array, jax.Array],
-  packed: jax.Array,
-  *,
-  rank: int,
-  interpret: bool = False,
-) -> tuple[tuple[jax.Array, jax.Array], tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]]:
-  """((u_f, u_b), projections): `conv_silu.conv_silu_bidirectional` of x and `project` of its outputs, one launch.
-
-  Each block of rows computes its u from x (the conv's taps read as shifted rows of x, zero outside each
-  sequence) and writes it for the scan, then projects it from registers: u is not read back, and the conv
-  needs no launch of its own.
-
-  Args:
-    x: (batch, length, channels) in the weights' dtype.
-    forward, backward: each direction's conv (kernel (K, channels), bias (channels,)), as `conv_silu` takes them.
-    packed, rank, interpret: as `project`'s.
-  """
-  channels = x.shape[2]
-  _check(x.shape, x.dtype, packed, rank)
-  for name, (kernel, bias) in (("forward", forward), ("backward", backward)):
-    if kernel.ndim != 2 or kernel.shape[1] != channels or bias.shape != (channels,):
-      raise ValueError(
-        f"step_projections: `{name}` must be (kernel (K, {channels}), bias ({channels},)), got shapes"
-        f" {kernel.shape} and {bias.shape}"
-      )
-  conv = jnp.stack([jnp.concatenate([k, b[None]]).astype(jnp.float32) for k, b in (forward, backward)])
-  fn = functools.partial(_launch, rank=rank, interpret=interpret)
-  return _per_device(lambda x, conv, packed: fn((x,), packed, conv), (x, conv, packed), 1, 2)
-
-
-def _check(shape, dtype, packed, rank) -> None:
-  channels = shape[2]
-  width = packed.shape[2] - rank
-  if packed.shape[:2] != (2, channels) or packed.dtype != dtype:
+  if packed.shape[:2] != (2, channels) or packed.dtype != u_f.dtype:
     raise ValueError(
-      f"step_projections: `packed` must be (2, {channels}, width + rank) in {dtype}, got {packed.shape} {packed.dtype}"
+      f"step_projections: `packed` must be (2, {channels}, width + rank) in {u_f.dtype},"
+      f" got {packed.shape} {packed.dtype}"
     )
-  if not supported(channels, width, rank, dtype):
+  if not supported(channels, width, rank, u_f.dtype):
     raise ValueError(
-      f"step_projections: unsupported shapes or dtype (channels {channels}, width {width}, rank {rank}, {dtype});"
+      f"step_projections: unsupported shapes or dtype (channels {channels}, width {width}, rank {rank}, {u_f.dtype});"
       " check `supported` first"
     )
-
-
-def _per_device(fn, args: tuple, rows_args: int, whole_args: int):
-  """fn(*args) per device under a mesh (XLA cannot split a Pallas call): the first `rows_args` arguments and
-  every output split by batch over all mesh axes, the last `whole_args` (weights) whole on each."""
+  fn = functools.partial(_call, rank=rank, interpret=interpret)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
-    return fn(*args)
+    return fn(u_f, u_b, packed)
   rows = P(mesh.axis_names)
-  specs = (rows,) * rows_args + (P(),) * whole_args
   if jax.sharding.AxisType.Explicit in mesh.axis_types:
-    args = tuple(jax.sharding.reshard(a, s) for a, s in zip(args, specs))
-  return jax.shard_map(fn, in_specs=specs, out_specs=rows, check_vma=False)(*args)
+    u_f, u_b, packed = (jax.sharding.reshard(a, s) for a, s in ((u_f, rows), (u_b, rows), (packed, P())))
+  return jax.shard_map(fn, in_specs=(rows, rows, P()), out_specs=((rows, rows), (rows, rows)), check_vma=False)(
+    u_f, u_b, packed
+  )
 
 
-def _launch(sources, packed, conv, *, rank: int, interpret: bool):
-  """The kernel over `sources`: both u (conv None; returns the projections) or x with the packed convs
-  ((2, K + 1, channels): each direction's taps, then its bias; returns (u_f, u_b) and the projections)."""
-  batch, length, channels = sources[0].shape
-  dtype = sources[0].dtype
+def _call(u_f, u_b, packed, *, rank: int, interpret: bool):
+  batch, length, channels = u_f.shape
   width = packed.shape[2] - rank
   rows = batch * length
   # A block of at least PIECE rows: tiny inputs (tests) are padded up to one.
   padded_rows = max(rows, PIECE)
-  programs, stages, block_rows = (PROGRAMS, NUM_STAGES, BLOCK_ROWS) if conv is None else (
-    CONV_PROGRAMS, CONV_NUM_STAGES, CONV_BLOCK_ROWS
-  )
-  block_rows = min(block_rows, pl.next_power_of_2(padded_rows + 1) // 2)
+  block_rows = min(BLOCK_ROWS, pl.next_power_of_2(padded_rows + 1) // 2)
   block_channels = next(c for c in (BLOCK_CHANNELS, 64, 32, PIECE) if channels % c == 0)
-  flat = [pad_to(a.reshape(rows, channels), 0, padded_rows) for a in sources]
+  us = [pad_to(u.reshape(rows, channels), 0, padded_rows) for u in (u_f, u_b)]
+  kernel = functools.partial(
+    _kernel, rows=padded_rows, block_rows=block_rows, block_channels=block_channels, width=width, rank=rank
+  )
   whole = pl.BlockSpec((padded_rows, channels), lambda i, d: (0, 0))
   weights = pl.BlockSpec((None, channels, width + rank), lambda i, d: (d, 0, 0))  # the program's direction
-  in_specs, inputs = [whole] * len(flat) + [weights], [*flat, packed]
-  out_specs = [pl.BlockSpec((padded_rows, width), lambda i, d: (0, 0)), whole] * 2
-  out_shape = [jax.ShapeDtypeStruct((padded_rows, n), dtype) for n in (width, channels)] * 2
-  if conv is not None:
-    in_specs.append(pl.BlockSpec((None, *conv.shape[1:]), lambda i, d: (d, 0, 0)))
-    inputs.append(conv)
-    out_specs += [whole] * 2
-    out_shape += [jax.ShapeDtypeStruct((padded_rows, channels), dtype)] * 2
-  kernel = functools.partial(
-    _kernel,
-    rows=padded_rows,
-    length=length,
-    block_rows=block_rows,
-    block_channels=block_channels,
-    width=width,
-    rank=rank,
-    native=ptx.native_for(jnp.float32, interpret=interpret),
-  )
-  outs = pl.pallas_call(
+  outs = [pl.BlockSpec((padded_rows, width), lambda i, d: (0, 0)), whole] * 2
+  out_shape = [jax.ShapeDtypeStruct((padded_rows, n), u_f.dtype) for n in (width, channels)] * 2
+  projected_f, delta_f, projected_b, delta_b = pl.pallas_call(
     kernel,
-    grid=(min(programs, pl.cdiv(padded_rows, block_rows)), 2),
-    in_specs=in_specs,
-    out_specs=out_specs,
+    grid=(min(PROGRAMS, pl.cdiv(padded_rows, block_rows)), 2),
+    in_specs=[whole, whole, weights],
+    out_specs=outs,
     out_shape=out_shape,
     interpret=interpret,
-    compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=stages),
-    name="step_projections" if conv is None else "conv_step_projections",
-  )(*inputs)
-  projected_f, delta_f, projected_b, delta_b, *us = (a[:rows].reshape(batch, length, a.shape[1]) for a in outs)
-  projections = (projected_f, delta_f), (projected_b, delta_b)
-  return projections if conv is None else (tuple(us), projections)
+    compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
+    name="step_projections",
+  )(*us, packed)
+
+  def unflat(a):
+    return a[:rows].reshape(batch, length, a.shape[1])
+
+  return (unflat(projected_f), unflat(delta_f)), (unflat(projected_b), unflat(delta_b))
 
 
-def _kernel(*refs, rows, length, block_rows, block_channels, width, rank, native):
-  """Blocks pid, pid + programs, ... of `block_rows` rows of one direction (grid axis 1): u (read, or computed
-  from x and written), projected, then delta from its first `rank` columns. The last block starts early enough
-  to end at the last row; its overlap rewrites equal values."""
-  if len(refs) == 7:  # both u given
-    uf_ref, ub_ref, w_ref, pf_ref, df_ref, pb_ref, db_ref = refs
-    sources = ((uf_ref, None, None), (ub_ref, None, None))
-  else:  # x and the convs
-    x_ref, w_ref, conv_ref, pf_ref, df_ref, pb_ref, db_ref, uf_ref, ub_ref = refs
-    sources = ((x_ref, conv_ref, uf_ref), (x_ref, conv_ref, ub_ref))
+def _kernel(uf_ref, ub_ref, w_ref, pf_ref, df_ref, pb_ref, db_ref, *, rows, block_rows, block_channels, width, rank):
+  """Blocks pid, pid + programs, ... of `block_rows` rows of one direction (grid axis 1): projected, then delta
+  from its first `rank` columns. The last block starts early enough to end at the last row; its overlap
+  rewrites equal values."""
   pid, programs = pl.program_id(0), pl.num_programs(0)
   blocks = (rows + block_rows - 1) // block_rows
-  channels = w_ref.shape[0]
+  channels = uf_ref.shape[1]
   starts = range(0, channels, block_channels)
 
   def product(a, b, *, transpose_b: bool = False):
     dims = (((1,), (1,)) if transpose_b else ((1,), (0,)), ((), ()))
     return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
-  def conv_silu(x_ref, conv_ref, start, c, reverse: bool):
-    """u for rows start .. start + block_rows, channels c .. c + block_channels: the conv's tap k reads x
-    K - 1 - k rows before each row (after, if reverse), in the same chain of multiply-adds as `conv_silu`'s."""
-    taps = conv_ref.shape[0] - 1
-    row = start + jax.lax.broadcasted_iota(jnp.int32, (block_rows, 1), 0)
-    position = row % length
-    columns = pl.ds(c, block_channels)
-    pre = conv_ref[taps, columns][None, :]
-    for k in range(taps):
-      shift = taps - 1 - k if reverse else k - (taps - 1)
-      inside = (position + shift >= 0) & (position + shift < length)
-      tap = x_ref[jnp.clip(row + shift, 0, rows - 1)[:, 0], columns].astype(jnp.float32)
-      pre = ptx.fma(conv_ref[k, columns][None, :], jnp.where(inside, tap, 0.0), pre, native=native)
-    return ptx.silu(pre, native=native)
-
-  def direction(source, projected_ref, delta_ref, reverse: bool):
-    source_ref, conv_ref, u_ref = source
+  def direction(u_ref, projected_ref, delta_ref):
     w_x = [[w_ref[pl.ds(c, block_channels), pl.ds(j * PIECE, PIECE)] for j in range(width // PIECE)] for c in starts]
     w_dt = [
       [w_ref[pl.ds(c, block_channels), pl.ds(width + j * PIECE, PIECE)] for j in range(rank // PIECE)] for c in starts
     ]
 
-    def u_block(start, c):
-      block = (pl.ds(start, block_rows), pl.ds(c, block_channels))
-      if conv_ref is None:
-        return source_ref[block]
-      u = conv_silu(source_ref, conv_ref, start, c, reverse).astype(u_ref.dtype)
-      u_ref[block] = u
-      return u
-
     def one_block(k, carry):
       start = jnp.minimum((pid + k * programs) * block_rows, rows - block_rows)
       block = pl.ds(start, block_rows)
-      us = [u_block(start, c) for c in starts]
+      us = [u_ref[block, pl.ds(c, block_channels)] for c in starts]
       sums = [jnp.zeros((block_rows, PIECE), jnp.float32) for _ in range(width // PIECE)]
       for u, ws in zip(us, w_x):
         sums = [s + product(u, w) for s, w in zip(sums, ws)]
@@ -271,6 +177,6 @@ def _kernel(*refs, rows, length, block_rows, block_channels, width, rank, native
 
   jax.lax.cond(
     pl.program_id(1) == 0,
-    lambda: direction(sources[0], pf_ref, df_ref, reverse=False),
-    lambda: direction(sources[1], pb_ref, db_ref, reverse=True),
+    lambda: direction(uf_ref, pf_ref, df_ref),
+    lambda: direction(ub_ref, pb_ref, db_ref),
   )

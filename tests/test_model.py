@@ -120,8 +120,7 @@ def test_layer0_mixer_internals_match_official(vim_ref):
   u_f, u_b = jax.nn.silu(mixer.conv1d(x)), jax.nn.silu(mixer.conv1d_b(x, reverse=True))
   assert_rel_close(to_channel_major(u_f), act["l0_fwd_conv_silu"], 1e-5, "fwd conv")
   assert_rel_close(flip(to_channel_major(u_b)), act["l0_bwd_conv_silu"], 1e-5, "bwd conv")
-  us, ((projected_f, delta_f), (projected_b, delta_b)) = mixer._conv_and_projections(x)
-  chex.assert_trees_all_close(us, (u_f, u_b), rtol=1e-6, atol=1e-6)
+  (projected_f, delta_f), (projected_b, delta_b) = mixer._projections(u_f, u_b)
   forward = mixer._direction(u_f, projected_f, delta_f, mixer.A_log, mixer.D, mixer.dt_proj)
   backward = mixer._direction(u_b, projected_b, delta_b, mixer.A_b_log, mixer.D_b, mixer.dt_proj_b)
   y_fwd, y_bwd = (
@@ -277,8 +276,7 @@ def test_training_step_holds_no_tensor_of_all_states(impl):
     h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)):
       hlo = step.trace(params, images).lower(lowering_platforms=("cuda",)).as_text()
-    assert "selective_scan_bwd" in hlo and "conv_step_projections" in hlo
-    assert "conv_silu_fwd" not in hlo  # the fused launch computes u; the conv's backward kernel needs only x
+    assert "selective_scan_bwd" in hlo and "step_projections" in hlo
   elif impl == "pallas_tpu":
     hlo = step.trace(params, images).lower(lowering_platforms=("tpu",)).as_text()
     kernels = re.findall(r'custom_call @tpu_custom_call.*kernel_name = "(\w+)"', hlo)
@@ -314,10 +312,9 @@ def test_gradients_agree_between_scan_impls(vim_ref, impl):
   chex.assert_trees_all_close(g_impl, g_ref, rtol=1e-4, atol=1e-6)
 
 
-def test_conv_step_projections_kernel_equals_xla_matmuls_in_the_model(vim_ref, monkeypatch):
-  """bf16 with the mixer's GPU kernels (interpret mode; the scan in XLA, to compile fast): the conv, x_proj and
-  dt_proj as one `kernels.step_projections` launch give the logits and parameter gradients of the conv's kernel
-  and XLA's matmuls."""
+def test_step_projections_kernel_equals_xla_matmuls_in_the_model(vim_ref, monkeypatch):
+  """bf16 with the mixer's GPU kernels (interpret mode; the scan in XLA, to compile fast): x_proj and dt_proj as
+  `kernels.step_projections` give the logits and parameter gradients of its XLA matmuls."""
   images = jnp.asarray(vim_ref["images"])
   monkeypatch.setattr(vim.conv_silu, "uses_kernels", lambda impl, interpret: interpret)
 
@@ -326,7 +323,7 @@ def test_conv_step_projections_kernel_equals_xla_matmuls_in_the_model(vim_ref, m
     loss = lambda m: jnp.sum(m(images) ** 2)  # noqa: E731
     graphdef, state = nnx.split(model)
     jaxpr = str(jax.make_jaxpr(lambda state: nnx.merge(graphdef, state)(images))(state))
-    return "name=conv_step_projections" in jaxpr, logits_of(model, images), parameter_gradients(model, loss)
+    return "name=step_projections" in jaxpr, logits_of(model, images), parameter_gradients(model, loss)
 
   kernel, logits, grads = logits_and_grads()
   monkeypatch.setattr(vim.projections_kernel, "supported", lambda *args: False)

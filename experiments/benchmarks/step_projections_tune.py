@@ -2,10 +2,6 @@ r"""Sweeps the step-projections kernel's launch parameters at Vim-Ti shapes (bot
 XLA's four matmuls and a copy of the same bytes of u.
 
   PYTHONPATH=. python experiments/benchmarks/step_projections_tune.py > step_projections_tune.txt
-  PYTHONPATH=. python experiments/benchmarks/step_projections_tune.py --conv > conv_step_projections_tune.txt
-
-With --conv, sweeps `conv_and_project` (the conv computed from x in the kernel: x read, both u written too)
-against the two launches it replaces (`conv_silu`'s kernel, then `project`).
 
 Each line: microseconds per call (the best of 3 rounds of --reps calls queued back to back) and the bytes
 that must cross memory (both u read, both delta and projected written) per second. Settings whose shared
@@ -19,10 +15,9 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from kernels import conv_silu, step_projections
+from kernels import step_projections
 
 _REPS = flags.DEFINE_integer("reps", 100, "Calls per round.")
-_CONV = flags.DEFINE_bool("conv", False, "Sweep the kernel with the conv (`conv_and_project`) instead.")
 _CASES = ((128, 197), (32, 6085))  # (batch, length): 224², batch 128 and 1248², batch 32
 _SETTINGS = {  # module constant: values swept (every combination)
   "PROGRAMS": (66, 132),
@@ -30,11 +25,6 @@ _SETTINGS = {  # module constant: values swept (every combination)
   "BLOCK_ROWS": (32, 64),
   "NUM_WARPS": (4, 8),
   "BLOCK_CHANNELS": (64, 128),
-}
-_CONV_SETTINGS = {
-  "CONV_PROGRAMS": (66, 132),
-  "CONV_NUM_STAGES": (1, 2, 3),
-  "CONV_BLOCK_ROWS": (16, 32),
 }
 RANK = 16
 
@@ -67,39 +57,23 @@ def main(argv):
   del argv
   print(f"{jax.devices()[0].device_kind}; jax {jax.__version__}")
   for batch, length in _CASES:
-    keys = jax.random.split(jax.random.key(0), 4)
+    keys = jax.random.split(jax.random.key(0), 3)
     u_f, u_b = (jax.random.normal(k, (batch, length, 384), jnp.bfloat16) for k in keys[:2])
     packed = (jax.random.normal(keys[2], (2, 384, 48 + RANK)) * 0.05).astype(jnp.bfloat16)
-    convs = [(w[:4], w[4]) for w in jax.random.normal(keys[3], (2, 5, 384)) * 0.3]
     megabytes = 2 * (2 * batch * length * 384 * 2 + batch * length * 48 * 2) / 1e6
     case = f"{batch}x{length}"
     seconds = _seconds(jax.jit(lambda a, b: (a * 2, b * 2)), u_f, u_b)
     print(f"{case} copy of both u: {seconds * 1e6:.0f} us ({4 * batch * length * 384 * 2 / 1e9 / seconds:.0f} GB/s)")
-    if _CONV.value:
-      megabytes += (3 * batch * length * 384 * 2 - 2 * batch * length * 384 * 2) / 1e6  # x read, both u written
-
-      def two_launches(x, convs, packed):
-        us = conv_silu.conv_silu_bidirectional(x, *convs, impl="pallas_gpu")
-        return us, step_projections.project(*us, packed, rank=RANK)
-
-      seconds = _seconds(jax.jit(two_launches), u_f, convs, packed)
-      print(f"{case} conv kernel, then projections: {seconds * 1e6:.0f} us ({megabytes / 1e3 / seconds:.0f} GB/s)")
-      fn, args, settings = (
-        lambda x, c, p: step_projections.conv_and_project(x, *c, p, rank=RANK),
-        (u_f, convs, packed),
-        _CONV_SETTINGS,
-      )
-    else:
-      seconds = _seconds(jax.jit(_xla), u_f, u_b, packed)
-      print(f"{case} XLA matmuls: {seconds * 1e6:.0f} us ({megabytes / 1e3 / seconds:.0f} GB/s)", flush=True)
-      fn, args, settings = lambda a, b, p: step_projections.project(a, b, p, rank=RANK), (u_f, u_b, packed), _SETTINGS
-    for values in itertools.product(*settings.values()):
-      setting = dict(zip(settings, values))
+    seconds = _seconds(jax.jit(_xla), u_f, u_b, packed)
+    print(f"{case} XLA matmuls: {seconds * 1e6:.0f} us ({megabytes / 1e3 / seconds:.0f} GB/s)", flush=True)
+    for values in itertools.product(*_SETTINGS.values()):
+      setting = dict(zip(_SETTINGS, values))
       for name, value in setting.items():
         setattr(step_projections, name, value)
       label = " ".join(f"{k.lower()}={v}" for k, v in setting.items())
       try:
-        seconds = _seconds(jax.jit(lambda *a: fn(*a)), *args)  # a new function: traced with this setting
+        fn = jax.jit(lambda a, b, p: step_projections.project(a, b, p, rank=RANK))
+        seconds = _seconds(fn, u_f, u_b, packed)
         print(f"{case} kernel {label}: {seconds * 1e6:.0f} us ({megabytes / 1e3 / seconds:.0f} GB/s)", flush=True)
       except Exception as error:  # noqa: BLE001 (settings past the shared memory fail to compile)
         print(f"{case} kernel {label}: failed ({str(error).splitlines()[0][:120]})", flush=True)

@@ -3,9 +3,7 @@ r"""The compiled step-projections kernel against XLA's matmuls on the GPU itself
   python experiments/checks/step_projections_gpu_check.py
 
 Both directions' projected and delta, and the gradients of u and of the packed weights (`layers.step_projections`,
-whose backward is XLA's), against autodiff of `step_projections.reference`, at Vim-Ti's widths; then the same with
-the conv computed in the kernel from x (`layers.conv_step_projections`: u too, and the gradients of x and of both
-convs' weights and biases) against the conv in XLA,
+whose backward is XLA's), against autodiff of `step_projections.reference`, at Vim-Ti's widths,
 with rows that no block divides, fewer rows than a block, and float16. Prints the worst relative error per
 case and exits non-zero above the tolerance.
 """
@@ -17,7 +15,7 @@ import jax.numpy as jnp
 from absl import app
 
 from experiments.checks.gpu_check import Tally
-from kernels import conv_silu, step_projections
+from kernels import step_projections
 from vim_jax.models import layers
 
 # (batch, length, channels, rank, state, dtype): Vim-Ti at 224² batch 128 and at 1248², 256 channels, float16,
@@ -41,21 +39,16 @@ def _inputs(key, batch, length, channels, rank, state, dtype):
   return us, packed
 
 
-def _run(fn, *args):
-  def loss(args):
-    outputs = fn(*args)
+def _run(fn, us, packed):
+  def loss(us, packed):
+    outputs = fn(*us, packed)
     weights = jax.tree.map(lambda y: jnp.cos(jnp.arange(y.size, dtype=jnp.float32).reshape(y.shape)), outputs)
     return sum(
       jnp.sum(y.astype(jnp.float32) * w) for y, w in zip(jax.tree.leaves(outputs), jax.tree.leaves(weights))
     ), outputs
 
-  (_, outputs), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(args)
+  (_, outputs), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(us, packed)
   return outputs, grads
-
-
-def _convs(key, channels, taps=4):
-  keys = jax.random.split(key, 4)
-  return tuple((jax.random.normal(keys[2 * i], (taps, channels)), jax.random.normal(keys[2 * i + 1], (channels,))) for i in range(2))
 
 
 def main(argv) -> int:
@@ -70,27 +63,11 @@ def main(argv) -> int:
     def xla(u_f, u_b, packed, rank=rank):
       return tuple(step_projections.reference(u, w, rank) for u, w in zip((u_f, u_b), packed))
 
-    errors, worst = tally.compare(_run(kernel, *us, packed), _run(xla, *us, packed), TOLERANCE)
-    outputs, (d_uf, d_ub, d_packed) = errors
+    errors, worst = tally.compare(_run(kernel, us, packed), _run(xla, us, packed), TOLERANCE)
+    outputs, (d_us, d_packed) = errors
     print(
       f"b{batch} l{length} d{channels} rank {rank} {jnp.dtype(dtype).name}: worst relative error {worst:.2e}; "
-      f"outputs {max(jax.tree.leaves(outputs)):.1e}, du {max(d_uf, d_ub):.1e}, d(packed) {d_packed:.1e}"
-    )
-
-    def fused(x, forward, backward, packed, rank=rank):
-      return layers.conv_step_projections(x, forward, backward, packed, rank, False)
-
-    def unfused(x, forward, backward, packed, rank=rank):
-      u_f, u_b = conv_silu.conv_silu_bidirectional(x, forward, backward, impl="xla")
-      return (u_f, u_b), xla(u_f, u_b, packed)
-
-    convs = _convs(jax.random.key(100 + i), channels)
-    errors, worst = tally.compare(_run(fused, us[0], *convs, packed), _run(unfused, us[0], *convs, packed), TOLERANCE)
-    outputs, (d_x, d_forward, d_backward, d_packed) = errors
-    print(
-      f"  with the conv (conv_step_projections): worst relative error {worst:.2e}; outputs"
-      f" {max(jax.tree.leaves(outputs)):.1e}, dx {d_x:.1e}, d(convs) {max(jax.tree.leaves((d_forward, d_backward))):.1e},"
-      f" d(packed) {d_packed:.1e}"
+      f"outputs {max(jax.tree.leaves(outputs)):.1e}, du {max(d_us):.1e}, d(packed) {d_packed:.1e}"
     )
   return tally.verdict()
 

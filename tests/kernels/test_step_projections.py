@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import conv_silu, step_projections
+from kernels import step_projections
 from vim_jax.models import layers
 
 
@@ -51,56 +51,6 @@ def test_gradients_equal_autodiff_of_the_xla_matmuls():
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=0, atol=1e-2 * scale)
 
 
-def _convs(rng, channels, taps=4):
-  return tuple(
-    (jnp.asarray(rng.standard_normal((taps, channels)), jnp.float32), jnp.asarray(rng.standard_normal(channels), jnp.float32))
-    for _ in range(2)
-  )
-
-
-def _conv_then_project(x, forward, backward, packed, rank):
-  """The unfused XLA path: both convs + SiLU, then `reference` of each direction."""
-  us = conv_silu.conv_silu_bidirectional(x, forward, backward, impl="xla")
-  return us, _reference(*us, packed, rank)
-
-
-@pytest.mark.parametrize(
-  "batch, length, channels, width, rank, programs",
-  [(2, 37, 64, 48, 16, 66), (1, 5, 32, 48, 16, 66), (3, 20, 96, 64, 32, 1), (4, 2, 32, 48, 16, 3)],
-)
-def test_conv_and_project_equals_the_conv_kernel_then_projections(batch, length, channels, width, rank, programs, monkeypatch):
-  """Bit for bit the two launches it replaces, `conv_silu`'s kernel then `project`: blocks of rows that span
-  several sequences (length 5, 20, 2: the conv's taps must not cross from one into the next), sequences shorter
-  than the conv (2), the overlapping last block, blocks walked by one program."""
-  monkeypatch.setattr(step_projections, "PROGRAMS", programs)
-  rng = np.random.default_rng(length)
-  (x, _), packed = _inputs(rng, batch, length, channels, width, rank)
-  forward, backward = _convs(rng, channels)
-  fused = jax.jit(step_projections.conv_and_project, static_argnames=("rank", "interpret"))
-  got = fused(x, forward, backward, packed, rank=rank, interpret=True)
-  us = conv_silu.conv_silu_bidirectional(x, forward, backward, impl="pallas_gpu", interpret=True)
-  want = us, step_projections.project(*us, packed, rank=rank, interpret=True)
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    assert a.shape == b.shape and a.dtype == b.dtype
-    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
-
-
-def test_conv_step_projections_gradients_equal_autodiff_of_xla():
-  """`layers.conv_step_projections` (the fused forward; the conv's kernels and XLA's matmuls backward) against
-  autodiff of the XLA conv and matmuls, for x, both convs' weights and biases and the packed projections."""
-  rng = np.random.default_rng(1)
-  rank = 16
-  (x, _), packed = _inputs(rng, 2, 19, 64, 48, rank)
-  convs = _convs(rng, 64)
-  want_out, want_vjp = jax.vjp(lambda *a: _conv_then_project(*a, rank), x, *convs, packed)
-  got_out, got_vjp = jax.vjp(lambda *a: layers.conv_step_projections(*a, rank, True), x, *convs, packed)
-  cotangents = jax.tree.map(lambda y: jnp.asarray(rng.standard_normal(y.shape), y.dtype), want_out)
-  for a, b in zip(jax.tree.leaves((got_out, got_vjp(cotangents))), jax.tree.leaves((want_out, want_vjp(cotangents)))):
-    assert a.shape == b.shape and a.dtype == b.dtype
-    scale = float(np.max(np.abs(np.asarray(b, np.float32))))
-    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=0, atol=2e-2 * scale)
-
-
 def test_shapes_and_dtypes_the_kernel_refuses():
   assert step_projections.supported(384, 48, 16, jnp.bfloat16)
   assert not step_projections.supported(384, 48, 16, jnp.float32)  # tensor cores: 2-byte floats only
@@ -112,44 +62,33 @@ def test_shapes_and_dtypes_the_kernel_refuses():
     step_projections.project(*us, packed[:1], rank=16, interpret=True)
   with pytest.raises(ValueError, match="unsupported shapes"):
     step_projections.project(*(u.astype(jnp.float32) for u in us), packed.astype(jnp.float32), rank=16)
-  forward, backward = _convs(np.random.default_rng(0), 32)
-  with pytest.raises(ValueError, match="`backward` must be"):
-    step_projections.conv_and_project(us[0], forward, (backward[0][:, :16], backward[1]), packed, rank=16)
 
 
-@pytest.mark.parametrize("fused_conv", [False, True])
 @pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
-def test_kernel_runs_per_device_under_a_mesh(axis_type, fused_conv):
-  """Under a mesh the kernel runs per device, the batch split over all 8 devices; the weights' gradients are the
-  sum over every sample. With `fused_conv`, the kernel that computes u from x (`layers.conv_step_projections`)."""
+def test_kernel_runs_per_device_under_a_mesh(axis_type):
+  """Under a mesh the kernel runs per device, the batch split over all 8 devices; the weights' gradient is the
+  sum over every sample."""
   kind = getattr(jax.sharding.AxisType, axis_type)
   mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(kind, kind))
   rank = 16
-  rng = np.random.default_rng(3)
-  us, packed = _inputs(rng, 8, 9, 32, 48, rank)
-  convs = _convs(rng, 32)
-  inputs = (us[0], *convs, packed) if fused_conv else (*us, packed)
+  us, packed = _inputs(np.random.default_rng(3), 8, 9, 32, 48, rank)
 
-  def kernel(*args):
-    if fused_conv:
-      return layers.conv_step_projections(*args, rank, True)
-    return layers.step_projections(*args, rank, True)
+  def loss(u_f, u_b, packed, projections):
+    (p_f, d_f), (p_b, d_b) = projections(u_f, u_b, packed)
+    return sum(jnp.sum(jnp.sin(a.astype(jnp.float32))) for a in (p_f, d_f, p_b, d_b))
 
-  def xla(*args):
-    return _conv_then_project(*args, rank) if fused_conv else _reference(*args, rank)
+  def kernel(u_f, u_b, packed):
+    return layers.step_projections(u_f, u_b, packed, rank, True)
 
-  def loss(inputs, projections):
-    return sum(jnp.sum(jnp.sin(a.astype(jnp.float32))) for a in jax.tree.leaves(projections(*inputs)))
+  def xla(u_f, u_b, packed):
+    return _reference(u_f, u_b, packed, rank)
 
-  grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
-  expected = grad(inputs, xla)
+  grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)), static_argnums=3)
+  expected = grad(*us, packed, xla)
   with jax.set_mesh(mesh):
     batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
-    sharded = (jax.device_put(inputs[0], batch), *inputs[1:])
-    if not fused_conv:
-      sharded = (sharded[0], jax.device_put(inputs[1], batch), inputs[2])
-    got = grad(sharded, kernel)
-    assert "shard_map" in str(jax.make_jaxpr(loss, static_argnums=1)(inputs, kernel))
+    got = grad(*(jax.device_put(u, batch) for u in us), packed, kernel)
+    assert "shard_map" in str(jax.make_jaxpr(loss, static_argnums=3)(*us, packed, kernel))
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
     scale = float(np.max(np.abs(np.asarray(b, np.float32))))
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=0, atol=2e-2 * scale)

@@ -191,39 +191,6 @@ def _step_projections_bwd(rank, interpret, residuals, cotangents):
 step_projections.defvjp(_step_projections_fwd, _step_projections_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def conv_step_projections(x: jax.Array, forward, backward, packed: jax.Array, rank: int, interpret: bool):
-  """((u_f, u_b), both directions' (projected, delta)): `conv_silu.conv_silu_bidirectional` and `step_projections`
-  in one kernel launch (`kernels.step_projections.conv_and_project`), which reads x once and no u back.
-
-  The backward is theirs: `step_projections`'s matmuls, then the conv's kernels, whose residuals are x and the
-  weights (their forward kernel, traced by `jax.vjp`, has no used output and is left out)."""
-  return _conv_step_projections_fwd(x, forward, backward, packed, rank, interpret)[0]
-
-
-def _conv_step_projections_fwd(x, forward, backward, packed, rank, interpret):
-  us, projections = projections_kernel.conv_and_project(x, forward, backward, packed, rank=rank, interpret=interpret)
-  residuals = (x, forward, backward, us, packed, projections[0][0], projections[1][0])
-  return (us, projections), residuals
-
-
-def _conv_step_projections_bwd(rank, interpret, residuals, cotangents):
-  x, forward, backward, (u_f, u_b), packed, projected_f, projected_b = residuals
-  (d_uf, d_ub), d_projections = cotangents
-  du_f, du_b, d_packed = _step_projections_bwd(
-    rank, interpret, (u_f, u_b, packed, projected_f, projected_b), d_projections
-  )
-
-  def conv(x, forward, backward):
-    return conv_silu.conv_silu_bidirectional(x, forward, backward, impl="pallas_gpu", interpret=interpret)
-
-  d_x, d_forward, d_backward = jax.vjp(conv, x, forward, backward)[1]((du_f + d_uf, du_b + d_ub))
-  return d_x, d_forward, d_backward, d_packed
-
-
-conv_step_projections.defvjp(_conv_step_projections_fwd, _conv_step_projections_bwd)
-
-
 def weight_gradient(x: jax.Array, d_out: jax.Array, precision: jax.lax.PrecisionLike) -> jax.Array:
   """xᵀ · d_out summed over all leading axes, as one matmul per group of whole samples, added in float32.
 

@@ -209,18 +209,16 @@ class BiMambaMixer(nnx.Module):
     out_bound = 1.0 / math.sqrt(e * cfg.depth)
     self.out_proj = _linear(cfg, e, d, use_bias=False, kernel_init=layers.uniform_symmetric(out_bound), rngs=rngs)
 
-  def _conv_and_projections(self, x: jax.Array) -> tuple[tuple[jax.Array, jax.Array], list]:
-    """(u_f, u_b), the conv + SiLU of x for each direction, and each direction's (projected, delta): x_proj's
-    output (the step, B and C) and dt_proj's (the step size).
+  def _projections(self, u_f: jax.Array, u_b: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
+    """Each direction's (projected, delta): x_proj's output (the step, B and C) and dt_proj's (the step size).
 
     The step's rank is zero-padded to a multiple of d_state, or of 8 if larger (Vim-Ti's 12 and Vim-S's 24 to
     16 and 32: x_proj's output gets zero columns after the step's, dt_proj's kernel zero rows), which changes
     no value: the matmuls get 16-byte-aligned bf16 rows (Vim-Ti's forward at 224², batch 128, H100: 9.8-9.9
     -> 9.4-9.5 ms, ab_weight_gradients_aligned_rank_vim_tiny_h100.json), and B and C start on whole blocks of
     d_state columns, which the GPU scan reads in place (`Columns`; other impls slice them). Where the mixer's
-    GPU kernels run, both convs and all four matmuls are one `kernels.step_projections` launch, which
-    reads x once and no u back; in XLA, dt_proj takes the whole output, with zero rows for B's and C's columns, so
-    the step is not sliced."""
+    GPU kernels run, both directions' four matmuls are one `kernels.step_projections` launch; in XLA, dt_proj
+    takes the whole output, with zero rows for B's and C's columns, so the step is not sliced."""
     cfg = self.cfg
     r, n, e, dtype = cfg.resolved_dt_rank, cfg.d_state, cfg.d_inner, jnp.dtype(cfg.dtype)
     rank = _padded_rank(r, n)
@@ -230,28 +228,23 @@ class BiMambaMixer(nnx.Module):
       kernel = x_proj.kernel[...].astype(dtype)
       return jnp.concatenate([jnp.pad(kernel[:, :r], ((0, 0), (0, rank - r))), kernel[:, r:]], axis=1)
 
-    convs = [(conv.kernel[...], conv.bias[...]) for conv in (self.conv1d, self.conv1d_b)]
-    conv_impl = _CONV_IMPLS.get(cfg.scan_impl, "xla")
-    kernels = conv_silu.uses_kernels(conv_impl, cfg.scan_interpret)
-    if kernels and projections_kernel.supported(e, rank + 2 * n, rank, dtype) and x.dtype == dtype:
-      with jax.named_scope("conv_step_projections"):  # per direction [x_proj | dt_projᵀ], the step's rank padded
+    kernels = conv_silu.uses_kernels(_CONV_IMPLS.get(cfg.scan_impl, "xla"), cfg.scan_interpret)
+    if kernels and projections_kernel.supported(e, rank + 2 * n, rank, dtype):
+      with jax.named_scope("step_projections"):  # per direction [x_proj | dt_projᵀ], the step's rank padded
         dt_proj_t = [jnp.pad(dt.kernel[...].T.astype(dtype), ((0, 0), (0, rank - r))) for _, dt in directions]
-        packed = jnp.stack([jnp.concatenate([x_proj_kernel(p), t], 1) for (p, _), t in zip(directions, dt_proj_t)])
-        us, projections = layers.conv_step_projections(x, *convs, packed, rank, cfg.scan_interpret)
-        return us, list(projections)
-    with jax.named_scope("conv_silu"):  # both directions in one pass over x
-      us = conv_silu_bidirectional(x, *convs, impl=conv_impl, interpret=cfg.scan_interpret)
+        packed = jnp.stack([jnp.concatenate([x_proj_kernel(x), t], 1) for (x, _), t in zip(directions, dt_proj_t)])
+        return layers.step_projections(u_f.astype(dtype), u_b.astype(dtype), packed, rank, cfg.scan_interpret)
     outs = []
-    for u, (x_proj, dt_proj), name in zip(us, directions, ("forward", "backward")):
+    for u, (x_proj, dt_proj), name in zip((u_f, u_b), directions, ("forward", "backward")):
       with jax.named_scope(f"{name}/x_proj"):
         projected = layers.dense(u.astype(dtype), x_proj_kernel(x_proj), cfg.matmul_precision)
       with jax.named_scope(f"{name}/dt_proj"):  # its bias goes to the scan
         kernel = jnp.pad(dt_proj.kernel[...].astype(dtype), ((0, rank - r + 2 * n), (0, 0)))
         outs.append((projected, layers.dense(projected, kernel, cfg.matmul_precision)))
-    return us, outs
+    return outs
 
   def _direction(self, u, projected, delta, A_log, D, dt_proj) -> Direction:
-    """One direction's scan arguments: B and C are windows of x_proj's output (`_conv_and_projections`), A = -exp(A_log)
+    """One direction's scan arguments: B and C are windows of x_proj's output (`_projections`), A = -exp(A_log)
     is left to the scan (the GPU kernel computes it: no launch of its own)."""
     rank, n = _padded_rank(self.cfg.resolved_dt_rank, self.cfg.d_state), self.cfg.d_state
     B, C = Columns(projected, rank, n), Columns(projected, rank + n, n)
@@ -264,7 +257,15 @@ class BiMambaMixer(nnx.Module):
       dtype = jnp.dtype(cfg.dtype)
       kernel = self.in_proj.kernel[...].astype(dtype)
       x, z = layers.matmul_halves(hidden.astype(dtype), kernel, cfg.matmul_precision)
-    (u_f, u_b), ((projected_f, delta_f), (projected_b, delta_b)) = self._conv_and_projections(x)
+    with jax.named_scope("conv_silu"):  # both directions in one pass over x
+      u_f, u_b = conv_silu_bidirectional(
+        x,
+        (self.conv1d.kernel[...], self.conv1d.bias[...]),
+        (self.conv1d_b.kernel[...], self.conv1d_b.bias[...]),
+        impl=_CONV_IMPLS.get(cfg.scan_impl, "xla"),
+        interpret=cfg.scan_interpret,
+      )
+    (projected_f, delta_f), (projected_b, delta_b) = self._projections(u_f, u_b)
     with jax.named_scope("forward"):
       forward = self._direction(u_f, projected_f, delta_f, self.A_log, self.D, self.dt_proj)
     with jax.named_scope("backward"):
