@@ -30,8 +30,9 @@ rows cost 8 of a warp's 11-13 wavefronts per position. `epilogue` takes y's skip
 and `unroll` 8 walks positions in groups of 8: both directions 1.38 ms, Vim-Ti's forward 51.8 against 53.6 ms
 (1248², batch 32, H100, thirty-fifth session). `state_pairs` reads B and C as bf16 pairs, one 128-bit load per
 position: both directions 1.28 ms against 1.35, Vim-Ti 45.5 against 47.4 ms (H200, thirty-sixth session). B and C
-are read where x_proj wrote them (`Columns`, no slice). `scatter_sums` (not yet run on a GPU, so not in `OPTIONS`)
-cuts y's shuffles from 8 to 3 per 4 positions and its stores from 4 wavefronts to 1 (`_store_scattered_sums`).
+are read where x_proj wrote them (`Columns`, no slice). `scatter_sums` cuts y's shuffles from 8 to 3 per 4
+positions and its stores from 4 wavefronts to 1 (`_store_scattered_sums`): both directions 1.287 ms against 1.299,
+Vim-Ti 49.0 against 49.6 ms (1248², batch 32, H100, thirty-seventh session).
 
 Mosaic GPU needs sm_90 (Hopper) and its API still moves: this lowers on jax 0.11.2 and 0.12 (tests lower it for
 CUDA on CPU and run its math in interpret mode, which reads blocks from HBM in place (`staged=False`) because it
@@ -679,8 +680,8 @@ def forward(
   # pipeline's wait on its earlier copy (a barrier follows it). Without them the loop over positions holds no barrier
   # (a test reads the lowered module), where it held eight per four positions. compute-sanitizer's racecheck agrees
   # (scan_racecheck_mosaic_no_barriers_h100.txt; with the epilogue and state_pairs,
-  # racecheck_mosaic_state_pairs_h200.txt; not yet with scatter_sums, whose stores go where the epilogue's do, before
-  # the same barrier).
+  # racecheck_mosaic_state_pairs_h200.txt; with scatter_sums, whose stores go where the epilogue's do, before the
+  # same barrier, racecheck_mosaic_scatter_sums_h100.txt).
   out_type = [] if y_over else [jax.ShapeDtypeStruct(seqs["u"].shape, u.dtype)]
   if last_state:
     out_type.append(jax.ShapeDtypeStruct((batch, channels, A.shape[1]), jnp.float32))
@@ -713,7 +714,8 @@ def bidirectional(forward_args: tuple, backward_args: tuple, z, *, in_place: boo
 # racecheck found no hazard (H100, thirty-fourth session), and Vim-Ti's forward at 1248², batch 32 went from 58.8 to
 # 53.5 ms with `f32_states` too (H100, ab_mosaic_options_vim_tiny_1248_h100.txt); with `epilogue` and unroll 8 it
 # takes 51.8 against 53.6 (H100, ab_mosaic_epilogue_unroll8_vim_tiny_1248_h100.txt); `state_pairs` instead of
-# `f32_states` takes it from 47.4 to 45.5 ms (H200, ab_mosaic_state_pairs_vim_tiny_1248_h200.txt; racecheck clean).
+# `f32_states` takes it from 47.4 to 45.5 ms (H200, ab_mosaic_state_pairs_vim_tiny_1248_h200.txt; racecheck clean);
+# `scatter_sums` from 49.6 to 49.0 ms (H100, ab_mosaic_scatter_sums_vim_tiny_1248_h100.txt; racecheck clean).
 OPTIONS = dict(
   layout="quarter_rows",
   block_d=32,
@@ -722,6 +724,7 @@ OPTIONS = dict(
   share_channel_work=True,
   state_pairs=True,
   epilogue=True,
+  scatter_sums=True,
   in_place=True,
 )
 # A single direction (`pallas_gpu.scan` without gradients) runs the same kernel with y beside its inputs.

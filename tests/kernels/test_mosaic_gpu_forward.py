@@ -251,14 +251,22 @@ def _is_loop(op) -> bool:
   return op.name.endswith("scf.for")  # serialized, ops carry a version prefix ("stable_mosaic_gpu.scf.for")
 
 
-@pytest.mark.parametrize("auto_barriers, state_pairs", [(False, False), (True, False), (False, True)])
-def test_the_position_loop_reads_first_and_holds_no_barrier(auto_barriers, state_pairs):
+@pytest.mark.parametrize(
+  "auto_barriers, state_pairs, scatter_sums",
+  [(False, False, False), (True, False, False), (False, True, False), (False, True, True)],
+)
+def test_the_position_loop_reads_first_and_holds_no_barrier(auto_barriers, state_pairs, scatter_sums):
   """A group of `unroll` positions loads all its inputs before it stores any y (C_t h_t, with the epilogue), and
   that store into shared memory gets no warpgroup barrier (Pallas adds two unless told not to; `auto_barriers=True`
-  puts them back): the positions' loads and exps may overlap. With `state_pairs`, B and C are one load."""
+  puts them back): the positions' loads and exps may overlap. With `state_pairs`, B and C are one load; with
+  `scatter_sums`, each thread stores one position's sum per 4 positions."""
   args = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in forward_inputs(1, 1, 384, jnp.bfloat16)]
   args = [jax.ShapeDtypeStruct((32, 6085, *x.shape[2:]), x.dtype) if x.ndim == 3 else x for x in args]
-  options = mosaic_gpu.SINGLE_OPTIONS | {"f32_states": not state_pairs, "state_pairs": state_pairs}
+  options = mosaic_gpu.SINGLE_OPTIONS | {
+    "f32_states": not state_pairs,
+    "state_pairs": state_pairs,
+    "scatter_sums": scatter_sums,
+  }
   forward = functools.partial(mosaic_gpu.forward, gated=False, auto_barriers=auto_barriers, **options)
   (module,) = _kernel_modules(jax.jit(forward).trace(*args).lower(lowering_platforms=("cuda",)))
   with module.context:
@@ -266,9 +274,10 @@ def test_the_position_loop_reads_first_and_holds_no_barrier(auto_barriers, state
     names = [op.name.removeprefix("stable_mosaic_gpu.") for op in loop.regions[0].blocks[0]]
     assert str(loop).count("bar.sync") == (2 * options["unroll"] if auto_barriers else 0)
   loads = [i for i, name in enumerate(names) if name == "llvm.load"]
-  stores = [i for i, name in enumerate(names) if name == "llvm.store"]
+  stores = [i for i, name in enumerate(names) if name in ("llvm.store", "memref.store")]
   per_position = 3 if state_pairs else 4  # step size, u, and B and C together or apart
-  assert len(loads) == per_position * options["unroll"] and len(stores) == options["unroll"]
+  assert len(loads) == per_position * options["unroll"]
+  assert len(stores) == options["unroll"] // (4 if scatter_sums else 1)
   assert max(loads) < min(stores)
 
 
@@ -281,7 +290,7 @@ def test_scattered_sums_store_each_position_where_summed_ones_go_in_interpret_mo
   options = dict(mosaic_gpu.OPTIONS, block_t=32, staged=False, chunks=chunks)
   interpret = mosaic_gpu.plgpu.InterpretGPUParams()
   y_summed, y_scattered = (
-    mosaic_gpu.bidirectional(*pair, forward_args[6], **options, scatter_sums=scatter, interpret=interpret)
+    mosaic_gpu.bidirectional(*pair, forward_args[6], **options | {"scatter_sums": scatter}, interpret=interpret)
     for scatter in (False, True)
   )
   np.testing.assert_array_equal(y_scattered, y_summed)
@@ -308,7 +317,7 @@ def test_scattered_sums_take_3_shuffles_per_4_positions(reverse, scatter_sums, s
 def test_scattered_sums_need_the_epilogue_quarter_rows_and_groups_of_4(options):
   with pytest.raises(ValueError, match="scatter_sums"):
     mosaic_gpu.forward(
-      *forward_inputs(1, 64, 128, jnp.bfloat16), **(mosaic_gpu.SINGLE_OPTIONS | options), scatter_sums=True
+      *forward_inputs(1, 64, 128, jnp.bfloat16), **mosaic_gpu.SINGLE_OPTIONS | options | {"scatter_sums": True}
     )
 
 
