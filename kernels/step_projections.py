@@ -14,8 +14,6 @@ Vim-Ti on an H200 (ab_step_projections_vim_tiny_h200.json, bf16): the forward at
 8.47-8.53 to 8.04-8.12 ms and at 1248², batch 32 from 74.7-74.8 to 74.0 ms (about 3% more peak memory there);
 the training step did not change measurably (37.0 against 37.2 ms).
 
-With rank 0 the kernel runs x_proj alone (the scan then projects the step itself: `selective_scan.ProjectedDelta`).
-
 Weights come packed per direction as one (channels, width + rank) array, [x_proj | dt_projᵀ], in u's dtype:
 x_proj's columns are the step's (zero-padded to `rank`, a multiple of `PIECE`), B's and C's; dt_proj's
 kernel is transposed so that its rows are read like x_proj's. The matmuls run on tensor cores in `PIECE`-wide
@@ -61,11 +59,9 @@ def supported(channels: int, width: int, rank: int, dtype) -> bool:
 
 
 def reference(u: jax.Array, packed: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
-  """One direction in XLA: (projected, delta) from u and its packed weights (for tests); delta None if `rank` is 0."""
+  """One direction in XLA: (projected, delta) from u and its packed weights (for tests)."""
   width = packed.shape[1] - rank
   projected = jnp.dot(u, packed[:, :width], preferred_element_type=jnp.float32).astype(u.dtype)
-  if not rank:
-    return projected, None
   delta = jnp.dot(projected[..., :rank], packed[:, width:].T, preferred_element_type=jnp.float32)
   return projected, delta.astype(u.dtype)
 
@@ -73,13 +69,12 @@ def reference(u: jax.Array, packed: jax.Array, rank: int) -> tuple[jax.Array, ja
 def project(
   u_f: jax.Array, u_b: jax.Array, packed: jax.Array, *, rank: int, interpret: bool = False
 ) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
-  """((projected, delta) forward, (projected, delta) backward): `reference` of each direction; delta None if `rank`
-  is 0.
+  """((projected, delta) forward, (projected, delta) backward): `reference` of each direction.
 
   Args:
     u_f, u_b: (batch, length, channels), both directions' conv outputs.
     packed: (2, channels, width + rank) in u's dtype, per direction [x_proj | dt_projᵀ] (module docstring).
-    rank: the step's rank as packed (zero-padded to a multiple of PIECE); 0 for x_proj alone.
+    rank: the step's rank as packed (zero-padded to a multiple of PIECE).
     interpret: Pallas interpret mode (CPU tests).
   Under a mesh the kernel runs per device (`shard_map`), the batch split over every mesh axis.
   """
@@ -106,8 +101,7 @@ def project(
   rows = P(mesh.axis_names)
   if jax.sharding.AxisType.Explicit in mesh.axis_types:
     u_f, u_b, packed = (jax.sharding.reshard(a, s) for a, s in ((u_f, rows), (u_b, rows), (packed, P())))
-  per_direction = (rows, rows if rank else None)
-  return jax.shard_map(fn, in_specs=(rows, rows, P()), out_specs=(per_direction,) * 2, check_vma=False)(
+  return jax.shard_map(fn, in_specs=(rows, rows, P()), out_specs=((rows, rows), (rows, rows)), check_vma=False)(
     u_f, u_b, packed
   )
 
@@ -126,10 +120,9 @@ def _call(u_f, u_b, packed, *, rank: int, interpret: bool):
   )
   whole = pl.BlockSpec((padded_rows, channels), lambda i, d: (0, 0))
   weights = pl.BlockSpec((None, channels, width + rank), lambda i, d: (d, 0, 0))  # the program's direction
-  widths = (width, channels) if rank else (width,)  # per direction: projected [and delta]
-  outs = [pl.BlockSpec((padded_rows, n), lambda i, d: (0, 0)) for n in widths] * 2
-  out_shape = [jax.ShapeDtypeStruct((padded_rows, n), u_f.dtype) for n in widths] * 2
-  results = pl.pallas_call(
+  outs = [pl.BlockSpec((padded_rows, width), lambda i, d: (0, 0)), whole] * 2
+  out_shape = [jax.ShapeDtypeStruct((padded_rows, n), u_f.dtype) for n in (width, channels)] * 2
+  projected_f, delta_f, projected_b, delta_b = pl.pallas_call(
     kernel,
     grid=(min(PROGRAMS, pl.cdiv(padded_rows, block_rows)), 2),
     in_specs=[whole, whole, weights],
@@ -141,17 +134,15 @@ def _call(u_f, u_b, packed, *, rank: int, interpret: bool):
   )(*us, packed)
 
   def unflat(a):
-    return None if a is None else a[:rows].reshape(batch, length, a.shape[1])
+    return a[:rows].reshape(batch, length, a.shape[1])
 
-  projected_f, delta_f, projected_b, delta_b = results if rank else (results[0], None, results[1], None)
   return (unflat(projected_f), unflat(delta_f)), (unflat(projected_b), unflat(delta_b))
 
 
-def _kernel(uf_ref, ub_ref, w_ref, *out_refs, rows, block_rows, block_channels, width, rank):
+def _kernel(uf_ref, ub_ref, w_ref, pf_ref, df_ref, pb_ref, db_ref, *, rows, block_rows, block_channels, width, rank):
   """Blocks pid, pid + programs, ... of `block_rows` rows of one direction (grid axis 1): projected, then delta
-  from its first `rank` columns (unless `rank` is 0: out_refs are then the two projected alone). The last block
-  starts early enough to end at the last row; its overlap rewrites equal values."""
-  pf_ref, df_ref, pb_ref, db_ref = out_refs if rank else (out_refs[0], None, out_refs[1], None)
+  from its first `rank` columns. The last block starts early enough to end at the last row; its overlap
+  rewrites equal values."""
   pid, programs = pl.program_id(0), pl.num_programs(0)
   blocks = (rows + block_rows - 1) // block_rows
   channels = uf_ref.shape[1]
@@ -177,7 +168,7 @@ def _kernel(uf_ref, ub_ref, w_ref, *out_refs, rows, block_rows, block_channels, 
       projected = [s.astype(projected_ref.dtype) for s in sums]
       for j, piece in enumerate(projected):
         projected_ref[block, pl.ds(j * PIECE, PIECE)] = piece
-      for c, ws in zip(starts, w_dt) if rank else ():
+      for c, ws in zip(starts, w_dt):
         pieces = [product(projected[j], w, transpose_b=True) for j, w in enumerate(ws)]
         delta_ref[block, pl.ds(c, block_channels)] = sum(pieces[1:], pieces[0]).astype(delta_ref.dtype)
       return carry

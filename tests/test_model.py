@@ -334,28 +334,6 @@ def test_step_projections_kernel_equals_xla_matmuls_in_the_model(vim_ref, monkey
     assert_rel_close(got[...], want[...], 3e-2, "/".join(map(str, path)))
 
 
-@pytest.mark.parametrize("dtype, kernels", [("float32", False), ("bfloat16", True)])
-def test_delta_projected_in_the_scan_changes_no_value(vim_ref, monkeypatch, dtype, kernels):
-  """Where the scan projects the step itself (`projects_delta`, forced here; the scan in XLA, which projects it
-  first), the model passes x_proj's step columns and dt_proj's weight: the logits and parameter gradients of dt_proj
-  as a matmul, with the mixer's GPU kernels (x_proj alone, interpret mode) or XLA's matmuls."""
-  images = jnp.asarray(vim_ref["images"])
-  monkeypatch.setattr(vim.conv_silu, "uses_kernels", lambda impl, interpret: kernels and interpret)
-
-  def logits_and_grads():
-    model = ref_model(vim_ref, dtype=dtype, scan_impl="xla", scan_interpret=True, scan_layers=True)
-    loss = lambda m: jnp.sum(m(images) ** 2)  # noqa: E731
-    return logits_of(model, images), parameter_gradients(model, loss)
-
-  logits, grads = logits_and_grads()
-  monkeypatch.setattr(vim, "projects_delta", lambda *args, **kwargs: True)
-  lazy_logits, lazy_grads = logits_and_grads()
-  tolerance = 1e-5 if dtype == "float32" else 1e-2
-  assert_rel_close(lazy_logits, logits, tolerance, "logits")
-  for (path, got), (_, want) in zip(nnx.to_flat_state(lazy_grads), nnx.to_flat_state(grads)):
-    assert_rel_close(got[...], want[...], 3 * tolerance, "/".join(map(str, path)))
-
-
 @pytest.fixture(scope="module")
 def tiny_init_params():
   model = create_model("vim_tiny", rngs=nnx.Rngs(0))

@@ -11,15 +11,14 @@ r"""The compiled Pallas GPU scan against the reference on the GPU itself (tests 
   python experiments/checks/scan_gpu_check.py --mosaic  # the Mosaic GPU forward (Hopper), as pallas_gpu runs it
   python experiments/checks/scan_gpu_check.py --mosaic --mosaic_options='{"scatter_sums": true}'  # a candidate
   compute-sanitizer --tool racecheck python experiments/checks/scan_gpu_check.py --mosaic --case=0
-  compute-sanitizer --tool racecheck python experiments/checks/scan_gpu_check.py --mosaic --case=0 --only="projected"
 
 Forward (y, last state) and the gradients of all eight arrays, both directions, and the fused
 bidirectional scan with its gradients (A also as `NegativeExp`) and without them (its inference path, which
 writes y over its inputs), on shapes that exercise short last chunks, partial sub-chunks, padded channels
 and several chunks (`--case=i` runs one of them, to keep sanitizer runs short). `--mosaic` checks the Mosaic GPU
 one-pass forward instead, with the options `pallas_gpu` runs it with (`mosaic_gpu.OPTIONS`), whole and in 3 chunks,
-B and C also read in place from one array as x_proj writes them, and delta also as a `ProjectedDelta` of that
-array's first columns, on `MOSAIC_CASES`: `pallas_gpu` calls it only for long sequences, which none of `CASES` is.
+B and C also read in place from one array as x_proj writes them, on `MOSAIC_CASES`: `pallas_gpu` calls it only for
+long sequences, which none of `CASES` is.
 Prints the worst relative error per case and exits non-zero above the tolerance. With the platform
 allocator every buffer is its own allocation, so compute-sanitizer sees any access past one; command
 buffers (CUDA graphs) are off so that every kernel launch is its own. XLA's compiler crashes under the
@@ -39,7 +38,6 @@ from experiments.checks.gpu_check import Tally
 from kernels import Direction, NegativeExp, selective_scan, selective_scan_bidirectional
 from kernels.selective_scan import mosaic_gpu, pallas_gpu
 from kernels.selective_scan.columns import Columns
-from kernels.selective_scan.projected_delta import ProjectedDelta
 
 _CASE = flags.DEFINE_integer("case", None, "Index into CASES to run only that case (default: all).")
 _BIDIRECTIONAL_ONLY = flags.DEFINE_bool(
@@ -49,7 +47,6 @@ _MOSAIC = flags.DEFINE_bool("mosaic", False, "Check the Mosaic GPU one-pass forw
 _MOSAIC_OPTIONS = flags.DEFINE_string(
   "mosaic_options", "{}", "With --mosaic, JSON that updates mosaic_gpu.OPTIONS (a candidate before it ships)."
 )
-_ONLY = flags.DEFINE_string("only", "", "Run only the checks whose name contains this (shorter sanitizer runs).")
 _TILES = flags.DEFINE_bool(
   "tiles", False, "Run every forward pass as (channels, state) tiles, the layout used where programs are many."
 )
@@ -139,35 +136,27 @@ def _mosaic_runs(arrays) -> dict:
 
   candidate = json.loads(_MOSAIC_OPTIONS.value)
 
-  state = forward.B.shape[-1]
-  # dt_proj's weight for a step of rank `state`, so that delta = step @ weightᵀ spreads about as `_inputs`'s does.
-  step_weight = 0.25 / state**0.5 * jax.random.normal(jax.random.key(99), (forward.u.shape[-1], state))
+  def windows(direction: Direction) -> Direction:
+    """B and C as `Columns` of one [step | B | C] array, as the model passes x_proj's output."""
+    projected = jnp.concatenate([direction.delta[..., : direction.B.shape[-1]], direction.B, direction.C], axis=-1)
+    state = direction.B.shape[-1]
+    return direction._replace(B=Columns(projected, state, state), C=Columns(projected, 2 * state, state))
 
-  def windows(direction: Direction, projected: bool = False) -> Direction:
-    """B and C as `Columns` of one [step | B | C] array, as the model passes x_proj's output; if `projected`, delta
-    as a `ProjectedDelta` of its step columns (delta's first `state` columns)."""
-    array = jnp.concatenate([direction.delta[..., :state], direction.B, direction.C], axis=-1)
-    direction = direction._replace(B=Columns(array, state, state), C=Columns(array, 2 * state, state))
-    delta = ProjectedDelta(Columns(array, 0, state), step_weight.astype(array.dtype))
-    return direction._replace(delta=delta) if projected else direction
-
-  def bidirectional(impl, in_place, chunks=1, in_windows=False, projected=False):
-    pair = (windows(forward, projected), windows(backward, projected)) if in_windows else (forward, backward)
+  def bidirectional(impl, in_place, chunks=1, in_windows=False):
     if impl == "reference":
-      return selective_scan_bidirectional(*pair, arrays["z"], delta_softplus=True, impl=impl)
+      return selective_scan_bidirectional(forward, backward, arrays["z"], delta_softplus=True, impl=impl)
     options = dict(mosaic_gpu.OPTIONS, **candidate, in_place=in_place, chunks=chunks)
+    pair = (windows(forward), windows(backward)) if in_windows else (forward, backward)
     return jax.jit(functools.partial(mosaic_gpu.bidirectional, **options))(*map(tuple, pair), arrays["z"])
 
-  def one_direction(impl, reverse, chunks=1, projected=False):
+  def one_direction(impl, reverse, chunks=1):
     """y and the last state, as `pallas_gpu.scan` takes them without gradients."""
-    direction = windows(forward, projected=True) if projected else forward
-    args = dict(direction._asdict(), z=arrays["z"])
     if impl == "reference":
-      y, last = selective_scan(**args, delta_softplus=True, reverse=reverse, return_last_state=True, impl=impl)
+      y, last = selective_scan(**arrays, delta_softplus=True, reverse=reverse, return_last_state=True, impl=impl)
     else:
+      args = [arrays[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
       options = dict(mosaic_gpu.SINGLE_OPTIONS, **candidate, reverse=reverse, last_state=True, chunks=chunks)
-      names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
-      y, last = jax.jit(functools.partial(mosaic_gpu.forward, **options))(*(args[k] for k in names))
+      y, last = jax.jit(functools.partial(mosaic_gpu.forward, **options))(*args)
     return {"y": y, "last_state": last}
 
   return {
@@ -181,19 +170,6 @@ def _mosaic_runs(arrays) -> dict:
     **{
       f"gated, reverse={r}{', 3 chunks' if chunks > 1 else ''}": functools.partial(
         one_direction, reverse=r, chunks=chunks
-      )
-      for r in (False, True)
-      for chunks in (1, 3)
-    },
-    **{
-      f"delta projected, bidirectional, in place{', 3 chunks' if chunks > 1 else ''}": functools.partial(
-        bidirectional, in_place=True, chunks=chunks, in_windows=True, projected=True
-      )
-      for chunks in (1, 3)
-    },
-    **{
-      f"delta projected, gated, reverse={r}{', 3 chunks' if chunks > 1 else ''}": functools.partial(
-        one_direction, reverse=r, chunks=chunks, projected=True
       )
       for r in (False, True)
       for chunks in (1, 3)
@@ -213,8 +189,6 @@ def main(argv) -> int:
     arrays, weights = _inputs(jax.random.key(i), batch, length, channels, state, dtype)
     runs = _mosaic_runs(arrays) if _MOSAIC.value else _pallas_gpu_runs(arrays, weights)
     for what, run in runs.items():
-      if _ONLY.value not in what:
-        continue
       errors, worst = tally.compare(
         run("mosaic_gpu" if _MOSAIC.value else "pallas_gpu"), run("reference"), TOLERANCE[dtype]
       )

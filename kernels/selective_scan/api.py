@@ -17,11 +17,10 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 from jax.tree_util import keystr
 
-from kernels.selective_scan import mosaic_gpu, pallas_gpu, pallas_tpu, reference, xla
+from kernels.selective_scan import pallas_gpu, pallas_tpu, reference, xla
 from kernels.selective_scan.columns import Columns
 from kernels.selective_scan.negative_exp import NegativeExp
 from kernels.selective_scan.padding import plain
-from kernels.selective_scan.projected_delta import ProjectedDelta
 from kernels.selective_scan.softplus import softplus
 
 _log = logging.getLogger(__name__)
@@ -39,7 +38,7 @@ class Direction(NamedTuple):
   """One direction's arguments of `selective_scan_bidirectional`, as in `selective_scan`."""
 
   u: jax.Array
-  delta: jax.Array | ProjectedDelta
+  delta: jax.Array
   A: jax.Array | NegativeExp
   B: jax.Array | Columns
   C: jax.Array | Columns
@@ -121,13 +120,9 @@ def _per_device(impl: str, fn: Callable, arrays: dict, outputs: str | tuple[str,
 def _check(name: str, x, dims: tuple[str, ...], sizes: dict[str, int]) -> jax.Array | Columns | NegativeExp:
   """Checks `x` is a floating array of shape `dims` (named sizes already in `sizes` must match),
   records the sizes it defines, and returns it as a jax array; B and C may be `Columns` windows, A a
-  `NegativeExp`, delta a `ProjectedDelta`."""
+  `NegativeExp`."""
   if isinstance(x, Columns) and dims == _SEQ_STATE:
     x = Columns(jnp.asarray(x.array), x.start, x.size)
-  elif isinstance(x, ProjectedDelta) and name.endswith("delta"):
-    steps = x.steps
-    steps = Columns(jnp.asarray(steps.array), steps.start, steps.size) if isinstance(steps, Columns) else steps
-    x = ProjectedDelta(steps if isinstance(steps, Columns) else jnp.asarray(steps), jnp.asarray(x.weight))
   elif isinstance(x, NegativeExp) and dims == _DIMS["A"]:
     x = NegativeExp(jnp.asarray(x.log))
   else:
@@ -153,7 +148,6 @@ _SEQ, _SEQ_STATE, _CHANNEL = ("batch", "length", "channels"), ("batch", "length"
 _DIMS = dict(u=_SEQ, delta=_SEQ, A=("channels", "state"), B=_SEQ_STATE, C=_SEQ_STATE, D=_CHANNEL, delta_bias=_CHANNEL)
 _DIMS.update(z=_SEQ, y=_SEQ, last_state=("batch", "channels", "state"))  # for `_per_device`
 _DIMS.update(array=_SEQ_STATE, log=_DIMS["A"])  # a `Columns` window's array (B or C), a `NegativeExp`'s log (A)
-_DIMS.update(steps=_SEQ_STATE, weight=("channels", "rank"))  # a `ProjectedDelta`'s (delta)
 
 
 def _checked(args: Direction, sizes: dict[str, int], prefix: str = "") -> Direction:
@@ -193,8 +187,7 @@ def selective_scan(
   y_t    = sum_n h_t[..., n] C_t[n] + D u_t,   then y *= silu(z)   (D and z optional)
 
   Args:
-    u, delta, z: (batch, length, channels); delta may be a `ProjectedDelta` (x_proj's step columns and dt_proj's
-      weight), which the GPU kernel's inference path projects itself.
+    u, delta, z: (batch, length, channels).
     A: (channels, state), real (negative in Mamba); or `NegativeExp(A_log)`, Mamba's parametrisation, which
       the GPU kernel computes from A_log itself.
     B, C: (batch, length, state), shared by all channels; or `Columns` windows of one wider array (x_proj's
@@ -254,15 +247,6 @@ def selective_scan(
     y = y * jax.nn.silu(z.astype(dtype))
   y = y.astype(args.u.dtype)
   return (y, last_state) if return_last_state else y
-
-
-def projects_delta(length: int, channels: int, state: int, dtype, *, impl: str | None, interpret: bool = False) -> bool:
-  """Whether `selective_scan_bidirectional` without gradients makes the step sizes of a `ProjectedDelta` itself for
-  sequences of these sizes on this backend: where the GPU kernel's one-pass forward runs (`mosaic_gpu.fits`).
-  Elsewhere, and wherever it is differentiated, a `ProjectedDelta` is projected in XLA first."""
-  if interpret or _resolve(impl, interpret) != "pallas_gpu":
-    return False
-  return mosaic_gpu.fits(1, length, channels, state, dtype, mosaic_gpu.compute_capability())
 
 
 def selective_scan_bidirectional(

@@ -57,7 +57,6 @@ from jaxlib.mlir import ir
 from jaxlib.mlir.dialects import arith, memref, vector
 
 from kernels.selective_scan.columns import Columns
-from kernels.selective_scan.projected_delta import ProjectedDelta
 
 
 def _tiled(tiles, warp_dims, lane_dims):
@@ -85,64 +84,13 @@ def _load(ref, layout):
   return plgpu.load(ref, layout=layout, optimized=False).astype(jnp.float32)
 
 
-def _column_block(x: jax.Array | Columns, width: int) -> tuple[jax.Array, int]:
-  """B, C or a `ProjectedDelta`'s steps as the kernel reads them: an array and the index of its block of `width`
-  columns. A `Columns` window that is such a block (B's, C's and the step's in x_proj's output) is read where it
-  lies, by TMA: no slice before the launch."""
+def _state_block(x: jax.Array | Columns, state: int) -> tuple[jax.Array, int]:
+  """B or C as the kernel reads it: an array and the index of its block of `state` columns. A `Columns` window that is
+  such a block (B's and C's in x_proj's output) is read where it lies, by TMA: no slice before the launch."""
   if not isinstance(x, Columns):
     return x, 0
-  block = x.block(width)
+  block = x.block(state)
   return (x.value(), 0) if block is None else (x.array, block)
-
-
-def _mma_transforms(width: int, dtype) -> tuple:
-  """The tiling and swizzle of a WGMMA operand in shared memory whose rows are `width` elements."""
-  swizzle = plgpu.find_swizzle(width * jnp.dtype(dtype).itemsize * 8)
-  return plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle)
-
-
-_PADDED_ROW = 8  # floats after each row of a block's step sizes computed on the tensor cores (`_store_wgmma_rows`)
-
-
-def _step_layout(staged: bool):
-  """The layout of a block's step sizes made by `_step_sizes`."""
-  return plgpu.Layout.WGMMA if staged else _SPREAD
-
-
-def _step_sizes(steps, weight, bias: jax.Array, shape: tuple[int, int], *, staged: bool) -> jax.Array:
-  """softplus(steps @ weightᵀ + bias) for a block: steps (block_t, rank) and weight (block_d, rank) refs, bias the
-  block's channels' in `_step_layout(staged).reduce(0)` (loaded once per program: from global memory at every block,
-  its latency stalls the warpgroup). delta is rounded to the steps' dtype before the bias, as the matmul that would
-  write it rounds. Staged, one WGMMA per block, the steps from registers and the weight from shared memory (swizzled
-  for it); delta comes in WGMMA's layout. Not staged (interpret mode), a plain product in `_SPREAD`."""
-  if staged:
-    steps_rows = plgpu.load(steps, layout=plgpu.Layout.WGMMA, optimized=False)
-
-    def product(acc_ref):
-      plgpu.wgmma(acc_ref, steps_rows, weight.transpose((1, 0)))
-      plgpu.wgmma_wait(0)
-      return acc_ref[...]
-
-    delta = pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
-  else:
-    delta = jnp.dot(steps[...].astype(jnp.float32), weight[...].astype(jnp.float32).T)
-  delta = plgpu.layout_cast(delta, _step_layout(staged)).astype(steps.dtype).astype(jnp.float32)
-  return _softplus(delta + lax.broadcast_in_dim(bias, shape, [1]))
-
-
-def _store_wgmma_rows(values: jax.Array, ref) -> None:
-  """ref[:, :n] = values, a (block_t, n) array in WGMMA's layout, into rows of n + `_PADDED_ROW` floats. A warp
-  stores two floats at each of 8 rows, 8 columns a row; in rows of n (a multiple of 32) floats, all 8 rows would
-  meet in the same 8 banks (8 wavefronts per store); padded, 4 rows fill the 32 banks (2, the fewest for 256
-  bytes). Pallas's own store knows no padded row."""
-
-  @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()))
-  def store(ctx, array, ref):
-    del ctx
-    for register, (row, column) in zip(array.registers.flat, array.layout.thread_idxs(array.shape), strict=True):
-      vector.store(register, ref, [row, column])
-
-  store(values, ref)
 
 
 def _state_pairs(b: jax.Array, c: jax.Array) -> jax.Array:
@@ -389,7 +337,6 @@ def _forward_kernel(
   scatter_sums,
   inline,
   state_columns,
-  step_columns,
   reverse,
   combine,
   y_over,
@@ -398,9 +345,7 @@ def _forward_kernel(
   length,
 ):
   """refs: the (batch, length, channels) inputs named by `seq_names`, then B, C (each its `state_columns` block of
-  state-wide columns of a (batch, length, width) array), A, D and delta_bias; where delta is a `ProjectedDelta`
-  (`step_columns` not None, and no "delta" among `seq_names`), its steps (that block of rank-wide columns) and its
-  (channels, rank) weight; with several chunks, the (batch,
+  state-wide columns of a (batch, length, width) array), A, D and delta_bias; with several chunks, the (batch,
   chunks, channels, state) end states and (batch, chunks, channels) step totals (inputs of the outputs launch,
   outputs of the ends launch); then y (outputs launch, unless y goes over the input `y_over`: each block of it is read
   before y is written there); then, with `last_state`, the (batch, channels, state) state after the last position
@@ -410,8 +355,6 @@ def _forward_kernel(
   epilogue = epilogue and not chunks.ends  # the ends launch has no y
   scatter_sums = scatter_sums and epilogue
   b_ref, c_ref, a_ref, d_ref, bias_ref, *rest = refs[len(seq_names) :]
-  steps_ref, weight_ref = rest[:2] if step_columns is not None else (None, None)
-  rest = rest[2:] if step_columns is not None else rest
   ends_ref, totals_ref = rest[:2] if chunks.count > 1 else (None, None)
   last_ref = rest[-1] if last_state else None
   y_ref = None if chunks.ends else seq_refs[y_over] if y_over else rest[-2] if last_state else rest[-1]
@@ -427,12 +370,6 @@ def _forward_kernel(
   state_names = ("B",) if chunks.ends else ("B", "C")  # what this launch reads
   column_block = dict(zip(states, state_columns, strict=True))
   columns = {name: pl.ds(index * state, state) for name, index in column_block.items()}
-  # Blocks of columns read like B and C: B and C (this launch's), and a `ProjectedDelta`'s steps.
-  column_names = (*state_names, "steps") if steps_ref is not None else state_names
-  if steps_ref is not None:
-    rank = weight_ref.shape[1]
-    states = states | {"steps": steps_ref}
-    column_block["steps"], columns["steps"] = step_columns, pl.ds(step_columns * rank, rank)
   if chunks.ends:
     update = functools.partial(_end_update, a_log2=a_log2)
   else:
@@ -483,19 +420,13 @@ def _forward_kernel(
 
   def walk_blocks(shared: dict):
     """The chunk in blocks of block_t positions; `shared` (SMEM) holds a block's step sizes and gates (C_t h_t with the
-    epilogue), and B's and C's rows in float32, if given; and a `ProjectedDelta`'s weight for this program's channels
-    (staged), copied once."""
-    if "step_weight" in shared:
-      plgpu.copy_gmem_to_smem(weight_ref.at[channels], shared["step_weight"], shared["step_weight_copied"])
-      plgpu.barrier_wait(shared["step_weight_copied"])
+    epilogue), and B's and C's rows in float32, if given."""
     if shared:
       spread_bias, spread_skip = (
         lax.broadcast_in_dim(_load(ref.at[channels], _SPREAD.reduce(0)), (block_t, block_d), [1])
         for ref in (bias_ref, d_ref)
       )
       state_rows = plgpu.Layout.WG_STRIDED((block_t, state), vec_size=min(8, block_t * state // 128))
-      if steps_ref is not None:
-        step_bias = _load(bias_ref.at[channels], _step_layout(staged).reduce(0))
 
     # Zeros past the sequence's end still decay the state (their step size is softplus(bias) > 0). Walked last (not in
     # reverse) and the state kept, their step sizes are zeroed; walked first, they leave the zero state as it is.
@@ -503,19 +434,11 @@ def _forward_kernel(
 
     def block_body(start, *block_refs):
       *block_refs, carry = block_refs
-      names = (*seq_names, *column_names) + (() if chunks.ends else ("y",))
+      names = (*seq_names, "B") if chunks.ends else (*seq_names, "B", "C", "y")
       blocks = dict(zip(names, block_refs, strict=True))
       if shared:
         plgpu.commit_smem()  # every thread is done with the last block's values
-        if steps_ref is None:
-          shared["step_size"][...] = _softplus(_load(blocks["delta"], _SPREAD) + spread_bias)
-        else:
-          weight = shared["step_weight"] if staged else weight_ref.at[channels]
-          step_sizes = _step_sizes(blocks["steps"], weight, step_bias, (block_t, block_d), staged=staged)
-          if staged:
-            _store_wgmma_rows(step_sizes, shared["step_size"])
-          else:
-            shared["step_size"].at[:, pl.ds(0, block_d)][...] = step_sizes
+        shared["step_size"][...] = _softplus(_load(blocks["delta"], _SPREAD) + spread_bias)
         if "gate" in shared:
           shared["gate"][...] = _gate(_load(blocks["z"], _SPREAD))
         for name in ("B", "C"):
@@ -527,8 +450,8 @@ def _forward_kernel(
         plgpu.commit_smem()  # and sees every thread's values of this block
 
       def read(t):
-        if shared:  # (a row of step sizes may be padded: `_store_wgmma_rows`)
-          rows_at = lambda k: _load((shared if k in shared else blocks)[k].at[t, pl.ds(0, block_d)], per_channel)  # noqa: E731
+        if shared:
+          rows_at = lambda k: _load((shared if k in shared else blocks)[k].at[t], per_channel)  # noqa: E731
         else:
           rows_at = _raw_rows(lambda k: _load(blocks[k].at[t], per_channel), bias)
         if "BC" in shared:  # one load for both
@@ -564,13 +487,13 @@ def _forward_kernel(
       return carry
 
     per_channel_refs = [*seq_refs.values()] + ([] if chunks.ends else [y_ref])
-    state_refs = [states[name] for name in column_names]
+    state_refs = [states[name] for name in state_names]
     if not staged:  # blocks read where they lie in HBM (what interpret mode runs; the length padded to whole blocks)
 
       def over_blocks(i, carry):
         at = pl.ds(block_at(i) * block_t, block_t)
         seq_views = [r.at[sequence, at, channels] for r in per_channel_refs]
-        state_views = [states[name].at[sequence, at, columns[name]] for name in column_names]
+        state_views = [states[name].at[sequence, at, columns[name]] for name in state_names]
         return block_body(
           block_at(i) * block_t, *seq_views[: len(seq_names)], *state_views, *seq_views[len(seq_names) :], carry
         )
@@ -586,8 +509,6 @@ def _forward_kernel(
       plgpu.BlockSpec((block_t, state), lambda i, index=column_block[name]: (block_at(i), index))
       for name in state_names
     ]
-    if steps_ref is not None:  # the steps' block likewise, untiled as the sequences' (WGMMA reads it from registers)
-      state_specs.append(plgpu.BlockSpec((block_t, rank), lambda i: (block_at(i), step_columns), transforms=untiled))
     pipeline = plgpu.emit_pipeline(
       lambda indices, *blocks: block_body(block_at(indices[0]) * block_t, *blocks),
       grid=(count,),
@@ -603,11 +524,6 @@ def _forward_kernel(
     if epilogue or (combine.gated and not chunks.ends):  # C_t h_t for the epilogue, else the gate
       names += ("C_h",) if epilogue else ("gate",)
     scratch = [plgpu.SMEM((block_t, block_d), jnp.float32)] * len(names)
-    if steps_ref is not None and staged:  # step sizes in padded rows, and the weight that makes them
-      scratch[0] = plgpu.SMEM((block_t, block_d + _PADDED_ROW), jnp.float32)
-      names += ("step_weight", "step_weight_copied")
-      weight_smem = plgpu.SMEM((block_d, rank), weight_ref.dtype, transforms=_mma_transforms(rank, weight_ref.dtype))
-      scratch += [weight_smem, plgpu.Barrier()]
     if state_pairs and not chunks.ends:  # and B's and C's rows as one word per state
       names += ("BC",)
       scratch.append(plgpu.SMEM((block_t, state), jnp.uint32))
@@ -698,23 +614,11 @@ def forward(
     )
   if state_pairs and (f32_states or B.dtype != jnp.bfloat16):
     raise ValueError(f"state_pairs takes bf16 B and C (got {B.dtype}) and replaces f32_states ({f32_states})")
-  (B, b_block), (C, c_block) = (_column_block(x, A.shape[1]) for x in (B, C))
-  steps = ()  # a ProjectedDelta's steps and weight
-  if isinstance(delta, ProjectedDelta):
-    if not share_channel_work or block_t % 64 or delta.rank % 16 or delta.dtype != u.dtype or u.dtype.itemsize != 2:
-      raise ValueError(
-        f"a ProjectedDelta needs share_channel_work ({share_channel_work}), block_t ({block_t}) a multiple of 64, a"
-        f" rank ({delta.rank}) of 16 and steps in u's 16-bit dtype ({delta.dtype}, u {u.dtype}): WGMMA's shapes"
-      )
-    if not staged and not interpret:
-      raise ValueError("a ProjectedDelta is read unstaged only in interpret mode (staged=False); on a GPU, stage it")
-    (step_array, step_block), step_weight = _column_block(delta.steps, delta.rank), delta.weight.astype(u.dtype)
-    steps = (step_array, step_weight)
+  (B, b_block), (C, c_block) = (_state_block(x, A.shape[1]) for x in (B, C))
   num_blocks = pl.cdiv(length, block_t) if block_t else 1
   if chunks < 1 or (chunks > 1 and not block_t):
     raise ValueError(f"chunks must be 1, or more with blocks (block_t > 0), got {chunks} with block_t {block_t}")
-  seqs = dict(u=u) | ({} if steps else dict(delta=delta))
-  seqs |= (dict(z=z) if gated else {}) | ({} if partner is None else dict(partner=partner))
+  seqs = dict(u=u, delta=delta) | (dict(z=z) if gated else {}) | ({} if partner is None else dict(partner=partner))
   if y_over not in (None, *seqs):
     raise ValueError(f"y_over must be None or one of {tuple(seqs)}, got {y_over!r}")
   if block_t and not staged and length % block_t:  # zeros past the end, as TMA's copies read there
@@ -723,7 +627,6 @@ def forward(
       return jnp.pad(x, ((0, 0), (0, num_blocks * block_t - length), (0, 0)))
 
     seqs, B, C = {k: pad(v) for k, v in seqs.items()}, pad(B), pad(C)
-    steps = (pad(steps[0]), steps[1]) if steps else ()
   chunk_blocks = pl.cdiv(num_blocks, chunks)
   plan = _Chunks(count=pl.cdiv(num_blocks, chunk_blocks), blocks=chunk_blocks)
 
@@ -745,7 +648,6 @@ def forward(
         scatter_sums=scatter_sums,
         inline=not interpret,
         state_columns=(b_block, c_block),
-        step_columns=step_block if steps else None,
         reverse=reverse,
         combine=_Combine(gated=gated, partner=partner is not None),
         y_over=y_over,
@@ -759,14 +661,13 @@ def forward(
       compiler_params=plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=not barriers),
       interpret=interpret,
     )
-    return kernel(*seqs.values(), B, C, A, D, delta_bias, *steps, *extra)
+    return kernel(*seqs.values(), B, C, A, D, delta_bias, *extra)
 
   extra = ()
   if plan.count > 1:  # the chunks' end states first; Pallas's barriers stay there: no y copy's commit precedes a refill
     shapes = [(batch, plan.count, channels, A.shape[1]), (batch, plan.count, channels)]
     ends_out = [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes]
-    ends_seqs = {name: seqs[name] for name in ("u", "delta") if name in seqs}
-    extra = launch(ends_seqs, (), plan._replace(ends=True), ends_out, barriers=True)
+    extra = launch(dict(u=seqs["u"], delta=seqs["delta"]), (), plan._replace(ends=True), ends_out, barriers=True)
   if y_over:
     seqs[y_over] = jax.new_ref(seqs[y_over].astype(u.dtype))
   # approx_math: ex2.approx, as the Triton kernels. Pallas puts a warpgroup barrier (bar.sync) before and after every
@@ -792,12 +693,10 @@ def forward(
 def bidirectional(forward_args: tuple, backward_args: tuple, z, *, in_place: bool = False, **options) -> jax.Array:
   """Vim's (y_forward + y_backward) / 2 * silu(z) as two launches, as the Triton kernels do: the forward direction
   writes its ungated y, the backward one reads it and writes the combined output. `forward_args` and `backward_args`
-  are (u, delta, A, B, C, D, delta_bias) as arrays (B and C may be `Columns`, delta a `ProjectedDelta`). `in_place`
-  writes the first y over the forward direction's delta (its u where delta is projected: each block is read before y
-  goes there) and the second over the first, as the Triton inference path does."""
-  first_over = "u" if isinstance(forward_args[1], ProjectedDelta) else "delta"
+  are (u, delta, A, B, C, D, delta_bias) as arrays (B and C may be `Columns`). `in_place` writes the first y over the
+  forward direction's delta and the second over the first, as the Triton inference path does."""
   y_forward = forward(
-    *forward_args[:6], z, forward_args[6], gated=False, y_over=first_over if in_place else None, **options
+    *forward_args[:6], z, forward_args[6], gated=False, y_over="delta" if in_place else None, **options
   )
   return forward(
     *backward_args[:6],

@@ -1,12 +1,11 @@
 """What the kernels share about their arguments: zero padding to block sizes, the compute dtype, and plain arrays
-in place of the lazy `Columns`, `NegativeExp` and `ProjectedDelta` arguments."""
+in place of the lazy `Columns` and `NegativeExp` arguments."""
 
 import jax
 import jax.numpy as jnp
 
 from kernels.selective_scan.columns import Columns
 from kernels.selective_scan.negative_exp import NegativeExp
-from kernels.selective_scan.projected_delta import ProjectedDelta
 
 
 def pad_to(x: jax.Array, axis: int, size: int) -> jax.Array:
@@ -24,7 +23,7 @@ def compute_dtype(*arrays) -> jnp.dtype:
 
 
 def plain(args: tuple, *, windows: bool = True) -> tuple:
-  """`args` with `Columns` windows sliced and a `ProjectedDelta` projected (unless not `windows`: for a kernel that
-  reads them as they are) and a `NegativeExp` computed, for code that takes plain arrays."""
-  kinds = Columns | ProjectedDelta | NegativeExp if windows else NegativeExp
+  """`args` with `Columns` windows sliced (unless not `windows`: for a kernel that reads them in place) and a
+  `NegativeExp` computed, for code that takes plain arrays."""
+  kinds = Columns | NegativeExp if windows else NegativeExp
   return tuple(x.value() if isinstance(x, kinds) else x for x in args)

@@ -76,7 +76,6 @@ from kernels.selective_scan import mosaic_gpu, ptx
 from kernels.selective_scan.columns import Columns
 from kernels.selective_scan.negative_exp import NegativeExp
 from kernels.selective_scan.padding import compute_dtype, pad_to, plain
-from kernels.selective_scan.projected_delta import ProjectedDelta
 from kernels.selective_scan.softplus import silu_grad, softplus, softplus_grad
 
 # Chosen with experiments/benchmarks/scan_tune.py on an H100 (bf16; scan_tune_h100.json and, with the loads
@@ -785,7 +784,6 @@ def _read_in_place(B, C, state: int) -> tuple[int | None, int | None]:
 def _padded(plan: _Plan, u, delta, A, B, C, D, bias, z) -> tuple:
   """The arguments with channels and state padded for the kernels (z dropped when absent); B and C as
   `plan.columns` reads them."""
-  delta = delta.value() if isinstance(delta, ProjectedDelta) else delta
   u, delta, z = (None if x is None else pad_to(x, 2, plan.channels) for x in (u, delta, z))
   B, C = (
     x.array if column is not None else pad_to(x.value() if isinstance(x, Columns) else x, 2, plan.state)
@@ -1049,14 +1047,12 @@ def _with_defaults(args: tuple, dtype) -> tuple:
 
 def _cropped(grads: tuple, args: tuple) -> tuple:
   """The gradients (u, delta, A, B, C, D, delta_bias) of `args` (unpadded, as given) without channel and state
-  padding; a `Columns` window's as the whole array's, a `NegativeExp`'s as its log's, a `ProjectedDelta`'s as its
-  steps' and weight's."""
+  padding; a `Columns` window's as the whole array's, a `NegativeExp`'s as its log's."""
   du, ddelta, dA, dB, dC, dD, dbias = grads
-  delta, A = args[1:3]
+  A = args[2]
   channels, state = A.shape
-  dA, ddelta = dA[:channels, :state], ddelta[..., :channels]
-  ddelta = delta.cotangent(ddelta) if isinstance(delta, ProjectedDelta) else ddelta
-  by_channel = (du[..., :channels], ddelta, A.cotangent(dA) if isinstance(A, NegativeExp) else dA)
+  dA = dA[:channels, :state]
+  by_channel = (du[..., :channels], ddelta[..., :channels], A.cotangent(dA) if isinstance(A, NegativeExp) else dA)
   dB, dC = (dx[..., :state] for dx in (dB, dC))
   dB, dC = (x.cotangent(dx) if isinstance(x, Columns) else dx for x, dx in zip(args[3:5], (dB, dC)))
   return (*by_channel, dB, dC, dD[:channels], dbias[:channels])

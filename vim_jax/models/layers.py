@@ -156,8 +156,7 @@ dense.defvjp(_dense_fwd, _dense_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def step_projections(u_f: jax.Array, u_b: jax.Array, packed: jax.Array, rank: int, interpret: bool):
-  """Both directions' x_proj and dt_proj: ((projected, delta) forward, (projected, delta) backward), x_proj alone
-  (delta None) if `rank` is 0.
+  """Both directions' x_proj and dt_proj: ((projected, delta) forward, (projected, delta) backward).
 
   The forward is `kernels.step_projections` (one Pallas GPU launch for the four matmuls); the backward is
   XLA's matmuls, the transposes of `step_projections.reference`, with weight gradients as `weight_gradient`'s."""
@@ -176,15 +175,15 @@ def _step_projections_bwd(rank, interpret, residuals, cotangents):
   grads = []
   for u, weights, projected, (d_projected, d_delta) in zip(us, packed, (projected_f, projected_b), cotangents):
     x_proj, dt_proj_t = weights[:, :width], weights[:, width:]
-    if rank:  # dt_proj's share
-      d_low = jnp.dot(d_delta, dt_proj_t, out_sharding=_sharded_like(projected))
-      d_projected = jnp.concatenate(
-        [d_projected[..., :rank] + d_low.astype(d_projected.dtype), d_projected[..., rank:]], -1
-      )
+    d_low = jnp.dot(d_delta, dt_proj_t, out_sharding=_sharded_like(projected))
+    d_projected = jnp.concatenate(
+      [d_projected[..., :rank] + d_low.astype(d_projected.dtype), d_projected[..., rank:]], -1
+    )
     d_u = jnp.dot(d_projected, x_proj.T, out_sharding=_sharded_like(u))
-    d_weights = [weight_gradient(u, d_projected, None)]
-    d_weights += [weight_gradient(d_delta, projected[..., :rank], None)] if rank else []
-    grads.append((d_u.astype(u.dtype), jnp.concatenate(d_weights, axis=1).astype(packed.dtype)))
+    d_weights = jnp.concatenate(
+      [weight_gradient(u, d_projected, None), weight_gradient(d_delta, projected[..., :rank], None)], axis=1
+    )
+    grads.append((d_u.astype(u.dtype), d_weights.astype(packed.dtype)))
   (d_uf, d_wf), (d_ub, d_wb) = grads
   return d_uf, d_ub, _resharded_like(jnp.stack([d_wf, d_wb]), packed)
 

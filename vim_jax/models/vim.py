@@ -15,16 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kernels import (
-  Columns,
-  Direction,
-  NegativeExp,
-  ProjectedDelta,
-  conv_silu,
-  conv_silu_bidirectional,
-  projects_delta,
-  selective_scan_bidirectional,
-)
+from kernels import Columns, Direction, NegativeExp, conv_silu, conv_silu_bidirectional, selective_scan_bidirectional
 from kernels import step_projections as projections_kernel
 from vim_jax.models import layers
 
@@ -218,10 +209,8 @@ class BiMambaMixer(nnx.Module):
     out_bound = 1.0 / math.sqrt(e * cfg.depth)
     self.out_proj = _linear(cfg, e, d, use_bias=False, kernel_init=layers.uniform_symmetric(out_bound), rngs=rngs)
 
-  def _projections(self, u_f: jax.Array, u_b: jax.Array) -> list[tuple[jax.Array, jax.Array | ProjectedDelta]]:
-    """Each direction's (projected, delta): x_proj's output (the step, B and C) and dt_proj's (the step size), or
-    delta as a `ProjectedDelta` where the scan projects the step itself (`projects_delta`: the GPU kernel's
-    one-pass forward, which then reads 16 columns per position instead of a channels-wide delta).
+  def _projections(self, u_f: jax.Array, u_b: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
+    """Each direction's (projected, delta): x_proj's output (the step, B and C) and dt_proj's (the step size).
 
     The step's rank is zero-padded to a multiple of d_state, or of 8 if larger (Vim-Ti's 12 and Vim-S's 24 to
     16 and 32: x_proj's output gets zero columns after the step's, dt_proj's kernel zero rows), which changes
@@ -239,37 +228,20 @@ class BiMambaMixer(nnx.Module):
       kernel = x_proj.kernel[...].astype(dtype)
       return jnp.concatenate([jnp.pad(kernel[:, :r], ((0, 0), (0, rank - r))), kernel[:, r:]], axis=1)
 
-    in_scan = self._delta_in_scan(u_f.shape[1])
-    dt_proj_t = [jnp.pad(dt.kernel[...].T.astype(dtype), ((0, 0), (0, rank - r))) for _, dt in directions]
-
-    def lazy(outs):  # delta left to the scan
-      return [(p, ProjectedDelta(Columns(p, 0, rank), t)) for (p, _), t in zip(outs, dt_proj_t, strict=True)]
-
     kernels = conv_silu.uses_kernels(_CONV_IMPLS.get(cfg.scan_impl, "xla"), cfg.scan_interpret)
     if kernels and projections_kernel.supported(e, rank + 2 * n, rank, dtype):
       with jax.named_scope("step_projections"):  # per direction [x_proj | dt_projᵀ], the step's rank padded
-        weights = [x_proj_kernel(x) for x, _ in directions]
-        if in_scan:  # x_proj alone
-          packed = jnp.stack(weights)
-          return lazy(layers.step_projections(u_f.astype(dtype), u_b.astype(dtype), packed, 0, cfg.scan_interpret))
-        packed = jnp.stack([jnp.concatenate([w, t], 1) for w, t in zip(weights, dt_proj_t)])
+        dt_proj_t = [jnp.pad(dt.kernel[...].T.astype(dtype), ((0, 0), (0, rank - r))) for _, dt in directions]
+        packed = jnp.stack([jnp.concatenate([x_proj_kernel(x), t], 1) for (x, _), t in zip(directions, dt_proj_t)])
         return layers.step_projections(u_f.astype(dtype), u_b.astype(dtype), packed, rank, cfg.scan_interpret)
     outs = []
     for u, (x_proj, dt_proj), name in zip((u_f, u_b), directions, ("forward", "backward")):
       with jax.named_scope(f"{name}/x_proj"):
         projected = layers.dense(u.astype(dtype), x_proj_kernel(x_proj), cfg.matmul_precision)
-      if in_scan:
-        outs.append((projected, None))
-        continue
       with jax.named_scope(f"{name}/dt_proj"):  # its bias goes to the scan
         kernel = jnp.pad(dt_proj.kernel[...].astype(dtype), ((0, rank - r + 2 * n), (0, 0)))
         outs.append((projected, layers.dense(projected, kernel, cfg.matmul_precision)))
-    return lazy(outs) if in_scan else outs
-
-  def _delta_in_scan(self, length: int) -> bool:
-    """Whether the scan makes the step sizes itself (`projects_delta`)."""
-    cfg = self.cfg
-    return projects_delta(length, cfg.d_inner, cfg.d_state, cfg.dtype, impl=cfg.scan_impl, interpret=cfg.scan_interpret)
+    return outs
 
   def _direction(self, u, projected, delta, A_log, D, dt_proj) -> Direction:
     """One direction's scan arguments: B and C are windows of x_proj's output (`_projections`), A = -exp(A_log)
