@@ -32,7 +32,9 @@ and `unroll` 8 walks positions in groups of 8: both directions 1.38 ms, Vim-Ti's
 position: both directions 1.28 ms against 1.35, Vim-Ti 45.5 against 47.4 ms (H200, thirty-sixth session). B and C
 are read where x_proj wrote them (`Columns`, no slice). `scatter_sums` cuts y's shuffles from 8 to 3 per 4
 positions and its stores from 4 wavefronts to 1 (`_store_scattered_sums`): both directions 1.287 ms against 1.299,
-Vim-Ti 49.0 against 49.6 ms (1248², batch 32, H100, thirty-seventh session).
+Vim-Ti 49.0 against 49.6 ms (1248², batch 32, H100, thirty-seventh session). With all that, both directions are
+faster than Triton's from 730 positions on (0.64 against 0.70 ms at 224², stride 8, batch 128; 0.91 against 1.58 at
+736², batch 64; H100, thirty-eighth session), where `fits` now lets it run.
 
 Mosaic GPU needs sm_90 (Hopper) and its API still moves: this lowers on jax 0.11.2 and 0.12 (tests lower it for
 CUDA on CPU and run its math in interpret mode, which reads blocks from HBM in place (`staged=False`) because it
@@ -729,13 +731,18 @@ OPTIONS = dict(
 )
 # A single direction (`pallas_gpu.scan` without gradients) runs the same kernel with y beside its inputs.
 SINGLE_OPTIONS = {k: v for k, v in OPTIONS.items() if k != "in_place"}
-FITS_LENGTH = 4096
+# From 730 positions (224², stride 8) on. Vim-Ti's forward, bf16, H100 (fits_length_ab.py, against 4096, thirty-eighth
+# session): 28.33 -> 28.02 ms at 224², stride 8, batch 128; 52.02 -> 39.85 at 736², batch 64 (2,117 positions);
+# 38.62 -> 38.90 at 512², batch 128 (1,025), 0.7% slower; and 25-29% less temporary memory at all three (the
+# first direction's y written over its delta). At 224² (197 positions) the kernel is 15% slower than Triton's.
+FITS_LENGTH = 730
 # (sequence, channel block) programs that fill an H100 or H200: Vim-Ti at 1024² and 1248², batch 32, has 384.
 FITS_PROGRAMS = 384
 
 
 def fits(batch: int, length: int, channels: int, state: int, dtype, compute_capability: str | None) -> bool:
-  """Whether `bidirectional` with OPTIONS is the measured faster forward for these shapes on this GPU."""
+  """Whether `bidirectional` with OPTIONS is the measured faster forward for these shapes on this GPU (or within 1%,
+  with a quarter less memory: FITS_LENGTH's comment)."""
   block_d = OPTIONS["block_d"]
   return (
     compute_capability == "9.0"
