@@ -731,10 +731,10 @@ OPTIONS = dict(
 )
 # A single direction (`pallas_gpu.scan` without gradients) runs the same kernel with y beside its inputs.
 SINGLE_OPTIONS = {k: v for k, v in OPTIONS.items() if k != "in_place"}
-# From 730 positions (224², stride 8) on. Vim-Ti's forward, bf16, H100 (fits_length_ab.py, against 4096, thirty-eighth
-# session): 28.33 -> 28.02 ms at 224², stride 8, batch 128; 52.02 -> 39.85 at 736², batch 64 (2,117 positions);
-# 38.62 -> 38.90 at 512², batch 128 (1,025), 0.7% slower; and 25-29% less temporary memory at all three (the
-# first direction's y written over its delta). At 224² (197 positions) the kernel is 15% slower than Triton's.
+# From 730 positions (224², stride 8) on. Vim-Ti's forward, bf16, scanned layers, H100 (fits_length_ab.py, against
+# 4096, thirty-eighth session): 28.33 -> 28.02 ms at 224², stride 8, batch 128; 52.02 -> 39.85 at 736², batch 64
+# (2,117 positions); 38.62 -> 38.90 at 512², batch 128 (1,025), 0.7% slower; 25-29% less temporary memory at all
+# three. At 224² (197 positions) the kernel is 15% slower than Triton's.
 FITS_LENGTH = 730
 # (sequence, channel block) programs that fill an H100 or H200: Vim-Ti at 1024² and 1248², batch 32, has 384.
 FITS_PROGRAMS = 384
