@@ -102,7 +102,9 @@ def test_every_layer_matches_official_activations(vim_ref):
     hidden = block.mixer(jnp.asarray(act[f"layer{i}_mixer_in"]))
     assert_rel_close(hidden, act[f"layer{i}_hidden"], 1e-5, f"layer{i} mixer")
     following = act[f"layer{i + 1}_residual"] if i + 1 < len(model.layers) else act["final_sum"]
-    assert_rel_close(block(residual), following, 1e-5, f"layer{i} block")
+    total, out = block((residual, jnp.zeros_like(residual)))
+    chex.assert_trees_all_equal(total, residual)  # adding the zeros of no earlier mixer
+    assert_rel_close(total + out, following, 1e-5, f"layer{i} block")
   assert_rel_close(model.norm_f(jnp.asarray(act["final_sum"])), act["final_norm"], 1e-5, "norm_f")
   assert_rel_close(model.forward_features(images), act["features"], 1e-5, "features")
   assert_rel_close(model.forward_tokens(images), act["final_norm"], 1e-5, "tokens")
@@ -415,6 +417,15 @@ class TestDropPath:
     assert np.all(per_sample == per_sample[:, :1])  # the whole sample is kept or dropped
     assert set(np.unique(per_sample)) == {0.0, np.float32(1 / 0.7)}
     assert abs((per_sample[:, 0] == 0).mean() - 0.3) < 0.03
+
+  def test_bf16_is_divided_in_float32_then_rounded(self):
+    """As PyTorch's `x.div(keep_prob)` of a bf16 tensor: keep is not rounded to bf16 first (0.7 would become
+    0.69921875)."""
+    x = jnp.full((64, 3), 1.046875, jnp.bfloat16)
+    out = layers.drop_path(x, 0.3, nnx.Rngs(dropout=0))
+    assert out.dtype == jnp.bfloat16
+    assert set(np.unique(np.asarray(out, np.float32))) == {0.0, 1.4921875}  # 1.046875 / 0.7 = 1.4955, rounded
+    assert float(x[0, 0] / jnp.asarray(0.7, jnp.bfloat16)) == 1.5  # not this, from keep rounded first
 
   def test_traced_rate_of_zero_is_exact_identity(self):
     x = jax.random.normal(jax.random.key(0), (8, 3, 2))

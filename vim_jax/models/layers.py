@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kernels import conv_silu
+from kernels import add_norm, conv_silu
 from kernels import step_projections as projections_kernel
 
 Initializer = nnx.Initializer
@@ -90,9 +90,20 @@ class RMSNorm(nnx.Module):
     self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
 
   def __call__(self, x: jax.Array, dtype=None) -> jax.Array:
-    x32 = x.astype(jnp.float32)
-    rstd = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-    return (x32 * rstd * self.weight[...]).astype(dtype or x.dtype)
+    return add_norm.rms_norm(x, self.weight[...], self.eps, dtype)
+
+  def add(
+    self, residual: jax.Array, hidden: jax.Array, *, dtype, kernel: bool, interpret: bool = False
+  ) -> tuple[jax.Array, jax.Array]:
+    """(residual + hidden in float32, its norm in `dtype`): mamba_ssm's fused add + norm between blocks. With
+    `kernel`, `kernels.add_norm`'s one pass; in XLA the sum is `materialized` before the norm reads it."""
+    if kernel:
+      weight = self.weight[...]
+      return add_norm.add_norm(
+        residual, hidden, weight, eps=self.eps, dtype=dtype, impl="pallas_gpu", interpret=interpret
+      )
+    total = materialized(residual + hidden.astype(jnp.float32))
+    return total, self(total, dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -236,13 +247,14 @@ def drop_path(x: jax.Array, rate: float | jax.Array, rngs: nnx.Rngs | None) -> j
   """Stochastic depth (timm `DropPath`): drop whole samples with prob `rate`, rescale by 1/keep.
 
   Deterministic (identity) when `rngs` is None or a static rate is 0. A traced rate (the layer scan's)
-  of 0 keeps every sample (uniform draws are < 1) and divides by 1: an exact identity too.
+  of 0 keeps every sample (uniform draws are < 1) and divides by 1: an exact identity too. The division is
+  in float32 and rounded to x's dtype, as PyTorch's `x.div(keep_prob)` of a bf16 tensor under autocast.
   """
   if rngs is None or (isinstance(rate, (int, float)) and rate == 0.0):
     return x
   keep = 1.0 - rate
   mask = jax.random.bernoulli(rngs.dropout(), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-  return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
+  return jnp.where(mask, (x.astype(jnp.float32) / keep).astype(x.dtype), jnp.zeros_like(x))
 
 
 def drop_path_rates(rate: float, depth: int) -> tuple[float, ...]:
@@ -269,14 +281,15 @@ materialized.defjvp(lambda primals, tangents: (primals[0], tangents[0]))
 
 def apply_blocks(
   blocks: Sequence[nnx.Module],
-  x: jax.Array,
+  x: jax.Array | tuple[jax.Array, ...],
   rngs: nnx.Rngs | None,
   *,
   rates: Sequence[float],
   scan: bool,
   remat: bool,
-) -> jax.Array:
-  """x through `blocks` in order, each called as `block(x)` or `block(x, drop_rate=rate, rngs=rngs)`.
+) -> jax.Array | tuple[jax.Array, ...]:
+  """x through `blocks` in order, each called as `block(x)` or `block(x, drop_rate=rate, rngs=rngs)`; x is an
+  array or a tuple of them (Vim's residual stream and the last mixer's output), which every block returns alike.
 
   `scan=True` stacks the blocks' states at call time and runs one `lax.scan` over them: the block is
   traced and compiled once instead of once per layer (an unrolled Vim-Ti compiles 24 copies of every
@@ -316,14 +329,14 @@ def apply_blocks(
   return x
 
 
-def _sharded_like_output(body, x: jax.Array, xs) -> jax.Array:
+def _sharded_like_output(body, x, xs):
   """x resharded as the scan body returns it. Under explicit mesh axes a block may change the sharding
   of its input (the kernels' shard_map splits the batch), where the scan's carry must keep one type."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types:
     return x
   out, _ = jax.eval_shape(lambda x, xs: body(x, jax.tree.map(lambda a: a[0], xs)), x, xs)
-  return jax.sharding.reshard(x, out.sharding.spec)
+  return jax.tree.map(lambda a, o: jax.sharding.reshard(a, o.sharding.spec), x, out)
 
 
 def _stack_states(blocks: Sequence[nnx.Module]) -> tuple[nnx.GraphDef, nnx.State]:

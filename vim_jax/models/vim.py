@@ -15,7 +15,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kernels import Columns, Direction, NegativeExp, conv_silu, conv_silu_bidirectional, selective_scan_bidirectional
+from kernels import (
+  Columns,
+  Direction,
+  NegativeExp,
+  add_norm,
+  conv_silu,
+  conv_silu_bidirectional,
+  selective_scan_bidirectional,
+)
 from kernels import step_projections as projections_kernel
 from vim_jax.models import layers
 
@@ -59,8 +67,9 @@ class ModelConfig:
   # Numerics and kernels.
   dtype: str = "float32"  # compute dtype of matmuls and activations; "bfloat16" on accelerators
   matmul_precision: str | None = None  # e.g. "highest" to avoid TF32 in float32 on GPUs
-  # See kernels.selective_scan; None = by backend. The conv + SiLU and (bf16) x_proj and dt_proj follow it:
-  # their Pallas GPU kernels where the scan's are ("pallas_gpu", "pallas", None on GPU), XLA otherwise.
+  # See kernels.selective_scan; None = by backend. The conv + SiLU, (bf16) x_proj and dt_proj and the blocks'
+  # add + norm follow it: their Pallas GPU kernels where the scan's are ("pallas_gpu", "pallas", None on GPU), XLA
+  # otherwise.
   scan_impl: str | None = None
   scan_interpret: bool = False  # Pallas interpret mode (CPU testing of GPU/TPU kernels)
   remat: bool = False  # recompute each block in the backward pass (memory for long sequences)
@@ -285,27 +294,43 @@ class BiMambaMixer(nnx.Module):
 
 
 class Block(nnx.Module):
-  """RMSNorm -> mixer, added to the float32 residual stream through drop path.
+  """Add -> RMSNorm -> mixer, as the official Block: the previous mixer's output joins the float32 residual stream
+  at the block's start, in one pass with the norm (`RMSNorm.add`, mamba_ssm's fused add + norm).
 
-  The official Block adds the *previous* mixer output at its start ("Add -> Norm -> Mixer"); adding
-  each mixer's output right after it with that mixer's drop rate is the same computation.
+  The stream between blocks is (residual, hidden): the residual before `hidden`, the last mixer's output in the
+  compute dtype, is added. Drop path scales each mixer's output with that mixer's rate before it is passed on
+  (the official code applies block i's rate to the incoming output of mixer i - 1 with a shifted rate list:
+  the same computation, vim_spec.md §1.4).
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.norm = layers.RMSNorm(cfg.embed_dim, eps=cfg.norm_eps)
     self.mixer = BiMambaMixer(cfg, rngs=rngs)
     self.dtype = jnp.dtype(cfg.dtype)
+    self.add_norm_kernel = uses_add_norm_kernel(cfg)
+    self.interpret = cfg.scan_interpret
 
   def __call__(
-    self, residual: jax.Array, *, drop_rate: float | jax.Array = 0.0, rngs: nnx.Rngs | None = None
-  ) -> jax.Array:
-    """`drop_rate` is an argument, not an attribute, so that all blocks share one structure (layer scan)."""
-    with jax.named_scope("norm"):
-      residual = layers.materialized(residual)
-      normed = self.norm(residual, dtype=self.dtype)
-    hidden = self.mixer(normed)
-    with jax.named_scope("residual"):
-      return residual + layers.drop_path(hidden.astype(jnp.float32), drop_rate, rngs)
+    self,
+    stream: tuple[jax.Array, jax.Array],
+    *,
+    drop_rate: float | jax.Array = 0.0,
+    rngs: nnx.Rngs | None = None,
+  ) -> tuple[jax.Array, jax.Array]:
+    """(residual + hidden, this mixer's output). `drop_rate` is an argument, not an attribute, so that all
+    blocks share one structure (layer scan)."""
+    residual, hidden = stream
+    with jax.named_scope("add_norm"):
+      residual, normed = self.norm.add(
+        residual, hidden, dtype=self.dtype, kernel=self.add_norm_kernel, interpret=self.interpret
+      )
+    return residual, layers.drop_path(self.mixer(normed), drop_rate, rngs)
+
+
+def uses_add_norm_kernel(cfg: ModelConfig) -> bool:
+  """Whether the blocks' add + norm runs `kernels.add_norm`'s kernel: where the mixer's other kernels run."""
+  kernels = conv_silu.uses_kernels(_CONV_IMPLS.get(cfg.scan_impl, "xla"), cfg.scan_interpret)
+  return kernels and add_norm.supported(cfg.embed_dim)
 
 
 class VisionMamba(nnx.Module):
@@ -348,24 +373,29 @@ class VisionMamba(nnx.Module):
     x = jnp.concatenate([x[:, :i], cls, x[:, i:]], axis=1)
     return x + self.pos_embed[...]
 
-  def _residual(self, images: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
-    """The residual stream after the last block (float32)."""
+  def _stream(self, images: jax.Array, rngs: nnx.Rngs | None) -> tuple[jax.Array, jax.Array]:
+    """(residual, hidden) after the last block: the float32 residual stream before the last mixer's output is
+    added. The first block adds zeros."""
     cfg = self.cfg
+    x = self.embed(images)
+    stream = (x, jnp.zeros_like(x, dtype=cfg.dtype))
     return layers.apply_blocks(
-      self.layers, self.embed(images), rngs, rates=self.drop_path_rates, scan=cfg.scan_layers, remat=cfg.remat
+      self.layers, stream, rngs, rates=self.drop_path_rates, scan=cfg.scan_layers, remat=cfg.remat
     )
 
   def forward_tokens(self, images: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
     """The final-normed token sequence (batch, length, dim), cls included: the dense-prediction output."""
-    return self.norm_f(self._residual(images, rngs))
+    residual, hidden = self._stream(images, rngs)
+    return self.norm_f.add(
+      residual, hidden, dtype=jnp.float32, kernel=uses_add_norm_kernel(self.cfg), interpret=self.cfg.scan_interpret
+    )[1]
 
   def forward_features(self, images: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
-    """The pre-head feature (batch, dim): the final cls token.
-
-    The last residual is materialised whole before the cls token is taken (`layers.materialized`), as every
-    block's input is: otherwise XLA moves the slice up through the residual adds."""
-    residual = layers.materialized(self._residual(images, rngs))
-    return self.norm_f(residual[:, self.cfg.cls_index])
+    """The pre-head feature (batch, dim): the final cls token. Only its row of the last sum is computed (every
+    earlier sum is written whole by the blocks)."""
+    residual, hidden = self._stream(images, rngs)
+    i = self.cfg.cls_index
+    return self.norm_f(residual[:, i] + hidden[:, i].astype(jnp.float32))
 
   def __call__(self, images: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
     """Logits (batch, num_classes) in float32; drop path is active only when `rngs` is given."""

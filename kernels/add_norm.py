@@ -1,0 +1,176 @@
+"""Vim's residual add and the next block's RMSNorm in one pass, in XLA or as a Pallas GPU kernel.
+
+Between two Vim blocks the float32 residual stream takes the mixer's output and is normed for the next mixer
+(mamba_ssm's fused add + norm): r' = r + h, y = r' / sqrt(mean(r'²) + eps) · w. XLA runs that as two kernels,
+a loop fusion for the add and a Triton normalization fusion for the norm (it gives a Triton fusion one output
+only), and the norm reads r' back: per element, 4 + 2 bytes in and 4 out for the add, 4 in and 2 out for the norm.
+The kernel reads r and h once and writes r' (over r) and y: 10 of those 16 bytes per element.
+Pallas on Triton, as the scan's other kernels (`selective_scan.pallas_gpu` says why).
+
+One program per block of `BLOCK_ROWS` rows, the row in power-of-two pieces (Triton's blocks are powers of two:
+Vim-Ti's 192 is 128 + 64); rows past the end are masked, since r' is written over r (no overlapping block may
+read a row twice).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+from jax.sharding import PartitionSpec as P
+
+IMPLS = ("xla", "pallas_gpu", "pallas", None)
+# H100 (add_norm_tune_h100.json): at 1248², batch 32, Vim-Ti, XLA's two kernels take 0.211 ms, this one 0.164 with
+# 16 rows and 8 warps (2.7 TB/s), 0.164-0.174 with 32 or 64 rows and 4 or 8 warps; at 224², batch 128, 0.035 and 0.035.
+BLOCK_ROWS = 16
+NUM_WARPS = 8
+SMALLEST_PIECE = 16  # the narrowest power-of-two piece of a row a Triton block takes
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, dtype=None) -> jax.Array:
+  """x / sqrt(mean(x²) + eps) · weight in float32, cast to `dtype` (x's by default): mamba_ssm's `rms_norm_ref`."""
+  x32 = x.astype(jnp.float32)
+  rstd = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+  return (x32 * rstd * weight).astype(dtype or x.dtype)
+
+
+def reference(residual: jax.Array, hidden: jax.Array, weight: jax.Array, eps: float, dtype) -> tuple[jax.Array, ...]:
+  """(residual + hidden in float32, its RMSNorm in `dtype`): what the kernel computes, in XLA."""
+  total = residual + hidden.astype(jnp.float32)
+  return total, rms_norm(total, weight, eps, dtype)
+
+
+def supported(dim: int) -> bool:
+  """Whether the kernel takes rows of `dim` features: whole pieces of `SMALLEST_PIECE` (Vim's 192, 384, 768)."""
+  return dim % SMALLEST_PIECE == 0
+
+
+def add_norm(
+  residual: jax.Array,
+  hidden: jax.Array,
+  weight: jax.Array,
+  *,
+  eps: float,
+  dtype,
+  impl: str | None = None,
+  interpret: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+  """(r', y): `reference`, differentiable, with r' written over `residual` where the kernel runs.
+
+  Args:
+    residual: (..., dim) float32, the residual stream.
+    hidden: residual's shape, any float dtype (a mixer's output).
+    weight: (dim,) the norm's weight.
+    eps: the norm's epsilon.
+    dtype: y's dtype (the next matmuls').
+    impl: "xla"; "pallas_gpu" (the kernel, on GPUs or with `interpret`); "pallas" (the kernel on GPU, or on CPU
+      with `interpret`; XLA elsewhere); None: the kernel on GPU where `supported`, XLA elsewhere. Under a mesh
+      the kernel runs per device (`shard_map`), the rows split over every mesh axis along the first dimension.
+    interpret: Pallas interpret mode (CPU tests).
+  """
+  dim = residual.shape[-1]
+  if residual.dtype != jnp.float32:
+    raise ValueError(f"add_norm: `residual` must be float32 (the residual stream), got {residual.dtype}")
+  if hidden.shape != residual.shape:
+    raise ValueError(f"add_norm: `hidden` must have residual's shape {residual.shape}, got {hidden.shape}")
+  if weight.shape != (dim,):
+    raise ValueError(f"add_norm: `weight` must be ({dim},), got {weight.shape}")
+  if not _uses_kernel(impl, interpret, dim):
+    return reference(residual, hidden, weight, eps, dtype)
+  fn = functools.partial(_fused, eps=eps, dtype=jnp.dtype(dtype), interpret=interpret)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return fn(residual, hidden, weight)
+  rows = P(mesh.axis_names)
+  if jax.sharding.AxisType.Explicit in mesh.axis_types:
+    residual, hidden, weight = (
+      jax.sharding.reshard(a, s) for a, s in ((residual, rows), (hidden, rows), (weight, P()))
+    )
+  return jax.shard_map(fn, in_specs=(rows, rows, P()), out_specs=(rows, rows), check_vma=False)(
+    residual, hidden, weight
+  )
+
+
+def _uses_kernel(impl: str | None, interpret: bool, dim: int) -> bool:
+  if impl not in IMPLS:
+    raise ValueError(f"add_norm: unknown impl {impl!r}; valid impls: {IMPLS}")
+  backend = jax.default_backend()
+  if impl == "pallas_gpu" and not supported(dim):
+    raise ValueError(
+      f"add_norm: impl 'pallas_gpu' needs a feature dim that is a multiple of {SMALLEST_PIECE}, got {dim}"
+    )
+  if impl in ("pallas", None):
+    kernel = backend == "gpu" or (impl == "pallas" and backend == "cpu" and interpret)
+    return kernel and supported(dim)
+  return impl == "pallas_gpu"
+
+
+def _pieces(dim: int) -> list[tuple[int, int]]:
+  """(start, width) of the power-of-two pieces of a row, widest first: 192 → (0, 128), (128, 64)."""
+  widths = [1 << bit for bit in reversed(range(dim.bit_length())) if dim & (1 << bit)]
+  starts = [sum(widths[:i]) for i in range(len(widths))]
+  return list(zip(starts, widths))
+
+
+def _kernel(r_ref, h_ref, w_ref, r_out_ref, y_ref, *, rows: int, eps: float):
+  """One block of `BLOCK_ROWS` rows: r' and y, rows past `rows` masked. r_out_ref is r_ref's buffer (aliased)."""
+  dim = r_ref.shape[1]
+  start = pl.program_id(0) * BLOCK_ROWS
+  block = pl.ds(start, BLOCK_ROWS)
+  inside = (start + jax.lax.broadcasted_iota(jnp.int32, (BLOCK_ROWS, 1), 0)) < rows
+  totals = []
+  for column, width in _pieces(dim):
+    mask = jnp.broadcast_to(inside, (BLOCK_ROWS, width))
+    at = (block, pl.ds(column, width))
+    total = plgpu.load(r_ref.at[at], mask=mask, other=0.0) + plgpu.load(h_ref.at[at], mask=mask, other=0).astype(
+      jnp.float32
+    )
+    plgpu.store(r_out_ref.at[at], total, mask=mask)
+    totals.append(total)
+  squares = sum(jnp.sum(total * total, axis=1, keepdims=True) for total in totals)
+  rstd = jax.lax.rsqrt(squares / dim + eps)
+  for (column, width), total in zip(_pieces(dim), totals, strict=True):
+    mask = jnp.broadcast_to(inside, (BLOCK_ROWS, width))
+    y = total * rstd * w_ref[pl.ds(column, width)].astype(jnp.float32)[None, :]
+    plgpu.store(y_ref.at[block, pl.ds(column, width)], y.astype(y_ref.dtype), mask=mask)
+
+
+def _call(residual, hidden, weight, *, eps: float, dtype, interpret: bool):
+  shape, dim = residual.shape, residual.shape[-1]
+  rows = residual.size // dim
+  total, normed = pl.pallas_call(
+    functools.partial(_kernel, rows=rows, eps=eps),
+    grid=(pl.cdiv(rows, BLOCK_ROWS),),
+    out_shape=[jax.ShapeDtypeStruct((rows, dim), jnp.float32), jax.ShapeDtypeStruct((rows, dim), dtype)],
+    input_output_aliases={0: 0},
+    interpret=interpret,
+    compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
+    name="add_norm",
+  )(residual.reshape(rows, dim), hidden.reshape(rows, dim), weight)
+  return total.reshape(shape), normed.reshape(shape)
+
+
+def _fused(residual, hidden, weight, *, eps: float, dtype, interpret: bool):
+  """The kernel, bound with `jax.custom_vjp`: the backward is XLA's, the norm's VJP at r' (kept) plus r''s own
+  cotangent, which is also hidden's."""
+  hidden_dtype = hidden.dtype
+
+  @jax.custom_vjp
+  def run(residual, hidden, weight):
+    return _call(residual, hidden, weight, eps=eps, dtype=dtype, interpret=interpret)
+
+  def run_fwd(residual, hidden, weight):
+    total, normed = run(residual, hidden, weight)
+    return (total, normed), (total, weight)
+
+  def run_bwd(saved, cotangents):
+    total, weight = saved
+    d_total, d_normed = cotangents
+    _, norm_vjp = jax.vjp(lambda x, w: rms_norm(x, w, eps, dtype), total, weight)
+    d_from_norm, d_weight = norm_vjp(d_normed)
+    d_residual = d_total + d_from_norm
+    return d_residual, d_residual.astype(hidden_dtype), d_weight
+
+  run.defvjp(run_fwd, run_bwd)
+  return run(residual, hidden, weight)

@@ -1,0 +1,125 @@
+"""The residual add + RMSNorm kernel (interpret mode) against XLA, forward and gradients."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels import add_norm
+
+EPS = 1e-5
+
+
+def _inputs(rng, shape, hidden_dtype=jnp.bfloat16):
+  residual = jnp.asarray(rng.standard_normal(shape) * 3, jnp.float32)
+  hidden = jnp.asarray(rng.standard_normal(shape), hidden_dtype)
+  weight = jnp.asarray(1 + 0.1 * rng.standard_normal(shape[-1]), jnp.float32)
+  return residual, hidden, weight
+
+
+def _kernel(dtype, impl="pallas_gpu"):
+  return jax.jit(lambda r, h, w: add_norm.add_norm(r, h, w, eps=EPS, dtype=dtype, impl=impl, interpret=True))
+
+
+@pytest.mark.parametrize(
+  "shape, hidden_dtype, dtype",
+  [
+    ((2, 37, 192), jnp.bfloat16, jnp.bfloat16),  # Vim-Ti's row (128 + 64); 74 rows: the last block masked
+    ((1, 5, 48), jnp.float32, jnp.float32),  # fewer rows than a block; 32 + 16
+    ((3, 32, 384), jnp.bfloat16, jnp.float32),  # whole blocks; Vim-S's row (256 + 128)
+  ],
+)
+def test_kernel_equals_xla(shape, hidden_dtype, dtype):
+  residual, hidden, weight = _inputs(np.random.default_rng(shape[1]), shape, hidden_dtype)
+  total, normed = _kernel(dtype)(residual, hidden, weight)
+  want_total, want_normed = add_norm.reference(residual, hidden, weight, EPS, dtype)
+  assert total.dtype == jnp.float32 and normed.dtype == dtype and normed.shape == shape
+  np.testing.assert_array_equal(total, want_total)  # the sum is one rounding either way
+  # The mean of squares sums in another order than XLA's: within one rounding of the output.
+  rtol = 1e-2 if dtype == jnp.bfloat16 else 1e-5
+  np.testing.assert_allclose(np.asarray(normed, np.float32), np.asarray(want_normed, np.float32), rtol=rtol)
+
+
+def test_gradients_equal_autodiff_of_xla():
+  """All three gradients, with cotangents on both outputs (the next block's add and its mixer)."""
+  rng = np.random.default_rng(0)
+  args = _inputs(rng, (2, 19, 48))
+
+  def xla(*args):
+    return add_norm.reference(*args, EPS, jnp.float32)
+
+  def kernel(*args):
+    return add_norm.add_norm(*args, eps=EPS, dtype=jnp.float32, impl="pallas_gpu", interpret=True)
+
+  want_out, want_vjp = jax.vjp(xla, *args)
+  got_out, got_vjp = jax.vjp(kernel, *args)
+  cotangents = tuple(jnp.asarray(rng.standard_normal(y.shape), y.dtype) for y in want_out)
+  for a, b in zip(jax.tree.leaves((got_out, got_vjp(cotangents))), jax.tree.leaves((want_out, want_vjp(cotangents)))):
+    assert a.shape == b.shape and a.dtype == b.dtype
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-5, atol=1e-5)
+
+
+def test_pieces_are_powers_of_two_widest_first():
+  assert add_norm._pieces(192) == [(0, 128), (128, 64)]
+  assert add_norm._pieces(768) == [(0, 512), (512, 256)]
+  assert add_norm._pieces(48) == [(0, 32), (32, 16)]
+
+
+def test_bad_arguments_raise_and_other_widths_use_xla():
+  residual, hidden, weight = _inputs(np.random.default_rng(1), (1, 4, 24))
+  with pytest.raises(ValueError, match="`residual` must be float32"):
+    add_norm.add_norm(residual.astype(jnp.bfloat16), hidden, weight, eps=EPS, dtype=jnp.float32)
+  with pytest.raises(ValueError, match="`hidden` must have residual's shape"):
+    add_norm.add_norm(residual, hidden[:, :2], weight, eps=EPS, dtype=jnp.float32)
+  with pytest.raises(ValueError, match=r"`weight` must be \(24,\)"):
+    add_norm.add_norm(residual, hidden, weight[:8], eps=EPS, dtype=jnp.float32)
+  with pytest.raises(ValueError, match="unknown impl 'triton'"):
+    add_norm.add_norm(residual, hidden, weight, eps=EPS, dtype=jnp.float32, impl="triton")
+  with pytest.raises(ValueError, match="multiple of 16, got 24"):
+    add_norm.add_norm(residual, hidden, weight, eps=EPS, dtype=jnp.float32, impl="pallas_gpu", interpret=True)
+
+  # "pallas" takes XLA's path for a width the kernel does not take, the kernel's for one it takes.
+  def calls_kernel(width):
+    args = (residual[..., :width], hidden[..., :width], weight[:width])
+    return "pallas_call" in str(jax.make_jaxpr(_kernel(jnp.float32, impl="pallas"))(*args))
+
+  assert not calls_kernel(24) and calls_kernel(16)
+
+
+def test_kernel_lowers_for_cuda_at_vim_tiny_shapes():
+  """One Triton kernel at 1248², batch 32, r' written over the residual (aliased: no copy of the stream)."""
+  args = (
+    jax.ShapeDtypeStruct((32, 6085, 192), jnp.float32),
+    jax.ShapeDtypeStruct((32, 6085, 192), jnp.bfloat16),
+    jax.ShapeDtypeStruct((192,), jnp.float32),
+  )
+  h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+  fn = jax.jit(lambda r, h, w: add_norm._fused(r, h, w, eps=EPS, dtype=jnp.bfloat16, interpret=False))
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)):
+    hlo = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert re.findall(r"custom_call @__gpu\$xla\.gpu\.triton\(.*name = \"(\w+)\"", hlo) == ["add_norm"]
+  assert "output_operand_aliases" in hlo
+
+
+@pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
+def test_kernel_runs_per_device_under_a_mesh(axis_type):
+  """Under a mesh the kernel runs per device, the rows split over all 8 devices; the weight's gradient is the
+  sum over every sample."""
+  kind = getattr(jax.sharding.AxisType, axis_type)
+  mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(kind, kind))
+  args = _inputs(np.random.default_rng(3), (8, 9, 32))
+
+  def loss(residual, hidden, weight, impl):
+    total, normed = add_norm.add_norm(residual, hidden, weight, eps=EPS, dtype=jnp.float32, impl=impl, interpret=True)
+    return jnp.sum(jnp.sin(total)) + jnp.sum(jnp.cos(normed))
+
+  grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)), static_argnums=3)
+  expected = grad(*args, "xla")
+  with jax.set_mesh(mesh):
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    got = grad(*(jax.device_put(a, rows) for a in args[:2]), args[2], "pallas_gpu")
+    assert "shard_map" in str(jax.make_jaxpr(loss, static_argnums=3)(*args, "pallas_gpu"))
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-5, atol=1e-5)
