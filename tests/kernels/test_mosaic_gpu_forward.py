@@ -311,6 +311,20 @@ def test_scattered_sums_take_3_shuffles_per_4_positions(reverse, scatter_sums, s
     assert options["unroll"] == 8 and str(loop).count("shfl.sync") == shuffles
 
 
+def test_scattered_sums_add_products_as_contractible():
+  """Each thread's sum of its 4 products C_t h_t may become FMAs: every add in the loop over 8 positions carries
+  LLVM's contract flag, as Mosaic GPU's own arithmetic does, but the 6 that add values exchanged by shuffles."""
+  args = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in forward_inputs(1, 1, 384, jnp.bfloat16)]
+  args = [jax.ShapeDtypeStruct((32, 6085, *x.shape[2:]), x.dtype) if x.ndim == 3 else x for x in args]
+  forward = functools.partial(mosaic_gpu.forward, gated=False, **mosaic_gpu.SINGLE_OPTIONS)
+  (module,) = _kernel_modules(jax.jit(forward).trace(*args).lower(lowering_platforms=("cuda",)))
+  with module.context:
+    (loop,) = [loop for loop in _innermost_loops(module.operation) if "ex2.approx" in str(loop)]
+    adds = [line for line in str(loop).splitlines() if "arith.addf" in line]
+  assert mosaic_gpu.SINGLE_OPTIONS["scatter_sums"] and mosaic_gpu.SINGLE_OPTIONS["unroll"] == 8
+  assert sum("contract" not in add for add in adds) == 6 and len(adds) == 6 + 8 * (1 + 3)  # + h's update, the sums
+
+
 @pytest.mark.parametrize(
   "options", [dict(epilogue=False), dict(layout="half_rows", block_d=64), dict(unroll=2), dict(block_t=32, unroll=12)]
 )
