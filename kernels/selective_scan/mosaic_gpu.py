@@ -39,7 +39,7 @@ session, ncu_mosaic_forward_shipped_1248_b32_h100.md): shared memory no longer b
 does (issue slots 75% busy, most stall samples "selected" or "not selected"), 325 instructions per 8 positions. So
 each thread's sum of its 4 products C_t h_t adds with LLVM's contract flag (`_contracted_add`): one multiply and
 three FMAs instead of four multiplies and three adds, both directions 1.264 ms against 1.289 at 1248², batch 32,
-0.867 against 0.884 at 1024² (H100, scan_mosaic_gpu_contracted_sums_h100.txt).
+0.867 against 0.884 at 1024² (H100, contracted_sums_ab.py, scan_mosaic_gpu_contracted_sums_h100.txt).
 
 Mosaic GPU needs sm_90 (Hopper) and its API still moves: this lowers on jax 0.11.2 and 0.12 (tests lower it for
 CUDA on CPU and run its math in interpret mode, which reads blocks from HBM in place (`staged=False`) because it
