@@ -151,6 +151,9 @@ def _call(residual, hidden, weight, *, eps: float, dtype, interpret: bool):
   return total.reshape(shape), normed.reshape(shape)
 
 
+# Jitted: every block's call shares one traced kernel, lowered once. Module constants (BLOCK_ROWS, NUM_WARPS) are
+# read when it is first traced for a shape: after changing one, `jax.clear_caches()`.
+@functools.partial(jax.jit, static_argnames=("eps", "dtype", "interpret"))
 def _fused(residual, hidden, weight, *, eps: float, dtype, interpret: bool):
   """The kernel, bound with `jax.custom_vjp`: the backward is XLA's, the norm's VJP at r' (kept) plus r''s own
   cotangent, which is also hidden's."""

@@ -200,6 +200,9 @@ def _backward_kernel(x_ref, duf_ref, dub_ref, *refs, length: int, taps: int, blo
   dbb_ref[...] = sum(dpre_b[i] for i in own)
 
 
+# Jitted: every layer's call shares one traced pair of kernels, lowered once. Module constants are read when it is
+# first traced for a shape: after changing one, `jax.clear_caches()`.
+@functools.partial(jax.jit, static_argnames="interpret")
 def fused(x, forward, backward, *, interpret: bool = False):
   """The Pallas path: channels padded to the block, the kernels bound with `jax.custom_vjp`."""
   batch, length, channels = x.shape

@@ -106,6 +106,9 @@ def project(
   )
 
 
+# Jitted: every layer's call shares one traced kernel, lowered once. Module constants (PROGRAMS, BLOCK_ROWS, ...) are
+# read when it is first traced for a shape: after changing one, `jax.clear_caches()`.
+@functools.partial(jax.jit, static_argnames=("rank", "interpret"))
 def _call(u_f, u_b, packed, *, rank: int, interpret: bool):
   batch, length, channels = u_f.shape
   width = packed.shape[2] - rank

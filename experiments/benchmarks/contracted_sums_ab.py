@@ -24,6 +24,7 @@ NAMES = ("u", "delta", "A", "B", "C", "D", "delta_bias")
 def _compiled(add, pair):
   """The jitted bidirectional forward with `add` summing the products, run once (traced and compiled)."""
   mosaic_gpu._contracted_add = add
+  jax.clear_caches()  # `mosaic_gpu.bidirectional` is jitted: traced again with `add`
   try:
     fn = jax.jit(lambda f, b, z: mosaic_gpu.bidirectional(f, b, z, **mosaic_gpu.OPTIONS))
     args = tuple(tuple(d[k] for k in NAMES) for d in pair) + (pair[0]["z"],)

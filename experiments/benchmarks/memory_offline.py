@@ -5,6 +5,9 @@ r"""XLA's memory account of Vim and DeiT steps compiled for an H100 or H200 on a
       --models=vim_tiny,vim_small --cases=1248:32 --train_cases=224:128 --live_at_peak \
       --out=experiments/results/memory_offline_h200.json
 
+Each row also has the seconds that tracing, lowering and XLA's compile took on this machine (`trace_s`, `lower_s`,
+`compile_s`; the card compiles the Mosaic GPU kernels when they first run, which is not in them).
+
 XLA's GPU compiler runs without a device when the CUDA plugin is given a target description (a
 `GpuTargetConfigProto`, `TARGETS`): `jax.jit(...).lower(...).compile()` then plans every buffer as on the card, so
 the memory columns of throughput.py (`model_mib`, `temp_mib`, `argument_mib`, `xla_peak_mib`) come out of a CPU
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from math import prod
 from unittest import mock
 
@@ -70,9 +74,10 @@ def _capability(target: str) -> str:
   return f"{major}.{minor.group(1) if minor else 0}"
 
 
-def _compile(program: Program, target: str) -> jax.stages.Compiled:
+def _compile(program: Program, target: str) -> tuple[jax.stages.Compiled, dict]:
   """`program` compiled for one deviceless `target` GPU (arguments abstract: nothing is allocated), with the
-  kernels the target would run: there is no device here to ask for its compute capability."""
+  kernels the target would run: there is no device here to ask for its compute capability; and the seconds that
+  tracing, lowering and XLA's compile took here (Mosaic GPU kernels are compiled on the card, not here)."""
   device = topologies.get_topology_desc("", "cuda", target_config=TARGETS[target], topology="1x1x1").devices[0]
   sharding = jax.sharding.SingleDeviceSharding(device)
   args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), program.args)
@@ -81,8 +86,18 @@ def _compile(program: Program, target: str) -> jax.stages.Compiled:
   capability = mock.patch.object(mosaic_gpu, "compute_capability", lambda: _capability(target))
   with capability, jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=abstract)):
     jitted = jax.jit(program.fn, in_shardings=sharding, out_shardings=sharding, donate_argnums=program.donate_argnums)
-    lowered = jitted.trace(*args).lower(lowering_platforms=("cuda",))
-  return lowered.compile()
+    start = time.perf_counter()
+    traced = jitted.trace(*args)
+    traced_at = time.perf_counter()
+    lowered = traced.lower(lowering_platforms=("cuda",))
+    lowered_at = time.perf_counter()
+  compiled = lowered.compile()
+  seconds = {
+    "trace_s": traced_at - start,
+    "lower_s": lowered_at - traced_at,
+    "compile_s": time.perf_counter() - lowered_at,
+  }
+  return compiled, seconds
 
 
 _BYTES = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "s16": 2, "u16": 2}
@@ -157,7 +172,7 @@ def _case(spec: str, mode: str, size: int, batch: int) -> dict:
   try:
     model = create_model_spec(_as_on_gpu(spec), size)
     program = (forward_program if mode == "inference" else train_program)(model, batch)
-    compiled = _compile(program, _TARGET.value)
+    compiled, seconds = _compile(program, _TARGET.value)
   except (RuntimeError, ValueError) as e:  # e.g. cuDNN's attention without cuDNN
     return row | {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"}
   m = compiled.memory_analysis()
@@ -168,7 +183,7 @@ def _case(spec: str, mode: str, size: int, batch: int) -> dict:
     "temp_mib": m.temp_size_in_bytes / MIB,
     "argument_mib": m.argument_size_in_bytes / MIB,
     "xla_peak_mib": m.peak_memory_in_bytes / MIB,
-  }
+  } | seconds
   if _LIVE.value:
     peak, buffers = live_at_peak(compiled.as_text())
     row["live_at_peak_mib"] = peak / MIB
@@ -190,7 +205,8 @@ def main(argv):
         continue
       print(
         f"{spec} {mode} {size}² batch {batch}: model {row['model_mib']:,.1f} MiB, temp {row['temp_mib']:,.1f}, "
-        f"args {row['argument_mib']:,.1f}",
+        f"args {row['argument_mib']:,.1f}; traced, lowered, compiled in {row['trace_s']:.1f}, {row['lower_s']:.1f},"
+        f" {row['compile_s']:.1f} s",
         flush=True,
       )
       for mib, array, op in row.get("live_at_peak", []):

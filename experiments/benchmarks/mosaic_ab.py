@@ -30,6 +30,7 @@ def _step(size: int, batch: int, patches: dict):
   shipped = {name: getattr(mosaic_gpu, name) for name in patches}
   for name, value in patches.items():
     setattr(mosaic_gpu, name, value)
+  jax.clear_caches()  # `mosaic_gpu.bidirectional` is jitted: traced again with the patches
   try:
     return forward_step(create_model("vim_tiny", img_size=size, dtype="bfloat16"), batch)
   finally:

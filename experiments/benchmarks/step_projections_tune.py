@@ -70,6 +70,7 @@ def main(argv):
       setting = dict(zip(_SETTINGS, values))
       for name, value in setting.items():
         setattr(step_projections, name, value)
+      jax.clear_caches()  # the kernel is jitted: traced again with this setting
       label = " ".join(f"{k.lower()}={v}" for k, v in setting.items())
       try:
         fn = jax.jit(lambda a, b, p: step_projections.project(a, b, p, rank=RANK))

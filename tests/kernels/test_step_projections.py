@@ -28,6 +28,7 @@ def test_kernel_equals_xla_matmuls(batch, length, channels, width, rank, program
   channel blocks of 64, 32 and 16, Vim-Ti/-S/-B's ranks as packed (16, 32, 48), programs that walk several
   blocks of 32 rows (one program for 2 blocks, two for 3)."""
   monkeypatch.setattr(step_projections, "PROGRAMS", programs)
+  jax.clear_caches()  # the kernel is jitted: traced again with these programs
   rng = np.random.default_rng(length)
   us, packed = _inputs(rng, batch, length, channels, width, rank)
   got = jax.jit(step_projections.project, static_argnames=("rank", "interpret"))(*us, packed, rank=rank, interpret=True)
