@@ -119,8 +119,8 @@ def _kernel(r_ref, h_ref, w_ref, r_out_ref, y_ref, *, rows: int, eps: float):
   start = pl.program_id(0) * BLOCK_ROWS
   block = pl.ds(start, BLOCK_ROWS)
   inside = (start + jax.lax.broadcasted_iota(jnp.int32, (BLOCK_ROWS, 1), 0)) < rows
-  totals = []
-  for column, width in _pieces(dim):
+  pieces, totals = _pieces(dim), []
+  for column, width in pieces:
     mask = jnp.broadcast_to(inside, (BLOCK_ROWS, width))
     at = (block, pl.ds(column, width))
     total = plgpu.load(r_ref.at[at], mask=mask, other=0.0) + plgpu.load(h_ref.at[at], mask=mask, other=0).astype(
@@ -130,7 +130,7 @@ def _kernel(r_ref, h_ref, w_ref, r_out_ref, y_ref, *, rows: int, eps: float):
     totals.append(total)
   squares = sum(jnp.sum(total * total, axis=1, keepdims=True) for total in totals)
   rstd = jax.lax.rsqrt(squares / dim + eps)
-  for (column, width), total in zip(_pieces(dim), totals, strict=True):
+  for (column, width), total in zip(pieces, totals, strict=True):
     mask = jnp.broadcast_to(inside, (BLOCK_ROWS, width))
     y = total * rstd * w_ref[pl.ds(column, width)].astype(jnp.float32)[None, :]
     plgpu.store(y_ref.at[block, pl.ds(column, width)], y.astype(y_ref.dtype), mask=mask)

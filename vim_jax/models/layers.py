@@ -266,13 +266,12 @@ def drop_path_rates(rate: float, depth: int) -> tuple[float, ...]:
 def materialized(x: jax.Array) -> jax.Array:
   """x, which XLA must write out whole where nothing differentiates it (an optimization barrier).
 
-  Why: left free, XLA adds a Vim block's output to the residual stream only every other block, recomputing the
-  sum inside the next norm, and before the cls token is sliced only at that token; each deferred output, a
-  (batch, length, dim) array, stays alive beside everything the next block holds. Vim-Ti's inference peaked
-  71 MiB higher so at 1248², batch 32, and 143 MiB more before the cls token (memory_offline.py); writing the
-  residual every block costs 0.12 ms of 70 there and 0.13 of 7.4 at 224², batch 128 (H200,
-  ab_inference_memory_vim_tiny_h200.txt). Under differentiation it is the identity: a plain barrier per block
-  made Vim-Ti's training step at 224², batch 128 hold 111 MiB more."""
+  Why (`RMSNorm.add` in XLA): left free, XLA adds a Vim block's output to the residual stream only every other
+  block, recomputing the sum inside the next norm; each deferred output, a (batch, length, dim) array, stays alive
+  beside everything the next block holds. Vim-Ti's inference peaked 71 MiB higher so at 1248², batch 32
+  (memory_offline.py); writing the residual every block costs 0.12 ms of 70 there and 0.13 of 7.4 at 224², batch
+  128 (H200, ab_inference_memory_vim_tiny_h200.txt). Under differentiation it is the identity: a plain barrier per
+  block made Vim-Ti's training step at 224², batch 128 hold 111 MiB more."""
   return jax.lax.optimization_barrier(x)
 
 
