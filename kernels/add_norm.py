@@ -1,4 +1,4 @@
-"""Vim's residual add and the next block's RMSNorm in one pass, in XLA or as a Pallas GPU kernel.
+"""Vim's residual add and the next block's RMSNorm in one pass, as a Pallas GPU kernel (`reference`: the same in XLA).
 
 Between two Vim blocks the float32 residual stream takes the mixer's output and is normed for the next mixer
 (mamba_ssm's fused add + norm): r' = r + h, y = r' / sqrt(mean(r'²) + eps) · w. XLA runs that as two kernels,
@@ -20,7 +20,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jax.sharding import PartitionSpec as P
 
-IMPLS = ("xla", "pallas_gpu", "pallas", None)
 # H100 (add_norm_tune_h100.json): at 1248², batch 32, Vim-Ti, XLA's two kernels take 0.211 ms, this one 0.164 with
 # 16 rows and 8 warps (2.7 TB/s), 0.164-0.174 with 32 or 64 rows and 4 or 8 warps; at 224², batch 128, 0.035 and 0.035.
 BLOCK_ROWS = 16
@@ -47,27 +46,20 @@ def supported(dim: int) -> bool:
 
 
 def add_norm(
-  residual: jax.Array,
-  hidden: jax.Array,
-  weight: jax.Array,
-  *,
-  eps: float,
-  dtype,
-  impl: str | None = None,
-  interpret: bool = False,
+  residual: jax.Array, hidden: jax.Array, weight: jax.Array, *, eps: float, dtype, interpret: bool = False
 ) -> tuple[jax.Array, jax.Array]:
-  """(r', y): `reference`, differentiable, with r' written over `residual` where the kernel runs.
+  """(r', y): `reference` in the kernel, differentiable, r' written over `residual`. Where it runs instead of XLA is
+  the caller's rule (Vim's: where the mixer's other kernels run, `vim.uses_add_norm_kernel`).
 
   Args:
-    residual: (..., dim) float32, the residual stream.
+    residual: (..., dim) float32, the residual stream; dim `supported`.
     hidden: residual's shape, any float dtype (a mixer's output).
     weight: (dim,) the norm's weight.
     eps: the norm's epsilon.
     dtype: y's dtype (the next matmuls').
-    impl: "xla"; "pallas_gpu" (the kernel, on GPUs or with `interpret`); "pallas" (the kernel on GPU, or on CPU
-      with `interpret`; XLA elsewhere); None: the kernel on GPU where `supported`, XLA elsewhere. Under a mesh
-      the kernel runs per device (`shard_map`), the rows split over every mesh axis along the first dimension.
     interpret: Pallas interpret mode (CPU tests).
+  Under a mesh the kernel runs per device (`shard_map`), the rows split over every mesh axis along the first
+  dimension.
   """
   dim = residual.shape[-1]
   if residual.dtype != jnp.float32:
@@ -76,8 +68,8 @@ def add_norm(
     raise ValueError(f"add_norm: `hidden` must have residual's shape {residual.shape}, got {hidden.shape}")
   if weight.shape != (dim,):
     raise ValueError(f"add_norm: `weight` must be ({dim},), got {weight.shape}")
-  if not _uses_kernel(impl, interpret, dim):
-    return reference(residual, hidden, weight, eps, dtype)
+  if not supported(dim):
+    raise ValueError(f"add_norm: the feature dim must be a multiple of {SMALLEST_PIECE}, got {dim}")
   fn = functools.partial(_fused, eps=eps, dtype=jnp.dtype(dtype), interpret=interpret)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
@@ -90,20 +82,6 @@ def add_norm(
   return jax.shard_map(fn, in_specs=(rows, rows, P()), out_specs=(rows, rows), check_vma=False)(
     residual, hidden, weight
   )
-
-
-def _uses_kernel(impl: str | None, interpret: bool, dim: int) -> bool:
-  if impl not in IMPLS:
-    raise ValueError(f"add_norm: unknown impl {impl!r}; valid impls: {IMPLS}")
-  backend = jax.default_backend()
-  if impl == "pallas_gpu" and not supported(dim):
-    raise ValueError(
-      f"add_norm: impl 'pallas_gpu' needs a feature dim that is a multiple of {SMALLEST_PIECE}, got {dim}"
-    )
-  if impl in ("pallas", None):
-    kernel = backend == "gpu" or (impl == "pallas" and backend == "cpu" and interpret)
-    return kernel and supported(dim)
-  return impl == "pallas_gpu"
 
 
 def _pieces(dim: int) -> list[tuple[int, int]]:

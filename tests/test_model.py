@@ -204,6 +204,15 @@ def test_dense_equals_a_matmul_in_value_and_gradient(x64, batch):
   chex.assert_trees_all_close(got, want, rtol=1e-12, atol=0)
 
 
+def test_blocks_add_and_norm_in_the_kernel_where_the_mixer_kernels_run_and_the_width_fits():
+  """`vim.uses_add_norm_kernel`: the kernel with the mixer's other kernels, for widths it takes (multiples of 16);
+  XLA for others, and without the kernels."""
+  cfg = vim.ModelConfig(embed_dim=32, scan_impl="pallas", scan_interpret=True)
+  assert vim.uses_add_norm_kernel(cfg)
+  assert not vim.uses_add_norm_kernel(dataclasses.replace(cfg, embed_dim=24))
+  assert not vim.uses_add_norm_kernel(dataclasses.replace(cfg, scan_impl="xla"))
+
+
 def test_materialized_is_a_barrier_only_where_nothing_differentiates():
   """`layers.materialized` (the residual stream written whole, for inference memory) is the identity in value,
   derivative and both autodiff modes, and leaves no barrier in a differentiated program (the training step)."""

@@ -19,8 +19,8 @@ def _inputs(rng, shape, hidden_dtype=jnp.bfloat16):
   return residual, hidden, weight
 
 
-def _kernel(dtype, impl="pallas_gpu"):
-  return jax.jit(lambda r, h, w: add_norm.add_norm(r, h, w, eps=EPS, dtype=dtype, impl=impl, interpret=True))
+def _kernel(dtype):
+  return jax.jit(lambda r, h, w: add_norm.add_norm(r, h, w, eps=EPS, dtype=dtype, interpret=True))
 
 
 @pytest.mark.parametrize(
@@ -51,7 +51,7 @@ def test_gradients_equal_autodiff_of_xla():
     return add_norm.reference(*args, EPS, jnp.float32)
 
   def kernel(*args):
-    return add_norm.add_norm(*args, eps=EPS, dtype=jnp.float32, impl="pallas_gpu", interpret=True)
+    return add_norm.add_norm(*args, eps=EPS, dtype=jnp.float32, interpret=True)
 
   want_out, want_vjp = jax.vjp(xla, *args)
   got_out, got_vjp = jax.vjp(kernel, *args)
@@ -67,7 +67,7 @@ def test_pieces_are_powers_of_two_widest_first():
   assert add_norm._pieces(48) == [(0, 32), (32, 16)]
 
 
-def test_bad_arguments_raise_and_other_widths_use_xla():
+def test_bad_arguments_raise():
   residual, hidden, weight = _inputs(np.random.default_rng(1), (1, 4, 24))
   with pytest.raises(ValueError, match="`residual` must be float32"):
     add_norm.add_norm(residual.astype(jnp.bfloat16), hidden, weight, eps=EPS, dtype=jnp.float32)
@@ -75,17 +75,8 @@ def test_bad_arguments_raise_and_other_widths_use_xla():
     add_norm.add_norm(residual, hidden[:, :2], weight, eps=EPS, dtype=jnp.float32)
   with pytest.raises(ValueError, match=r"`weight` must be \(24,\)"):
     add_norm.add_norm(residual, hidden, weight[:8], eps=EPS, dtype=jnp.float32)
-  with pytest.raises(ValueError, match="unknown impl 'triton'"):
-    add_norm.add_norm(residual, hidden, weight, eps=EPS, dtype=jnp.float32, impl="triton")
   with pytest.raises(ValueError, match="multiple of 16, got 24"):
-    add_norm.add_norm(residual, hidden, weight, eps=EPS, dtype=jnp.float32, impl="pallas_gpu", interpret=True)
-
-  # "pallas" takes XLA's path for a width the kernel does not take, the kernel's for one it takes.
-  def calls_kernel(width):
-    args = (residual[..., :width], hidden[..., :width], weight[:width])
-    return "pallas_call" in str(jax.make_jaxpr(_kernel(jnp.float32, impl="pallas"))(*args))
-
-  assert not calls_kernel(24) and calls_kernel(16)
+    add_norm.add_norm(residual, hidden, weight, eps=EPS, dtype=jnp.float32, interpret=True)
 
 
 def test_kernel_lowers_for_cuda_at_vim_tiny_shapes():
@@ -111,15 +102,21 @@ def test_kernel_runs_per_device_under_a_mesh(axis_type):
   mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(kind, kind))
   args = _inputs(np.random.default_rng(3), (8, 9, 32))
 
-  def loss(residual, hidden, weight, impl):
-    total, normed = add_norm.add_norm(residual, hidden, weight, eps=EPS, dtype=jnp.float32, impl=impl, interpret=True)
+  def kernel(residual, hidden, weight):
+    return add_norm.add_norm(residual, hidden, weight, eps=EPS, dtype=jnp.float32, interpret=True)
+
+  def xla(residual, hidden, weight):
+    return add_norm.reference(residual, hidden, weight, EPS, jnp.float32)
+
+  def loss(residual, hidden, weight, add_and_norm):
+    total, normed = add_and_norm(residual, hidden, weight)
     return jnp.sum(jnp.sin(total)) + jnp.sum(jnp.cos(normed))
 
   grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)), static_argnums=3)
-  expected = grad(*args, "xla")
+  expected = grad(*args, xla)
   with jax.set_mesh(mesh):
     rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
-    got = grad(*(jax.device_put(a, rows) for a in args[:2]), args[2], "pallas_gpu")
-    assert "shard_map" in str(jax.make_jaxpr(loss, static_argnums=3)(*args, "pallas_gpu"))
+    got = grad(*(jax.device_put(a, rows) for a in args[:2]), args[2], kernel)
+    assert "shard_map" in str(jax.make_jaxpr(loss, static_argnums=3)(*args, kernel))
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-5, atol=1e-5)

@@ -99,9 +99,7 @@ class RMSNorm(nnx.Module):
     `kernel`, `kernels.add_norm`'s one pass; in XLA the sum is `materialized` before the norm reads it."""
     if kernel:
       weight = self.weight[...]
-      return add_norm.add_norm(
-        residual, hidden, weight, eps=self.eps, dtype=dtype, impl="pallas_gpu", interpret=interpret
-      )
+      return add_norm.add_norm(residual, hidden, weight, eps=self.eps, dtype=dtype, interpret=interpret)
     total = materialized(residual + hidden.astype(jnp.float32))
     return total, self(total, dtype)
 
