@@ -51,3 +51,5 @@ def test_the_hot_loop_is_what_runs_most_and_its_counts_are_per_iteration(tmp_pat
   assert "wavefronts per iteration: 4.0" in text
   assert "opcodes: LDS 1, FMUL 1, EXIT 1" in text  # a predicate is not the opcode
   assert "stall samples: selected 51%, short_sb 49%" in text  # "Not Issued" columns are not counted twice
+  assert "around the loop: 1 instructions run 10 times, 0.3% of those executed and 10.9% of the stall samples" in text
+  assert "  - opcodes: LDC 1" in text and "  - stall samples: selected 100%" in text

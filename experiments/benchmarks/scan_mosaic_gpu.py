@@ -61,6 +61,7 @@ _EPILOGUE = flags.DEFINE_list(
 _SCATTER_SUMS = flags.DEFINE_list(
   "scatter_sums", ["0"], "0, 1 or both: with the epilogue (quarter_rows), y's sums over the state reduce-scattered."
 )
+_STAGES = flags.DEFINE_list("stages", ["2"], "Blocks' copies in flight at once (emit_pipeline's max_concurrent_steps).")
 _CHUNKS = flags.DEFINE_list("chunks", ["1"], "Chunks per sequence (a launch for their end states first, if > 1).")
 _AUTO_BARRIERS = flags.DEFINE_list(
   "auto_barriers", ["0"], "0, 1 or both: Pallas's barriers around each shared-memory store (left out by default)."
@@ -78,6 +79,7 @@ def main(argv):
     + (" state_pairs" if pairs == "1" else "")
     + (" epilogue" if epilogue == "1" else "")
     + (" scatter_sums" if scatter == "1" else "")
+    + (f" stages={stages}" if stages != "2" else "")
     + (f" chunks={chunks}" if chunks != "1" else "")
     + (" in_place" if place == "1" else "")
     + (" auto_barriers" if barriers == "1" else ""): (
@@ -92,11 +94,12 @@ def main(argv):
         state_pairs=pairs == "1",
         epilogue=epilogue == "1",
         scatter_sums=scatter == "1",
+        stages=int(stages),
         chunks=int(chunks),
         auto_barriers=barriers == "1",
       )
     )
-    for layout, d, t, u, share, f32, pairs, epilogue, scatter, chunks, place, barriers in itertools.product(
+    for layout, d, t, u, share, f32, pairs, epilogue, scatter, stages, chunks, place, barriers in itertools.product(
       _LAYOUT.value,
       _BLOCK_D.value,
       _BLOCK_T.value,
@@ -106,6 +109,7 @@ def main(argv):
       _STATE_PAIRS.value,
       _EPILOGUE.value,
       _SCATTER_SUMS.value,
+      _STAGES.value,
       _CHUNKS.value,
       in_place,
       _AUTO_BARRIERS.value,

@@ -39,7 +39,14 @@ session, ncu_mosaic_forward_shipped_1248_b32_h100.md): shared memory no longer b
 does (issue slots 75% busy, most stall samples "selected" or "not selected"), 325 instructions per 8 positions. So
 each thread's sum of its 4 products C_t h_t adds with LLVM's contract flag (`_contracted_add`): one multiply and
 three FMAs instead of four multiplies and three adds, both directions 1.264 ms against 1.289 at 1248², batch 32,
-0.867 against 0.884 at 1024² (H100, contracted_sums_ab.py, scan_mosaic_gpu_contracted_sums_h100.txt).
+0.867 against 0.884 at 1024² (H100, mosaic_patch_ab.py, scan_mosaic_gpu_contracted_sums_h100.txt). The loop is then
+301 instructions per 8 positions, and the code once per block 14-21% of those executed but 26-30% of the stall
+samples (ncu_mosaic_forward_contracted_1248_b32_h100.md). Groups of 16 positions (`unroll`) take both directions
+from 1.258 to 1.228 ms at 1248², batch 32 and 0.862 to 0.841 at 1024² (32: 1.211 and 0.830, not yet checked on a
+card), Vim-Ti's forward from 47.10 to 46.36 ms at 1248² (H100, fortieth session, scan_mosaic_gpu_unroll_h100.txt,
+ab_mosaic_unroll16_vim_tiny_h100.txt). Three blocks' copies in flight (`stages`) or blocks of 128 positions were
+slower (1.36 and 1.66 ms against 1.25: each program's shared memory then fits two programs per SM, where 384 of them
+need three; scan_mosaic_gpu_stages_block_t_h100.json), float32 B and C rows (`f32_states`) too (1.27-1.30 ms).
 
 Mosaic GPU needs sm_90 (Hopper) and its API still moves: this lowers on jax 0.11.2 and 0.12 (tests lower it for
 CUDA on CPU and run its math in interpret mode, which reads blocks from HBM in place (`staged=False`) because it
@@ -267,6 +274,17 @@ def _store_scattered_sums(products: list, rows_ref, *, reverse: bool, inline: bo
   store(tuple(products), rows_ref)
 
 
+def _block_barrier(inline: bool) -> None:
+  """A warpgroup barrier between one thread's stores to the block's shared scratch and another thread's loads of them.
+  `commit_smem` would add a fence of the async proxy, which only TMA's and WGMMA's reads need: the scratch is read and
+  written by the threads alone, and the pipeline commits y's block before its TMA store. Interpret mode cannot run
+  Mosaic GPU code (`inline` False) and needs no barrier. Both directions at 1248², batch 32: 1.258 against 1.261 ms,
+  at 1024² 0.861 against 0.866, within the rounds' spread (H100, mosaic_patch_ab.py,
+  scan_mosaic_gpu_block_barriers_h100.txt); racecheck finds no hazard (racecheck_mosaic_block_barriers_h100.txt)."""
+  if inline:
+    plgpu.inline_mgpu()(lambda ctx: mgpu_utils.warpgroup_barrier())()
+
+
 def _finish(y, inputs: dict, *, skip, combine):
   """y from C_t h_t: the skip, then the combine."""
   y = y + skip * inputs["u"]
@@ -343,6 +361,7 @@ def _forward_kernel(
   unroll,
   layout,
   staged,
+  stages,
   share,
   f32_states,
   state_pairs,
@@ -450,7 +469,7 @@ def _forward_kernel(
       names = (*seq_names, "B") if chunks.ends else (*seq_names, "B", "C", "y")
       blocks = dict(zip(names, block_refs, strict=True))
       if shared:
-        plgpu.commit_smem()  # every thread is done with the last block's values
+        _block_barrier(inline)  # every thread is done with the last block's values
         shared["step_size"][...] = _softplus(_load(blocks["delta"], _SPREAD) + spread_bias)
         if "gate" in shared:
           shared["gate"][...] = _gate(_load(blocks["z"], _SPREAD))
@@ -460,7 +479,7 @@ def _forward_kernel(
         if "BC" in shared:
           pair = [plgpu.load(blocks[name], layout=state_rows, optimized=False) for name in ("B", "C")]
           shared["BC"][...] = _state_pairs(*pair)
-        plgpu.commit_smem()  # and sees every thread's values of this block
+        _block_barrier(inline)  # and sees every thread's values of this block
 
       def read(t):
         if shared:
@@ -490,7 +509,7 @@ def _forward_kernel(
 
       carry = _walk(read, update, write, block_t, carry, unroll, reverse)
       if epilogue:  # the block's y from its C_t h_t, each (position, channel) once
-        plgpu.commit_smem()
+        _block_barrier(inline)
         spread = {name: _load(blocks[name], _SPREAD) for name in ("u", "partner", "z") if name in blocks}
         if "z" in spread:
           spread["gate"] = _gate(spread["z"])
@@ -527,7 +546,7 @@ def _forward_kernel(
       grid=(count,),
       in_specs=[seq_spec] * len(seq_names) + state_specs,
       out_specs=[seq_spec] * (len(per_channel_refs) - len(seq_names)),
-      max_concurrent_steps=2,
+      max_concurrent_steps=stages,
       init_carry=carry,
     )
     return pipeline(*(r.at[sequence] for r in (*seq_refs.values(), *state_refs, *per_channel_refs[len(seq_names) :])))
@@ -580,6 +599,7 @@ def forward(
   epilogue: bool = False,
   scatter_sums: bool = False,
   staged: bool = True,
+  stages: int = 2,
   reverse: bool = False,
   gated: bool = True,
   partner=None,
@@ -602,7 +622,8 @@ def forward(
   too) leaves each position's skip, combine and gate out of the walk, which then stores only C_t h_t, in float32 to
   shared memory: a pass over the block after it finishes y once per (position, channel), where the four threads of a
   channel in `quarter_rows` each do it at every position. `staged=False` reads the blocks from HBM
-  without TMA (interpret mode), the sequences padded with zeros to whole blocks as TMA's copies read them. `y_over`
+  without TMA (interpret mode), the sequences padded with zeros to whole blocks as TMA's copies read them; staged,
+  `stages` blocks' copies are in flight at once (`emit_pipeline`'s max_concurrent_steps). `y_over`
   ("delta" or "partner") writes y over that input, as a mutable ref (`jax.new_ref`), which XLA aliases to the
   output: no new buffer where the input is not read again. `chunks` > 1 splits each sequence into that many chunks
   of whole blocks (`_Chunks`), for a GPU that too few sequences would leave idle: a launch for the chunks' end
@@ -627,6 +648,8 @@ def forward(
     )
   if state_pairs and (f32_states or B.dtype != jnp.bfloat16):
     raise ValueError(f"state_pairs takes bf16 B and C (got {B.dtype}) and replaces f32_states ({f32_states})")
+  if stages < 1:
+    raise ValueError(f"stages must be at least 1, got {stages}")
   (B, b_block), (C, c_block) = (_state_block(x, A.shape[1]) for x in (B, C))
   num_blocks = pl.cdiv(length, block_t) if block_t else 1
   if chunks < 1 or (chunks > 1 and not block_t):
@@ -654,6 +677,7 @@ def forward(
         unroll=unroll,
         layout=layout,
         staged=staged,
+        stages=stages,
         share=share_channel_work,
         f32_states=f32_states,
         state_pairs=state_pairs,
@@ -704,7 +728,7 @@ def forward(
 
 
 _OPTION_NAMES = ("block_d", "block_t", "unroll", "layout", "share_channel_work", "f32_states", "state_pairs")
-_OPTION_NAMES += ("epilogue", "scatter_sums", "staged", "chunks", "auto_barriers", "interpret")
+_OPTION_NAMES += ("epilogue", "scatter_sums", "staged", "stages", "chunks", "auto_barriers", "interpret")
 
 
 @functools.partial(jax.jit, static_argnames=("in_place", *_OPTION_NAMES))
@@ -738,12 +762,13 @@ def bidirectional(forward_args: tuple, backward_args: tuple, z, *, in_place: boo
 # 53.5 ms with `f32_states` too (H100, ab_mosaic_options_vim_tiny_1248_h100.txt); with `epilogue` and unroll 8 it
 # takes 51.8 against 53.6 (H100, ab_mosaic_epilogue_unroll8_vim_tiny_1248_h100.txt); `state_pairs` instead of
 # `f32_states` takes it from 47.4 to 45.5 ms (H200, ab_mosaic_state_pairs_vim_tiny_1248_h200.txt; racecheck clean);
-# `scatter_sums` from 49.6 to 49.0 ms (H100, ab_mosaic_scatter_sums_vim_tiny_1248_h100.txt; racecheck clean).
+# `scatter_sums` from 49.6 to 49.0 ms (H100, ab_mosaic_scatter_sums_vim_tiny_1248_h100.txt; racecheck clean); unroll
+# 16 instead of 8 from 47.10 to 46.36 ms (H100, ab_mosaic_unroll16_vim_tiny_h100.txt).
 OPTIONS = dict(
   layout="quarter_rows",
   block_d=32,
   block_t=64,
-  unroll=8,
+  unroll=16,
   share_channel_work=True,
   state_pairs=True,
   epilogue=True,

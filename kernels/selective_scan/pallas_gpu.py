@@ -137,9 +137,12 @@ PAIRED_STATES_PROGRAMS = 2048
 # bidirectional backward at 224², batch 128): 910 -> 757 SASS instructions per 4 positions of its loop (shuffles
 # 152 -> 48), 128 -> 93 registers (thirty-second session). Fused bidirectional backward on an H100, bf16: 6.79 against
 # 6.98-7.00 ms at 1248², batch 32, but 0.747 against 0.731-0.746 at 224², batch 128, within the spread
-# (scan_tune_narrow_states_h100.txt); off until the trainer's step at 224² has been timed with it. The gradient kernel
-# reading the states so as well took 0.92 and 8.45 ms (168 -> 209 registers offline), so it reads them whole.
-NARROW_STATES_STORE = False
+# (scan_tune_narrow_states_h100.txt). Vim-Ti's training step at 224², batch 128 does not tell them apart: 33.43 ms
+# against 33.36 without (rounds 33.30-33.49 and one of 39.3, against 33.33-33.42; H100, fortieth session, model_ab.py,
+# ab_narrow_states_store_vim_tiny_h100.txt). So bf16 kept states are stored so, for long sequences; float32 ones were
+# not timed. The gradient kernel reading the states so as well took 0.92 and 8.45 ms (168 -> 209 registers offline),
+# so it reads them whole.
+NARROW_STATES_STORE = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1002,6 +1005,7 @@ def _plan(
   programs = batch * pl.cdiv(channels, block_d) * num_chunks
   by_channel = tuning.get("by_channel", programs <= BY_CHANNEL_PROGRAMS)
   forward_sub_chunk = tuning.get("forward_sub_chunk", FORWARD_SUB_CHUNK if by_channel else TILES_FORWARD_SUB_CHUNK)
+  states_dtype = jnp.dtype(tuning.get("states_dtype", _states_dtype(u.dtype, dtype)))
   return _Plan(
     batch=batch,
     length=length,
@@ -1022,8 +1026,8 @@ def _plan(
     a_log=isinstance(A, NegativeExp),
     by_channel=by_channel,
     paired_states=tuning.get("paired_states", programs <= PAIRED_STATES_PROGRAMS),
-    states_dtype=jnp.dtype(tuning.get("states_dtype", _states_dtype(u.dtype, dtype))),
-    narrow_states_store=tuning.get("narrow_states_store", NARROW_STATES_STORE),
+    states_dtype=states_dtype,
+    narrow_states_store=tuning.get("narrow_states_store", NARROW_STATES_STORE and states_dtype == jnp.bfloat16),
     paired_forward=tuning.get("paired_forward", not by_channel),
   )
 

@@ -297,10 +297,11 @@ def test_scattered_sums_store_each_position_where_summed_ones_go_in_interpret_mo
 
 
 @pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("scatter_sums, shuffles", [(False, 16), (True, 6)])
-def test_scattered_sums_take_3_shuffles_per_4_positions(reverse, scatter_sums, shuffles):
-  """Lowered for CUDA at Vim-Ti's 1248² shapes, the loop over 8 positions holds 16 butterfly shuffles as Mosaic GPU
-  sums each position (2 each), 6 with the reduce-scatter, whose stores are each thread's own."""
+@pytest.mark.parametrize("scatter_sums, shuffles_per_4_positions", [(False, 8), (True, 3)])
+def test_scattered_sums_take_3_shuffles_per_4_positions(reverse, scatter_sums, shuffles_per_4_positions):
+  """Lowered for CUDA at Vim-Ti's 1248² shapes, the loop over `unroll` positions holds 2 butterfly shuffles per
+  position as Mosaic GPU sums each position, 3 per 4 positions with the reduce-scatter, whose stores are each
+  thread's own."""
   args = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in forward_inputs(1, 1, 384, jnp.bfloat16)]
   args = [jax.ShapeDtypeStruct((32, 6085, *x.shape[2:]), x.dtype) if x.ndim == 3 else x for x in args]
   options = mosaic_gpu.SINGLE_OPTIONS | {"scatter_sums": scatter_sums}
@@ -308,12 +309,13 @@ def test_scattered_sums_take_3_shuffles_per_4_positions(reverse, scatter_sums, s
   (module,) = _kernel_modules(jax.jit(forward).trace(*args).lower(lowering_platforms=("cuda",)))
   with module.context:
     (loop,) = [loop for loop in _innermost_loops(module.operation) if "ex2.approx" in str(loop)]
-    assert options["unroll"] == 8 and str(loop).count("shfl.sync") == shuffles
+    assert str(loop).count("shfl.sync") == shuffles_per_4_positions * options["unroll"] // 4
 
 
 def test_scattered_sums_add_products_as_contractible():
-  """Each thread's sum of its 4 products C_t h_t may become FMAs: every add in the loop over 8 positions carries
-  LLVM's contract flag, as Mosaic GPU's own arithmetic does, but the 6 that add values exchanged by shuffles."""
+  """Each thread's sum of its 4 products C_t h_t may become FMAs: every add in the loop over `unroll` positions
+  carries LLVM's contract flag, as Mosaic GPU's own arithmetic does, but the 3 per 4 positions that add values
+  exchanged by shuffles."""
   args = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in forward_inputs(1, 1, 384, jnp.bfloat16)]
   args = [jax.ShapeDtypeStruct((32, 6085, *x.shape[2:]), x.dtype) if x.ndim == 3 else x for x in args]
   forward = functools.partial(mosaic_gpu.forward, gated=False, **mosaic_gpu.SINGLE_OPTIONS)
@@ -321,8 +323,33 @@ def test_scattered_sums_add_products_as_contractible():
   with module.context:
     (loop,) = [loop for loop in _innermost_loops(module.operation) if "ex2.approx" in str(loop)]
     adds = [line for line in str(loop).splitlines() if "arith.addf" in line]
-  assert mosaic_gpu.SINGLE_OPTIONS["scatter_sums"] and mosaic_gpu.SINGLE_OPTIONS["unroll"] == 8
-  assert sum("contract" not in add for add in adds) == 6 and len(adds) == 6 + 8 * (1 + 3)  # + h's update, the sums
+  unroll = mosaic_gpu.SINGLE_OPTIONS["unroll"]
+  assert mosaic_gpu.SINGLE_OPTIONS["scatter_sums"]
+  shuffled = 3 * unroll // 4
+  assert sum("contract" not in add for add in adds) == shuffled and len(adds) == shuffled + unroll * (1 + 3)  # h, sums
+
+
+@pytest.mark.parametrize("stages", [2, 3])
+def test_block_scratch_barriers_carry_no_async_proxy_fence(monkeypatch, stages):
+  """Lowered for CUDA at Vim-Ti's 1248² shapes, each block's three barriers around its shared scratch (softplus and
+  B and C pairs written, then read; C_t h_t written, then read) are plain warpgroup barriers: three fences of the
+  async proxy fewer than with `commit_smem` there, as many barriers. With `stages` blocks in flight, the same."""
+  args = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in forward_inputs(1, 1, 384, jnp.bfloat16)]
+  args = [jax.ShapeDtypeStruct((32, 6085, *x.shape[2:]), x.dtype) if x.ndim == 3 else x for x in args]
+  forward = functools.partial(mosaic_gpu.forward, gated=False, stages=stages, **mosaic_gpu.SINGLE_OPTIONS)
+
+  def counts():  # a new function each time: traced again
+    (module,) = _kernel_modules(jax.jit(lambda *a: forward(*a)).trace(*args).lower(lowering_platforms=("cuda",)))
+    return str(module).count("fence.proxy"), str(module).count("bar.sync")
+
+  fences, barriers = counts()
+  monkeypatch.setattr(mosaic_gpu, "_block_barrier", lambda inline: mosaic_gpu.plgpu.commit_smem())
+  assert counts() == (fences + 3, barriers)
+
+
+def test_stages_must_be_positive():
+  with pytest.raises(ValueError, match="stages must be at least 1, got 0"):
+    mosaic_gpu.forward(*forward_inputs(1, 64, 32, jnp.bfloat16), **mosaic_gpu.SINGLE_OPTIONS | {"stages": 0})
 
 
 @pytest.mark.parametrize(
