@@ -94,6 +94,29 @@ def test_kernel_lowers_for_cuda_at_vim_tiny_shapes():
   assert "output_operand_aliases" in hlo
 
 
+def test_differentiated_kernel_writes_its_own_stream_buffer():
+  """Differentiated, r' is not written over the residual: that residual is the previous block's r', kept for its
+  backward, and XLA would copy it before the call. Two blocks' add + norm, lowered for CUDA with gradients: two
+  kernels, neither aliased."""
+  args = (
+    jax.ShapeDtypeStruct((32, 6085, 192), jnp.float32),
+    jax.ShapeDtypeStruct((32, 6085, 192), jnp.bfloat16),
+    jax.ShapeDtypeStruct((192,), jnp.float32),
+  )
+
+  def two_blocks(r, h, w):
+    r, y = add_norm._fused(r, h, w, eps=EPS, dtype=jnp.bfloat16, interpret=False)
+    r, y2 = add_norm._fused(r, y, w, eps=EPS, dtype=jnp.bfloat16, interpret=False)
+    return jnp.sum(r) + jnp.sum(y2.astype(jnp.float32))
+
+  h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+  fn = jax.jit(jax.grad(two_blocks, argnums=(0, 1, 2)))
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)):
+    hlo = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert re.findall(r"custom_call @__gpu\$xla\.gpu\.triton\(.*name = \"(\w+)\"", hlo) == ["add_norm"] * 2
+  assert "output_operand_aliases" not in hlo
+
+
 @pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
 def test_kernel_runs_per_device_under_a_mesh(axis_type):
   """Under a mesh the kernel runs per device, the rows split over all 8 devices; the weight's gradient is the
