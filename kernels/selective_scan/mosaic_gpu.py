@@ -45,8 +45,9 @@ samples (ncu_mosaic_forward_contracted_1248_b32_h100.md). Groups of 16 positions
 from 1.258 to 1.228 ms at 1248², batch 32 and 0.862 to 0.841 at 1024² (32: 1.211 and 0.830, not yet checked on a
 card), Vim-Ti's forward from 47.10 to 46.36 ms at 1248² (H100, fortieth session, scan_mosaic_gpu_unroll_h100.txt,
 ab_mosaic_unroll16_vim_tiny_h100.txt). Three blocks' copies in flight (`stages`) or blocks of 128 positions were
-slower (1.36 and 1.66 ms against 1.25: each program's shared memory then fits two programs per SM, where 384 of them
-need three; scan_mosaic_gpu_stages_block_t_h100.json), float32 B and C rows (`f32_states`) too (1.27-1.30 ms).
+slower (1.36 and 1.66 ms against 1.25, scan_mosaic_gpu_stages_block_t_h100.json; by its buffers' sizes, the gated
+direction's program then leaves room for two per SM, where these shapes' 384 programs need three), float32 B and C
+rows (`f32_states`) too (1.27-1.30 ms).
 
 Mosaic GPU needs sm_90 (Hopper) and its API still moves: this lowers on jax 0.11.2 and 0.12 (tests lower it for
 CUDA on CPU and run its math in interpret mode, which reads blocks from HBM in place (`staged=False`) because it

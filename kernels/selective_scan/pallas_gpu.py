@@ -139,9 +139,9 @@ PAIRED_STATES_PROGRAMS = 2048
 # 6.98-7.00 ms at 1248², batch 32, but 0.747 against 0.731-0.746 at 224², batch 128, within the spread
 # (scan_tune_narrow_states_h100.txt). Vim-Ti's training step at 224², batch 128 does not tell them apart: 33.43 ms
 # against 33.36 without (rounds 33.30-33.49 and one of 39.3, against 33.33-33.42; H100, fortieth session, model_ab.py,
-# ab_narrow_states_store_vim_tiny_h100.txt). So bf16 kept states are stored so, for long sequences; float32 ones were
-# not timed. The gradient kernel reading the states so as well took 0.92 and 8.45 ms (168 -> 209 registers offline),
-# so it reads them whole.
+# ab_narrow_states_store_vim_tiny_h100.txt). It is on for bf16 kept states, for the backward at long sequences;
+# float32 ones were not timed. The gradient kernel reading the states so as well took 0.92 and 8.45 ms (168 -> 209
+# registers offline), so it reads them whole.
 NARROW_STATES_STORE = True
 
 
