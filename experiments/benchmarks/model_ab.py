@@ -10,10 +10,11 @@ Any other kernel module likewise, named as the second argument (its copy beside 
   git show HEAD:kernels/add_norm.py > kernels/add_norm_before.py
   PYTHONPATH=. python experiments/benchmarks/model_ab.py train:224:128 kernels.add_norm
 
-or, for a change of one of the scan module's constants, the working tree's module with that constant set otherwise
-while the `before` step traces (no copy needed):
+or, for a change of one module constant, the working tree's module with that constant set otherwise while the
+`before` step traces (no copy needed; `module.NAME=VALUE`, VALUE a Python literal):
 
-  PYTHONPATH=. python experiments/benchmarks/model_ab.py train:224:128 NARROW_STATES_STORE=False
+  PYTHONPATH=. python experiments/benchmarks/model_ab.py train:224:128 \
+      kernels.selective_scan.pallas_gpu.NARROW_STATES_STORE=False
 
 Cases are mode:image_size:batch, mode `inference` (logits, `model_steps.forward_step`) or `train` (forward, backward
 and AdamW, `model_steps.train_step`). Both steps are compiled first, the `before` one with every reference that the
@@ -30,22 +31,23 @@ import sys
 import jax
 
 from experiments.benchmarks.model_steps import alternate_rounds, forward_step, train_step
-from kernels.selective_scan import pallas_gpu
 from vim_jax.models import create_model
 
 
 @contextlib.contextmanager
 def _patched(constant: str):
-  """pallas_gpu with NAME=VALUE (a Python literal) set inside the block."""
-  name, value = constant.split("=", 1)
-  if not hasattr(pallas_gpu, name):
-    raise ValueError(f"pallas_gpu has no {name!r} to patch")
-  kept = getattr(pallas_gpu, name)
-  setattr(pallas_gpu, name, ast.literal_eval(value))
+  """module.NAME=VALUE (a Python literal) set inside the block."""
+  path, value = constant.split("=", 1)
+  module_name, name = path.rsplit(".", 1)
+  module = importlib.import_module(module_name)
+  if not hasattr(module, name):
+    raise ValueError(f"{module_name} has no {name!r} to patch")
+  kept = getattr(module, name)
+  setattr(module, name, ast.literal_eval(value))
   try:
     yield
   finally:
-    setattr(pallas_gpu, name, kept)
+    setattr(module, name, kept)
 
 
 @contextlib.contextmanager
