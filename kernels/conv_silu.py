@@ -56,8 +56,14 @@ def conv_silu_bidirectional(
   *,
   impl: str | None = None,
   interpret: bool = False,
-) -> tuple[jax.Array, jax.Array]:
-  """(silu(causal conv of x), silu(anti-causal conv of x)), both in x's dtype, differentiable.
+  consumers: int = 1,
+) -> tuple[jax.Array, ...]:
+  """(silu(causal conv of x), silu(anti-causal conv of x)), both in x's dtype, differentiable; that pair `consumers`
+  times, flat, one pair per consumer of the outputs.
+
+  Vim's u feeds both the scan and the step projections, whose gradients XLA would add in a pass of its own (two
+  reads and a write of u's size per direction and layer): given a pair each, the backward kernel receives them
+  apart and adds them as it reads them.
 
   Args:
     x: (batch, length, channels).
@@ -66,14 +72,19 @@ def conv_silu_bidirectional(
       GPU, or on CPU with `interpret`; XLA elsewhere); None: the kernels on GPU, XLA elsewhere. Under a
       mesh the kernels run per device (`shard_map`), the batch split over every mesh axis.
     interpret: run the Pallas kernels in interpret mode (CPU tests).
+    consumers: how many times the pair is returned (at least 1).
   """
   _check(x, forward, backward)
+  if consumers < 1:
+    raise ValueError(f"conv_silu_bidirectional: `consumers` must be at least 1, got {consumers}")
   if uses_kernels(impl, interpret):
-    return _per_device(functools.partial(fused, interpret=interpret), x, forward, backward)
-  return tuple(
+    fn = functools.partial(fused, interpret=interpret, consumers=consumers)
+    return _per_device(fn, x, forward, backward, outputs=2 * consumers)
+  pair = tuple(
     jax.nn.silu(conv(x, kernel, bias, reverse=reverse)).astype(x.dtype)
     for (kernel, bias), reverse in ((forward, False), (backward, True))
   )
+  return pair * consumers
 
 
 def uses_kernels(impl: str | None, interpret: bool) -> bool:
@@ -103,7 +114,7 @@ def _check(x, forward, backward) -> None:
     )
 
 
-def _per_device(fn, x, forward, backward):
+def _per_device(fn, x, forward, backward, *, outputs: int):
   """fn per device under a mesh (XLA cannot split a Pallas call): the batch over all mesh axes, the
   weights whole; their gradients' per-shard parts are summed by the shard_map's transpose."""
   mesh = jax.sharding.get_abstract_mesh()
@@ -114,7 +125,9 @@ def _per_device(fn, x, forward, backward):
   if jax.sharding.AxisType.Explicit in mesh.axis_types:
     x = jax.sharding.reshard(x, batch)
     forward, backward = jax.tree.map(lambda w: jax.sharding.reshard(w, P()), (forward, backward))
-  return jax.shard_map(fn, in_specs=(batch, *weights), out_specs=(batch, batch), check_vma=False)(x, forward, backward)
+  return jax.shard_map(fn, in_specs=(batch, *weights), out_specs=(batch,) * outputs, check_vma=False)(
+    x, forward, backward
+  )
 
 
 class _Window:
@@ -166,19 +179,26 @@ def _forward_kernel(x_ref, *refs, length: int, taps: int, block_t: int, dtype, n
       ub_ref[t0 + i, :] = window.silu(pre_b).astype(ub_ref.dtype)
 
 
-def _backward_kernel(x_ref, duf_ref, dub_ref, *refs, length: int, taps: int, block_t: int, dtype, native: bool):
+def _backward_kernel(x_ref, *refs, consumers: int, length: int, taps: int, block_t: int, dtype, native: bool):
   """dx for positions t0 .. t0 + block_t, and this block's sums of the weight and bias gradients.
 
-  dL/d(pre-activation) is recomputed for s = t0 - (K-1) .. t0 + block_t + (K-1) (zero outside the
-  sequence, where du reads as zero), then dx[t] = Σ_k w_f[k] dpre_f[t + (K-1) - k] + w_b[k] dpre_b[t - (K-1) + k];
-  the weight and bias gradients sum over this block's own positions only."""
+  refs: each consumer's du of the forward direction, then of the backward one (summed here, in the compute dtype),
+  the weights, then the outputs. dL/d(pre-activation) is recomputed for s = t0 - (K-1) .. t0 + block_t + (K-1) (zero
+  outside the sequence, where du reads as zero), then dx[t] = Σ_k w_f[k] dpre_f[t + (K-1) - k] + w_b[k]
+  dpre_b[t - (K-1) + k]; the weight and bias gradients sum over this block's own positions only."""
+  duf_refs, dub_refs, refs = refs[:consumers], refs[consumers : 2 * consumers], refs[2 * consumers :]
   *weight_refs, dx_ref, dwf_ref, dbf_ref, dwb_ref, dbb_ref = refs
   window = _Window(x_ref, weight_refs, length, taps, dtype, native)
   t0, half = pl.program_id(2) * block_t, taps - 1
   span = block_t + 2 * half  # positions s of dpre: t0 - half + i
   rows = [window.row(x_ref, t0 - 2 * half + k) for k in range(span + 2 * half)]  # x at s + k - half
-  du_f = [window.row(duf_ref, t0 - half + i) for i in range(span)]
-  du_b = [window.row(dub_ref, t0 - half + i) for i in range(span)]
+
+  def du(du_refs, i):
+    terms = [window.row(ref, t0 - half + i) for ref in du_refs]
+    return sum(terms[1:], terms[0])
+
+  du_f = [du(duf_refs, i) for i in range(span)]
+  du_b = [du(dub_refs, i) for i in range(span)]
   dpre_f, dpre_b = [], []
   for i in range(span):
     pre_f, pre_b = window.pre(rows[i : i + 2 * half + 1])
@@ -202,9 +222,10 @@ def _backward_kernel(x_ref, duf_ref, dub_ref, *refs, length: int, taps: int, blo
 
 # Jitted: every layer's call shares one traced pair of kernels, lowered once. Module constants are read when it is
 # first traced for a shape: after changing one, `jax.clear_caches()`.
-@functools.partial(jax.jit, static_argnames="interpret")
-def fused(x, forward, backward, *, interpret: bool = False):
-  """The Pallas path: channels padded to the block, the kernels bound with `jax.custom_vjp`."""
+@functools.partial(jax.jit, static_argnames=("interpret", "consumers"))
+def fused(x, forward, backward, *, interpret: bool = False, consumers: int = 1):
+  """The Pallas path: channels padded to the block, the kernels bound with `jax.custom_vjp`; the pair of outputs
+  `consumers` times (`conv_silu_bidirectional`), each pair's cotangents read apart by the backward kernel."""
   batch, length, channels = x.shape
   taps = forward[0].shape[0]
   block_d = min(BLOCK_D, pl.next_power_of_2(channels))
@@ -245,7 +266,7 @@ def fused(x, forward, backward, *, interpret: bool = False):
       out_shape=[jax.ShapeDtypeStruct((batch, length, padded), x.dtype)] * 2,
       name="conv_silu_fwd",
     )(pad_to(x, 2, padded), *weights)
-    return tuple(v[..., :channels] for v in u), (x, forward, backward)
+    return tuple(v[..., :channels] for v in u) * consumers, (x, forward, backward)
 
   def run_bwd(residuals, cotangents):
     x, forward, backward = residuals
@@ -255,17 +276,18 @@ def fused(x, forward, backward, *, interpret: bool = False):
       pl.BlockSpec((None, None, block_d), lambda b, i, c: (b, c, i)),
     ] * 2
     blocks = pl.cdiv(length, BACKWARD_BLOCK_T)
+    du = (*cotangents[0::2], *cotangents[1::2])  # each consumer's du of the forward direction, then the backward's
     dx, dwf, dbf, dwb, dbb = call(
-      _backward_kernel,
+      functools.partial(_backward_kernel, consumers=consumers),
       BACKWARD_BLOCK_T,
-      in_specs=[seq, seq, seq, *weight_specs],
+      in_specs=[seq, *[seq] * len(du), *weight_specs],
       out_specs=[seq, *sums],
       out_shape=[
         jax.ShapeDtypeStruct((batch, length, padded), x.dtype),
         *[jax.ShapeDtypeStruct((batch, blocks, *shape, padded), dtype) for shape in ((taps,), ())] * 2,
       ],
       name="conv_silu_bwd",
-    )(pad_to(x, 2, padded), *(pad_to(d, 2, padded) for d in cotangents), *weights)
+    )(pad_to(x, 2, padded), *(pad_to(d, 2, padded) for d in du), *weights)
 
     def total(grad, like):
       return grad.sum(axis=(0, 1))[..., :channels].astype(like.dtype)

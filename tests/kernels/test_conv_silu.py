@@ -25,21 +25,23 @@ def _inputs(rng, batch, length, channels, taps, dtype):
 
 
 def _run(impl, x, forward, backward, cotangents):
-  fn = lambda x, f, b: conv_silu.conv_silu_bidirectional(x, f, b, impl=impl, interpret=True)  # noqa: E731
+  consumers = len(cotangents) // 2
+  fn = functools.partial(conv_silu.conv_silu_bidirectional, impl=impl, interpret=True, consumers=consumers)
   out, vjp = jax.vjp(fn, x, forward, backward)
   return out, vjp(cotangents)
 
 
 @pytest.mark.parametrize(
-  "batch, length, channels, taps",
-  [(2, 37, 5, 4), (1, 3, 130, 4), (2, 70, 16, 3), (1, 33, 8, 1)],
+  "batch, length, channels, taps, consumers",
+  [(2, 37, 5, 4, 1), (1, 3, 130, 4, 1), (2, 70, 16, 3, 1), (1, 33, 8, 1, 1), (2, 37, 5, 4, 2), (1, 20, 16, 4, 3)],
 )
-def test_kernels_match_xla_in_float64(batch, length, channels, taps, x64):
+def test_kernels_match_xla_in_float64(batch, length, channels, taps, consumers, x64):
   """Several position blocks with a short last one (37, 70), a sequence shorter than the window (3),
-  channels padded to the block (5, 130), odd and trivial kernel widths (3, 1)."""
+  channels padded to the block (5, 130), odd and trivial kernel widths (3, 1); the pair returned for 2 and 3
+  consumers, each with its own cotangents, which the backward kernel adds (XLA's autodiff adds them before)."""
   rng = np.random.default_rng(length)
   x, forward, backward = _inputs(rng, batch, length, channels, taps, jnp.float64)
-  cotangents = tuple(jnp.asarray(rng.standard_normal(x.shape)) for _ in range(2))
+  cotangents = tuple(jnp.asarray(rng.standard_normal(x.shape)) for _ in range(2 * consumers))
   args = (x, forward, backward, cotangents)
   out, grads = fast_compiled(functools.partial(_run, "pallas_gpu"), *args)(*args)
   expected_out, expected_grads = fast_compiled(functools.partial(_run, "xla"), *args)(*args)
@@ -65,6 +67,8 @@ def test_kernels_keep_bfloat16_inputs_and_float32_weights():
 def test_bad_arguments_name_what_was_expected():
   x = jnp.zeros((2, 5, 8))
   good = (jnp.zeros((4, 8)), jnp.zeros(8))
+  with pytest.raises(ValueError, match="`consumers` must be at least 1, got 0"):
+    conv_silu.conv_silu_bidirectional(x, good, good, consumers=0)
   with pytest.raises(ValueError, match=r"`backward` must be \(kernel \(K, 8\), bias \(8,\)\)"):
     conv_silu.conv_silu_bidirectional(x, good, (jnp.zeros((4, 7)), jnp.zeros(8)))
   with pytest.raises(ValueError, match="unknown impl 'cuda'"):

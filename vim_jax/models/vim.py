@@ -266,15 +266,17 @@ class BiMambaMixer(nnx.Module):
       dtype = jnp.dtype(cfg.dtype)
       kernel = self.in_proj.kernel[...].astype(dtype)
       x, z = layers.matmul_halves(hidden.astype(dtype), kernel, cfg.matmul_precision)
-    with jax.named_scope("conv_silu"):  # both directions in one pass over x
-      u_f, u_b = conv_silu_bidirectional(
+    with jax.named_scope("conv_silu"):  # both directions in one pass over x; a pair each for the scan and the
+      # projections, whose gradients the conv's backward then adds as it reads them (no add of its own in XLA)
+      u_f, u_b, u_f_projected, u_b_projected = conv_silu_bidirectional(
         x,
         (self.conv1d.kernel[...], self.conv1d.bias[...]),
         (self.conv1d_b.kernel[...], self.conv1d_b.bias[...]),
         impl=_CONV_IMPLS.get(cfg.scan_impl, "xla"),
         interpret=cfg.scan_interpret,
+        consumers=2,
       )
-    (projected_f, delta_f), (projected_b, delta_b) = self._projections(u_f, u_b)
+    (projected_f, delta_f), (projected_b, delta_b) = self._projections(u_f_projected, u_b_projected)
     with jax.named_scope("forward"):
       forward = self._direction(u_f, projected_f, delta_f, self.A_log, self.D, self.dt_proj)
     with jax.named_scope("backward"):
