@@ -63,7 +63,8 @@ def conv_silu_bidirectional(
 
   Vim's u feeds both the scan and the step projections, whose gradients XLA would add in a pass of its own (two
   reads and a write of u's size per direction and layer): given a pair each, the backward kernel receives them
-  apart and adds them as it reads them.
+  apart and adds them as it reads them (Vim-Ti's training step at 224², batch 128 on an H100: 32.86 -> 32.43 ms,
+  ab_conv_cotangents_apart_vim_tiny_train_h100.txt).
 
   Args:
     x: (batch, length, channels).
