@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
-from jax.sharding import PartitionSpec as P
+
+from kernels.per_device import per_device
 
 # H100 (add_norm_tune_h100.json): at 1248², batch 32, Vim-Ti, XLA's two kernels take 0.211 ms, this one 0.164 with
 # 16 rows and 8 warps (2.7 TB/s), 0.164-0.174 with 32 or 64 rows and 4 or 8 warps; at 224², batch 128, 0.035 and 0.035.
@@ -71,17 +72,7 @@ def add_norm(
   if not supported(dim):
     raise ValueError(f"add_norm: the feature dim must be a multiple of {SMALLEST_PIECE}, got {dim}")
   fn = functools.partial(_fused, eps=eps, dtype=jnp.dtype(dtype), interpret=interpret)
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return fn(residual, hidden, weight)
-  rows = P(mesh.axis_names)
-  if jax.sharding.AxisType.Explicit in mesh.axis_types:
-    residual, hidden, weight = (
-      jax.sharding.reshard(a, s) for a, s in ((residual, rows), (hidden, rows), (weight, P()))
-    )
-  return jax.shard_map(fn, in_specs=(rows, rows, P()), out_specs=(rows, rows), check_vma=False)(
-    residual, hidden, weight
-  )
+  return per_device(fn, (residual, hidden), (weight,))
 
 
 def _pieces(dim: int) -> list[tuple[int, int]]:
@@ -91,12 +82,16 @@ def _pieces(dim: int) -> list[tuple[int, int]]:
   return list(zip(starts, widths))
 
 
+def _row_block(rows: int):
+  """This program's `BLOCK_ROWS` rows: their slice, and (BLOCK_ROWS, 1) which lie before `rows` (the rest masked)."""
+  start = pl.program_id(0) * BLOCK_ROWS
+  return pl.ds(start, BLOCK_ROWS), (start + jax.lax.broadcasted_iota(jnp.int32, (BLOCK_ROWS, 1), 0)) < rows
+
+
 def _kernel(r_ref, h_ref, w_ref, r_out_ref, y_ref, *, rows: int, eps: float):
   """One block of `BLOCK_ROWS` rows: r' and y, rows past `rows` masked. r_out_ref is r_ref's buffer (aliased)."""
   dim = r_ref.shape[1]
-  start = pl.program_id(0) * BLOCK_ROWS
-  block = pl.ds(start, BLOCK_ROWS)
-  inside = (start + jax.lax.broadcasted_iota(jnp.int32, (BLOCK_ROWS, 1), 0)) < rows
+  block, inside = _row_block(rows)
   pieces, totals = _pieces(dim), []
   for column, width in pieces:
     mask = jnp.broadcast_to(inside, (BLOCK_ROWS, width))
@@ -122,9 +117,7 @@ def _backward_kernel(
   `d_weight_ref`; `_backward` sums the blocks). With x̂ = r' · rstd and g = d_normed · w:
   d_r' = d_total + rstd (g − x̂ · mean(g x̂)), d_w = Σ_rows d_normed · x̂."""
   dim = total_ref.shape[1]
-  program = pl.program_id(0)
-  block = pl.ds(program * BLOCK_ROWS, BLOCK_ROWS)
-  inside = (program * BLOCK_ROWS + jax.lax.broadcasted_iota(jnp.int32, (BLOCK_ROWS, 1), 0)) < rows
+  block, inside = _row_block(rows)
   pieces, xs, d_normeds, gs = _pieces(dim), [], [], []
   for column, width in pieces:
     mask = jnp.broadcast_to(inside, (BLOCK_ROWS, width))
@@ -141,7 +134,7 @@ def _backward_kernel(
     d = plgpu.load(d_total_ref.at[at], mask=mask, other=0.0) + (g - x_hat * mean_gx) * rstd
     plgpu.store(d_residual_ref.at[at], d, mask=mask)
     plgpu.store(d_hidden_ref.at[at], d.astype(d_hidden_ref.dtype), mask=mask)
-    d_weight_ref[program, pl.ds(column, width)] = jnp.sum(d_normed * x_hat, axis=0)  # masked rows add 0
+    d_weight_ref[pl.program_id(0), pl.ds(column, width)] = jnp.sum(d_normed * x_hat, axis=0)  # masked rows add 0
 
 
 def _backward(total, weight, d_total, d_normed, *, eps: float, hidden_dtype, interpret: bool):

@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
-from jax.sharding import PartitionSpec as P
 
+from kernels.per_device import per_device
 from kernels.selective_scan import ptx
 from kernels.selective_scan.padding import compute_dtype, pad_to
 from kernels.selective_scan.softplus import silu_grad
@@ -80,7 +80,7 @@ def conv_silu_bidirectional(
     raise ValueError(f"conv_silu_bidirectional: `consumers` must be at least 1, got {consumers}")
   if uses_kernels(impl, interpret):
     fn = functools.partial(fused, interpret=interpret, consumers=consumers)
-    return _per_device(fn, x, forward, backward, outputs=2 * consumers)
+    return per_device(fn, (x,), (forward, backward))
   pair = tuple(
     jax.nn.silu(conv(x, kernel, bias, reverse=reverse)).astype(x.dtype)
     for (kernel, bias), reverse in ((forward, False), (backward, True))
@@ -113,22 +113,6 @@ def _check(x, forward, backward) -> None:
       f"conv_silu_bidirectional: both directions need kernels of one shape, got {forward[0].shape} and"
       f" {backward[0].shape}"
     )
-
-
-def _per_device(fn, x, forward, backward, *, outputs: int):
-  """fn per device under a mesh (XLA cannot split a Pallas call): the batch over all mesh axes, the
-  weights whole; their gradients' per-shard parts are summed by the shard_map's transpose."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return fn(x, forward, backward)
-  batch = P(mesh.axis_names)
-  weights = ((P(), P()), (P(), P()))
-  if jax.sharding.AxisType.Explicit in mesh.axis_types:
-    x = jax.sharding.reshard(x, batch)
-    forward, backward = jax.tree.map(lambda w: jax.sharding.reshard(w, P()), (forward, backward))
-  return jax.shard_map(fn, in_specs=(batch, *weights), out_specs=(batch,) * outputs, check_vma=False)(
-    x, forward, backward
-  )
 
 
 class _Window:

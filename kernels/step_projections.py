@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
-from jax.sharding import PartitionSpec as P
 
+from kernels.per_device import per_device
 from kernels.selective_scan.padding import pad_to
 
 PIECE = 16  # output columns per tensor-core product (Triton's dot needs 16 or more, a power of two)
@@ -94,16 +94,7 @@ def project(
       f"step_projections: unsupported shapes or dtype (channels {channels}, width {width}, rank {rank}, {u_f.dtype});"
       " check `supported` first"
     )
-  fn = functools.partial(_call, rank=rank, interpret=interpret)
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return fn(u_f, u_b, packed)
-  rows = P(mesh.axis_names)
-  if jax.sharding.AxisType.Explicit in mesh.axis_types:
-    u_f, u_b, packed = (jax.sharding.reshard(a, s) for a, s in ((u_f, rows), (u_b, rows), (packed, P())))
-  return jax.shard_map(fn, in_specs=(rows, rows, P()), out_specs=((rows, rows), (rows, rows)), check_vma=False)(
-    u_f, u_b, packed
-  )
+  return per_device(functools.partial(_call, rank=rank, interpret=interpret), (u_f, u_b), (packed,))
 
 
 # Jitted: every layer's call shares one traced kernel, lowered once. Module constants (PROGRAMS, BLOCK_ROWS, ...) are

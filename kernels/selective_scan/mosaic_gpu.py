@@ -42,12 +42,12 @@ three FMAs instead of four multiplies and three adds, both directions 1.264 ms a
 0.867 against 0.884 at 1024² (H100, mosaic_patch_ab.py, scan_mosaic_gpu_contracted_sums_h100.txt). The loop is then
 301 instructions per 8 positions, and the code once per block 14-21% of those executed but 26-30% of the stall
 samples (ncu_mosaic_forward_contracted_1248_b32_h100.md). Groups of 16 positions (`unroll`) take both directions
-from 1.258 to 1.228 ms at 1248², batch 32 and 0.862 to 0.841 at 1024² (32: 1.211 and 0.830, not yet checked on a
-card), Vim-Ti's forward from 47.10 to 46.36 ms at 1248² (H100, fortieth session, scan_mosaic_gpu_unroll_h100.txt,
-ab_mosaic_unroll16_vim_tiny_h100.txt). Three blocks' copies in flight (`stages`) or blocks of 128 positions were
-slower (1.36 and 1.66 ms against 1.25, scan_mosaic_gpu_stages_block_t_h100.json; by its buffers' sizes, the gated
-direction's program then leaves room for two per SM, where these shapes' 384 programs need three), float32 B and C
-rows (`f32_states`) too (1.27-1.30 ms).
+from 1.258 to 1.228 ms at 1248², batch 32 and 0.862 to 0.841 at 1024² (32: 1.211 and 0.830; its card check ran 12
+of 18 forms, all passing, before its time limit: compiling 32 takes longer), Vim-Ti's forward from 47.10 to
+46.36 ms at 1248² (H100, fortieth session, scan_mosaic_gpu_unroll_h100.txt, ab_mosaic_unroll16_vim_tiny_h100.txt).
+Three blocks' copies in flight (`stages`) or blocks of 128 positions were slower (1.36 and 1.66 ms against 1.25,
+scan_mosaic_gpu_stages_block_t_h100.json; by its buffers' sizes, the gated direction's program then leaves room for two
+per SM, where these shapes' 384 programs need three), float32 B and C rows (`f32_states`) too (1.27-1.30 ms).
 
 Mosaic GPU needs sm_90 (Hopper) and its API still moves: this lowers on jax 0.11.2 and 0.12 (tests lower it for
 CUDA on CPU and run its math in interpret mode, which reads blocks from HBM in place (`staged=False`) because it
