@@ -182,6 +182,14 @@ def _vim_tiny_scan_for_h100(fn, batch: int, length: int) -> tuple[str, set[str]]
   return hlo, set(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton\(.*name = \"(\w+)\"", hlo))
 
 
+_GRADIENT_KERNELS = {
+  "selective_scan_fwd",
+  "selective_scan_bwd_states",
+  "selective_scan_bwd",
+  "selective_scan_bwd_sum_blocks",
+}
+
+
 def _scan_with_gradients(arrays):
   (y, last_state), vjp = jax.vjp(lambda a: pallas_gpu.scan(**a, delta_softplus=True, reverse=True), arrays)
   return vjp((y, last_state))
@@ -194,7 +202,7 @@ def test_pallas_gpu_lowers_for_cuda(batch, length):
   runs this path."""
   hlo, names = _vim_tiny_scan_for_h100(_scan_with_gradients, batch, length)
   several_chunks = {"selective_scan_chunk_ends", "selective_scan_bwd_carry"} if length > pallas_gpu.CHUNK else set()
-  assert names == {"selective_scan_fwd", "selective_scan_bwd_states", "selective_scan_bwd"} | several_chunks
+  assert names == _GRADIENT_KERNELS | several_chunks
   # The forward by channel (few programs, `BY_CHANNEL_PROGRAMS`) reads B and C as uint32 pairs of bf16.
   assert (f"tensor<{batch}x{length}x8xui32>" in hlo) == (length <= pallas_gpu.CHUNK)
   # The kernels read the bf16 arrays themselves: no float32 copy of u is made.
@@ -245,8 +253,9 @@ def test_pallas_gpu_bidirectional_lowers_for_cuda(batch, length):
   both directions' ungated gradient kernels in one launch) lowered for an H100."""
   hlo, names = _vim_tiny_scan_for_h100(_bidirectional_with_gradients, batch, length)
   several_chunks = {"selective_scan_chunk_ends", "selective_scan_bwd_carry"} if length > pallas_gpu.CHUNK else set()
-  assert names == {"selective_scan_fwd", "selective_scan_bwd_states", "selective_scan_bwd"} | several_chunks
+  assert names == _GRADIENT_KERNELS | several_chunks
   assert len(re.findall(r'name = "selective_scan_bwd"', hlo)) == 1  # both directions in one launch
+  assert len(re.findall(r'name = "selective_scan_bwd_sum_blocks"', hlo)) == 1  # their dB and dC too
 
 
 @pytest.mark.parametrize(
@@ -598,8 +607,27 @@ def test_fused_bidirectional_backward_launches_each_gradient_kernel_once():
   jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(forward, backward)
   names = re.findall(r"name=(selective_scan\w*)", str(jaxpr))
   assert sorted(names) == sorted(
-    ["selective_scan_fwd"] * 2 + ["selective_scan_bwd_states"] * 2 + ["selective_scan_bwd"]
+    ["selective_scan_fwd"] * 2
+    + ["selective_scan_bwd_states"] * 2
+    + ["selective_scan_bwd", "selective_scan_bwd_sum_blocks"]
   )
+
+
+@pytest.mark.parametrize("batch, length, blocks", [(2, 37, 3), (1, 5, 1), (3, 64, 12)])
+def test_sum_over_blocks_equals_numpy(batch, length, blocks, x64):
+  """dB's and dC's partial sums over channel blocks (interpret mode): rows that no program's 64 divide, a single
+  block, Vim-Ti's 12; float64 sums cast to float32 and bf16, each array to its own dtype."""
+  rng = np.random.default_rng(blocks)
+  partials = [jnp.asarray(rng.standard_normal((batch, length, blocks, 16))) for _ in range(2)]
+  dtypes = [jnp.float32, jnp.bfloat16]
+  got = pallas_gpu.sum_over_blocks(partials, dtypes, interpret=True)
+  assert partials[0].dtype == jnp.float64
+  for x, dtype, sums in zip(partials, dtypes, got):
+    assert sums.shape == (batch, length, 16) and sums.dtype == dtype
+    want = np.asarray(x).sum(axis=2).astype(dtype)
+    np.testing.assert_array_equal(np.asarray(sums, np.float64), np.asarray(want, np.float64))
+  with pytest.raises(ValueError, match="share one shape"):
+    pallas_gpu.sum_over_blocks([partials[0], partials[1][:, :3]], dtypes, interpret=True)
 
 
 def test_bidirectional_public_function_with_each_impl_equals_two_scans():
