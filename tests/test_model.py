@@ -345,6 +345,30 @@ def test_step_projections_kernel_equals_xla_matmuls_in_the_model(vim_ref, monkey
     assert_rel_close(got[...], want[...], 3e-2, "/".join(map(str, path)))
 
 
+def test_add_norm_in_proj_kernel_runs_undifferentiated_and_equals_the_two_launches(vim_ref, monkeypatch):
+  """bf16 with the mixer's GPU kernels (interpret mode; the scan in XLA, to compile fast): the blocks' add + norm and
+  in_proj run as one kernel (`add_norm.add_norm_project`) where nothing is differentiated, with the logits of the two
+  launches; differentiated, the two launches run (the same parameter gradients as without the kernel)."""
+  images = jnp.asarray(vim_ref["images"])
+  monkeypatch.setattr(vim.conv_silu, "uses_kernels", lambda impl, interpret: interpret)
+
+  def run():
+    model = ref_model(vim_ref, dtype="bfloat16", scan_impl="xla", scan_interpret=True, scan_layers=True)
+    graphdef, state = nnx.split(model)
+    forward = str(jax.make_jaxpr(lambda state: nnx.merge(graphdef, state)(images))(state))
+    loss = lambda m: jnp.sum(m(images) ** 2)  # noqa: E731
+    differentiated = str(jax.make_jaxpr(lambda state: jax.grad(lambda s: loss(nnx.merge(graphdef, s)))(state))(state))
+    names = [text.count("name=add_norm_project") for text in (forward, differentiated)]
+    return names, logits_of(model, images), parameter_gradients(model, loss)
+
+  names, logits, grads = run()
+  monkeypatch.setattr(vim.add_norm, "project_supported", lambda *args: False)
+  separate_names, separate_logits, separate_grads = run()
+  assert names == [1, 0] and separate_names == [0, 0]  # one kernel in the layer scan's body
+  assert_rel_close(logits, separate_logits, 1e-2, "logits")
+  chex.assert_trees_all_equal(grads, separate_grads)
+
+
 @pytest.fixture(scope="module")
 def tiny_init_params():
   model = create_model("vim_tiny", rngs=nnx.Rngs(0))
