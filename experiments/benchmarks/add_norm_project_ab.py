@@ -10,7 +10,6 @@ best of 3 rounds of 10 loops), and for the kernel the largest difference from th
 and x|z (relative to their largest magnitude; the two round y and sum in other orders).
 """
 
-import functools
 import itertools
 import time
 

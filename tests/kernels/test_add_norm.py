@@ -177,9 +177,9 @@ def test_add_norm_project_equals_add_norm_then_matmul(shape, width):
   rng = np.random.default_rng(shape[1])
   residual, hidden, weight = _inputs(rng, shape)
   projection = _projection(rng, shape[-1], width)
-  total, first, second = jax.jit(
-    lambda r, h, w, p: add_norm.add_norm_project(r, h, w, p, eps=EPS, interpret=True)
-  )(residual, hidden, weight, projection)
+  total, first, second = jax.jit(lambda r, h, w, p: add_norm.add_norm_project(r, h, w, p, eps=EPS, interpret=True))(
+    residual, hidden, weight, projection
+  )
   want_total, normed = add_norm.reference(residual, hidden, weight, EPS, jnp.bfloat16)
   want = np.asarray(jnp.dot(normed, projection, preferred_element_type=jnp.float32))
   np.testing.assert_array_equal(total, want_total)
