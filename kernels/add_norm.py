@@ -216,7 +216,10 @@ def _fused(residual, hidden, weight, *, eps: float, dtype, interpret: bool):
 # stay in registers (64 × 192 for Vim-Ti, 4 warps: 96 per thread), and output columns per matmul tile.
 PROJECT_BLOCK_ELEMENTS = 64 * 192
 PROJECT_NUM_WARPS = 4
+PROJECT_NUM_STAGES = 1
 PROJECT_TILE = 128
+PROJECT_UNROLL = False
+PROJECT_PROGRAMS = 0  # 0: one program per block of rows; else this many, each looping over blocks
 
 
 def project_supported(dim: int, width: int, dtype) -> bool:
@@ -269,24 +272,37 @@ def _projected(residual, hidden, weight, projection, *, eps: float, interpret: b
   block_rows = _project_rows(dim)
   total, first, second = pl.pallas_call(
     functools.partial(_project_kernel, rows=rows, block_rows=block_rows, eps=eps),
-    grid=(pl.cdiv(rows, block_rows),),
+    grid=(min(pl.cdiv(rows, block_rows), PROJECT_PROGRAMS or rows),),
     out_shape=[
       jax.ShapeDtypeStruct((rows, dim), jnp.float32),
       *[jax.ShapeDtypeStruct((rows, width), projection.dtype)] * 2,
     ],
     input_output_aliases={0: 0},
     interpret=interpret,
-    compiler_params=plgpu.CompilerParams(num_warps=PROJECT_NUM_WARPS, num_stages=1),
+    compiler_params=plgpu.CompilerParams(num_warps=PROJECT_NUM_WARPS, num_stages=PROJECT_NUM_STAGES),
     name="add_norm_project",
   )(residual.reshape(rows, dim), hidden.reshape(rows, dim), weight, projection)
   return total.reshape(shape), *(half.reshape((*shape[:-1], width)) for half in (first, second))
 
 
 def _project_kernel(r_ref, h_ref, w_ref, p_ref, r_out_ref, first_ref, second_ref, *, rows, block_rows, eps):
+  """This program's block of rows, or with `PROJECT_PROGRAMS` every that many-th block, in a loop that Triton's
+  pipeliner can overlap (the next block's loads with this one's matmuls)."""
+  refs = (r_ref, h_ref, w_ref, p_ref, r_out_ref, first_ref, second_ref)
+  project = functools.partial(_project_block, *refs, rows=rows, block_rows=block_rows, eps=eps)
+  first = pl.program_id(0)
+  if not PROJECT_PROGRAMS:
+    return project(first)
+  programs = pl.num_programs(0)
+  steps = pl.cdiv(pl.cdiv(rows, block_rows) - first, programs)
+  jax.lax.fori_loop(0, steps, lambda i, _: project(first + i * programs), None)
+
+
+def _project_block(r_ref, h_ref, w_ref, p_ref, r_out_ref, first_ref, second_ref, index, *, rows, block_rows, eps):
   """One block of rows: r' and y as `_kernel`'s (y kept in registers, in the projection's dtype, as XLA's matmul
   would read it), then y · each half of the projection, `_tile` columns at a time, float32 sums."""
   dim, width = r_ref.shape[1], first_ref.shape[1]
-  start = pl.program_id(0) * block_rows
+  start = index * block_rows
   block = pl.ds(start, block_rows)
   inside = (start + jax.lax.broadcasted_iota(jnp.int32, (block_rows, 1), 0)) < rows
   pieces, totals = _pieces(dim), []
@@ -316,4 +332,4 @@ def _project_kernel(r_ref, h_ref, w_ref, p_ref, r_out_ref, first_ref, second_ref
       plgpu.store(out_ref.at[block, columns], out.astype(out_ref.dtype), mask=jnp.broadcast_to(inside, out.shape))
       return carry
 
-    jax.lax.fori_loop(0, width // tile, project_tile, 0)
+    jax.lax.fori_loop(0, width // tile, project_tile, 0, unroll=PROJECT_UNROLL)

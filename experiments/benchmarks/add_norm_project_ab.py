@@ -11,6 +11,7 @@ and x|z (relative to their largest magnitude; the two round y and sum in other o
 """
 
 import itertools
+import json
 import time
 
 import jax
@@ -21,11 +22,15 @@ from kernels import add_norm
 from vim_jax.models import layers
 
 _STEPS = flags.DEFINE_integer("steps", 20, "Calls per loop on the device.")
+_ONLY = flags.DEFINE_string("only", "", "JSON {setting: [values]} to sweep instead of _SETTINGS's (others as shipped).")
+_CASE_LIST = flags.DEFINE_string("cases", "", "batch x length,... instead of _CASES (e.g. 32x4097,128x197).")
 _CASES = ((32, 4097), (32, 6085), (128, 197))  # (batch, length): 1024² and 1248², batch 32; 224², batch 128
 _SETTINGS = {  # every combination
-  "PROJECT_BLOCK_ELEMENTS": (64 * 192, 32 * 192, 128 * 192),
+  "PROJECT_BLOCK_ELEMENTS": (64 * 192, 128 * 192),
   "PROJECT_NUM_WARPS": (4, 8),
+  "PROJECT_NUM_STAGES": (1, 2, 3),
   "PROJECT_TILE": (128, 64),
+  "PROJECT_UNROLL": (False, True),
 }
 DIM, EPS = 192, 1e-6
 
@@ -88,13 +93,15 @@ def main(argv):
   del argv
   print(f"{jax.devices()[0].device_kind}; jax {jax.__version__}")
   separate, fused = jax.jit(_separate), jax.jit(_fused)
-  for batch, length in _CASES:
+  cases = [tuple(map(int, c.split("x"))) for c in _CASE_LIST.value.split(",")] if _CASE_LIST.value else _CASES
+  settings = json.loads(_ONLY.value) if _ONLY.value else _SETTINGS
+  for batch, length in cases:
     args = _inputs(batch, length)
     case = f"{batch}x{length}"
     want = separate(*args)
     print(f"{case} add_norm, then in_proj's matmuls: {_seconds(_looped(_separate), *args) * 1e6:.1f} us", flush=True)
-    for values in itertools.product(*_SETTINGS.values()):
-      setting = dict(zip(_SETTINGS, values))
+    for values in itertools.product(*settings.values()):
+      setting = dict(zip(settings, values))
       for name, value in setting.items():
         setattr(add_norm, name, value)
       jax.clear_caches()  # the kernel is jitted: traced again with this setting
