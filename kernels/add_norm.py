@@ -229,6 +229,19 @@ def project_supported(dim: int, width: int, dtype) -> bool:
   return supported(dim) and _tile(width) >= SMALLEST_PIECE and jnp.dtype(dtype).itemsize == 2
 
 
+# Where the one kernel pays (H100, add_norm_project_ab_h100.txt, Vim-Ti): at 224², batch 128 (25,216 rows) it took 50.1
+# against the two launches' 56.7 us, and Vim-Ti's forward went from 7.43 to 7.17 ms with 20 MiB fewer temporaries;
+# at 1024² and 1248², batch 32 (131,104 and 194,720 rows) it was as fast as they (234 against 232 us, 335 against
+# 334), and the forward 0.2 ms slower with 48-57 MiB more temporaries (x and z are written while h is still read), so
+# the model runs it up to this many rows (ab_add_norm_project_vim_tiny_h100.txt).
+PROJECT_MAX_ROWS = 32768
+
+
+def project_pays(rows: int) -> bool:
+  """Whether `add_norm_project` was measured faster than the two launches for this many rows (`PROJECT_MAX_ROWS`)."""
+  return rows <= PROJECT_MAX_ROWS
+
+
 def _tile(width: int) -> int:
   """The widest power of two up to `PROJECT_TILE` dividing `width`: each half's matmul columns per step."""
   return math.gcd(width, PROJECT_TILE) if width & (width - 1) else min(width, PROJECT_TILE)

@@ -232,3 +232,8 @@ def test_add_norm_project_runs_per_device_under_a_mesh():
   assert got[1].sharding.spec[0] == ("data", "fsdp")
   for a, b in zip(got, expected, strict=True):
     np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def test_add_norm_project_pays_up_to_the_measured_rows():
+  assert add_norm.project_pays(128 * 197)  # 224², batch 128: faster on the card
+  assert not add_norm.project_pays(32 * 4097)  # 1024², batch 32: as fast, more memory

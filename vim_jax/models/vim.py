@@ -330,7 +330,7 @@ class Block(nnx.Module):
     """(residual + hidden, this mixer's output). `drop_rate` is an argument, not an attribute, so that all
     blocks share one structure (layer scan)."""
     residual, hidden = stream
-    if self.fused_in_proj:
+    if self.fused_in_proj and add_norm.project_pays(residual.size // residual.shape[-1]):
       with jax.named_scope("add_norm_in_proj"):
         norm, mixer = self.norm, self.mixer
         precision = mixer.cfg.matmul_precision
