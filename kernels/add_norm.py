@@ -7,6 +7,9 @@ only), and the norm reads r' back: per element, 4 + 2 bytes in and 4 out for the
 The kernel reads r and h once and writes r' (over r, in inference) and y: 10 of those 16 bytes per element.
 Pallas on Triton, as the scan's other kernels (`selective_scan.pallas_gpu` says why).
 
+`add_norm_project` also multiplies y by the next mixer's in_proj (on the tensor cores, y never written), for
+inference at few rows, where it was measured faster (`project_pays`).
+
 One program per block of `BLOCK_ROWS` rows, the row in power-of-two pieces (Triton's blocks are powers of two:
 Vim-Ti's 192 is 128 + 64); rows past the end are masked, since r' is written over r (no overlapping block may
 read a row twice).
@@ -213,13 +216,12 @@ def _fused(residual, hidden, weight, *, eps: float, dtype, interpret: bool):
 
 
 # The add + norm with the next mixer's in_proj (`add_norm_project`): rows per program so that a block's float32 sums
-# stay in registers (64 × 192 for Vim-Ti, 4 warps: 96 per thread), and output columns per matmul tile.
+# stay in registers (64 × 192 for Vim-Ti), warps, and output columns per matmul tile. H100, Vim-Ti: 64 rows, 4 warps
+# and tiles of 128 were the fastest of 12 settings at 224², 1024² and 1248² (32-128 rows, 4 or 8 warps, tiles of 64
+# or 128; add_norm_project_ab_h100.txt). Offline for sm_90 it holds 228 registers per thread, two programs per SM.
 PROJECT_BLOCK_ELEMENTS = 64 * 192
 PROJECT_NUM_WARPS = 4
-PROJECT_NUM_STAGES = 1
 PROJECT_TILE = 128
-PROJECT_UNROLL = False
-PROJECT_PROGRAMS = 0  # 0: one program per block of rows; else this many, each looping over blocks
 
 
 def project_supported(dim: int, width: int, dtype) -> bool:
@@ -285,37 +287,24 @@ def _projected(residual, hidden, weight, projection, *, eps: float, interpret: b
   block_rows = _project_rows(dim)
   total, first, second = pl.pallas_call(
     functools.partial(_project_kernel, rows=rows, block_rows=block_rows, eps=eps),
-    grid=(min(pl.cdiv(rows, block_rows), PROJECT_PROGRAMS or rows),),
+    grid=(pl.cdiv(rows, block_rows),),
     out_shape=[
       jax.ShapeDtypeStruct((rows, dim), jnp.float32),
       *[jax.ShapeDtypeStruct((rows, width), projection.dtype)] * 2,
     ],
     input_output_aliases={0: 0},
     interpret=interpret,
-    compiler_params=plgpu.CompilerParams(num_warps=PROJECT_NUM_WARPS, num_stages=PROJECT_NUM_STAGES),
+    compiler_params=plgpu.CompilerParams(num_warps=PROJECT_NUM_WARPS, num_stages=1),
     name="add_norm_project",
   )(residual.reshape(rows, dim), hidden.reshape(rows, dim), weight, projection)
   return total.reshape(shape), *(half.reshape((*shape[:-1], width)) for half in (first, second))
 
 
 def _project_kernel(r_ref, h_ref, w_ref, p_ref, r_out_ref, first_ref, second_ref, *, rows, block_rows, eps):
-  """This program's block of rows, or with `PROJECT_PROGRAMS` every that many-th block, in a loop that Triton's
-  pipeliner can overlap (the next block's loads with this one's matmuls)."""
-  refs = (r_ref, h_ref, w_ref, p_ref, r_out_ref, first_ref, second_ref)
-  project = functools.partial(_project_block, *refs, rows=rows, block_rows=block_rows, eps=eps)
-  first = pl.program_id(0)
-  if not PROJECT_PROGRAMS:
-    return project(first)
-  programs = pl.num_programs(0)
-  steps = pl.cdiv(pl.cdiv(rows, block_rows) - first, programs)
-  jax.lax.fori_loop(0, steps, lambda i, _: project(first + i * programs), None)
-
-
-def _project_block(r_ref, h_ref, w_ref, p_ref, r_out_ref, first_ref, second_ref, index, *, rows, block_rows, eps):
   """One block of rows: r' and y as `_kernel`'s (y kept in registers, in the projection's dtype, as XLA's matmul
   would read it), then y · each half of the projection, `_tile` columns at a time, float32 sums."""
   dim, width = r_ref.shape[1], first_ref.shape[1]
-  start = index * block_rows
+  start = pl.program_id(0) * block_rows
   block = pl.ds(start, block_rows)
   inside = (start + jax.lax.broadcasted_iota(jnp.int32, (block_rows, 1), 0)) < rows
   pieces, totals = _pieces(dim), []
@@ -345,4 +334,4 @@ def _project_block(r_ref, h_ref, w_ref, p_ref, r_out_ref, first_ref, second_ref,
       plgpu.store(out_ref.at[block, columns], out.astype(out_ref.dtype), mask=jnp.broadcast_to(inside, out.shape))
       return carry
 
-    jax.lax.fori_loop(0, width // tile, project_tile, 0, unroll=PROJECT_UNROLL)
+    jax.lax.fori_loop(0, width // tile, project_tile, 0)

@@ -26,11 +26,9 @@ _ONLY = flags.DEFINE_string("only", "", "JSON {setting: [values]} to sweep inste
 _CASE_LIST = flags.DEFINE_string("cases", "", "batch x length,... instead of _CASES (e.g. 32x4097,128x197).")
 _CASES = ((32, 4097), (32, 6085), (128, 197))  # (batch, length): 1024² and 1248², batch 32; 224², batch 128
 _SETTINGS = {  # every combination
-  "PROJECT_BLOCK_ELEMENTS": (64 * 192, 128 * 192),
+  "PROJECT_BLOCK_ELEMENTS": (64 * 192, 32 * 192, 128 * 192),
   "PROJECT_NUM_WARPS": (4, 8),
-  "PROJECT_NUM_STAGES": (1, 2, 3),
   "PROJECT_TILE": (128, 64),
-  "PROJECT_UNROLL": (False, True),
 }
 DIM, EPS = 192, 1e-6
 

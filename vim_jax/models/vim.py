@@ -304,7 +304,8 @@ class BiMambaMixer(nnx.Module):
 
 class Block(nnx.Module):
   """Add -> RMSNorm -> mixer, as the official Block: the previous mixer's output joins the float32 residual stream
-  at the block's start, in one pass with the norm (`RMSNorm.add`, mamba_ssm's fused add + norm).
+  at the block's start, in one pass with the norm (`RMSNorm.add`, mamba_ssm's fused add + norm). Undifferentiated and
+  at few rows (`add_norm.project_pays`), that pass also runs the mixer's in_proj (`layers.add_norm_in_proj`).
 
   The stream between blocks is (residual, hidden): the residual before `hidden`, the last mixer's output in the
   compute dtype, is added. Drop path scales each mixer's output with that mixer's rate before it is passed on
