@@ -7,12 +7,16 @@ only), and the norm reads r' back: per element, 4 + 2 bytes in and 4 out for the
 The kernel reads r and h once and writes r' (over r, in inference) and y: 10 of those 16 bytes per element.
 Pallas on Triton, as the scan's other kernels (`selective_scan.pallas_gpu` says why).
 
+`add_norm_project` also multiplies y by the next mixer's in_proj (on the tensor cores, y never written), for
+inference at few rows, where it was measured faster (`project_pays`).
+
 One program per block of `BLOCK_ROWS` rows, the row in power-of-two pieces (Triton's blocks are powers of two:
 Vim-Ti's 192 is 128 + 64); rows past the end are masked, since r' is written over r (no overlapping block may
 read a row twice).
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -62,17 +66,21 @@ def add_norm(
   Under a mesh the kernel runs per device (`shard_map`), the rows split over every mesh axis along the first
   dimension.
   """
-  dim = residual.shape[-1]
-  if residual.dtype != jnp.float32:
-    raise ValueError(f"add_norm: `residual` must be float32 (the residual stream), got {residual.dtype}")
-  if hidden.shape != residual.shape:
-    raise ValueError(f"add_norm: `hidden` must have residual's shape {residual.shape}, got {hidden.shape}")
-  if weight.shape != (dim,):
-    raise ValueError(f"add_norm: `weight` must be ({dim},), got {weight.shape}")
-  if not supported(dim):
-    raise ValueError(f"add_norm: the feature dim must be a multiple of {SMALLEST_PIECE}, got {dim}")
+  _check(residual, hidden, weight, "add_norm")
   fn = functools.partial(_fused, eps=eps, dtype=jnp.dtype(dtype), interpret=interpret)
   return per_device(fn, (residual, hidden), (weight,))
+
+
+def _check(residual: jax.Array, hidden: jax.Array, weight: jax.Array, caller: str) -> None:
+  dim = residual.shape[-1]
+  if residual.dtype != jnp.float32:
+    raise ValueError(f"{caller}: `residual` must be float32 (the residual stream), got {residual.dtype}")
+  if hidden.shape != residual.shape:
+    raise ValueError(f"{caller}: `hidden` must have residual's shape {residual.shape}, got {hidden.shape}")
+  if weight.shape != (dim,):
+    raise ValueError(f"{caller}: `weight` must be ({dim},), got {weight.shape}")
+  if not supported(dim):
+    raise ValueError(f"{caller}: the feature dim must be a multiple of {SMALLEST_PIECE}, got {dim}")
 
 
 def _pieces(dim: int) -> list[tuple[int, int]]:
@@ -205,3 +213,125 @@ def _fused(residual, hidden, weight, *, eps: float, dtype, interpret: bool):
 
   run.defvjp(run_fwd, run_bwd)
   return run(residual, hidden, weight)
+
+
+# The add + norm with the next mixer's in_proj (`add_norm_project`): rows per program so that a block's float32 sums
+# stay in registers (64 × 192 for Vim-Ti), warps, and output columns per matmul tile. H100, Vim-Ti: 64 rows, 4 warps
+# and tiles of 128 were the fastest of 12 settings at 224², 1024² and 1248² (32-128 rows, 4 or 8 warps, tiles of 64
+# or 128; add_norm_project_ab_h100.txt). Offline for sm_90 it holds 228 registers per thread, two programs per SM.
+PROJECT_BLOCK_ELEMENTS = 64 * 192
+PROJECT_NUM_WARPS = 4
+PROJECT_TILE = 128
+
+
+def project_supported(dim: int, width: int, dtype) -> bool:
+  """Whether `add_norm_project` takes rows of `dim` features into two halves of `width` columns in `dtype`: whole
+  `SMALLEST_PIECE`s (the dot's K pieces), halves of whole tiles of 16 or more, and a 16-bit dtype (Triton's dot
+  would round float32 to tf32; float32 models keep XLA's matmul)."""
+  return supported(dim) and _tile(width) >= SMALLEST_PIECE and jnp.dtype(dtype).itemsize == 2
+
+
+# Where the one kernel pays (H100, add_norm_project_ab_h100.txt, Vim-Ti): at 224², batch 128 (25,216 rows) it took 50.1
+# against the two launches' 56.7 us, and Vim-Ti's forward went from 7.43 to 7.17 ms with 20 MiB fewer temporaries;
+# at 1024² and 1248², batch 32 (131,104 and 194,720 rows) it was as fast as they (234 against 232 us, 335 against
+# 334), and the forward 0.2 ms slower with 48-57 MiB more temporaries (x and z are written while h is still read), so
+# the model runs it up to this many rows (ab_add_norm_project_vim_tiny_h100.txt).
+PROJECT_MAX_ROWS = 32768
+
+
+def project_pays(rows: int) -> bool:
+  """Whether `add_norm_project` was measured faster than the two launches for this many rows (`PROJECT_MAX_ROWS`)."""
+  return rows <= PROJECT_MAX_ROWS
+
+
+def _tile(width: int) -> int:
+  """The widest power of two up to `PROJECT_TILE` dividing `width`: each half's matmul columns per step."""
+  return math.gcd(width, PROJECT_TILE) if width & (width - 1) else min(width, PROJECT_TILE)
+
+
+def _project_rows(dim: int) -> int:
+  """Rows per program: `PROJECT_BLOCK_ELEMENTS` / dim, a power of two from 16 (the dot's least M) on."""
+  return max(SMALLEST_PIECE, 1 << (max(PROJECT_BLOCK_ELEMENTS // dim, 1).bit_length() - 1))
+
+
+def add_norm_project(
+  residual: jax.Array, hidden: jax.Array, weight: jax.Array, projection: jax.Array, *, eps: float, interpret=False
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(r', first, second): `add_norm`'s r', and its norm y (in `projection`'s dtype) times each half of
+  `projection`'s columns, in one pass: y never goes to memory (Vim's add + norm and the next in_proj, whose x and z
+  halves the conv and scan kernels read contiguous). r' is written over `residual`. Not differentiable: the model
+  runs it where nothing is (`layers.add_norm_in_proj` says how it is differentiated).
+
+  Args:
+    residual, hidden, weight, eps: as `add_norm`'s.
+    projection: (dim, 2 · width) in a 16-bit float dtype, `project_supported`.
+  Under a mesh the kernel runs per device, as `add_norm`.
+  """
+  dim = residual.shape[-1]
+  if projection.ndim != 2 or projection.shape[0] != dim or projection.shape[1] % 2:
+    raise ValueError(f"add_norm_project: `projection` must be ({dim}, 2 · width), got {projection.shape}")
+  if not project_supported(dim, projection.shape[1] // 2, projection.dtype):
+    raise ValueError(
+      f"add_norm_project: `projection` of shape {projection.shape} and dtype {projection.dtype} is not supported: "
+      f"dim a multiple of {SMALLEST_PIECE}, each half's width a multiple of {SMALLEST_PIECE}, a 16-bit dtype"
+    )
+  _check(residual, hidden, weight, "add_norm_project")
+  fn = functools.partial(_projected, eps=eps, interpret=interpret)
+  return per_device(fn, (residual, hidden), (weight, projection))
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "interpret"))
+def _projected(residual, hidden, weight, projection, *, eps: float, interpret: bool):
+  shape, dim = residual.shape, residual.shape[-1]
+  rows, width = residual.size // dim, projection.shape[1] // 2
+  block_rows = _project_rows(dim)
+  total, first, second = pl.pallas_call(
+    functools.partial(_project_kernel, rows=rows, block_rows=block_rows, eps=eps),
+    grid=(pl.cdiv(rows, block_rows),),
+    out_shape=[
+      jax.ShapeDtypeStruct((rows, dim), jnp.float32),
+      *[jax.ShapeDtypeStruct((rows, width), projection.dtype)] * 2,
+    ],
+    input_output_aliases={0: 0},
+    interpret=interpret,
+    compiler_params=plgpu.CompilerParams(num_warps=PROJECT_NUM_WARPS, num_stages=1),
+    name="add_norm_project",
+  )(residual.reshape(rows, dim), hidden.reshape(rows, dim), weight, projection)
+  return total.reshape(shape), *(half.reshape((*shape[:-1], width)) for half in (first, second))
+
+
+def _project_kernel(r_ref, h_ref, w_ref, p_ref, r_out_ref, first_ref, second_ref, *, rows, block_rows, eps):
+  """One block of rows: r' and y as `_kernel`'s (y kept in registers, in the projection's dtype, as XLA's matmul
+  would read it), then y · each half of the projection, `_tile` columns at a time, float32 sums."""
+  dim, width = r_ref.shape[1], first_ref.shape[1]
+  start = pl.program_id(0) * block_rows
+  block = pl.ds(start, block_rows)
+  inside = (start + jax.lax.broadcasted_iota(jnp.int32, (block_rows, 1), 0)) < rows
+  pieces, totals = _pieces(dim), []
+  for column, piece in pieces:
+    mask = jnp.broadcast_to(inside, (block_rows, piece))
+    at = (block, pl.ds(column, piece))
+    total = plgpu.load(r_ref.at[at], mask=mask, other=0.0) + plgpu.load(h_ref.at[at], mask=mask, other=0).astype(
+      jnp.float32
+    )
+    plgpu.store(r_out_ref.at[at], total, mask=mask)
+    totals.append(total)
+  rstd = jax.lax.rsqrt(sum(jnp.sum(total * total, axis=1, keepdims=True) for total in totals) / dim + eps)
+  normed = [
+    (total * rstd * w_ref[pl.ds(column, piece)].astype(jnp.float32)[None, :]).astype(p_ref.dtype)
+    for (column, piece), total in zip(pieces, totals, strict=True)
+  ]
+  tile = _tile(width)
+  for half, out_ref in enumerate((first_ref, second_ref)):
+
+    def project_tile(j, carry, half=half, out_ref=out_ref):
+      columns = pl.ds(pl.multiple_of(j * tile, tile), tile)
+      weights = pl.ds(pl.multiple_of(half * width + j * tile, tile), tile)
+      out = sum(
+        jnp.dot(y, p_ref[pl.ds(column, piece), weights], preferred_element_type=jnp.float32)
+        for (column, piece), y in zip(pieces, normed, strict=True)
+      )
+      plgpu.store(out_ref.at[block, columns], out.astype(out_ref.dtype), mask=jnp.broadcast_to(inside, out.shape))
+      return carry
+
+    jax.lax.fori_loop(0, width // tile, project_tile, 0)

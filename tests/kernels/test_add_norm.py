@@ -156,3 +156,84 @@ def test_kernel_runs_per_device_under_a_mesh(axis_type):
     assert "shard_map" in str(jax.make_jaxpr(loss, static_argnums=3)(*args, kernel))
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-5, atol=1e-5)
+
+
+def _projection(rng, dim, width):
+  return jnp.asarray(rng.standard_normal((dim, 2 * width)) / np.sqrt(dim), jnp.bfloat16)
+
+
+@pytest.mark.parametrize(
+  "shape, width",
+  [
+    ((2, 37, 192), 384),  # Vim-Ti: 74 rows, two blocks of 64, the last masked; 3 column tiles per half
+    ((1, 5, 48), 32),  # fewer rows than a block; a tile of 32 columns
+    ((2, 20, 384), 768),  # Vim-S: blocks of 32 rows, K pieces 256 + 128
+    ((1, 16, 64), 96),  # a half's width not a power of two: tiles of 32
+  ],
+)
+def test_add_norm_project_equals_add_norm_then_matmul(shape, width):
+  """r' exactly, and each half of y · projection within a rounding of the output: y is `add_norm`'s in bf16 (the
+  kernel's rstd sums in another order, so y may differ by one bf16 rounding, which the tolerance allows)."""
+  rng = np.random.default_rng(shape[1])
+  residual, hidden, weight = _inputs(rng, shape)
+  projection = _projection(rng, shape[-1], width)
+  total, first, second = jax.jit(lambda r, h, w, p: add_norm.add_norm_project(r, h, w, p, eps=EPS, interpret=True))(
+    residual, hidden, weight, projection
+  )
+  want_total, normed = add_norm.reference(residual, hidden, weight, EPS, jnp.bfloat16)
+  want = np.asarray(jnp.dot(normed, projection, preferred_element_type=jnp.float32))
+  np.testing.assert_array_equal(total, want_total)
+  assert first.shape == second.shape == (*shape[:-1], width) and first.dtype == jnp.bfloat16
+  scale = np.max(np.abs(want))
+  for got, half in ((first, want[..., :width]), (second, want[..., width:])):
+    np.testing.assert_allclose(np.asarray(got, np.float32), half, rtol=1e-2, atol=1e-2 * scale)
+
+
+def test_add_norm_project_bad_arguments_raise():
+  rng = np.random.default_rng(2)
+  residual, hidden, weight = _inputs(rng, (1, 4, 32))
+  projection = _projection(rng, 32, 64)
+  with pytest.raises(ValueError, match=r"`projection` must be \(32, 2 · width\), got \(16, 128\)"):
+    add_norm.add_norm_project(residual, hidden, weight, projection[:16], eps=EPS)
+  with pytest.raises(ValueError, match="dtype float32 is not supported"):
+    add_norm.add_norm_project(residual, hidden, weight, projection.astype(jnp.float32), eps=EPS)
+  with pytest.raises(ValueError, match=r"each half's width a multiple of 16"):
+    add_norm.add_norm_project(residual, hidden, weight, projection[:, :24], eps=EPS)
+  with pytest.raises(ValueError, match="add_norm_project: `hidden` must have residual's shape"):
+    add_norm.add_norm_project(residual, hidden[:, :2], weight, projection, eps=EPS)
+
+
+def test_add_norm_project_lowers_for_cuda_at_vim_tiny_shapes():
+  """One Triton kernel at 1248², batch 32, r' written over the residual."""
+  args = (
+    jax.ShapeDtypeStruct((32, 6085, 192), jnp.float32),
+    jax.ShapeDtypeStruct((32, 6085, 192), jnp.bfloat16),
+    jax.ShapeDtypeStruct((192,), jnp.float32),
+    jax.ShapeDtypeStruct((192, 768), jnp.bfloat16),
+  )
+  h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+  fn = jax.jit(lambda r, h, w, p: add_norm.add_norm_project(r, h, w, p, eps=EPS))
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)):
+    hlo = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert re.findall(r"custom_call @__gpu\$xla\.gpu\.triton\(.*name = \"(\w+)\"", hlo) == ["add_norm_project"]
+  assert "output_operand_aliases" in hlo
+
+
+def test_add_norm_project_runs_per_device_under_a_mesh():
+  mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+  rng = np.random.default_rng(4)
+  residual, hidden, weight = _inputs(rng, (8, 9, 32))
+  projection = _projection(rng, 32, 32)
+  project = jax.jit(lambda r, h, w, p: add_norm.add_norm_project(r, h, w, p, eps=EPS, interpret=True))
+  expected = project(residual, hidden, weight, projection)
+  with jax.set_mesh(mesh):
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    got = project(jax.device_put(residual, rows), jax.device_put(hidden, rows), weight, projection)
+  assert got[1].sharding.spec[0] == ("data", "fsdp")
+  for a, b in zip(got, expected, strict=True):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def test_add_norm_project_pays_up_to_the_measured_rows():
+  assert add_norm.project_pays(128 * 197)  # 224², batch 128: faster on the card
+  assert not add_norm.project_pays(32 * 4097)  # 1024², batch 32: as fast, more memory

@@ -104,6 +104,42 @@ class RMSNorm(nnx.Module):
     return total, self(total, dtype)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def add_norm_in_proj(
+  residual: jax.Array,
+  hidden: jax.Array,
+  weight: jax.Array,
+  in_proj: jax.Array,
+  eps: float,
+  precision: jax.lax.PrecisionLike,
+  interpret: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(r', x, z): a block's add + norm (`RMSNorm.add` with the kernel) and its mixer's in_proj halves.
+
+  Undifferentiated (inference) it is one kernel, `add_norm.add_norm_project`: the norm's output never goes to
+  memory. Differentiated, the forward pass runs the two launches whose backward exists, `add_norm.add_norm` and
+  `matmul_halves`, with the same values (the kernel's norm rounds to in_proj's dtype as the first launch does)."""
+  return add_norm.add_norm_project(residual, hidden, weight, in_proj, eps=eps, interpret=interpret)
+
+
+def add_norm_then_in_proj(residual, hidden, weight, in_proj, *, eps, precision, interpret):
+  total, normed = add_norm.add_norm(residual, hidden, weight, eps=eps, dtype=in_proj.dtype, interpret=interpret)
+  return total, *matmul_halves(normed, in_proj, precision)
+
+
+def _add_norm_in_proj_fwd(residual, hidden, weight, in_proj, eps, precision, interpret):
+  separate = functools.partial(add_norm_then_in_proj, eps=eps, precision=precision, interpret=interpret)
+  return jax.vjp(separate, residual, hidden, weight, in_proj)  # the outputs and their pullback, as residuals
+
+
+def _add_norm_in_proj_bwd(eps, precision, interpret, pullback, cotangents):
+  del eps, precision, interpret
+  return pullback(cotangents)
+
+
+add_norm_in_proj.defvjp(_add_norm_in_proj_fwd, _add_norm_in_proj_bwd)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def matmul_halves(x: jax.Array, kernel: jax.Array, precision: jax.lax.PrecisionLike) -> tuple[jax.Array, jax.Array]:
   """(x · kernel's first half of columns, x · its second half), each written by its own matmul.

@@ -263,9 +263,16 @@ class BiMambaMixer(nnx.Module):
     """hidden: (batch, length, dim) normed tokens -> (batch, length, dim)."""
     cfg = self.cfg
     with jax.named_scope("in_proj"):  # x and z each written contiguous, for the conv and scan kernels
-      dtype = jnp.dtype(cfg.dtype)
-      kernel = self.in_proj.kernel[...].astype(dtype)
-      x, z = layers.matmul_halves(hidden.astype(dtype), kernel, cfg.matmul_precision)
+      x, z = layers.matmul_halves(hidden.astype(cfg.dtype), self.in_proj_weight(), cfg.matmul_precision)
+    return self.mix(x, z)
+
+  def in_proj_weight(self) -> jax.Array:
+    return self.in_proj.kernel[...].astype(self.cfg.dtype)
+
+  def mix(self, x: jax.Array, z: jax.Array) -> jax.Array:
+    """The mixer after in_proj: x and z (batch, length, d_inner), in_proj's halves -> (batch, length, dim)."""
+    cfg = self.cfg
+    dtype = jnp.dtype(cfg.dtype)
     with jax.named_scope("conv_silu"):  # both directions in one pass over x; a pair each for the scan and the
       # projections, whose gradients the conv's backward then adds as it reads them (no add of its own in XLA)
       u_f, u_b, u_f_projected, u_b_projected = conv_silu_bidirectional(
@@ -297,7 +304,8 @@ class BiMambaMixer(nnx.Module):
 
 class Block(nnx.Module):
   """Add -> RMSNorm -> mixer, as the official Block: the previous mixer's output joins the float32 residual stream
-  at the block's start, in one pass with the norm (`RMSNorm.add`, mamba_ssm's fused add + norm).
+  at the block's start, in one pass with the norm (`RMSNorm.add`, mamba_ssm's fused add + norm). Undifferentiated and
+  at few rows (`add_norm.project_pays`), that pass also runs the mixer's in_proj (`layers.add_norm_in_proj`).
 
   The stream between blocks is (residual, hidden): the residual before `hidden`, the last mixer's output in the
   compute dtype, is added. Drop path scales each mixer's output with that mixer's rate before it is passed on
@@ -310,6 +318,7 @@ class Block(nnx.Module):
     self.mixer = BiMambaMixer(cfg, rngs=rngs)
     self.dtype = jnp.dtype(cfg.dtype)
     self.add_norm_kernel = uses_add_norm_kernel(cfg)
+    self.fused_in_proj = self.add_norm_kernel and add_norm.project_supported(cfg.embed_dim, cfg.d_inner, cfg.dtype)
     self.interpret = cfg.scan_interpret
 
   def __call__(
@@ -322,6 +331,14 @@ class Block(nnx.Module):
     """(residual + hidden, this mixer's output). `drop_rate` is an argument, not an attribute, so that all
     blocks share one structure (layer scan)."""
     residual, hidden = stream
+    if self.fused_in_proj and add_norm.project_pays(residual.size // residual.shape[-1]):
+      with jax.named_scope("add_norm_in_proj"):
+        norm, mixer = self.norm, self.mixer
+        precision = mixer.cfg.matmul_precision
+        residual, x, z = layers.add_norm_in_proj(
+          residual, hidden, norm.weight[...], mixer.in_proj_weight(), norm.eps, precision, self.interpret
+        )
+      return residual, layers.drop_path(mixer.mix(x, z), drop_rate, rngs)
     with jax.named_scope("add_norm"):
       residual, normed = self.norm.add(
         residual, hidden, dtype=self.dtype, kernel=self.add_norm_kernel, interpret=self.interpret
