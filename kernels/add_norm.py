@@ -90,25 +90,31 @@ def _pieces(dim: int) -> list[tuple[int, int]]:
   return list(zip(starts, widths))
 
 
-def _row_block(rows: int):
-  """This program's `BLOCK_ROWS` rows: their slice, and (BLOCK_ROWS, 1) which lie before `rows` (the rest masked)."""
-  start = pl.program_id(0) * BLOCK_ROWS
-  return pl.ds(start, BLOCK_ROWS), (start + jax.lax.broadcasted_iota(jnp.int32, (BLOCK_ROWS, 1), 0)) < rows
+def _row_block(rows: int, block_rows: int = BLOCK_ROWS):
+  """This program's `block_rows` rows: their slice, and (block_rows, 1) which lie before `rows` (the rest masked)."""
+  start = pl.program_id(0) * block_rows
+  return pl.ds(start, block_rows), (start + jax.lax.broadcasted_iota(jnp.int32, (block_rows, 1), 0)) < rows
 
 
-def _kernel(r_ref, h_ref, w_ref, r_out_ref, y_ref, *, rows: int, eps: float):
-  """One block of `BLOCK_ROWS` rows: r' and y, rows past `rows` masked. r_out_ref is r_ref's buffer (aliased)."""
-  dim = r_ref.shape[1]
-  block, inside = _row_block(rows)
-  pieces, totals = _pieces(dim), []
-  for column, width in pieces:
-    mask = jnp.broadcast_to(inside, (BLOCK_ROWS, width))
+def _add_rows(r_ref, h_ref, r_out_ref, block, inside) -> list[jax.Array]:
+  """r' = r + h for the rows `block`, stored (masked by `inside`) and returned float32, one array per `_pieces`."""
+  totals = []
+  for column, width in _pieces(r_ref.shape[1]):
+    mask = jnp.broadcast_to(inside, (inside.shape[0], width))
     at = (block, pl.ds(column, width))
     total = plgpu.load(r_ref.at[at], mask=mask, other=0.0) + plgpu.load(h_ref.at[at], mask=mask, other=0).astype(
       jnp.float32
     )
     plgpu.store(r_out_ref.at[at], total, mask=mask)
     totals.append(total)
+  return totals
+
+
+def _kernel(r_ref, h_ref, w_ref, r_out_ref, y_ref, *, rows: int, eps: float):
+  """One block of `BLOCK_ROWS` rows: r' and y, rows past `rows` masked. r_out_ref is r_ref's buffer (aliased)."""
+  dim = r_ref.shape[1]
+  block, inside = _row_block(rows)
+  pieces, totals = _pieces(dim), _add_rows(r_ref, h_ref, r_out_ref, block, inside)
   squares = sum(jnp.sum(total * total, axis=1, keepdims=True) for total in totals)
   rstd = jax.lax.rsqrt(squares / dim + eps)
   for (column, width), total in zip(pieces, totals, strict=True):
@@ -304,18 +310,8 @@ def _project_kernel(r_ref, h_ref, w_ref, p_ref, r_out_ref, first_ref, second_ref
   """One block of rows: r' and y as `_kernel`'s (y kept in registers, in the projection's dtype, as XLA's matmul
   would read it), then y · each half of the projection, `_tile` columns at a time, float32 sums."""
   dim, width = r_ref.shape[1], first_ref.shape[1]
-  start = pl.program_id(0) * block_rows
-  block = pl.ds(start, block_rows)
-  inside = (start + jax.lax.broadcasted_iota(jnp.int32, (block_rows, 1), 0)) < rows
-  pieces, totals = _pieces(dim), []
-  for column, piece in pieces:
-    mask = jnp.broadcast_to(inside, (block_rows, piece))
-    at = (block, pl.ds(column, piece))
-    total = plgpu.load(r_ref.at[at], mask=mask, other=0.0) + plgpu.load(h_ref.at[at], mask=mask, other=0).astype(
-      jnp.float32
-    )
-    plgpu.store(r_out_ref.at[at], total, mask=mask)
-    totals.append(total)
+  block, inside = _row_block(rows, block_rows)
+  pieces, totals = _pieces(dim), _add_rows(r_ref, h_ref, r_out_ref, block, inside)
   rstd = jax.lax.rsqrt(sum(jnp.sum(total * total, axis=1, keepdims=True) for total in totals) / dim + eps)
   normed = [
     (total * rstd * w_ref[pl.ds(column, piece)].astype(jnp.float32)[None, :]).astype(p_ref.dtype)

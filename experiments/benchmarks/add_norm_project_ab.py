@@ -10,7 +10,6 @@ best of 3 rounds of 10 loops), and for the kernel the largest difference from th
 and x|z (relative to their largest magnitude; the two round y and sum in other orders).
 """
 
-import itertools
 import json
 import time
 
@@ -18,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
+from experiments.benchmarks.kernel_settings import each_setting
 from kernels import add_norm
 from vim_jax.models import layers
 
@@ -98,12 +98,7 @@ def main(argv):
     case = f"{batch}x{length}"
     want = separate(*args)
     print(f"{case} add_norm, then in_proj's matmuls: {_seconds(_looped(_separate), *args) * 1e6:.1f} us", flush=True)
-    for values in itertools.product(*settings.values()):
-      setting = dict(zip(settings, values))
-      for name, value in setting.items():
-        setattr(add_norm, name, value)
-      jax.clear_caches()  # the kernel is jitted: traced again with this setting
-      label = " ".join(f"{k.lower()}={v}" for k, v in setting.items())
+    for label in each_setting(add_norm, settings):
       try:
         worst = _worst(fused(*args), want)
         print(f"{case} fused {label}: {_seconds(_looped(_fused), *args) * 1e6:.1f} us; worst {worst}", flush=True)

@@ -8,13 +8,13 @@ that must cross memory (both u read, both delta and projected written) per secon
 memory exceeds the GPU's fail to compile and are printed as such.
 """
 
-import itertools
 import time
 
 import jax
 import jax.numpy as jnp
 from absl import app, flags
 
+from experiments.benchmarks.kernel_settings import each_setting
 from kernels import step_projections
 
 _REPS = flags.DEFINE_integer("reps", 100, "Calls per round.")
@@ -66,12 +66,7 @@ def main(argv):
     print(f"{case} copy of both u: {seconds * 1e6:.0f} us ({4 * batch * length * 384 * 2 / 1e9 / seconds:.0f} GB/s)")
     seconds = _seconds(jax.jit(_xla), u_f, u_b, packed)
     print(f"{case} XLA matmuls: {seconds * 1e6:.0f} us ({megabytes / 1e3 / seconds:.0f} GB/s)", flush=True)
-    for values in itertools.product(*_SETTINGS.values()):
-      setting = dict(zip(_SETTINGS, values))
-      for name, value in setting.items():
-        setattr(step_projections, name, value)
-      jax.clear_caches()  # the kernel is jitted: traced again with this setting
-      label = " ".join(f"{k.lower()}={v}" for k, v in setting.items())
+    for label in each_setting(step_projections, _SETTINGS):
       try:
         fn = jax.jit(lambda a, b, p: step_projections.project(a, b, p, rank=RANK))
         seconds = _seconds(fn, u_f, u_b, packed)
