@@ -224,7 +224,8 @@ def _fused(residual, hidden, weight, *, eps: float, dtype, interpret: bool):
 # The add + norm with the next mixer's in_proj (`add_norm_project`): rows per program so that a block's float32 sums
 # stay in registers (64 × 192 for Vim-Ti), warps, and output columns per matmul tile. H100, Vim-Ti: 64 rows, 4 warps
 # and tiles of 128 were the fastest of 12 settings at 224², 1024² and 1248² (32-128 rows, 4 or 8 warps, tiles of 64
-# or 128; add_norm_project_ab_h100.txt). Offline for sm_90 it holds 228 registers per thread, two programs per SM.
+# or 128; add_norm_project_ab_h100.txt). Compiled offline for sm_90 (the `triton` package), it holds 228 registers per
+# thread: two programs per SM.
 PROJECT_BLOCK_ELEMENTS = 64 * 192
 PROJECT_NUM_WARPS = 4
 PROJECT_TILE = 128
@@ -246,7 +247,8 @@ PROJECT_MAX_ROWS = 32768
 
 
 def project_pays(rows: int) -> bool:
-  """Whether `add_norm_project` was measured faster than the two launches for this many rows (`PROJECT_MAX_ROWS`)."""
+  """Whether `add_norm_project` was measured faster than the two launches for this many rows (`PROJECT_MAX_ROWS`): all
+  of a call's rows, before a mesh splits them (the rule errs towards the two launches there)."""
   return rows <= PROJECT_MAX_ROWS
 
 
@@ -261,7 +263,13 @@ def _project_rows(dim: int) -> int:
 
 
 def add_norm_project(
-  residual: jax.Array, hidden: jax.Array, weight: jax.Array, projection: jax.Array, *, eps: float, interpret=False
+  residual: jax.Array,
+  hidden: jax.Array,
+  weight: jax.Array,
+  projection: jax.Array,
+  *,
+  eps: float,
+  interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(r', first, second): `add_norm`'s r', and its norm y (in `projection`'s dtype) times each half of
   `projection`'s columns, in one pass: y never goes to memory (Vim's add + norm and the next in_proj, whose x and z
