@@ -90,7 +90,7 @@ def _pieces(dim: int) -> list[tuple[int, int]]:
   return list(zip(starts, widths))
 
 
-def _row_block(rows: int, block_rows: int = BLOCK_ROWS):
+def _row_block(rows: int, block_rows: int):
   """This program's `block_rows` rows: their slice, and (block_rows, 1) which lie before `rows` (the rest masked)."""
   start = pl.program_id(0) * block_rows
   return pl.ds(start, block_rows), (start + jax.lax.broadcasted_iota(jnp.int32, (block_rows, 1), 0)) < rows
@@ -113,7 +113,7 @@ def _add_rows(r_ref, h_ref, r_out_ref, block, inside) -> list[jax.Array]:
 def _kernel(r_ref, h_ref, w_ref, r_out_ref, y_ref, *, rows: int, eps: float):
   """One block of `BLOCK_ROWS` rows: r' and y, rows past `rows` masked. r_out_ref is r_ref's buffer (aliased)."""
   dim = r_ref.shape[1]
-  block, inside = _row_block(rows)
+  block, inside = _row_block(rows, BLOCK_ROWS)  # read at trace time: add_norm_tune.py sets it
   pieces, totals = _pieces(dim), _add_rows(r_ref, h_ref, r_out_ref, block, inside)
   squares = sum(jnp.sum(total * total, axis=1, keepdims=True) for total in totals)
   rstd = jax.lax.rsqrt(squares / dim + eps)
@@ -131,7 +131,7 @@ def _backward_kernel(
   `d_weight_ref`; `_backward` sums the blocks). With x̂ = r' · rstd and g = d_normed · w:
   d_r' = d_total + rstd (g − x̂ · mean(g x̂)), d_w = Σ_rows d_normed · x̂."""
   dim = total_ref.shape[1]
-  block, inside = _row_block(rows)
+  block, inside = _row_block(rows, BLOCK_ROWS)
   pieces, xs, d_normeds, gs = _pieces(dim), [], [], []
   for column, width in pieces:
     mask = jnp.broadcast_to(inside, (BLOCK_ROWS, width))

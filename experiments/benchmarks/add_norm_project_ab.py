@@ -43,8 +43,7 @@ def _inputs(batch: int, length: int):
 
 
 def _separate(residual, hidden, weight, projection):
-  total, normed = add_norm.add_norm(residual, hidden, weight, eps=EPS, dtype=projection.dtype)
-  return total, *layers.matmul_halves(normed, projection, None)
+  return layers.add_norm_then_in_proj(residual, hidden, weight, projection, eps=EPS, precision=None, interpret=False)
 
 
 def _fused(residual, hidden, weight, projection):
