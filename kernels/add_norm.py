@@ -8,7 +8,8 @@ The kernel reads r and h once and writes r' (over r, in inference) and y: 10 of 
 Pallas on Triton, as the scan's other kernels (`selective_scan.pallas_gpu` says why).
 
 `add_norm_project` also multiplies y by the next mixer's in_proj (on the tensor cores, y never written), for
-inference at few rows, where it was measured faster (`project_pays`).
+inference at few rows, where it was measured faster (`project_pays`). `projected_add_norm` multiplies the last
+mixer's output by its out_proj first (h never written), for inference at many rows.
 
 One program per block of `BLOCK_ROWS` rows, the row in power-of-two pieces (Triton's blocks are powers of two:
 Vim-Ti's 192 is 128 + 64); rows past the end are masked, since r' is written over r (no overlapping block may
@@ -71,11 +72,11 @@ def add_norm(
   return per_device(fn, (residual, hidden), (weight,))
 
 
-def _check(residual: jax.Array, hidden: jax.Array, weight: jax.Array, caller: str) -> None:
+def _check(residual: jax.Array, hidden: jax.Array | None, weight: jax.Array, caller: str) -> None:
   dim = residual.shape[-1]
   if residual.dtype != jnp.float32:
     raise ValueError(f"{caller}: `residual` must be float32 (the residual stream), got {residual.dtype}")
-  if hidden.shape != residual.shape:
+  if hidden is not None and hidden.shape != residual.shape:
     raise ValueError(f"{caller}: `hidden` must have residual's shape {residual.shape}, got {hidden.shape}")
   if weight.shape != (dim,):
     raise ValueError(f"{caller}: `weight` must be ({dim},), got {weight.shape}")
@@ -96,31 +97,46 @@ def _row_block(rows: int, block_rows: int):
   return pl.ds(start, block_rows), (start + jax.lax.broadcasted_iota(jnp.int32, (block_rows, 1), 0)) < rows
 
 
-def _add_rows(r_ref, h_ref, r_out_ref, block, inside) -> list[jax.Array]:
-  """r' = r + h for the rows `block`, stored (masked by `inside`) and returned float32, one array per `_pieces`."""
+def _add_rows(r_ref, hidden, r_out_ref, block, inside) -> list[jax.Array]:
+  """r' = r + h for the rows `block`, stored (masked by `inside`) and returned float32, one array per `_pieces`; h is
+  a ref of the rows or, given as a list, the block's pieces of it in registers."""
   totals = []
-  for column, width in _pieces(r_ref.shape[1]):
+  for i, (column, width) in enumerate(_pieces(r_ref.shape[1])):
     mask = jnp.broadcast_to(inside, (inside.shape[0], width))
     at = (block, pl.ds(column, width))
-    total = plgpu.load(r_ref.at[at], mask=mask, other=0.0) + plgpu.load(h_ref.at[at], mask=mask, other=0).astype(
-      jnp.float32
-    )
+    h = hidden[i] if isinstance(hidden, list) else plgpu.load(hidden.at[at], mask=mask, other=0)
+    total = plgpu.load(r_ref.at[at], mask=mask, other=0.0) + h.astype(jnp.float32)
     plgpu.store(r_out_ref.at[at], total, mask=mask)
     totals.append(total)
   return totals
 
 
+def _normed_rows(totals: list[jax.Array], w_ref, eps: float) -> list[jax.Array]:
+  """RMSNorm of the rows whose `_pieces` are `totals` (float32), one array per piece."""
+  dim = w_ref.shape[0]
+  rstd = jax.lax.rsqrt(sum(jnp.sum(total * total, axis=1, keepdims=True) for total in totals) / dim + eps)
+  columns = [column for column, _ in _pieces(dim)]
+  return [
+    total * rstd * w_ref[pl.ds(column, total.shape[1])].astype(jnp.float32)[None, :]
+    for column, total in zip(columns, totals, strict=True)
+  ]
+
+
+def _store_rows(y_ref, pieces: list[jax.Array], block, inside) -> None:
+  """The rows `block` of y_ref from their `_pieces`, in y_ref's dtype, rows past the end masked."""
+  column = 0
+  for y in pieces:
+    plgpu.store(
+      y_ref.at[block, pl.ds(column, y.shape[1])], y.astype(y_ref.dtype), mask=jnp.broadcast_to(inside, y.shape)
+    )
+    column += y.shape[1]
+
+
 def _kernel(r_ref, h_ref, w_ref, r_out_ref, y_ref, *, rows: int, eps: float):
   """One block of `BLOCK_ROWS` rows: r' and y, rows past `rows` masked. r_out_ref is r_ref's buffer (aliased)."""
-  dim = r_ref.shape[1]
   block, inside = _row_block(rows, BLOCK_ROWS)  # read at trace time: add_norm_tune.py sets it
-  pieces, totals = _pieces(dim), _add_rows(r_ref, h_ref, r_out_ref, block, inside)
-  squares = sum(jnp.sum(total * total, axis=1, keepdims=True) for total in totals)
-  rstd = jax.lax.rsqrt(squares / dim + eps)
-  for (column, width), total in zip(pieces, totals, strict=True):
-    mask = jnp.broadcast_to(inside, (BLOCK_ROWS, width))
-    y = total * rstd * w_ref[pl.ds(column, width)].astype(jnp.float32)[None, :]
-    plgpu.store(y_ref.at[block, pl.ds(column, width)], y.astype(y_ref.dtype), mask=mask)
+  totals = _add_rows(r_ref, h_ref, r_out_ref, block, inside)
+  _store_rows(y_ref, _normed_rows(totals, w_ref, eps), block, inside)
 
 
 def _backward_kernel(
@@ -320,11 +336,7 @@ def _project_kernel(r_ref, h_ref, w_ref, p_ref, r_out_ref, first_ref, second_ref
   dim, width = r_ref.shape[1], first_ref.shape[1]
   block, inside = _row_block(rows, block_rows)
   pieces, totals = _pieces(dim), _add_rows(r_ref, h_ref, r_out_ref, block, inside)
-  rstd = jax.lax.rsqrt(sum(jnp.sum(total * total, axis=1, keepdims=True) for total in totals) / dim + eps)
-  normed = [
-    (total * rstd * w_ref[pl.ds(column, piece)].astype(jnp.float32)[None, :]).astype(p_ref.dtype)
-    for (column, piece), total in zip(pieces, totals, strict=True)
-  ]
+  normed = [y.astype(p_ref.dtype) for y in _normed_rows(totals, w_ref, eps)]
   tile = _tile(width)
   for half, out_ref in enumerate((first_ref, second_ref)):
 
@@ -339,3 +351,110 @@ def _project_kernel(r_ref, h_ref, w_ref, p_ref, r_out_ref, first_ref, second_ref
       return carry
 
     jax.lax.fori_loop(0, width // tile, project_tile, 0)
+
+
+# The last mixer's out_proj before the add + norm (`projected_add_norm`): rows per program, warps, and the contraction's
+# columns per step (Vim-Ti's 384 in 6 steps of 64). Not yet tuned on a card; compiled offline for sm_90 (the `triton`
+# package), 4 warps spill at 64 rows and 8 hold 172 registers.
+PROJECTED_BLOCK_ROWS = 64
+PROJECTED_NUM_WARPS = 8
+PROJECTED_K_TILE = 64
+PROJECTED_NUM_STAGES = 2
+
+
+# Where the model runs `projected_add_norm` (`vim.projects_between_blocks`): from the rows where `add_norm_project` stops
+# paying on. Not yet measured.
+PROJECTED_MIN_ROWS = PROJECT_MAX_ROWS + 1
+
+
+def projected_pays(rows: int) -> bool:
+  """Whether the model runs `projected_add_norm` for this many rows (`PROJECTED_MIN_ROWS`): all of a call's rows, as
+  `project_pays`'s."""
+  return rows >= PROJECTED_MIN_ROWS
+
+
+def projected_supported(width: int, dim: int, dtype) -> bool:
+  """Whether `projected_add_norm` takes mixer outputs of `width` features projected to rows of `dim` in `dtype`: whole
+  contraction steps of 16 or more, `supported` rows, and a 16-bit dtype (as `project_supported`)."""
+  return supported(dim) and _k_tile(width) >= SMALLEST_PIECE and jnp.dtype(dtype).itemsize == 2
+
+
+def _k_tile(width: int) -> int:
+  """The widest power of two up to `PROJECTED_K_TILE` dividing `width`: the contraction's columns per step."""
+  return math.gcd(width, PROJECTED_K_TILE)
+
+
+def projected_add_norm(
+  residual: jax.Array,
+  mixed: jax.Array,
+  projection: jax.Array,
+  weight: jax.Array,
+  *,
+  eps: float,
+  interpret: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+  """(r', y): `add_norm` of the residual and h = mixed · projection, rounded to `projection`'s dtype as a matmul in
+  that dtype writes it, in one pass: h never goes to memory (a Vim mixer's out_proj, the residual add and the next
+  norm). y is in `projection`'s dtype; r' is written over `residual`. Not differentiable: the model runs it where
+  nothing is (`layers.projected_add_norm` says how it is differentiated).
+
+  Args:
+    residual, weight, eps: as `add_norm`'s.
+    mixed: (..., width) in `projection`'s dtype, residual's leading shape.
+    projection: (width, dim), `projected_supported`.
+  Under a mesh the kernel runs per device, as `add_norm`.
+  """
+  dim = residual.shape[-1]
+  if projection.ndim != 2 or projection.shape[1] != dim:
+    raise ValueError(f"projected_add_norm: `projection` must be (width, {dim}), got {projection.shape}")
+  width = projection.shape[0]
+  if mixed.shape != (*residual.shape[:-1], width) or mixed.dtype != projection.dtype:
+    raise ValueError(
+      f"projected_add_norm: `mixed` must be {(*residual.shape[:-1], width)} in {projection.dtype} (residual's rows, "
+      f"projection's width and dtype), got {mixed.shape} in {mixed.dtype}"
+    )
+  if not projected_supported(width, dim, projection.dtype):
+    raise ValueError(
+      f"projected_add_norm: `projection` of shape {projection.shape} and dtype {projection.dtype} is not supported: "
+      f"both sides multiples of {SMALLEST_PIECE}, a 16-bit dtype"
+    )
+  _check(residual, None, weight, "projected_add_norm")
+  fn = functools.partial(_out_projected, eps=eps, interpret=interpret)
+  return per_device(fn, (residual, mixed), (projection, weight))
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "interpret"))
+def _out_projected(residual, mixed, projection, weight, *, eps: float, interpret: bool):
+  shape, dim = residual.shape, residual.shape[-1]
+  rows, width = residual.size // dim, projection.shape[0]
+  total, normed = pl.pallas_call(
+    functools.partial(_out_projected_kernel, rows=rows, block_rows=PROJECTED_BLOCK_ROWS, eps=eps),
+    grid=(pl.cdiv(rows, PROJECTED_BLOCK_ROWS),),
+    out_shape=[jax.ShapeDtypeStruct((rows, dim), jnp.float32), jax.ShapeDtypeStruct((rows, dim), projection.dtype)],
+    input_output_aliases={0: 0},
+    interpret=interpret,
+    compiler_params=plgpu.CompilerParams(num_warps=PROJECTED_NUM_WARPS, num_stages=PROJECTED_NUM_STAGES),
+    name="projected_add_norm",
+  )(residual.reshape(rows, dim), mixed.reshape(rows, width), projection, weight)
+  return total.reshape(shape), normed.reshape(shape)
+
+
+def _out_projected_kernel(r_ref, m_ref, p_ref, w_ref, r_out_ref, y_ref, *, rows, block_rows, eps):
+  """One block of rows: h = m · p in float32 sums over `_k_tile` steps, one sum per `_pieces` of the row, rounded to
+  p's dtype; then r' = r + h and y as `_kernel`'s."""
+  dim, width = r_ref.shape[1], m_ref.shape[1]
+  block, inside = _row_block(rows, block_rows)
+  pieces, k_tile = _pieces(dim), _k_tile(width)
+
+  def accumulate(k, sums):
+    ks = pl.ds(pl.multiple_of(k * k_tile, k_tile), k_tile)
+    m = plgpu.load(m_ref.at[block, ks], mask=jnp.broadcast_to(inside, (block_rows, k_tile)), other=0)
+    return tuple(
+      s + jnp.dot(m, p_ref[ks, pl.ds(column, piece)], preferred_element_type=jnp.float32)
+      for s, (column, piece) in zip(sums, pieces, strict=True)
+    )
+
+  zeros = tuple(jnp.zeros((block_rows, piece), jnp.float32) for _, piece in pieces)
+  sums = jax.lax.fori_loop(0, width // k_tile, accumulate, zeros)
+  totals = _add_rows(r_ref, [h.astype(p_ref.dtype) for h in sums], r_out_ref, block, inside)
+  _store_rows(y_ref, _normed_rows(totals, w_ref, eps), block, inside)

@@ -237,3 +237,76 @@ def test_add_norm_project_runs_per_device_under_a_mesh():
 def test_add_norm_project_pays_up_to_the_measured_rows():
   assert add_norm.project_pays(128 * 197)  # 224², batch 128: faster on the card
   assert not add_norm.project_pays(32 * 4097)  # 1024², batch 32: as fast, more memory
+
+
+def _projected_inputs(rng, shape, width):
+  residual, _, weight = _inputs(rng, shape)
+  mixed = jnp.asarray(rng.standard_normal((*shape[:-1], width)), jnp.bfloat16)
+  projection = jnp.asarray(rng.standard_normal((width, shape[-1])) / np.sqrt(width), jnp.bfloat16)
+  return residual, mixed, projection, weight
+
+
+def _projected(r, m, p, w):
+  return add_norm.projected_add_norm(r, m, p, w, eps=EPS, interpret=True)
+
+
+@pytest.mark.parametrize(
+  "shape, width",
+  [
+    ((2, 37, 192), 384),  # Vim-Ti: 74 rows, two blocks of 64, the last masked; 3 contraction steps; pieces 128 + 64
+    ((1, 5, 48), 96),  # fewer rows than a block; steps of 32
+    ((2, 40, 384), 768),  # Vim-S: 6 steps, pieces 256 + 128
+  ],
+)
+def test_projected_add_norm_equals_matmul_then_add_norm(shape, width):
+  """h = mixed · projection is rounded to bf16 as a bf16 matmul writes it, but its float32 sum runs in other order
+  than XLA's: r' within one bf16 rounding of h, y within one of its own."""
+  residual, mixed, projection, weight = _projected_inputs(np.random.default_rng(shape[1]), shape, width)
+  total, normed = jax.jit(_projected)(residual, mixed, projection, weight)
+  hidden = jnp.dot(mixed, projection, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
+  want_total, want_normed = add_norm.reference(residual, hidden, weight, EPS, jnp.bfloat16)
+  assert total.shape == normed.shape == shape and normed.dtype == jnp.bfloat16
+  rounding = np.abs(np.asarray(hidden, np.float32)) * 2**-7 + 1e-5  # a bf16 ulp
+  assert np.all(np.abs(np.asarray(total) - np.asarray(want_total)) <= rounding)
+  np.testing.assert_allclose(np.asarray(normed, np.float32), np.asarray(want_normed, np.float32), rtol=2e-2, atol=2e-2)
+
+
+def test_projected_add_norm_bad_arguments_raise():
+  residual, mixed, projection, weight = _projected_inputs(np.random.default_rng(5), (1, 4, 32), 64)
+  with pytest.raises(ValueError, match=r"`projection` must be \(width, 32\), got \(64, 16\)"):
+    add_norm.projected_add_norm(residual, mixed, projection[:, :16], weight, eps=EPS)
+  with pytest.raises(ValueError, match=r"`mixed` must be \(1, 4, 64\) in bfloat16 .*got \(1, 4, 64\) in float32"):
+    add_norm.projected_add_norm(residual, mixed.astype(jnp.float32), projection, weight, eps=EPS)
+  with pytest.raises(ValueError, match="dtype float32 is not supported"):
+    add_norm.projected_add_norm(residual, mixed.astype(jnp.float32), projection.astype(jnp.float32), weight, eps=EPS)
+  with pytest.raises(ValueError, match=r"projected_add_norm: `weight` must be \(32,\)"):
+    add_norm.projected_add_norm(residual, mixed, projection, weight[:8], eps=EPS)
+
+
+def test_projected_add_norm_lowers_for_cuda_at_vim_tiny_shapes():
+  """One Triton kernel at 1024², batch 32, r' written over the residual."""
+  args = (
+    jax.ShapeDtypeStruct((32, 4097, 192), jnp.float32),
+    jax.ShapeDtypeStruct((32, 4097, 384), jnp.bfloat16),
+    jax.ShapeDtypeStruct((384, 192), jnp.bfloat16),
+    jax.ShapeDtypeStruct((192,), jnp.float32),
+  )
+  h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+  fn = jax.jit(lambda r, m, p, w: add_norm.projected_add_norm(r, m, p, w, eps=EPS))
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)):
+    hlo = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert re.findall(r"custom_call @__gpu\$xla\.gpu\.triton\(.*name = \"(\w+)\"", hlo) == ["projected_add_norm"]
+  assert "output_operand_aliases" in hlo
+
+
+def test_projected_add_norm_runs_per_device_under_a_mesh():
+  mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+  residual, mixed, projection, weight = _projected_inputs(np.random.default_rng(6), (8, 9, 32), 64)
+  project = jax.jit(_projected)
+  expected = project(residual, mixed, projection, weight)
+  with jax.set_mesh(mesh):
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    got = project(jax.device_put(residual, rows), jax.device_put(mixed, rows), projection, weight)
+  assert got[1].sharding.spec[0] == ("data", "fsdp")
+  for a, b in zip(got, expected, strict=True):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))

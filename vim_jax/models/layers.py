@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -104,12 +104,24 @@ class RMSNorm(nnx.Module):
     return total, self(total, dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def kernel_where_undifferentiated(kernel: Callable, separate: Callable) -> Callable:
+  """A function that runs `kernel` (no backward) where nothing differentiates it and `separate`, launches with the
+  same values whose backward exists, where something does: a custom VJP whose forward rule is `separate`'s VJP."""
+
+  @jax.custom_vjp
+  def call(*args):
+    return kernel(*args)
+
+  call.defvjp(lambda *args: jax.vjp(separate, *args), lambda pullback, cotangents: pullback(cotangents))
+  return call
+
+
 def add_norm_in_proj(
   residual: jax.Array,
   hidden: jax.Array,
   weight: jax.Array,
   in_proj: jax.Array,
+  *,
   eps: float,
   precision: jax.lax.PrecisionLike,
   interpret: bool,
@@ -117,9 +129,11 @@ def add_norm_in_proj(
   """(r', x, z): a block's add + norm (`RMSNorm.add` with the kernel) and its mixer's in_proj halves.
 
   Undifferentiated (inference) it is one kernel, `add_norm.add_norm_project`: the norm's output never goes to
-  memory. Differentiated, the forward pass runs the two launches whose backward exists, `add_norm.add_norm` and
-  `matmul_halves`, with the same values (the kernel's norm rounds to in_proj's dtype as the first launch does)."""
-  return add_norm.add_norm_project(residual, hidden, weight, in_proj, eps=eps, interpret=interpret)
+  memory. Differentiated, it runs the two launches whose backward exists, `add_norm.add_norm` and `matmul_halves`,
+  with the same values (the kernel's norm rounds to in_proj's dtype as the first launch does)."""
+  kernel = functools.partial(add_norm.add_norm_project, eps=eps, interpret=interpret)
+  separate = functools.partial(add_norm_then_in_proj, eps=eps, precision=precision, interpret=interpret)
+  return kernel_where_undifferentiated(kernel, separate)(residual, hidden, weight, in_proj)
 
 
 def add_norm_then_in_proj(residual, hidden, weight, in_proj, *, eps, precision, interpret):
@@ -127,17 +141,29 @@ def add_norm_then_in_proj(residual, hidden, weight, in_proj, *, eps, precision, 
   return total, *matmul_halves(normed, in_proj, precision)
 
 
-def _add_norm_in_proj_fwd(residual, hidden, weight, in_proj, eps, precision, interpret):
-  separate = functools.partial(add_norm_then_in_proj, eps=eps, precision=precision, interpret=interpret)
-  return jax.vjp(separate, residual, hidden, weight, in_proj)  # the outputs and their pullback, as residuals
+def projected_add_norm(
+  residual: jax.Array,
+  mixed: jax.Array,
+  out_proj: jax.Array,
+  weight: jax.Array,
+  *,
+  eps: float,
+  precision: jax.lax.PrecisionLike,
+  interpret: bool,
+) -> tuple[jax.Array, jax.Array]:
+  """(r', y): the last mixer's out_proj of `mixed`, added to the residual and normed (`RMSNorm.add` with the kernel),
+  y in out_proj's dtype.
+
+  Undifferentiated (inference) it is one kernel, `add_norm.projected_add_norm`: the projection never goes to memory.
+  Differentiated, it runs `dense` and `add_norm.add_norm`, with the same values."""
+  kernel = functools.partial(add_norm.projected_add_norm, eps=eps, interpret=interpret)
+  separate = functools.partial(out_proj_then_add_norm, eps=eps, precision=precision, interpret=interpret)
+  return kernel_where_undifferentiated(kernel, separate)(residual, mixed, out_proj, weight)
 
 
-def _add_norm_in_proj_bwd(eps, precision, interpret, pullback, cotangents):
-  del eps, precision, interpret
-  return pullback(cotangents)
-
-
-add_norm_in_proj.defvjp(_add_norm_in_proj_fwd, _add_norm_in_proj_bwd)
+def out_proj_then_add_norm(residual, mixed, out_proj, weight, *, eps, precision, interpret):
+  hidden = dense(mixed, out_proj, precision)
+  return add_norm.add_norm(residual, hidden, weight, eps=eps, dtype=out_proj.dtype, interpret=interpret)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

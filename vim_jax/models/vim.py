@@ -261,16 +261,28 @@ class BiMambaMixer(nnx.Module):
 
   def __call__(self, hidden: jax.Array) -> jax.Array:
     """hidden: (batch, length, dim) normed tokens -> (batch, length, dim)."""
+    return self.project_out(self.mix(*self.project_in(hidden)))
+
+  def project_in(self, hidden: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """in_proj's halves x and z, (batch, length, d_inner) each."""
     cfg = self.cfg
     with jax.named_scope("in_proj"):  # x and z each written contiguous, for the conv and scan kernels
-      x, z = layers.matmul_halves(hidden.astype(cfg.dtype), self.in_proj_weight(), cfg.matmul_precision)
-    return self.mix(x, z)
+      return layers.matmul_halves(hidden.astype(cfg.dtype), self.in_proj_weight(), cfg.matmul_precision)
+
+  def project_out(self, mixed: jax.Array) -> jax.Array:
+    """out_proj: (batch, length, d_inner) `mix` output -> (batch, length, dim)."""
+    with jax.named_scope("out_proj"):
+      return layers.dense(mixed, self.out_proj_weight(), self.cfg.matmul_precision)
 
   def in_proj_weight(self) -> jax.Array:
     return self.in_proj.kernel[...].astype(self.cfg.dtype)
 
+  def out_proj_weight(self) -> jax.Array:
+    return self.out_proj.kernel[...].astype(self.cfg.dtype)
+
   def mix(self, x: jax.Array, z: jax.Array) -> jax.Array:
-    """The mixer after in_proj: x and z (batch, length, d_inner), in_proj's halves -> (batch, length, dim)."""
+    """The mixer between its projections: x and z (batch, length, d_inner), in_proj's halves -> the gated scan
+    output (batch, length, d_inner) in the compute dtype, out_proj's input."""
     cfg = self.cfg
     dtype = jnp.dtype(cfg.dtype)
     with jax.named_scope("conv_silu"):  # both directions in one pass over x; a pair each for the scan and the
@@ -298,8 +310,7 @@ class BiMambaMixer(nnx.Module):
         impl=cfg.scan_impl,
         interpret=cfg.scan_interpret,
       )
-    with jax.named_scope("out_proj"):
-      return layers.dense(y.astype(dtype), self.out_proj.kernel[...].astype(dtype), cfg.matmul_precision)
+    return y.astype(dtype)
 
 
 class Block(nnx.Module):
@@ -308,9 +319,11 @@ class Block(nnx.Module):
   at few rows (`add_norm.project_pays`), that pass also runs the mixer's in_proj (`layers.add_norm_in_proj`).
 
   The stream between blocks is (residual, hidden): the residual before `hidden`, the last mixer's output in the
-  compute dtype, is added. Drop path scales each mixer's output with that mixer's rate before it is passed on
-  (the official code applies block i's rate to the incoming output of mixer i - 1 with a shifted rate list:
-  the same computation, vim_spec.md §1.4).
+  compute dtype, is added. At many rows (`projects_between_blocks`) it is (residual, mixed, out_proj): the last
+  mixer's output before its out_proj, and that out_proj's weight, which the next block's add + norm applies in the
+  same pass (`layers.projected_add_norm`). Drop path scales each mixer's output with that mixer's rate before it is
+  passed on (the official code applies block i's rate to the incoming output of mixer i - 1 with a shifted rate
+  list: the same computation, vim_spec.md §1.4; a per-sample scale commutes with out_proj).
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -323,27 +336,51 @@ class Block(nnx.Module):
 
   def __call__(
     self,
-    stream: tuple[jax.Array, jax.Array],
+    stream: tuple[jax.Array, ...],
     *,
     drop_rate: float | jax.Array = 0.0,
     rngs: nnx.Rngs | None = None,
-  ) -> tuple[jax.Array, jax.Array]:
-    """(residual + hidden, this mixer's output). `drop_rate` is an argument, not an attribute, so that all
-    blocks share one structure (layer scan)."""
-    residual, hidden = stream
+  ) -> tuple[jax.Array, ...]:
+    """The stream after this block, in the structure it came in (class docstring). `drop_rate` is an argument, not
+    an attribute, so that all blocks share one structure (layer scan)."""
+    norm, mixer = self.norm, self.mixer
+    precision = mixer.cfg.matmul_precision
+    residual, hidden, *out_proj = stream
+    if out_proj:
+      with jax.named_scope("out_proj_add_norm"):
+        residual, normed = layers.projected_add_norm(
+          residual, hidden, *out_proj, norm.weight[...], eps=norm.eps, precision=precision, interpret=self.interpret
+        )
+      mixed = mixer.mix(*mixer.project_in(normed))
+      return residual, layers.drop_path(mixed, drop_rate, rngs), mixer.out_proj_weight()
     if self.fused_in_proj and add_norm.project_pays(residual.size // residual.shape[-1]):
       with jax.named_scope("add_norm_in_proj"):
-        norm, mixer = self.norm, self.mixer
-        precision = mixer.cfg.matmul_precision
         residual, x, z = layers.add_norm_in_proj(
-          residual, hidden, norm.weight[...], mixer.in_proj_weight(), norm.eps, precision, self.interpret
+          residual,
+          hidden,
+          norm.weight[...],
+          mixer.in_proj_weight(),
+          eps=norm.eps,
+          precision=precision,
+          interpret=self.interpret,
         )
-      return residual, layers.drop_path(mixer.mix(x, z), drop_rate, rngs)
+      return residual, layers.drop_path(mixer.project_out(mixer.mix(x, z)), drop_rate, rngs)
     with jax.named_scope("add_norm"):
-      residual, normed = self.norm.add(
+      residual, normed = norm.add(
         residual, hidden, dtype=self.dtype, kernel=self.add_norm_kernel, interpret=self.interpret
       )
-    return residual, layers.drop_path(self.mixer(normed), drop_rate, rngs)
+    return residual, layers.drop_path(mixer(normed), drop_rate, rngs)
+
+
+def projects_between_blocks(cfg: ModelConfig, rows: int) -> bool:
+  """Whether the blocks pass on their mixer's output before out_proj, for the next block's add + norm to apply it
+  (`Block`): where the add + norm kernel runs, `add_norm.projected_add_norm` takes the shapes, and at the rows
+  (all of a call's, batch · tokens) where it pays (`add_norm.projected_pays`)."""
+  return (
+    uses_add_norm_kernel(cfg)
+    and add_norm.projected_supported(cfg.d_inner, cfg.embed_dim, cfg.dtype)
+    and add_norm.projected_pays(rows)
+  )
 
 
 def uses_add_norm_kernel(cfg: ModelConfig) -> bool:
@@ -392,19 +429,32 @@ class VisionMamba(nnx.Module):
     x = jnp.concatenate([x[:, :i], cls, x[:, i:]], axis=1)
     return x + self.pos_embed[...]
 
-  def _stream(self, images: jax.Array, rngs: nnx.Rngs | None) -> tuple[jax.Array, jax.Array]:
-    """(residual, hidden) after the last block: the float32 residual stream before the last mixer's output is
-    added. The first block adds zeros."""
+  def _stream(self, images: jax.Array, rngs: nnx.Rngs | None) -> tuple[jax.Array, ...]:
+    """The stream after the last block (`Block`): the float32 residual stream before the last mixer's output is
+    added, that output, and, where the blocks pass it on before out_proj, out_proj's weight. The first block adds
+    zeros."""
     cfg = self.cfg
     x = self.embed(images)
-    stream = (x, jnp.zeros_like(x, dtype=cfg.dtype))
+    if projects_between_blocks(cfg, x.shape[0] * x.shape[1]):
+      stream = (x, jnp.zeros((*x.shape[:-1], cfg.d_inner), cfg.dtype), jnp.zeros((cfg.d_inner, x.shape[-1]), cfg.dtype))
+    else:
+      stream = (x, jnp.zeros_like(x, dtype=cfg.dtype))
     return layers.apply_blocks(
       self.layers, stream, rngs, rates=self.drop_path_rates, scan=cfg.scan_layers, remat=cfg.remat
     )
 
+  def _last_sum_parts(self, stream: tuple[jax.Array, ...], at=...) -> tuple[jax.Array, jax.Array]:
+    """(residual, the last mixer's output) at the token index `at` of the final stream, out_proj applied if the
+    stream carries it."""
+    residual, hidden, *out_proj = stream
+    residual, hidden = residual[at], hidden[at]
+    if out_proj:
+      hidden = layers.dense(hidden, *out_proj, self.cfg.matmul_precision)
+    return residual, hidden
+
   def forward_tokens(self, images: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
     """The final-normed token sequence (batch, length, dim), cls included: the dense-prediction output."""
-    residual, hidden = self._stream(images, rngs)
+    residual, hidden = self._last_sum_parts(self._stream(images, rngs))
     return self.norm_f.add(
       residual, hidden, dtype=jnp.float32, kernel=uses_add_norm_kernel(self.cfg), interpret=self.cfg.scan_interpret
     )[1]
@@ -412,9 +462,8 @@ class VisionMamba(nnx.Module):
   def forward_features(self, images: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
     """The pre-head feature (batch, dim): the final cls token. Only its row of the last sum is computed (every
     earlier sum is written whole by the blocks)."""
-    residual, hidden = self._stream(images, rngs)
-    i = self.cfg.cls_index
-    return self.norm_f(residual[:, i] + hidden[:, i].astype(jnp.float32))
+    residual, hidden = self._last_sum_parts(self._stream(images, rngs), at=(slice(None), self.cfg.cls_index))
+    return self.norm_f(residual + hidden.astype(jnp.float32))
 
   def __call__(self, images: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
     """Logits (batch, num_classes) in float32; drop path is active only when `rngs` is given."""
