@@ -370,14 +370,16 @@ def test_boundary_kernel_runs_undifferentiated_and_equals_the_separate_launches(
     other = jax.ShapeDtypeStruct((outside_rule, *images.shape[1:]), images.dtype)
     past_the_rule = str(jax.make_jaxpr(lambda state, x: nnx.merge(graphdef, state)(x))(state, other))
     names = [text.count(f"name={kernel}") for text in (forward, differentiated, past_the_rule)]
-    return names, logits_of(model, images), parameter_gradients(model, loss)
+    outputs = logits_of(model, images), nnx.jit(lambda m, x: m.forward_tokens(x))(model, images)
+    return names, outputs, parameter_gradients(model, loss)
 
-  names, logits, grads = run()
+  names, outputs, grads = run()
   supported = "project_supported" if kernel == "add_norm_project" else "projected_supported"
   monkeypatch.setattr(vim.add_norm, supported, lambda *args: False)
-  separate_names, separate_logits, separate_grads = run()
+  separate_names, separate_outputs, separate_grads = run()
   assert names == [1, 0, 0] and separate_names == [0, 0, 0]  # one kernel in the layer scan's body, up to the rows rule
-  assert_rel_close(logits, separate_logits, 1e-2, "logits")
+  for got, want, name in zip(outputs, separate_outputs, ("logits", "tokens"), strict=True):
+    assert_rel_close(got, want, 1e-2, name)
   if kernel == "add_norm_project":
     chex.assert_trees_all_equal(grads, separate_grads)
   else:  # out_proj runs in the next block (and for the cls row alone after the last): the same values, other roundings
