@@ -353,17 +353,22 @@ def _project_kernel(r_ref, h_ref, w_ref, p_ref, r_out_ref, first_ref, second_ref
     jax.lax.fori_loop(0, width // tile, project_tile, 0)
 
 
-# The last mixer's out_proj before the add + norm (`projected_add_norm`): rows per program, warps, and the contraction's
-# columns per step (Vim-Ti's 384 in 6 steps of 64). Not yet tuned on a card; compiled offline for sm_90 (the `triton`
-# package), 4 warps spill at 64 rows and 8 hold 172 registers.
+# The last mixer's out_proj before the add + norm (`projected_add_norm`): rows per program, warps, the contraction's
+# columns per step and the steps whose loads are in flight. H100, Vim-Ti (projected_add_norm_ab_h100.txt): 64 rows, 4
+# warps, steps of 64 and 3 stages were the fastest of 16 settings at 1024² and 1248², batch 32 (142.3 and 207.5 us
+# against the two launches' 168.7 and 244.9) and within 0.5 us of the fastest at 224², batch 128 (35.6 against 53.0).
+# Compiled offline for sm_90 (the `triton` package) it holds 255 registers and spills 228 bytes; 8 warps spill none
+# but took 195.9 us at 1024² with the other settings the same.
 PROJECTED_BLOCK_ROWS = 64
-PROJECTED_NUM_WARPS = 8
+PROJECTED_NUM_WARPS = 4
 PROJECTED_K_TILE = 64
-PROJECTED_NUM_STAGES = 2
+PROJECTED_NUM_STAGES = 3
 
 
-# Where the model runs `projected_add_norm` (`vim.projects_between_blocks`): from the rows where `add_norm_project` stops
-# paying on. Not yet measured.
+# Where the model runs `projected_add_norm` (`vim.projects_between_blocks`): where `add_norm_project` does not. Vim-Ti's
+# forward on an H100, rounds alternating (ab_projected_add_norm_tuned_vim_tiny_h100.txt,
+# ab_projected_add_norm_224_vim_tiny_h100.txt): 32.07 -> 31.51 ms at 1024², batch 32, 46.73 -> 46.08 at 1248²; at
+# 224², batch 128 the add + norm with in_proj stayed faster (7.47 against 7.61 ms with this kernel instead).
 PROJECTED_MIN_ROWS = PROJECT_MAX_ROWS + 1
 
 

@@ -310,3 +310,9 @@ def test_projected_add_norm_runs_per_device_under_a_mesh():
   assert got[1].sharding.spec[0] == ("data", "fsdp")
   for a, b in zip(got, expected, strict=True):
     np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def test_each_boundary_kernel_runs_where_it_was_measured_faster():
+  for rows in (128 * 197, 32 * 4097, 32 * 6085):  # 224², batch 128; 1024² and 1248², batch 32
+    assert add_norm.project_pays(rows) != add_norm.projected_pays(rows)
+  assert add_norm.projected_pays(32 * 4097) and add_norm.project_pays(128 * 197)
