@@ -84,6 +84,12 @@ def _check(residual: jax.Array, hidden: jax.Array | None, weight: jax.Array, cal
     raise ValueError(f"{caller}: the feature dim must be a multiple of {SMALLEST_PIECE}, got {dim}")
 
 
+def _unsupported(caller: str, projection: jax.Array, needs: str) -> ValueError:
+  return ValueError(
+    f"{caller}: `projection` of shape {projection.shape} and dtype {projection.dtype} is not supported: {needs}"
+  )
+
+
 def _pieces(dim: int) -> list[tuple[int, int]]:
   """(start, width) of the power-of-two pieces of a row, widest first: 192 → (0, 128), (128, 64)."""
   widths = [1 << bit for bit in reversed(range(dim.bit_length())) if dim & (1 << bit)]
@@ -301,10 +307,8 @@ def add_norm_project(
   if projection.ndim != 2 or projection.shape[0] != dim or projection.shape[1] % 2:
     raise ValueError(f"add_norm_project: `projection` must be ({dim}, 2 · width), got {projection.shape}")
   if not project_supported(dim, projection.shape[1] // 2, projection.dtype):
-    raise ValueError(
-      f"add_norm_project: `projection` of shape {projection.shape} and dtype {projection.dtype} is not supported: "
-      f"dim a multiple of {SMALLEST_PIECE}, each half's width a multiple of {SMALLEST_PIECE}, a 16-bit dtype"
-    )
+    needs = f"dim a multiple of {SMALLEST_PIECE}, each half's width a multiple of {SMALLEST_PIECE}, a 16-bit dtype"
+    raise _unsupported("add_norm_project", projection, needs)
   _check(residual, hidden, weight, "add_norm_project")
   fn = functools.partial(_projected, eps=eps, interpret=interpret)
   return per_device(fn, (residual, hidden), (weight, projection))
@@ -419,10 +423,7 @@ def projected_add_norm(
       f"projection's width and dtype), got {mixed.shape} in {mixed.dtype}"
     )
   if not projected_supported(width, dim, projection.dtype):
-    raise ValueError(
-      f"projected_add_norm: `projection` of shape {projection.shape} and dtype {projection.dtype} is not supported: "
-      f"both sides multiples of {SMALLEST_PIECE}, a 16-bit dtype"
-    )
+    raise _unsupported("projected_add_norm", projection, f"both sides multiples of {SMALLEST_PIECE}, a 16-bit dtype")
   _check(residual, None, weight, "projected_add_norm")
   fn = functools.partial(_out_projected, eps=eps, interpret=interpret)
   return per_device(fn, (residual, mixed), (projection, weight))

@@ -91,18 +91,36 @@ def test_bad_arguments_raise():
     add_norm.add_norm(residual, hidden, weight, eps=EPS, dtype=jnp.float32, interpret=True)
 
 
-def test_kernel_lowers_for_cuda_at_vim_tiny_shapes():
-  """One Triton kernel at 1248², batch 32, r' written over the residual (aliased: no copy of the stream)."""
-  args = (
-    jax.ShapeDtypeStruct((32, 6085, 192), jnp.float32),
-    jax.ShapeDtypeStruct((32, 6085, 192), jnp.bfloat16),
-    jax.ShapeDtypeStruct((192,), jnp.float32),
-  )
+_F32, _BF16 = jnp.float32, jnp.bfloat16
+
+
+@pytest.mark.parametrize(
+  "name, fn, shapes",
+  [
+    (
+      "add_norm",
+      lambda r, h, w: add_norm._fused(r, h, w, eps=EPS, dtype=_BF16, interpret=False),
+      [((32, 6085, 192), _F32), ((32, 6085, 192), _BF16), ((192,), _F32)],
+    ),
+    (
+      "add_norm_project",
+      lambda r, h, w, p: add_norm.add_norm_project(r, h, w, p, eps=EPS),
+      [((32, 6085, 192), _F32), ((32, 6085, 192), _BF16), ((192,), _F32), ((192, 768), _BF16)],
+    ),
+    (
+      "projected_add_norm",
+      lambda r, m, p, w: add_norm.projected_add_norm(r, m, p, w, eps=EPS),
+      [((32, 4097, 192), _F32), ((32, 4097, 384), _BF16), ((384, 192), _BF16), ((192,), _F32)],
+    ),
+  ],
+)
+def test_kernels_lower_for_cuda_at_vim_tiny_shapes(name, fn, shapes):
+  """One Triton kernel at 1248² or 1024², batch 32, r' written over the residual (aliased: no copy of the stream)."""
+  args = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in shapes]
   h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
-  fn = jax.jit(lambda r, h, w: add_norm._fused(r, h, w, eps=EPS, dtype=jnp.bfloat16, interpret=False))
   with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)):
-    hlo = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-  assert re.findall(r"custom_call @__gpu\$xla\.gpu\.triton\(.*name = \"(\w+)\"", hlo) == ["add_norm"]
+    hlo = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert re.findall(r"custom_call @__gpu\$xla\.gpu\.triton\(.*name = \"(\w+)\"", hlo) == [name]
   assert "output_operand_aliases" in hlo
 
 
@@ -203,32 +221,27 @@ def test_add_norm_project_bad_arguments_raise():
     add_norm.add_norm_project(residual, hidden[:, :2], weight, projection, eps=EPS)
 
 
-def test_add_norm_project_lowers_for_cuda_at_vim_tiny_shapes():
-  """One Triton kernel at 1248², batch 32, r' written over the residual."""
-  args = (
-    jax.ShapeDtypeStruct((32, 6085, 192), jnp.float32),
-    jax.ShapeDtypeStruct((32, 6085, 192), jnp.bfloat16),
-    jax.ShapeDtypeStruct((192,), jnp.float32),
-    jax.ShapeDtypeStruct((192, 768), jnp.bfloat16),
-  )
-  h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
-  fn = jax.jit(lambda r, h, w, p: add_norm.add_norm_project(r, h, w, p, eps=EPS))
-  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)):
-    hlo = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-  assert re.findall(r"custom_call @__gpu\$xla\.gpu\.triton\(.*name = \"(\w+)\"", hlo) == ["add_norm_project"]
-  assert "output_operand_aliases" in hlo
-
-
-def test_add_norm_project_runs_per_device_under_a_mesh():
-  mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
-  rng = np.random.default_rng(4)
+def _project_inputs(rng):
   residual, hidden, weight = _inputs(rng, (8, 9, 32))
-  projection = _projection(rng, 32, 32)
-  project = jax.jit(lambda r, h, w, p: add_norm.add_norm_project(r, h, w, p, eps=EPS, interpret=True))
-  expected = project(residual, hidden, weight, projection)
+  return residual, hidden, weight, _projection(rng, 32, 32)
+
+
+@pytest.mark.parametrize(
+  "project, inputs",
+  [
+    (lambda r, h, w, p: add_norm.add_norm_project(r, h, w, p, eps=EPS, interpret=True), _project_inputs),
+    (lambda r, m, p, w: _projected(r, m, p, w), lambda rng: _projected_inputs(rng, (8, 9, 32), 64)),
+  ],
+  ids=["add_norm_project", "projected_add_norm"],
+)
+def test_projection_kernels_run_per_device_under_a_mesh(project, inputs):
+  mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+  first, second, *whole = inputs(np.random.default_rng(4))
+  project = jax.jit(project)
+  expected = project(first, second, *whole)
   with jax.set_mesh(mesh):
     rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
-    got = project(jax.device_put(residual, rows), jax.device_put(hidden, rows), weight, projection)
+    got = project(jax.device_put(first, rows), jax.device_put(second, rows), *whole)
   assert got[1].sharding.spec[0] == ("data", "fsdp")
   for a, b in zip(got, expected, strict=True):
     np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
@@ -281,35 +294,6 @@ def test_projected_add_norm_bad_arguments_raise():
     add_norm.projected_add_norm(residual, mixed.astype(jnp.float32), projection.astype(jnp.float32), weight, eps=EPS)
   with pytest.raises(ValueError, match=r"projected_add_norm: `weight` must be \(32,\)"):
     add_norm.projected_add_norm(residual, mixed, projection, weight[:8], eps=EPS)
-
-
-def test_projected_add_norm_lowers_for_cuda_at_vim_tiny_shapes():
-  """One Triton kernel at 1024², batch 32, r' written over the residual."""
-  args = (
-    jax.ShapeDtypeStruct((32, 4097, 192), jnp.float32),
-    jax.ShapeDtypeStruct((32, 4097, 384), jnp.bfloat16),
-    jax.ShapeDtypeStruct((384, 192), jnp.bfloat16),
-    jax.ShapeDtypeStruct((192,), jnp.float32),
-  )
-  h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
-  fn = jax.jit(lambda r, m, p, w: add_norm.projected_add_norm(r, m, p, w, eps=EPS))
-  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)):
-    hlo = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-  assert re.findall(r"custom_call @__gpu\$xla\.gpu\.triton\(.*name = \"(\w+)\"", hlo) == ["projected_add_norm"]
-  assert "output_operand_aliases" in hlo
-
-
-def test_projected_add_norm_runs_per_device_under_a_mesh():
-  mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
-  residual, mixed, projection, weight = _projected_inputs(np.random.default_rng(6), (8, 9, 32), 64)
-  project = jax.jit(_projected)
-  expected = project(residual, mixed, projection, weight)
-  with jax.set_mesh(mesh):
-    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
-    got = project(jax.device_put(residual, rows), jax.device_put(mixed, rows), projection, weight)
-  assert got[1].sharding.spec[0] == ("data", "fsdp")
-  for a, b in zip(got, expected, strict=True):
-    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 
 def test_each_boundary_kernel_runs_where_it_was_measured_faster():
