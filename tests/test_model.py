@@ -387,6 +387,28 @@ def test_boundary_kernel_runs_undifferentiated_and_equals_the_separate_launches(
       assert_rel_close(got[...], want[...], 2e-2, "/".join(map(str, path)))
 
 
+def test_stream_with_out_proj_runs_under_a_mesh(monkeypatch):
+  """Where the blocks pass on their mixer's output before out_proj with its weight (`projects_between_blocks`, the
+  rule lowered to these rows), Vim-Ti's logits with the batch split over 8 devices (the trainer's Auto axes) match
+  those without a mesh (to bf16's roundings: XLA's fusions of the bf16 model differ under a mesh, with or without
+  this path)."""
+  monkeypatch.setattr(vim.conv_silu, "uses_kernels", lambda impl, interpret: interpret)
+  monkeypatch.setattr(vim.add_norm, "PROJECTED_MIN_ROWS", 1)
+  model = create_model(
+    "vim_tiny", img_size=32, depth=2, dtype="bfloat16", scan_impl="xla", scan_interpret=True, scan_layers=True
+  )
+  images = jax.random.normal(jax.random.key(2), (8, 32, 32, 3))
+  graphdef, state = nnx.split(model)
+  forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+  assert "name=projected_add_norm" in str(jax.make_jaxpr(forward)(state, images))
+  expected = forward(state, images)
+  mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  with jax.set_mesh(mesh):
+    batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    got = forward(state, jax.device_put(images, batch))
+  assert_rel_close(got, expected, 2e-2, "logits")
+
+
 @pytest.fixture(scope="module")
 def tiny_init_params():
   model = create_model("vim_tiny", rngs=nnx.Rngs(0))
