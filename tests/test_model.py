@@ -409,6 +409,29 @@ def test_stream_with_out_proj_runs_under_a_mesh(monkeypatch):
   assert_rel_close(got, expected, 2e-2, "logits")
 
 
+@pytest.mark.parametrize("path", ["reference", "xla", "kernels"])
+def test_loss_and_gradients_under_explicit_mesh_axes(monkeypatch, path):
+  """Under a mesh of Explicit axes (`jax.make_mesh`'s default in newer JAX; the trainer's are Auto), with the batch
+  split over 8 devices, Vim-Ti's loss and every parameter gradient equal those without a mesh, in float32: with the
+  reference or the XLA scan, and with the mixer's kernels (interpret mode; the scan in XLA) and the stream that
+  carries out_proj (the rows rule lowered)."""
+  if path == "kernels":
+    monkeypatch.setattr(vim.conv_silu, "uses_kernels", lambda impl, interpret: interpret)
+    monkeypatch.setattr(vim.add_norm, "PROJECTED_MIN_ROWS", 1)
+  scan_impl = "xla" if path == "kernels" else path
+  model = create_model("vim_tiny", img_size=32, depth=2, scan_impl=scan_impl, scan_interpret=path == "kernels")
+  images = jax.random.normal(jax.random.key(2), (8, 32, 32, 3))
+  graphdef, state = nnx.split(model)
+  loss_and_grads = jax.jit(jax.value_and_grad(lambda state, x: jnp.sum(nnx.merge(graphdef, state)(x) ** 2)))
+  expected = loss_and_grads(state, images)
+  mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+  with jax.set_mesh(mesh):
+    batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    got = loss_and_grads(state, jax.device_put(images, batch))
+  for (key, value), (_, want) in zip(*(jax.tree.leaves_with_path(tree) for tree in (got, expected)), strict=True):
+    assert_rel_close(value, want, 1e-4, jax.tree_util.keystr(key))
+
+
 @pytest.fixture(scope="module")
 def tiny_init_params():
   model = create_model("vim_tiny", rngs=nnx.Rngs(0))

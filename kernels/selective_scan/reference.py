@@ -16,7 +16,6 @@ def scan(
   Inputs are already in the compute dtype and `delta` is the final step size (bias and softplus
   applied by the caller). `reverse` runs from the last position to the first.
   """
-  batch, _, channels = u.shape
 
   def step(h, xs):
     u_t, delta_t, B_t, C_t = xs  # (batch, channels) x2, (batch, state) x2
@@ -24,7 +23,14 @@ def scan(
     # Multiply-and-sum rather than einsum: a dot may run at reduced precision on TPU/GPU.
     return h, jnp.sum(h * C_t[:, None, :], axis=-1)
 
-  h0 = jnp.zeros((batch, channels, A.shape[1]), u.dtype)
   time_major = tuple(jnp.swapaxes(x, 0, 1) for x in (u, delta, B, C))
-  h_last, y = jax.lax.scan(step, h0, time_major, reverse=reverse)
+  h_last, y = jax.lax.scan(step, zero_state(u, A), time_major, reverse=reverse)
   return jnp.swapaxes(y, 0, 1), h_last
+
+
+def zero_state(u: jax.Array, A: jax.Array) -> jax.Array:
+  """The state before the first position, (batch, channels, state) zeros in u's dtype: under explicit mesh axes split
+  over the batch as u is, since a scan's carry keeps the type the body gives it."""
+  h0 = jnp.zeros((u.shape[0], u.shape[2], A.shape[1]), u.dtype)
+  sharding = jax.typeof(u).sharding
+  return h0 if sharding.mesh.empty else jax.sharding.reshard(h0, jax.sharding.PartitionSpec(sharding.spec[0]))

@@ -12,6 +12,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from kernels.selective_scan import reference
+
 # Speed barely depends on it (memory-bound: on an H100, fwd+bwd of a Vim-tiny mixer at 197 and 1025
 # tokens took the same time within ~20%, no trend, for 8 to 256). It trades the scratch of the chunk being
 # processed (about 4 x batch*chunk*channels*state floats) against the per-chunk states saved for the
@@ -62,7 +64,7 @@ def scan(
     y = jnp.sum(hs * C[:, :, None, :], axis=-1)  # not einsum: dots may lose precision on TPU/GPU
     return hs[:, 0 if reverse else -1], y
 
-  h0 = jnp.zeros((batch, channels, A.shape[1]), u.dtype)
+  h0 = reference.zero_state(u, A)
   xs = tuple(to_chunks(x) for x in (u, delta, B, C))
   h_last, y = jax.lax.scan(chunk_step, h0, xs, reverse=reverse)
   y = jnp.swapaxes(y, 0, 1).reshape(batch, num_chunks * chunk, channels)

@@ -287,6 +287,20 @@ def _in_groups(a: jax.Array, groups: int) -> jax.Array:
   return a.reshape(groups, -1, a.shape[-1], out_sharding=spec)
 
 
+def reshape_samples(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """x.reshape(shape) that keeps the leading (sample) axis and its sharding: under explicit mesh axes a reshape of
+  the other axes needs its output's sharding said."""
+  sharding = jax.typeof(x).sharding
+  out_sharding = None if sharding.mesh.empty else sharding.update(spec=jax.sharding.PartitionSpec(sharding.spec[0]))
+  return jnp.reshape(x, shape, out_sharding=out_sharding)
+
+
+def sharded_as(x: jax.Array, like: jax.Array) -> jax.Array:
+  """x laid out as `like` under explicit mesh axes (where one op's operands must be sharded alike); as is elsewhere."""
+  sharding = jax.typeof(like).sharding
+  return x if sharding.mesh.empty else jax.sharding.reshard(x, sharding.spec)
+
+
 def _sharded_like(primal: jax.Array) -> jax.sharding.NamedSharding | None:
   """How autodiff lays out a gradient (explicit meshes need it said): as its primal, or replicated on the
   current mesh where the primal is on none (a parameter closed over)."""

@@ -152,11 +152,11 @@ class PatchEmbed(nnx.Module):
   def __call__(self, images: jax.Array) -> jax.Array:
     if self.stride != self.patch:
       x = self.proj(images)  # (batch, gh, gw, dim)
-      return x.reshape(x.shape[0], -1, x.shape[-1])
+      return layers.reshape_samples(x, (x.shape[0], -1, x.shape[-1]))
     batch, height, width, chans = images.shape
     p, (gh, gw) = self.patch, (height // self.patch, width // self.patch)
-    patches = images[:, : gh * p, : gw * p].reshape(batch, gh, p, gw, p, chans).swapaxes(2, 3)
-    patches = patches.reshape(batch, gh * gw, p * p * chans)  # (row, col, channel) order, as the kernel's
+    patches = layers.reshape_samples(images[:, : gh * p, : gw * p], (batch, gh, p, gw, p, chans)).swapaxes(2, 3)
+    patches = layers.reshape_samples(patches, (batch, gh * gw, p * p * chans))  # (row, col, channel), as the kernel's
     proj = self.proj
     kernel = proj.kernel[...].reshape(p * p * chans, -1)
     patches, kernel, bias = (x.astype(proj.dtype) for x in (patches, kernel, proj.bias[...]))
@@ -424,7 +424,7 @@ class VisionMamba(nnx.Module):
     self._check_images(images)
     cfg = self.cfg
     x = self.patch_embed(images.astype(jnp.dtype(cfg.dtype))).astype(jnp.float32)
-    cls = jnp.broadcast_to(self.cls_token[...], (x.shape[0], 1, x.shape[-1]))
+    cls = layers.sharded_as(jnp.broadcast_to(self.cls_token[...], (x.shape[0], 1, x.shape[-1])), x)
     i = cfg.cls_index
     x = jnp.concatenate([x[:, :i], cls, x[:, i:]], axis=1)
     return x + self.pos_embed[...]
