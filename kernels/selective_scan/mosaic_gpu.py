@@ -42,9 +42,10 @@ three FMAs instead of four multiplies and three adds, both directions 1.264 ms a
 0.867 against 0.884 at 1024² (H100, mosaic_patch_ab.py, scan_mosaic_gpu_contracted_sums_h100.txt). The loop is then
 301 instructions per 8 positions, and the code once per block 14-21% of those executed but 26-30% of the stall
 samples (ncu_mosaic_forward_contracted_1248_b32_h100.md). Groups of 16 positions (`unroll`) take both directions
-from 1.258 to 1.228 ms at 1248², batch 32 and 0.862 to 0.841 at 1024² (32: 1.211 and 0.830; its card check ran 12
-of 18 forms, all passing, before its time limit: compiling 32 takes longer), Vim-Ti's forward from 47.10 to
-46.36 ms at 1248² (H100, fortieth session, scan_mosaic_gpu_unroll_h100.txt, ab_mosaic_unroll16_vim_tiny_h100.txt).
+from 1.258 to 1.228 ms at 1248², batch 32 and 0.862 to 0.841 at 1024², Vim-Ti's forward from 47.10 to 46.36 ms at
+1248² (H100, fortieth session, scan_mosaic_gpu_unroll_h100.txt, ab_mosaic_unroll16_vim_tiny_h100.txt); groups of 32
+take both directions to 1.211 and 0.830 ms, and Vim-Ti's forward from 45.86 to 45.51 ms at 1248², 31.29 to 31.14 at
+1024² (H100, forty-fourth session, ab_mosaic_unroll32_vim_tiny_h100.txt).
 Three blocks' copies in flight (`stages`) or blocks of 128 positions were slower (1.36 and 1.66 ms against 1.25,
 scan_mosaic_gpu_stages_block_t_h100.json; by its buffers' sizes, the gated direction's program then leaves room for two
 per SM, where these shapes' 384 programs need three), float32 B and C rows (`f32_states`) too (1.27-1.30 ms).
@@ -764,12 +765,15 @@ def bidirectional(forward_args: tuple, backward_args: tuple, z, *, in_place: boo
 # takes 51.8 against 53.6 (H100, ab_mosaic_epilogue_unroll8_vim_tiny_1248_h100.txt); `state_pairs` instead of
 # `f32_states` takes it from 47.4 to 45.5 ms (H200, ab_mosaic_state_pairs_vim_tiny_1248_h200.txt; racecheck clean);
 # `scatter_sums` from 49.6 to 49.0 ms (H100, ab_mosaic_scatter_sums_vim_tiny_1248_h100.txt; racecheck clean); unroll
-# 16 instead of 8 from 47.10 to 46.36 ms (H100, ab_mosaic_unroll16_vim_tiny_h100.txt).
+# 16 instead of 8 from 47.10 to 46.36 ms (H100, ab_mosaic_unroll16_vim_tiny_h100.txt), 32 instead of 16 from 45.86 to
+# 45.51 ms (H100, ab_mosaic_unroll32_vim_tiny_h100.txt; on the card it passed the check's every form but the single
+# direction's at 6,085 positions, which its time limit cut off, with the worst errors of 16:
+# scan_gpu_check_mosaic_unroll32_partial_h100.txt, scan_gpu_check_mosaic_unroll32_case1_h100.txt).
 OPTIONS = dict(
   layout="quarter_rows",
   block_d=32,
   block_t=64,
-  unroll=16,
+  unroll=32,
   share_channel_work=True,
   state_pairs=True,
   epilogue=True,
