@@ -409,17 +409,20 @@ def test_stream_with_out_proj_runs_under_a_mesh(monkeypatch):
   assert_rel_close(got, expected, 2e-2, "logits")
 
 
-@pytest.mark.parametrize("path", ["reference", "xla", "kernels"])
+@pytest.mark.parametrize("path", ["reference", "xla", "kernels", "deit"])
 def test_loss_and_gradients_under_explicit_mesh_axes(monkeypatch, path):
   """Under a mesh of Explicit axes (`jax.make_mesh`'s default in newer JAX; the trainer's are Auto), with the batch
   split over 8 devices, Vim-Ti's loss and every parameter gradient equal those without a mesh, in float32: with the
   reference or the XLA scan, and with the mixer's kernels (interpret mode; the scan in XLA) and the stream that
-  carries out_proj (the rows rule lowered)."""
+  carries out_proj (the rows rule lowered); DeiT-Ti's too."""
   if path == "kernels":
     monkeypatch.setattr(vim.conv_silu, "uses_kernels", lambda impl, interpret: interpret)
     monkeypatch.setattr(vim.add_norm, "PROJECTED_MIN_ROWS", 1)
-  scan_impl = "xla" if path == "kernels" else path
-  model = create_model("vim_tiny", img_size=32, depth=2, scan_impl=scan_impl, scan_interpret=path == "kernels")
+  if path == "deit":
+    model = create_model("deit_tiny", img_size=32, depth=2)
+  else:
+    scan_impl = "xla" if path == "kernels" else path
+    model = create_model("vim_tiny", img_size=32, depth=2, scan_impl=scan_impl, scan_interpret=path == "kernels")
   images = jax.random.normal(jax.random.key(2), (8, 32, 32, 3))
   graphdef, state = nnx.split(model)
   loss_and_grads = jax.jit(jax.value_and_grad(lambda state, x: jnp.sum(nnx.merge(graphdef, state)(x) ** 2)))

@@ -188,7 +188,7 @@ class DeiT(nnx.Module):
     if not jnp.issubdtype(images.dtype, jnp.floating):
       raise TypeError(f"`images` must be a floating-point array, got dtype {images.dtype}")
     x = self.patch_embed(images.astype(jnp.dtype(cfg.dtype))).astype(jnp.float32)
-    cls = jnp.broadcast_to(self.cls_token[...], (x.shape[0], 1, x.shape[-1]))
+    cls = layers.sharded_as(jnp.broadcast_to(self.cls_token[...], (x.shape[0], 1, x.shape[-1])), x)
     return jnp.concatenate([cls, x], axis=1) + self.pos_embed[...]
 
   def forward_tokens(self, images: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
