@@ -11,6 +11,7 @@ r"""The compiled Pallas GPU scan against the reference on the GPU itself (tests 
   python experiments/checks/scan_gpu_check.py --mosaic  # the Mosaic GPU forward (Hopper), as pallas_gpu runs it
   python experiments/checks/scan_gpu_check.py --mosaic --mosaic_options='{"scatter_sums": true}'  # a candidate
   compute-sanitizer --tool racecheck python experiments/checks/scan_gpu_check.py --mosaic --case=0
+  compute-sanitizer --tool memcheck python experiments/checks/scan_gpu_check.py --mosaic --case=0 --only="3 chunks"
 
 Forward (y, last state) and the gradients of all eight arrays, both directions, and the fused
 bidirectional scan with its gradients (A also as `NegativeExp`) and without them (its inference path, which
@@ -47,6 +48,7 @@ _MOSAIC = flags.DEFINE_bool("mosaic", False, "Check the Mosaic GPU one-pass forw
 _MOSAIC_OPTIONS = flags.DEFINE_string(
   "mosaic_options", "{}", "With --mosaic, JSON that updates mosaic_gpu.OPTIONS (a candidate before it ships)."
 )
+_ONLY = flags.DEFINE_string("only", "", "Run only the forms whose name contains this text (e.g. 'gated', '3 chunks').")
 _TILES = flags.DEFINE_bool(
   "tiles", False, "Run every forward pass as (channels, state) tiles, the layout used where programs are many."
 )
@@ -189,6 +191,8 @@ def main(argv) -> int:
     arrays, weights = _inputs(jax.random.key(i), batch, length, channels, state, dtype)
     runs = _mosaic_runs(arrays) if _MOSAIC.value else _pallas_gpu_runs(arrays, weights)
     for what, run in runs.items():
+      if _ONLY.value not in what:
+        continue
       errors, worst = tally.compare(
         run("mosaic_gpu" if _MOSAIC.value else "pallas_gpu"), run("reference"), TOLERANCE[dtype]
       )
