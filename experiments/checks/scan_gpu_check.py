@@ -197,8 +197,9 @@ def main(argv) -> int:
         run("mosaic_gpu" if _MOSAIC.value else "pallas_gpu"), run("reference"), TOLERANCE[dtype]
       )
       name = f"b{batch} l{length} d{channels} n{state} {jnp.dtype(dtype).name} {what}"
-      grads = f"; grads {jax.tree.map(lambda e: f'{e:.1e}', errors[1])}" if isinstance(errors, tuple) else ""
-      print(f"{name}: worst relative error {worst:.2e}{grads}")
+      short = functools.partial(jax.tree.map, lambda e: f"{e:.1e}")
+      parts = f"; outputs {short(errors[0])}; grads {short(errors[1])}" if isinstance(errors, tuple) else ""
+      print(f"{name}: worst relative error {worst:.2e}{parts}")
   return tally.verdict()
 
 

@@ -56,7 +56,8 @@ registers cannot be indexed dynamically), then walks its positions backwards. Wi
 adjoint entering each chunk from later ones is carried like the forward state: a zero-start adjoint pass per
 chunk, whose results the gradient kernel carries across the chunks after its own. dB and dC (sums over
 channels) come out per channel block, dA, dD and d(delta_bias) (sums over positions) per chunk; XLA adds the
-partial sums. The fused bidirectional call takes the z gate's backward to XLA (`gate_backward`, from the
+partial sums, but dB's and dC's in one launch of `sum_over_blocks` where batch x length fills its programs whole
+(`_summed_over_blocks`). The fused bidirectional call takes the z gate's backward to XLA (`gate_backward`, from the
 ungated output its forward keeps) and runs both directions' ungated gradient kernels in one launch
 (`_launch`): at 218 registers an H100 holds only 1,188 of their programs at once. The gradient kernels go one
 sub-chunk at a time there; the states passes load two ahead where programs are few (`PAIRED_STATES_PROGRAMS`).
@@ -967,10 +968,10 @@ def _backward(scans: list[_Scan]) -> list[tuple]:
     dz = rest.pop(0) if scan.plan.gated else None
     dB, dA, dD, dbias = rest
     grads.append(dict(du=du, ddelta=ddelta, dA=dA, dB=dB, dC=dC, dD=dD, dbias=dbias, dz=dz))
-  # Every scan's dB and dC partial sums summed over their channel blocks, in one launch.
+  # Every scan's dB and dC partial sums summed over their channel blocks.
   partials = [g[name] for g in grads for name in ("dB", "dC")]
   dtypes = [scan.args[i].dtype for scan in scans for i in (3, 4)]  # B's, C's
-  sums = iter(sum_over_blocks(partials, dtypes, interpret=scans[0].plan.interpret))
+  sums = iter(_summed_over_blocks(partials, dtypes, interpret=scans[0].plan.interpret))
   results = []
   for scan, g in zip(scans, grads):
     A, D, bias = scan.args[2], scan.args[5], scan.args[6]
@@ -980,6 +981,21 @@ def _backward(scans: list[_Scan]) -> list[tuple]:
 
 
 SUM_ROWS = 64  # positions per program of `sum_over_blocks`
+
+
+def _summed_over_blocks(partials: list[jax.Array], dtypes: list, *, interpret: bool) -> list[jax.Array]:
+  """`sum_over_blocks` where the positions fill its programs whole, XLA's sums where a last program would hold fewer.
+
+  Why: on an H100 the gradients came out wrong wherever batch x length is no multiple of SUM_ROWS (dA 0.98 relative
+  at batch 1 and 6,085 positions, dA 0.55 at 1,000; y 1.6 at batch 2 and 777, an output the launch does not write)
+  and right with XLA's sums (1.7e-6); at 224² and 730 positions, batch 128, whole programs, they were right (1e-6;
+  forty-fifth session, scan_grad_variants_h100.txt). The cause is not found: the kernel's Triton IR and an offline
+  compile mask the last program's loads and stores. So the launch runs only where the card confirmed it, which
+  includes Vim-Ti's training step at 224², batch 128 (25,216 positions)."""
+  batch, length = partials[0].shape[:2]
+  if batch * length % SUM_ROWS:
+    return [x.sum(axis=2).astype(dtype) for x, dtype in zip(partials, dtypes, strict=True)]
+  return sum_over_blocks(partials, dtypes, interpret=interpret)
 
 
 def sum_over_blocks(partials: list[jax.Array], dtypes: list, *, interpret: bool) -> list[jax.Array]:

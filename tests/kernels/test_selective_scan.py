@@ -190,6 +190,17 @@ _GRADIENT_KERNELS = {
 }
 
 
+def _gradient_kernels(batch: int, length: int) -> set[str]:
+  """The Triton kernels a differentiated scan runs: the chunk passes where sequences are split, the sums over channel
+  blocks where batch x length fills their programs whole (`pallas_gpu._summed_over_blocks`)."""
+  names = set(_GRADIENT_KERNELS)
+  if length > pallas_gpu.CHUNK:
+    names |= {"selective_scan_chunk_ends", "selective_scan_bwd_carry"}
+  if batch * length % pallas_gpu.SUM_ROWS:
+    names.discard("selective_scan_bwd_sum_blocks")
+  return names
+
+
 def _scan_with_gradients(arrays):
   (y, last_state), vjp = jax.vjp(lambda a: pallas_gpu.scan(**a, delta_softplus=True, reverse=True), arrays)
   return vjp((y, last_state))
@@ -201,8 +212,7 @@ def test_pallas_gpu_lowers_for_cuda(batch, length):
   """Every Triton kernel, forward and backward, at Vim-Ti shapes lowered for an H100: interpret mode never
   runs this path."""
   hlo, names = _vim_tiny_scan_for_h100(_scan_with_gradients, batch, length)
-  several_chunks = {"selective_scan_chunk_ends", "selective_scan_bwd_carry"} if length > pallas_gpu.CHUNK else set()
-  assert names == _GRADIENT_KERNELS | several_chunks
+  assert names == _gradient_kernels(batch, length)
   # The forward by channel (few programs, `BY_CHANNEL_PROGRAMS`) reads B and C as uint32 pairs of bf16.
   assert (f"tensor<{batch}x{length}x8xui32>" in hlo) == (length <= pallas_gpu.CHUNK)
   # The kernels read the bf16 arrays themselves: no float32 copy of u is made.
@@ -252,10 +262,10 @@ def test_pallas_gpu_bidirectional_lowers_for_cuda(batch, length):
   """The fused bidirectional path's kernels (the second direction's forward writing its ungated output too,
   both directions' ungated gradient kernels in one launch) lowered for an H100."""
   hlo, names = _vim_tiny_scan_for_h100(_bidirectional_with_gradients, batch, length)
-  several_chunks = {"selective_scan_chunk_ends", "selective_scan_bwd_carry"} if length > pallas_gpu.CHUNK else set()
-  assert names == _GRADIENT_KERNELS | several_chunks
+  assert names == _gradient_kernels(batch, length)
   assert len(re.findall(r'name = "selective_scan_bwd"', hlo)) == 1  # both directions in one launch
-  assert len(re.findall(r'name = "selective_scan_bwd_sum_blocks"', hlo)) == 1  # their dB and dC too
+  # Their dB and dC too, where the positions fill the sums' programs whole.
+  assert len(re.findall(r'name = "selective_scan_bwd_sum_blocks"', hlo)) == (batch * length % pallas_gpu.SUM_ROWS == 0)
 
 
 @pytest.mark.parametrize(
@@ -599,7 +609,7 @@ def test_fused_bidirectional_gradients_match_two_scans_in_float64(tuning, x64):
 def test_fused_bidirectional_backward_launches_each_gradient_kernel_once():
   """Both directions' gradient kernels share one launch (fills 3 waves of an H100 where two take 4); the
   states passes stay one launch per direction, as measured faster."""
-  forward, backward, z = bidirectional_inputs(np.random.default_rng(3), (2, 37, 8, 4), jnp.float32)
+  forward, backward, z = bidirectional_inputs(np.random.default_rng(3), (2, 32, 8, 4), jnp.float32)
 
   def loss(forward, backward):
     return jnp.sum(pallas_gpu.bidirectional(forward, backward, z, delta_softplus=True, interpret=True))
@@ -628,6 +638,28 @@ def test_sum_over_blocks_equals_numpy(batch, length, blocks, x64):
     np.testing.assert_array_equal(np.asarray(sums, np.float64), np.asarray(want, np.float64))
   with pytest.raises(ValueError, match="share one shape"):
     pallas_gpu.sum_over_blocks([partials[0], partials[1][:, :3]], dtypes, interpret=True)
+
+
+@pytest.mark.parametrize("length, launched", [(32, True), (37, False)])
+def test_sums_over_blocks_launch_only_for_whole_programs(length, launched):
+  """The backward sums dB's and dC's partials in `sum_over_blocks` where batch x length fills its programs whole and
+  in XLA otherwise (wrong gradients on an H100 with a last partial program, `_summed_over_blocks`); both give the
+  gradients of two plain scans."""
+  forward, backward, z = bidirectional_inputs(np.random.default_rng(4), (2, length, 8, 4), jnp.float32)
+  assert (2 * length % pallas_gpu.SUM_ROWS == 0) == launched
+
+  def grads(fn):
+    return jax.grad(lambda f, b: jnp.sum(fn(f, b, z) * z), argnums=(0, 1))(forward, backward)
+
+  fused = functools.partial(pallas_gpu.bidirectional, delta_softplus=True, interpret=True)
+  names = re.findall(r"name=(selective_scan\w*)", str(jax.make_jaxpr(lambda: grads(fused))()))
+  assert ("selective_scan_bwd_sum_blocks" in names) == launched
+  assert_close(
+    jit_run(lambda: grads(fused)),
+    jit_run(lambda: grads(functools.partial(two_scans, divide_out=True))),
+    jnp.float32,
+    "grad",
+  )
 
 
 def test_bidirectional_public_function_with_each_impl_equals_two_scans():
