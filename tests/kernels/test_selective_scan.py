@@ -640,6 +640,42 @@ def test_sum_over_blocks_equals_numpy(batch, length, blocks, x64):
     pallas_gpu.sum_over_blocks([partials[0], partials[1][:, :3]], dtypes, interpret=True)
 
 
+def _under_the_tpu_interpreter(monkeypatch):
+  """InterpretParams for Pallas's TPU interpreter, with every `pallas_call` given a parallel grid: the interpreter
+  raises on a read or write outside a block or buffer and on two programs touching the same memory, and fills fresh
+  memory with NaN, where interpret mode clamps indices and runs programs in order."""
+  pltpu = pytest.importorskip("jax.experimental.pallas.tpu")
+  original = pallas_gpu.pl.pallas_call
+
+  def pallas_call(kernel, *args, grid=(), compiler_params=None, **kwargs):
+    del compiler_params  # the Triton ones; the interpreter takes the TPU's
+    parallel = pltpu.CompilerParams(dimension_semantics=("parallel",) * len(grid))
+    return original(kernel, *args, grid=grid, compiler_params=parallel, **kwargs)
+
+  monkeypatch.setattr(pallas_gpu.pl, "pallas_call", pallas_call)
+  return pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2, uninitialized_memory="nan")
+
+
+def test_tiles_kernels_stay_in_bounds_without_races(monkeypatch):
+  """The chunked forward as tiles, the adjoint carry, the states pass, the gradient kernel and the dB/dC sums (whole
+  programs, and alone with a partial last one) under the TPU interpreter (`_under_the_tpu_interpreter`) give interpret
+  mode's values: no access outside a block, no race between programs. The by-channel forward's row loads are advanced
+  indexing, which that interpreter lacks."""
+  rng = np.random.default_rng(11)
+  arrays = random_inputs(rng, 1, 128, 64, 16, **ALL_OPTIONS, dtype=jnp.float32)
+  cotangents = random_cotangents(rng, arrays, jnp.float32)
+  partials = [jnp.asarray(rng.standard_normal((1, 70, 12, 16)), jnp.float32) for _ in range(2)]
+
+  def run(interpret):
+    scan = functools.partial(pallas_gpu.scan, delta_softplus=True, interpret=interpret, max_chunk=48, by_channel=False)
+    outputs, vjp = jax.vjp(lambda a: scan(**a), arrays)
+    sums = pallas_gpu.sum_over_blocks(partials, [jnp.float32] * 2, interpret=interpret)
+    return outputs, vjp(cotangents), sums
+
+  want = run(True)
+  chex.assert_trees_all_close(run(_under_the_tpu_interpreter(monkeypatch)), want, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("length, launched", [(32, True), (37, False)])
 def test_sums_over_blocks_launch_only_for_whole_programs(length, launched):
   """The backward sums dB's and dC's partials in `sum_over_blocks` where batch x length fills its programs whole and
