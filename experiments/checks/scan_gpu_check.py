@@ -184,6 +184,7 @@ def main(argv) -> int:
   if _TILES.value:
     pallas_gpu.BY_CHANNEL_PROGRAMS = 0
   tally = Tally()
+  short = functools.partial(jax.tree.map, lambda e: f"{e:.1e}")
   case_list = MOSAIC_CASES if _MOSAIC.value else CASES
   cases = range(len(case_list)) if _CASE.value is None else [_CASE.value]
   for i in cases:
@@ -197,7 +198,6 @@ def main(argv) -> int:
         run("mosaic_gpu" if _MOSAIC.value else "pallas_gpu"), run("reference"), TOLERANCE[dtype]
       )
       name = f"b{batch} l{length} d{channels} n{state} {jnp.dtype(dtype).name} {what}"
-      short = functools.partial(jax.tree.map, lambda e: f"{e:.1e}")
       parts = f"; outputs {short(errors[0])}; grads {short(errors[1])}" if isinstance(errors, tuple) else ""
       print(f"{name}: worst relative error {worst:.2e}{parts}")
   return tally.verdict()

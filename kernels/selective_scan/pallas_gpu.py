@@ -986,12 +986,14 @@ SUM_ROWS = 64  # positions per program of `sum_over_blocks`
 def _summed_over_blocks(partials: list[jax.Array], dtypes: list, *, interpret: bool) -> list[jax.Array]:
   """`sum_over_blocks` where the positions fill its programs whole, XLA's sums where a last program would hold fewer.
 
-  Why: on an H100 the gradients came out wrong wherever batch x length is no multiple of SUM_ROWS (dA 0.98 relative
-  at batch 1 and 6,085 positions, dA 0.55 at 1,000; y 1.6 at batch 2 and 777, an output the launch does not write)
-  and right with XLA's sums (1.7e-6); at 224² and 730 positions, batch 128, whole programs, they were right (1e-6;
-  forty-fifth session, scan_grad_variants_h100.txt). The cause is not found: the kernel's Triton IR and an offline
-  compile mask the last program's loads and stores. So the launch runs only where the card confirmed it, which
-  includes Vim-Ti's training step at 224², batch 128 (25,216 positions)."""
+  Why: on an H100, with the launch at every shape, results came out wrong at each shape measured whose batch x length
+  is no multiple of SUM_ROWS: dA 0.98 of its largest entry at batch 1 and 6,085 positions and 0.55 at 1,000, y 1.6 at
+  batch 2 and 777 (outputs the launch does not write). At batch 1 and 6,085 positions dA was right with XLA's sums
+  (1.7e-6). At 224² and 730 positions, batch 128, whole programs, the gradients were right (1e-6). Forty-fifth
+  session: scan_grad_variants_h100.txt, scan_gpu_check_case3_sums_kernel_h100.txt. The cause is not found: the
+  kernel's Triton IR and an offline compile mask the last program's loads and stores, and under Pallas's TPU
+  interpreter it stays inside its blocks. So the launch runs only where the card confirmed it, which includes Vim-Ti's
+  training step at 224², batch 128 (25,216 positions)."""
   batch, length = partials[0].shape[:2]
   if batch * length % SUM_ROWS:
     return [x.sum(axis=2).astype(dtype) for x, dtype in zip(partials, dtypes, strict=True)]
