@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from fast_compile import compiled as fast_compiled
+from jax.experimental.pallas import tpu as pltpu
 
 import kernels
 from kernels.selective_scan import (
@@ -644,7 +645,6 @@ def _under_the_tpu_interpreter(monkeypatch):
   """InterpretParams for Pallas's TPU interpreter, with every `pallas_call` given a parallel grid: the interpreter
   raises on a read or write outside a block or buffer and on two programs touching the same memory, and fills fresh
   memory with NaN, where interpret mode clamps indices and runs programs in order."""
-  pltpu = pytest.importorskip("jax.experimental.pallas.tpu")
   original = pallas_gpu.pl.pallas_call
 
   def pallas_call(kernel, *args, grid=(), compiler_params=None, **kwargs):
