@@ -766,9 +766,9 @@ def bidirectional(forward_args: tuple, backward_args: tuple, z, *, in_place: boo
 # `f32_states` takes it from 47.4 to 45.5 ms (H200, ab_mosaic_state_pairs_vim_tiny_1248_h200.txt; racecheck clean);
 # `scatter_sums` from 49.6 to 49.0 ms (H100, ab_mosaic_scatter_sums_vim_tiny_1248_h100.txt; racecheck clean); unroll
 # 16 instead of 8 from 47.10 to 46.36 ms (H100, ab_mosaic_unroll16_vim_tiny_h100.txt), 32 instead of 16 from 45.86 to
-# 45.51 ms (H100, ab_mosaic_unroll32_vim_tiny_h100.txt; on the card it passed the check's every form but the single
-# direction's at 6,085 positions, which its time limit cut off, with the worst errors of 16:
-# scan_gpu_check_mosaic_unroll32_partial_h100.txt, scan_gpu_check_mosaic_unroll32_case1_h100.txt).
+# 45.51 ms (H100, ab_mosaic_unroll32_vim_tiny_h100.txt; on the card it passed the check's every form, with the worst
+# errors of 16: scan_gpu_check_mosaic_unroll32_partial_h100.txt, scan_gpu_check_mosaic_unroll32_case1_h100.txt,
+# scan_gpu_check_mosaic_unroll32_case1_gated_h100.txt; memcheck_mosaic_forward_case0_chunks_h100.txt: 0 errors).
 OPTIONS = dict(
   layout="quarter_rows",
   block_d=32,

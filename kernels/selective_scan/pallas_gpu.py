@@ -996,8 +996,13 @@ def _summed_over_blocks(partials: list[jax.Array], dtypes: list, *, interpret: b
   training step at 224², batch 128 (25,216 positions)."""
   batch, length = partials[0].shape[:2]
   if batch * length % SUM_ROWS:
-    return [x.sum(axis=2).astype(dtype) for x, dtype in zip(partials, dtypes, strict=True)]
+    return sums_in_xla(partials, dtypes)
   return sum_over_blocks(partials, dtypes, interpret=interpret)
+
+
+def sums_in_xla(partials: list[jax.Array], dtypes: list) -> list[jax.Array]:
+  """`sum_over_blocks`'s sums as XLA reductions."""
+  return [x.sum(axis=2).astype(dtype) for x, dtype in zip(partials, dtypes, strict=True)]
 
 
 def sum_over_blocks(partials: list[jax.Array], dtypes: list, *, interpret: bool) -> list[jax.Array]:
