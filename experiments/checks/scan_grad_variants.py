@@ -1,13 +1,14 @@
 r"""Which part of the Pallas GPU scan's backward a wrong gradient comes from: per-array errors against the reference.
 
   python experiments/checks/scan_grad_variants.py --cases=1x6085,1x1000 \
-      --variants=shipped,sums_kernel_everywhere,sums_in_xla_everywhere,no_chunks
+      --variants=shipped,sums_in_xla_everywhere,no_chunks
 
 One direction at Vim-Ti's channels and state (`scan_common.make_inputs`, float32 unless --dtype), gated, with
 delta_bias and softplus: y and the gradient of every array of `pallas_gpu` run as each variant (a module constant or
 helper patched, the jit caches cleared) and of `xla`, each as its worst error relative to the reference's largest
 entry. The forty-fifth session found that way that dA came out wrong on an H100 wherever batch x length is no multiple
-of the dB/dC sums' programs, and right with XLA's sums (scan_grad_variants_h100.txt). On CPU the kernels run in
+of the dB/dC sums' programs, and right with XLA's sums (scan_grad_variants_h100.txt); the forty-sixth found why
+(`partial_block_probe.py`), and `pallas_gpu.sum_over_blocks` now refuses such shapes. On CPU the kernels run in
 interpret mode (slow: small cases only).
 """
 
@@ -22,13 +23,7 @@ from kernels.selective_scan import pallas_gpu
 
 _CASES = flags.DEFINE_list("cases", ["1x6085", "1x1000"], "batch x length.")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Dtype of the (batch, length, channels) and B/C inputs.")
-_VARIANTS = flags.DEFINE_list(
-  "variants", ["shipped", "sums_kernel_everywhere", "sums_in_xla_everywhere"], "See VARIANTS."
-)
-
-
-def _kernel_sums(partials, dtypes, *, interpret):
-  return pallas_gpu.sum_over_blocks(partials, dtypes, interpret=interpret)
+_VARIANTS = flags.DEFINE_list("variants", ["shipped", "sums_in_xla_everywhere"], "See VARIANTS.")
 
 
 def _xla_sums(partials, dtypes, *, interpret):
@@ -40,7 +35,6 @@ def _xla_sums(partials, dtypes, *, interpret):
 VARIANTS = {
   "shipped": None,
   "no_chunks": ("FILLING_PROGRAMS", 1),
-  "sums_kernel_everywhere": ("_summed_over_blocks", _kernel_sums),
   "sums_in_xla_everywhere": ("_summed_over_blocks", _xla_sums),
   "unpaired_states": ("PAIRED_STATES_PROGRAMS", 0),
   "tiles": ("BY_CHANNEL_PROGRAMS", 0),

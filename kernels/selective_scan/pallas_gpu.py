@@ -984,16 +984,7 @@ SUM_ROWS = 64  # positions per program of `sum_over_blocks`
 
 
 def _summed_over_blocks(partials: list[jax.Array], dtypes: list, *, interpret: bool) -> list[jax.Array]:
-  """`sum_over_blocks` where the positions fill its programs whole, XLA's sums where a last program would hold fewer.
-
-  Why: on an H100, with the launch at every shape, results came out wrong at each shape measured whose batch x length
-  is no multiple of SUM_ROWS: dA 0.98 of its largest entry at batch 1 and 6,085 positions and 0.55 at 1,000, y 1.6 at
-  batch 2 and 777 (outputs the launch does not write). At batch 1 and 6,085 positions dA was right with XLA's sums
-  (1.7e-6). At 224² and 730 positions, batch 128, whole programs, the gradients were right (1e-6). Forty-fifth
-  session: scan_grad_variants_h100.txt, scan_gpu_check_case3_sums_kernel_h100.txt. The cause is not found: the
-  kernel's Triton IR and an offline compile mask the last program's loads and stores, and under Pallas's TPU
-  interpreter it stays inside its blocks. So the launch runs only where the card confirmed it, which includes Vim-Ti's
-  training step at 224², batch 128 (25,216 positions)."""
+  """`sum_over_blocks` where the positions fill its programs whole, XLA's sums elsewhere (its precondition)."""
   batch, length = partials[0].shape[:2]
   if batch * length % SUM_ROWS:
     return sums_in_xla(partials, dtypes)
@@ -1012,13 +1003,22 @@ def sum_over_blocks(partials: list[jax.Array], dtypes: list, *, interpret: bool)
   XLA ran each sum as its own fusion, which with x_proj's gradient formed around it read the float32 partial sums at
   about 1.1 TB/s (H100, Vim-Ti's training step at 224², batch 128: 48 fusions, 1.64 ms,
   profile_vim_tiny_224_train_forty_first_session_no_command_buffers_h100.json). With this launch the step went from
-  32.59 to 32.17 ms, every round faster, the same temporaries (ab_sum_over_blocks_vim_tiny_train_h100.txt)."""
+  32.59 to 32.17 ms, every round faster, the same temporaries (ab_sum_over_blocks_vim_tiny_train_h100.txt).
+
+  batch x length must be a multiple of SUM_ROWS: jax 0.11.2's Triton lowering does not mask the blocks that reach past
+  an array's end (jax 0.12 adds the mask), so a last program with fewer rows wrote the rest of its block past its
+  output, over the start of the next buffer. On an H100 that made the scan's dA and y wrong and, with the launch
+  alone, the next array's first rows (partial_block_probe_h100.txt, forty-sixth session)."""
   if len({x.shape for x in partials}) != 1:
     raise ValueError(f"sum_over_blocks: the partial sums must share one shape, got {[x.shape for x in partials]}")
   batch, length, blocks, state = partials[0].shape
   rows = batch * length
+  if rows % SUM_ROWS:
+    raise ValueError(
+      f"sum_over_blocks: batch x length must be a multiple of SUM_ROWS={SUM_ROWS} (whole programs), got {batch} x "
+      f"{length}; use `sums_in_xla` there"
+    )
   flat = [x.reshape(rows, blocks, state) for x in partials]
-  rows_per_program = min(SUM_ROWS, pl.next_power_of_2(rows))
 
   def kernel(*refs):
     ins, outs = refs[: len(flat)], refs[len(flat) :]
@@ -1030,9 +1030,9 @@ def sum_over_blocks(partials: list[jax.Array], dtypes: list, *, interpret: bool)
 
   sums = pl.pallas_call(
     kernel,
-    grid=(pl.cdiv(rows, rows_per_program),),
-    in_specs=[pl.BlockSpec((rows_per_program, blocks, state), lambda i: (i, 0, 0))] * len(flat),
-    out_specs=[pl.BlockSpec((rows_per_program, state), lambda i: (i, 0))] * len(flat),
+    grid=(rows // SUM_ROWS,),
+    in_specs=[pl.BlockSpec((SUM_ROWS, blocks, state), lambda i: (i, 0, 0))] * len(flat),
+    out_specs=[pl.BlockSpec((SUM_ROWS, state), lambda i: (i, 0))] * len(flat),
     out_shape=[jax.ShapeDtypeStruct((rows, state), dtype) for dtype in dtypes],
     interpret=interpret,
     compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),

@@ -624,10 +624,10 @@ def test_fused_bidirectional_backward_launches_each_gradient_kernel_once():
   )
 
 
-@pytest.mark.parametrize("batch, length, blocks", [(2, 37, 3), (1, 5, 1), (3, 64, 12)])
+@pytest.mark.parametrize("batch, length, blocks", [(2, 32, 3), (1, 64, 1), (3, 64, 12)])
 def test_sum_over_blocks_equals_numpy(batch, length, blocks, x64):
-  """dB's and dC's partial sums over channel blocks (interpret mode): rows that no program's 64 divide, a single
-  block, Vim-Ti's 12; float64 sums cast to float32 and bf16, each array to its own dtype."""
+  """dB's and dC's partial sums over channel blocks (interpret mode): several programs, a single block, Vim-Ti's 12;
+  float64 sums cast to float32 and bf16, each array to its own dtype."""
   rng = np.random.default_rng(blocks)
   partials = [jnp.asarray(rng.standard_normal((batch, length, blocks, 16))) for _ in range(2)]
   dtypes = [jnp.float32, jnp.bfloat16]
@@ -639,6 +639,13 @@ def test_sum_over_blocks_equals_numpy(batch, length, blocks, x64):
     np.testing.assert_array_equal(np.asarray(sums, np.float64), np.asarray(want, np.float64))
   with pytest.raises(ValueError, match="share one shape"):
     pallas_gpu.sum_over_blocks([partials[0], partials[1][:, :3]], dtypes, interpret=True)
+
+
+def test_sum_over_blocks_refuses_a_partial_last_program():
+  """jax 0.11.2's Triton lowering would let that program write past its output (`sum_over_blocks`)."""
+  partials = [jnp.zeros((2, 37, 3, 16))] * 2
+  with pytest.raises(ValueError, match=r"batch x length must be a multiple of SUM_ROWS=64 .* got 2 x 37"):
+    pallas_gpu.sum_over_blocks(partials, [jnp.float32] * 2, interpret=True)
 
 
 def _under_the_tpu_interpreter(monkeypatch):
@@ -657,14 +664,14 @@ def _under_the_tpu_interpreter(monkeypatch):
 
 
 def test_tiles_kernels_stay_in_bounds_without_races(monkeypatch):
-  """The chunked forward as tiles, the adjoint carry, the states pass, the gradient kernel and the dB/dC sums (whole
-  programs, and alone with a partial last one) under the TPU interpreter (`_under_the_tpu_interpreter`) give interpret
+  """The chunked forward as tiles, the adjoint carry, the states pass, the gradient kernel and the dB/dC sums (in the
+  backward, and alone over three programs) under the TPU interpreter (`_under_the_tpu_interpreter`) give interpret
   mode's values: no access outside a block, no race between programs. The by-channel forward's row loads are advanced
   indexing, which that interpreter lacks."""
   rng = np.random.default_rng(11)
   arrays = random_inputs(rng, 1, 128, 64, 16, **ALL_OPTIONS, dtype=jnp.float32)
   cotangents = random_cotangents(rng, arrays, jnp.float32)
-  partials = [jnp.asarray(rng.standard_normal((1, 70, 12, 16)), jnp.float32) for _ in range(2)]
+  partials = [jnp.asarray(rng.standard_normal((1, 192, 12, 16)), jnp.float32) for _ in range(2)]
 
   def run(interpret):
     scan = functools.partial(pallas_gpu.scan, delta_softplus=True, interpret=interpret, max_chunk=48, by_channel=False)
@@ -679,7 +686,7 @@ def test_tiles_kernels_stay_in_bounds_without_races(monkeypatch):
 @pytest.mark.parametrize("length, launched", [(32, True), (37, False)])
 def test_sums_over_blocks_launch_only_for_whole_programs(length, launched):
   """The backward sums dB's and dC's partials in `sum_over_blocks` where batch x length fills its programs whole and
-  in XLA otherwise (wrong gradients on an H100 with a last partial program, `_summed_over_blocks`); both give the
+  in XLA otherwise (a partial last program wrote past its output on an H100, `sum_over_blocks`); both give the
   gradients of two plain scans."""
   forward, backward, z = bidirectional_inputs(np.random.default_rng(4), (2, length, 8, 4), jnp.float32)
   assert (2 * length % pallas_gpu.SUM_ROWS == 0) == launched
