@@ -41,14 +41,16 @@ def _overhangs(eqn) -> list[tuple[str, int]]:
   return found
 
 
-# (batch, image size, dtype): 17, 37, 325 (chunks) and 3,137 tokens; batches odd and of 64 (the sums over channel
-# blocks); float32 and bf16 (step_projections); few and many rows (each inference add + norm kernel).
+# (batch, image size, dtype, width): 17, 37, 325 (chunks) and 3,137 tokens; batches odd and of 64 (the sums over
+# channel blocks); float32 and bf16 (step_projections); few and many rows (each inference add + norm kernel); Vim-Ti's
+# width and one that no channel block divides.
 CASES = [
-  (3, 64, jnp.float32),
-  (5, 96, jnp.bfloat16),
-  (64, 64, jnp.bfloat16),
-  (1, 288, jnp.bfloat16),
-  (11, 896, jnp.bfloat16),
+  (3, 64, jnp.float32, 192),
+  (5, 96, jnp.bfloat16, 192),
+  (64, 64, jnp.bfloat16, 192),
+  (1, 288, jnp.bfloat16, 192),
+  (11, 896, jnp.bfloat16, 192),
+  (3, 64, jnp.bfloat16, 72),
 ]
 KERNELS = {
   "add_norm",
@@ -67,10 +69,17 @@ KERNELS = {
 }
 
 
-def _launches(batch: int, image_size: int, dtype) -> list:
+def _launches(batch: int, image_size: int, dtype, width: int) -> list:
   """Every Pallas launch of Vim's inference and gradient with the GPU kernels (two layers)."""
   model = create_model(
-    "vim_tiny", img_size=image_size, depth=2, dtype=dtype, scan_impl="pallas", scan_interpret=True, rngs=nnx.Rngs(0)
+    "vim_tiny",
+    img_size=image_size,
+    depth=2,
+    embed_dim=width,
+    dtype=dtype,
+    scan_impl="pallas",
+    scan_interpret=True,
+    rngs=nnx.Rngs(0),
   )
   graphdef, state = nnx.split(model)
   images = jnp.zeros((batch, image_size, image_size, 3))
