@@ -4,8 +4,9 @@ jax 0.11.2's Triton lowering does not mask a block that reaches past its array's
 whole-block load there reads past the array, and a whole-block store writes over whatever buffer follows. On an H100
 that made the scan's gradients wrong (`pallas_gpu.sum_over_blocks`, forty-sixth session). The scan kernels' blocks do
 reach past the sequence's end, but they read and write it one position at a time and stop at its length; every other
-kernel must tile its arrays exactly. This traces Vim's gradient with every GPU kernel at token counts and batches that
-no block size divides, and checks each launch's blocks.
+kernel must tile its arrays exactly. This traces Vim's inference and gradient with every GPU kernel at token counts,
+batches and widths that no block size divides, and checks each launch's blocks (the `pallas_call` equations' grid
+mapping, which is jax's own structure and may move between versions).
 """
 
 import jax
@@ -20,6 +21,7 @@ POSITION_BY_POSITION = "selective_scan"  # kernels whose blocks may reach past t
 
 
 def _pallas_calls(jaxpr):
+  """The `pallas_call` equations of `jaxpr` and of every jaxpr inside it (jit, custom_vjp, scan bodies)."""
   for eqn in jaxpr.eqns:
     if eqn.primitive.name == "pallas_call":
       yield eqn
