@@ -140,8 +140,9 @@ def test_even_padding_for_cudnn_keeps_output_and_gradients():
   chex.assert_trees_all_close(padded, plain, rtol=1e-5, atol=1e-6)
 
 
-def test_cudnn_config_pads_odd_lengths(monkeypatch):
-  """Attention with attention_impl="cudnn" hands cuDNN an even length, here through a stand-in on CPU."""
+def test_cudnn_config_pads_odd_lengths_where_differentiated(monkeypatch):
+  """Attention with attention_impl="cudnn" hands cuDNN an even length where it is differentiated and the odd one where
+  it is not (inference), here through a stand-in on CPU; the gradient is the unpadded XLA path's."""
   lengths, original = [], jax.nn.dot_product_attention
 
   def stand_in(q, k, v, implementation=None, **kwargs):
@@ -153,6 +154,10 @@ def test_cudnn_config_pads_odd_lengths(monkeypatch):
   cfgs = (DeiTConfig(**TINY, dtype="bfloat16", attention_impl=impl) for impl in ("cudnn", "xla"))
   cudnn, xla = (Attention(cfg, rngs=nnx.Rngs(0)) for cfg in cfgs)
   assert_rel_close(cudnn(x), xla(x), 1e-2)
+  assert lengths == [("cudnn", 7), ("xla", 7)]
+  lengths.clear()
+  grads = [jax.grad(lambda x, m=m: jnp.sum(jnp.tanh(m(x).astype(jnp.float32))))(x) for m in (cudnn, xla)]
+  assert_rel_close(grads[0], grads[1], 2e-2)
   assert lengths == [("cudnn", 8), ("xla", 7)]
 
 

@@ -10,6 +10,7 @@ Numerics follow the Vim model: float32 params and residual stream, matmuls in `c
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -93,11 +94,35 @@ class DeiTConfig:
 
 
 def _attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | None, pad_to_even: bool) -> jax.Array:
-  """jax.nn.dot_product_attention on (batch, length, heads, head_dim); `pad_to_even` pads an odd length by one
-  token, masked as a key and sliced off the output, which leaves the result and its gradients unchanged."""
-  n = q.shape[1]
-  if not (pad_to_even and n % 2):
+  """jax.nn.dot_product_attention on (batch, length, heads, head_dim). With `pad_to_even`, an odd length is padded
+  by one token where the attention is differentiated (jax 0.11.2's cuDNN training rule refuses odd lengths), masked
+  as a key and sliced off the output, which leaves the result and its gradients unchanged; undifferentiated, it runs
+  unpadded, since the padding and its mask cost cuDNN's inference time."""
+  if not (pad_to_even and q.shape[1] % 2):
     return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+  return _padded_where_differentiated(q, k, v, implementation)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _padded_where_differentiated(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | None) -> jax.Array:
+  return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+
+
+def _padded_fwd(q, k, v, implementation):
+  return jax.vjp(functools.partial(_padded_attention, implementation=implementation), q, k, v)
+
+
+def _padded_bwd(implementation, vjp, d_out):
+  del implementation
+  return vjp(d_out)
+
+
+_padded_where_differentiated.defvjp(_padded_fwd, _padded_bwd)
+
+
+def _padded_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | None) -> jax.Array:
+  """Attention over an odd length padded by one key, masked (`key_value_seq_lengths`), the padded query sliced off."""
+  n = q.shape[1]
   q, k, v = (jnp.pad(t, ((0, 0), (0, 1), (0, 0), (0, 0))) for t in (q, k, v))
   lengths = jnp.full((q.shape[0],), n, jnp.int32)
   out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation=implementation)
