@@ -1,0 +1,53 @@
+r"""How many passes over DeiT's MLP hidden each GELU form costs, from XLA's GPU compile on a machine without a GPU.
+
+  pip install --no-deps jax-cuda12-plugin==$JAX jax-cuda12-pjrt==$JAX   # as for memory_offline.py
+  JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 PYTHONPATH=. python experiments/benchmarks/deit_gelu_offline.py 1024:32
+
+DeiT-Ti's forward (XLA attention: cuDNN's needs cuDNN installed) compiled for an H100 (`memory_offline.TARGETS`), with
+the MLP's GELU in each form of `FORMS`; prints, per form, the fusions of the compiled entry computation that write an
+array of the hidden's width (the fc1 matmul's, then elementwise ones) by kind. Nothing is timed.
+"""
+
+import re
+import sys
+from collections import Counter
+from unittest import mock
+
+import jax
+
+from experiments.benchmarks.memory_offline import _compile
+from experiments.benchmarks.model_steps import create_model_spec, forward_program
+from vim_jax.models import deit
+
+FORMS = {
+  "float32 (shipped)": deit.exact_gelu,
+  "jax.nn.gelu on bf16": lambda h: jax.nn.gelu(h, approximate=False),
+  "tanh": lambda h: jax.nn.gelu(h, approximate=True),
+}
+
+
+def hidden_writers(size: int, batch: int, gelu) -> Counter:
+  """Kinds of the fusions that write a (rows, hidden) array in DeiT-Ti's compiled forward with `gelu`."""
+
+  def mlp(self, x):
+    return self.fc2(gelu(self.fc1(x)))
+
+  with mock.patch.object(deit.Mlp, "__call__", mlp):
+    model = create_model_spec("deit_tiny:xla", size)
+    compiled, _ = _compile(forward_program(model, batch), "h100")
+  hlo = compiled.as_text()
+  width = int(model.cfg.embed_dim * model.cfg.mlp_ratio)
+  fusions = re.findall(r"= (\S+) fusion\(.*?kind=(\w+)", hlo[hlo.index("\nENTRY") :])
+  return Counter(kind for shape, kind in fusions if re.search(rf",{width}\]", shape))
+
+
+def main(case: str) -> None:
+  size, batch = map(int, case.split(":"))
+  print(f"DeiT-Ti, {size}², batch {batch}, compiled for an H100 with jax {jax.__version__}", flush=True)
+  for name, gelu in FORMS.items():
+    kinds = hidden_writers(size, batch, gelu)
+    print(f"{name}: {sum(kinds.values())} fusions write the hidden ({dict(sorted(kinds.items()))})", flush=True)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1])
