@@ -96,8 +96,9 @@ class DeiTConfig:
 def _attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | None, pad_to_even: bool) -> jax.Array:
   """jax.nn.dot_product_attention on (batch, length, heads, head_dim). With `pad_to_even`, an odd length is padded
   by one token where the attention is differentiated (jax 0.11.2's cuDNN training rule refuses odd lengths), masked
-  as a key and sliced off the output, which leaves the result and its gradients unchanged; undifferentiated, it runs
-  unpadded, since the padding and its mask cost cuDNN's inference time."""
+  as a key and sliced off the output, which leaves the result and its gradients unchanged. Undifferentiated, it runs
+  unpadded: DeiT-Ti's forward on an H200 took 3.32 against 3.70 ms padded at 224², batch 128, 24.76 against 25.15 at
+  1024², batch 32, within 1% at 1248² (deit_padding_ab_h200.txt)."""
   if not (pad_to_even and q.shape[1] % 2):
     return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
   return _padded_where_differentiated(q, k, v, implementation)
@@ -105,6 +106,7 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | N
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _padded_where_differentiated(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | None) -> jax.Array:
+  """The attention unpadded; differentiated, `_padded_attention`'s value and its vjp."""
   return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
 
 
