@@ -2,8 +2,10 @@ r"""How many passes over DeiT's MLP hidden each GELU form costs, from XLA's GPU 
 
   pip install --no-deps jax-cuda12-plugin==$JAX jax-cuda12-pjrt==$JAX   # as for memory_offline.py
   JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 PYTHONPATH=. python experiments/benchmarks/deit_gelu_offline.py 1024:32
+  JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 PYTHONPATH=. python experiments/benchmarks/deit_gelu_offline.py 224:128 train
 
-DeiT-Ti's forward (XLA attention: cuDNN's needs cuDNN installed) compiled for an H100 (`memory_offline.TARGETS`), with
+DeiT-Ti's forward, or with `train` its training step (forward, backward, AdamW), with XLA attention (cuDNN's needs cuDNN
+installed), compiled for an H100 (`memory_offline.TARGETS`), with
 the MLP's GELU in each form of `FORMS`; prints, per form, the fusions of the compiled entry computation that write an
 array of the hidden's width (the fc1 matmul's, then elementwise ones) by kind. Nothing is timed.
 """
@@ -16,7 +18,7 @@ from unittest import mock
 import jax
 
 from experiments.benchmarks.memory_offline import _compile
-from experiments.benchmarks.model_steps import create_model_spec, forward_program
+from experiments.benchmarks.model_steps import create_model_spec, forward_program, train_program
 from vim_jax.models import deit
 
 FORMS = {
@@ -26,28 +28,32 @@ FORMS = {
 }
 
 
-def hidden_writers(size: int, batch: int, gelu) -> Counter:
-  """Kinds of the fusions that write a (rows, hidden) array in DeiT-Ti's compiled forward with `gelu`."""
+def hidden_writers(size: int, batch: int, gelu, program=forward_program) -> tuple[Counter, float]:
+  """Kinds of the fusions that write a (rows, hidden) array in DeiT-Ti's compiled `program` with `gelu`, and its
+  temporary MiB."""
 
   def mlp(self, x):
     return self.fc2(gelu(self.fc1(x)))
 
   with mock.patch.object(deit.Mlp, "__call__", mlp):
     model = create_model_spec("deit_tiny:xla", size)
-    compiled, _ = _compile(forward_program(model, batch), "h100")
+    compiled, _ = _compile(program(model, batch), "h100")
   hlo = compiled.as_text()
   width = int(model.cfg.embed_dim * model.cfg.mlp_ratio)
   fusions = re.findall(r"= (\S+) fusion\(.*?kind=(\w+)", hlo[hlo.index("\nENTRY") :])
-  return Counter(kind for shape, kind in fusions if re.search(rf",{width}\]", shape))
+  temp = compiled.memory_analysis().temp_size_in_bytes / 2**20
+  return Counter(kind for shape, kind in fusions if re.search(rf",{width}\]", shape)), temp
 
 
-def main(case: str) -> None:
+def main(case: str, mode: str = "inference") -> None:
   size, batch = map(int, case.split(":"))
-  print(f"DeiT-Ti, {size}², batch {batch}, compiled for an H100 with jax {jax.__version__}", flush=True)
+  program = {"inference": forward_program, "train": train_program}[mode]
+  print(f"DeiT-Ti {mode}, {size}², batch {batch}, compiled for an H100 with jax {jax.__version__}", flush=True)
   for name, gelu in FORMS.items():
-    kinds = hidden_writers(size, batch, gelu)
-    print(f"{name}: {sum(kinds.values())} fusions write the hidden ({dict(sorted(kinds.items()))})", flush=True)
+    kinds, temp = hidden_writers(size, batch, gelu, program)
+    writers = f"{sum(kinds.values())} fusions write the hidden ({dict(sorted(kinds.items()))})"
+    print(f"{name}: {writers}, {temp:.1f} MiB of temporaries", flush=True)
 
 
 if __name__ == "__main__":
-  main(sys.argv[1])
+  main(*sys.argv[1:3])
