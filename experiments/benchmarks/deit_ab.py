@@ -7,7 +7,9 @@ Variants (`VARIANTS`), each a stand-in for one function of `vim_jax.models.deit`
 - `padded`: cuDNN's attention padded by a masked key at odd lengths in inference too, as it shipped until the
   forty-seventh session (every DeiT length at stride 16 is odd: the patches and the cls token);
 - `tanh_gelu`: the MLP's GELU in its tanh approximation, which is not timm's model (PyTorch's nn.GELU is the erf
-  form) but is what `jax.nn.gelu` does by default.
+  form) but is what `jax.nn.gelu` does by default;
+- `bf16_gelu`: the erf form computed in the input's bf16, as it shipped until the forty-seventh session
+  (`deit.exact_gelu` says why it changed).
 Prints the largest logit difference between the two codes, then one JSON line per code
 (`model_steps.alternate_rounds`). The forty-seventh session's `deit_padding_ab_h200.txt` came from this script under
 its first name, `deit_padding_ab.py`, which ran `padded` alone.
@@ -32,7 +34,15 @@ def _tanh_gelu_mlp(self, x):
   return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
 
 
-VARIANTS = {"padded": (deit, "_attention", _padded_attention), "tanh_gelu": (deit.Mlp, "__call__", _tanh_gelu_mlp)}
+def _bf16_gelu_mlp(self, x):
+  return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+
+
+VARIANTS = {
+  "padded": (deit, "_attention", _padded_attention),
+  "tanh_gelu": (deit.Mlp, "__call__", _tanh_gelu_mlp),
+  "bf16_gelu": (deit.Mlp, "__call__", _bf16_gelu_mlp),
+}
 
 
 def _step(spec: str, size: int, batch: int, variant: str | None):
