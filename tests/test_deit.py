@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fast_compile import logits_of
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
@@ -24,9 +25,6 @@ TINY = dict(img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=4, num_c
 
 def tiny_model(seed: int = 0, **overrides) -> DeiT:
   return DeiT(DeiTConfig(**{**TINY, **overrides}), rngs=nnx.Rngs(seed))
-
-
-logits_of = nnx.jit(lambda model, images: model(images))
 
 
 def param_count(model: nnx.Module) -> int:

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpy_vim
 import pytest
+from fast_compile import logits_of, tokens_of
 from flax import nnx
 
 from kernels import add_norm, selective_scan
@@ -42,11 +43,6 @@ def assert_rel_close(actual, expected, rtol: float, name: str = "") -> None:
 def ref_model(vim_ref, **overrides) -> VisionMamba:
   cfg, _ = convert.infer_config(vim_ref["state_dict"], img_size=64, **overrides)
   return convert.from_official_state_dict(vim_ref["state_dict"], cfg)
-
-
-@nnx.jit
-def logits_of(model, images):
-  return model(images)
 
 
 def parameter_gradients(model: nnx.Module, loss) -> nnx.State:
@@ -370,7 +366,7 @@ def test_boundary_kernel_runs_undifferentiated_and_equals_the_separate_launches(
     other = jax.ShapeDtypeStruct((outside_rule, *images.shape[1:]), images.dtype)
     past_the_rule = str(jax.make_jaxpr(lambda state, x: nnx.merge(graphdef, state)(x))(state, other))
     names = [text.count(f"name={kernel}") for text in (forward, differentiated, past_the_rule)]
-    outputs = logits_of(model, images), nnx.jit(lambda m, x: m.forward_tokens(x))(model, images)
+    outputs = logits_of(model, images), tokens_of(model, images)
     return names, outputs, parameter_gradients(model, loss)
 
   names, outputs, grads = run()

@@ -8,6 +8,7 @@ import numpy as np
 import numpy_vim
 import pytest
 from conftest import DATA, VIM_REF
+from fast_compile import logits_of
 from flax import nnx
 
 import vim_jax
@@ -18,11 +19,6 @@ from vim_jax.models.vim import ModelConfig, VisionMamba
 
 CHECKPOINT = VIM_REF / "checkpoint.pth"
 CHECKPOINT_FULL = VIM_REF / "checkpoint_full.pth"
-
-
-@nnx.jit
-def logits_of(model, images):
-  return model(images)
 
 
 def rel_error(actual, expected) -> float:
