@@ -395,8 +395,9 @@ def test_stream_with_out_proj_runs_under_a_mesh(monkeypatch):
   )
   images = jax.random.normal(jax.random.key(2), (8, 32, 32, 3))
   graphdef, state = nnx.split(model)
-  forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
-  assert "name=projected_add_norm" in str(jax.make_jaxpr(forward)(state, images))
+  call = lambda state, x: nnx.merge(graphdef, state)(x)  # noqa: E731
+  assert "name=projected_add_norm" in str(jax.make_jaxpr(call)(state, images))
+  forward = jax.jit(call, compiler_options=fast_compile.OPTIONS)
   expected = forward(state, images)
   mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
   with jax.set_mesh(mesh):
@@ -421,7 +422,8 @@ def test_loss_and_gradients_under_explicit_mesh_axes(monkeypatch, path):
     model = create_model("vim_tiny", img_size=32, depth=2, scan_impl=scan_impl, scan_interpret=path == "kernels")
   images = jax.random.normal(jax.random.key(2), (8, 32, 32, 3))
   graphdef, state = nnx.split(model)
-  loss_and_grads = jax.jit(jax.value_and_grad(lambda state, x: jnp.sum(nnx.merge(graphdef, state)(x) ** 2)))
+  loss = lambda state, x: jnp.sum(nnx.merge(graphdef, state)(x) ** 2)  # noqa: E731
+  loss_and_grads = jax.jit(jax.value_and_grad(loss), compiler_options=fast_compile.OPTIONS)
   expected = loss_and_grads(state, images)
   mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
   with jax.set_mesh(mesh):
