@@ -162,16 +162,15 @@ def test_cudnn_config_pads_odd_lengths_where_differentiated(monkeypatch):
 def test_exact_gelu_is_rounded_once_from_float32_or_wider():
   """bf16 GELU equals the float64 erf form rounded to bf16 at every point of a grid (jax.nn.gelu on bf16 misses 43% of
   them, by up to 15 ulps); float64 stays float64."""
+  gelu64 = lambda x: 0.5 * x * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))  # noqa: E731
   x = jnp.linspace(-6.0, 6.0, 4001, dtype=jnp.float32).astype(jnp.bfloat16)
-  x64 = np.asarray(x, np.float64)
-  expected = 0.5 * x64 * (1.0 + np.vectorize(math.erf)(x64 / math.sqrt(2.0)))
+  expected = gelu64(np.asarray(x, np.float64))
   np.testing.assert_array_equal(
     np.asarray(exact_gelu(x), np.float64), np.asarray(jnp.asarray(expected, jnp.bfloat16), np.float64)
   )
   with jax.enable_x64(True):
     y = np.linspace(-6.0, 6.0, 101)
-    reference = 0.5 * y * (1.0 + np.vectorize(math.erf)(y / math.sqrt(2.0)))
-    np.testing.assert_allclose(exact_gelu(jnp.asarray(y)), reference, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(exact_gelu(jnp.asarray(y)), gelu64(y), rtol=1e-12, atol=1e-15)
 
 
 def test_logits_equal_numpy_reference():

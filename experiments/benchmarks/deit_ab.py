@@ -30,18 +30,20 @@ def _padded_attention(q, k, v, implementation, pad_to_even):
   return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
 
 
-def _tanh_gelu_mlp(self, x):
-  return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+# The GELUs DeiT's MLP could take instead of `deit.exact_gelu` (deit_gelu_offline.py compiles them too).
+GELUS = {
+  "tanh_gelu": lambda h: jax.nn.gelu(h, approximate=True),
+  "bf16_gelu": lambda h: jax.nn.gelu(h, approximate=False),
+}
 
 
-def _bf16_gelu_mlp(self, x):
-  return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+def mlp_with(gelu):
+  """A stand-in for `deit.Mlp.__call__` with `gelu` in place of `deit.exact_gelu`."""
+  return lambda self, x: self.fc2(gelu(self.fc1(x)))
 
 
-VARIANTS = {
-  "padded": (deit, "_attention", _padded_attention),
-  "tanh_gelu": (deit.Mlp, "__call__", _tanh_gelu_mlp),
-  "bf16_gelu": (deit.Mlp, "__call__", _bf16_gelu_mlp),
+VARIANTS = {"padded": (deit, "_attention", _padded_attention)} | {
+  name: (deit.Mlp, "__call__", mlp_with(gelu)) for name, gelu in GELUS.items()
 }
 
 

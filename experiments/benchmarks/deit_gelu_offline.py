@@ -17,25 +17,18 @@ from unittest import mock
 
 import jax
 
+from experiments.benchmarks.deit_ab import GELUS, mlp_with
 from experiments.benchmarks.memory_offline import _compile
 from experiments.benchmarks.model_steps import create_model_spec, forward_program, train_program
 from vim_jax.models import deit
 
-FORMS = {
-  "float32 (shipped)": deit.exact_gelu,
-  "jax.nn.gelu on bf16": lambda h: jax.nn.gelu(h, approximate=False),
-  "tanh": lambda h: jax.nn.gelu(h, approximate=True),
-}
+FORMS = {"float32 (shipped)": deit.exact_gelu, "jax.nn.gelu on bf16": GELUS["bf16_gelu"], "tanh": GELUS["tanh_gelu"]}
 
 
 def hidden_writers(size: int, batch: int, gelu, program=forward_program) -> tuple[Counter, float]:
   """Kinds of the fusions that write a (rows, hidden) array in DeiT-Ti's compiled `program` with `gelu`, and its
   temporary MiB."""
-
-  def mlp(self, x):
-    return self.fc2(gelu(self.fc1(x)))
-
-  with mock.patch.object(deit.Mlp, "__call__", mlp):
+  with mock.patch.object(deit.Mlp, "__call__", mlp_with(gelu)):
     model = create_model_spec("deit_tiny:xla", size)
     compiled, _ = _compile(program(model, batch), "h100")
   hlo = compiled.as_text()
