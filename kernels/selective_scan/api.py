@@ -198,12 +198,13 @@ def selective_scan(
       the same as flipping every sequence input along length, scanning and flipping y back, but the
       caller flips nothing. `last_state` is then the state after position 0.
     return_last_state: also return the final state h.
-    impl: "reference" (sequential lax.scan, the ground truth), "xla" (chunked associative scan,
-      bounded memory), "pallas_gpu" (fused Pallas Triton kernels), "pallas_tpu" (Pallas Mosaic TPU
-      kernels), "pallas" (the backend's kernel; on CPU the GPU one with `interpret`), or None: by
-      backend, the kernel on GPU and TPU, "xla" elsewhere (logged once). A named impl never falls back.
-      Under a mesh (`jax.set_mesh`) the kernels run per device (`shard_map`), as XLA cannot split a
-      Pallas call: the channels split over `channel_axes`, the batch over the other mesh axes.
+    impl: "reference" (sequential lax.scan, the ground truth), "xla" (chunked, bounded memory: an
+      associative scan inside each chunk, sequential on CPU), "pallas_gpu" (fused Pallas Triton kernels),
+      "pallas_tpu" (Pallas Mosaic TPU kernels), "pallas" (the backend's kernel; on CPU the GPU one with
+      `interpret`), or None: by backend, the kernel on GPU and TPU, "xla" elsewhere (logged once).
+      A named impl never falls back. Under a mesh (`jax.set_mesh`) the kernels run per device
+      (`shard_map`), as XLA cannot split a Pallas call: the channels split over `channel_axes`, the batch
+      over the other mesh axes.
     interpret: run Pallas kernels in interpret mode (for CPU tests); ignored by the other impls.
     channel_axes: mesh axes (a name or a tuple) over which the kernels split the channels, for tensor
       parallelism: u, delta, z, A, D, delta_bias and the outputs by channel, B and C whole on every

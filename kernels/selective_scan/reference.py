@@ -9,12 +9,20 @@ import jax.numpy as jnp
 
 
 def scan(
-  u: jax.Array, delta: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, *, reverse: bool
+  u: jax.Array,
+  delta: jax.Array,
+  A: jax.Array,
+  B: jax.Array,
+  C: jax.Array,
+  *,
+  reverse: bool,
+  h0: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Runs h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t; returns (y, h_last), y_t = <h_t, C_t>.
 
   Inputs are already in the compute dtype and `delta` is the final step size (bias and softplus
-  applied by the caller). `reverse` runs from the last position to the first.
+  applied by the caller). `reverse` runs from the last position to the first; `h0`, the state before
+  the first position walked, is zero unless given.
   """
 
   def step(h, xs):
@@ -24,7 +32,7 @@ def scan(
     return h, jnp.sum(h * C_t[:, None, :], axis=-1)
 
   time_major = tuple(jnp.swapaxes(x, 0, 1) for x in (u, delta, B, C))
-  h_last, y = jax.lax.scan(step, zero_state(u, A), time_major, reverse=reverse)
+  h_last, y = jax.lax.scan(step, zero_state(u, A) if h0 is None else h0, time_major, reverse=reverse)
   return jnp.swapaxes(y, 0, 1), h_last
 
 

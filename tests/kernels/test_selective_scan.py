@@ -408,10 +408,12 @@ def test_softplus_matches_torch_and_has_finite_gradients(impl, x64):
   chex.assert_trees_all_close(grads["delta"][0, 0], sigmoid * jax.nn.silu(1.0), rtol=1e-14)
 
 
+@pytest.mark.parametrize("within_chunk", ["associative", "sequential"])
 @pytest.mark.parametrize("max_chunk", [1, 8, 32])
-def test_xla_chunking_matches_reference_in_float64(max_chunk, x64):
-  """Chunk boundaries and padding at float64 precision, both directions: on length 33, chunks of
-  1 (33 chunks), 8 (5 chunks of 7, 2 padded) and 32 (2 chunks of 17, 1 padded)."""
+def test_xla_chunking_matches_reference_in_float64(max_chunk, within_chunk, x64):
+  """Chunk boundaries and padding at float64 precision, both directions, with either scan inside the chunks (the
+  accelerators' and the CPU's): on length 33, chunks of 1 (33 chunks), 8 (5 chunks of 7, 2 padded) and 32 (2 chunks
+  of 17, 1 padded)."""
   rng = np.random.default_rng(max_chunk)
   inputs = random_inputs(rng, 2, 33, 3, 2, **NO_OPTIONS, dtype=jnp.float64)
   cotangents = [random_cotangents(rng, inputs, jnp.float64) for _ in range(2)]
@@ -423,7 +425,7 @@ def test_xla_chunking_matches_reference_in_float64(max_chunk, x64):
 
     return jit_run(run, inputs, cotangents)
 
-  out, grads = both_directions(functools.partial(xla.scan, max_chunk=max_chunk))
+  out, grads = both_directions(functools.partial(xla.scan, max_chunk=max_chunk, within_chunk=within_chunk))
   expected_out, expected_grads = both_directions(reference.scan)
   assert_close(out, expected_out, jnp.float64, "fwd")
   assert_close(grads, expected_grads, jnp.float64, "grad")
@@ -1003,10 +1005,12 @@ def temp_bytes(impl, batch, length, channels, state):
   return compiled.memory_analysis().temp_size_in_bytes
 
 
-def test_xla_memory_does_not_grow_with_the_full_state():
+@pytest.mark.parametrize("within_chunk", ["associative", "sequential"])
+def test_xla_memory_does_not_grow_with_the_full_state(within_chunk, monkeypatch):
   """Doubling the length may add only per-position inputs and per-chunk states, not a
-  (batch, length, channels, state) tensor. Comparing two lengths cancels the fixed per-chunk
-  scratch; the reference, which keeps every step's state, shows the metric sees such tensors."""
+  (batch, length, channels, state) tensor, with either scan inside the chunks. Comparing two lengths cancels the
+  fixed per-chunk scratch; the reference, which keeps every step's state, shows the metric sees such tensors."""
+  monkeypatch.setitem(xla.WITHIN_CHUNK, jax.default_backend(), within_chunk)
   batch, channels, state, length = 1, 64, 64, 1024
   full_state_growth = batch * length * channels * state * 4
   growth = {
@@ -1056,6 +1060,12 @@ def test_shape_error_gives_expected_and_actual_shape():
   message = "selective_scan: `B` must have shape (batch, length, state) = (2, 33, 4), got (2, 4, 33)"
   with pytest.raises(ValueError, match=re.escape(message)):
     selective_scan(**args)
+
+
+def test_xla_names_a_bad_within_chunk():
+  args = {k: v for k, v in valid_args().items() if k in ("u", "delta", "A", "B", "C")}
+  with pytest.raises(ValueError, match="within_chunk must be 'associative' or 'sequential', got 'parallel'"):
+    xla.scan(**args, reverse=False, within_chunk="parallel")
 
 
 def test_unknown_impl_lists_valid_impls():
