@@ -4,7 +4,8 @@ r"""The offline demo: a small Vim trained on the 1,797 handwritten digits that s
 
 The same trainer as ImageNet (augmentation, mixup/cutmix, AdamW, EMA, orbax checkpoints, resume),
 with a 4-layer Vim on 16×16 images (patch 4: 16 tokens + cls). Hardware: one CPU core is enough.
-Expected: 96% top-1 on the 300 held-out digits in 1 min 4 s to 1 min 19 s on 2 CPU cores (measured; a test checks ≥ 90%).
+Expected: 96% top-1 on the 300 held-out digits in 1 min 4 s to 1 min 19 s on 2 CPU cores (measured; a test
+checks ≥ 90%).
 """
 
 from vim_jax import config_base
