@@ -38,7 +38,7 @@ def _inputs(batch: int, length: int, channels: int, state: int) -> tuple:
 
 def _best_ms(scan, inputs, reverse: bool) -> float:
   loss = lambda *a: jnp.sum(scan(*a, reverse=reverse)[0] ** 2)  # noqa: E731
-  grads = jax.jit(jax.grad(loss, argnums=range(5)))
+  grads = jax.jit(jax.grad(loss, argnums=tuple(range(5))))
   jax.block_until_ready(grads(*inputs))
   best = float("inf")
   for _ in range(_ROUNDS.value):

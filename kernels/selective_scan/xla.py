@@ -51,7 +51,8 @@ def scan(
 ) -> tuple[jax.Array, jax.Array]:
   """Same contract as `reference.scan`; `max_chunk` bounds the positions scanned at once. `within_chunk`:
   "associative" or "sequential", None by backend (`WITHIN_CHUNK`, else associative)."""
-  within_chunk = within_chunk or WITHIN_CHUNK.get(jax.default_backend(), "associative")
+  if within_chunk is None:
+    within_chunk = WITHIN_CHUNK.get(jax.default_backend(), "associative")
   if within_chunk not in ("associative", "sequential"):
     raise ValueError(f"within_chunk must be 'associative' or 'sequential', got {within_chunk!r}")
   batch, length, channels = u.shape
