@@ -1,0 +1,331 @@
+r"""The gradients of one ungated scan direction as one Pallas Mosaic GPU kernel for Hopper (experimental).
+
+What Vim's training runs today is the Triton backward (`pallas_gpu`): a states pass that writes the state at every
+second position (half of all states, to HBM and back) and a gradient kernel at ~235 registers. This kernel keeps
+states off HBM but for one per block: each warpgroup owns one sequence and 32 channels (`quarter_rows`: a channel per
+four threads, 4 states each) and walks the sequence twice.
+
+1. In scan order from a zero state, storing the state that enters each block of `block_t` positions (float32,
+   1/block_t of all states).
+2. Blocks last first: the block's states recomputed from its entering state into registers, each position's decay
+   exp(delta A) kept, then its positions walked backwards with the adjoint g_t = dy_t C_t + exp(delta_{t+1} A) g_{t+1}:
+   du, d(delta) (softplus's derivative applied), and per position dB and dC summed over the warpgroup's channels
+   (partial sums per channel block, which XLA adds); dA, dD and d(delta_bias) summed over the sequence.
+
+The ungated form is what Vim's fused bidirectional backward runs per direction (the gate's backward is XLA's,
+`pallas_gpu.gate_backward`). Blocks are staged through shared memory by TMA (`emit_pipeline`), which reads zeros past
+the sequence's end and drops writes there: u = 0 and dy = 0 keep those positions out of every gradient (forward, the
+adjoint is zero there; in reverse, walked first, the state is). Interpret mode cannot run the staged copies, so there
+(`staged=False`) the blocks are views of HBM and the sequences are padded with zeros to whole blocks.
+
+Not yet timed on a card nor called by `pallas_gpu`; `experiments/benchmarks/scan_mosaic_backward.py` times it against
+the Triton backward.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.mosaic.gpu import utils as mgpu_utils
+from jax.experimental.pallas import mosaic_gpu as plgpu
+from jaxlib.mlir import ir
+from jaxlib.mlir.dialects import arith, memref, vector
+
+from kernels.selective_scan.mosaic_gpu import LAYOUTS, _block_barrier, _cols, _load, _rows, _softplus
+from kernels.selective_scan.softplus import THRESHOLD
+
+LAYOUT = "quarter_rows"
+BLOCK_D = LAYOUTS[LAYOUT][1]  # channels per warpgroup
+STATE = 16  # the state size `quarter_rows` is written for
+
+
+class Gradients(NamedTuple):
+  """Of `gradients`'s arguments, each in its argument's dtype."""
+
+  du: jax.Array
+  delta: jax.Array
+  A: jax.Array
+  B: jax.Array
+  C: jax.Array
+  D: jax.Array
+  delta_bias: jax.Array
+
+
+# `quarter_rows`, as `_tiled` builds it: lane = 4 x (channel mod 8) + the channel's quarter of the state, warp = channel
+# // 8. So a warp's 8 channels of one quarter are the lanes 4 apart, whose bits 4, 8, 16 are the channel's 1, 2, 4.
+_WARPS = 4
+_CHANNELS_PER_WARP = BLOCK_D // _WARPS
+_CHANNEL_BITS = ((4, 16), (2, 8), (1, 4))  # (a channel bit, the lane distance that flips it), highest first
+
+
+def _store_warp_sums(products: tuple, partials_ref, t: int) -> None:
+  """partials_ref[warp, t, kind * 16 + n] = the sum over the warp's 8 channels of products[kind][:, n], for the two
+  (32, 16) products in `quarter_rows` whose sums over the channels are dB_t and dC_t.
+
+  A reduce-scatter, as `mosaic_gpu._store_scattered_sums` does over a channel's states: each thread has 8 values (its
+  4 states of both products); three rounds of butterfly shuffles (4, 2, then 1 value sent) leave each of the 8 lanes of
+  a quarter one of them summed over the warp's channels, 7 shuffles where a sum per value takes 24. A warp's 32 lanes
+  then store 32 consecutive floats (one wavefront), and `_sum_over_warps` adds the 4 warps' rows once per block,
+  where Pallas's reduction over the channels exchanges them through shared memory, between two warpgroup barriers, at
+  every position."""
+  layout = LAYOUTS[LAYOUT][0]
+
+  @plgpu.inline_mgpu(arg_types=((layout, layout), plgpu.RefType()))
+  def store(ctx, arrays, ref):
+    del ctx
+    index = ir.IndexType.get()
+    constant = functools.partial(mgpu_utils.c, ty=index)
+    ((channel, first_state),) = arrays[0].layout.thread_idxs(arrays[0].shape)  # one register: a channel's 4 states
+    values = []
+    for array in arrays:
+      (register,) = array.registers.flat
+      (size,) = ir.VectorType(register.type).shape
+      position = functools.partial(ir.DenseI64ArrayAttr.get)
+      values += [vector.extract(register, dynamic_position=[], static_position=position([i])) for i in range(size)]
+    offset = first_state
+    for bit, lanes in _CHANNEL_BITS:
+      high = arith.cmpi(arith.CmpIPredicate.ne, arith.andi(channel, constant(bit)), constant(0))
+      half = len(values) // 2
+      kept = [arith.select(high, values[half + i], values[i]) for i in range(half)]
+      sent = [arith.select(high, values[i], values[half + i]) for i in range(half)]
+      values = [arith.addf(k, mgpu_utils.shfl_bfly(v, lanes)) for k, v in zip(kept, sent, strict=True)]
+      # The kept half's place among the 8: the kind (16 columns apart) for the first bit, then states.
+      offset = arith.addi(offset, arith.select(high, constant(STATE if bit == 4 else half), constant(0)))
+    (total,) = values
+    warp = arith.divui(channel, constant(_CHANNELS_PER_WARP))
+    memref.store(total, ref, [warp, constant(t), offset])
+
+  store(tuple(products), partials_ref)
+
+
+def _sum_over_warps(partials_ref, block_t: int) -> jax.Array:
+  """The block's (block_t, 2 x 16) dB_t and dC_t rows of this program's channels, from `_store_warp_sums`'s."""
+  rows = plgpu.Layout.WG_STRIDED((block_t, 2 * STATE), vec_size=max(1, block_t * 2 * STATE // 128))
+  return functools.reduce(lambda a, b: a + b, (_load(partials_ref.at[w], rows) for w in range(_WARPS)))
+
+
+def _softplus_grad(x: jax.Array) -> jax.Array:
+  return jnp.where(x > THRESHOLD, 1.0, 1.0 / (1.0 + jnp.exp(-x)))
+
+
+def _kernel(
+  u_ref,
+  delta_ref,
+  dy_ref,
+  b_ref,
+  c_ref,
+  a_ref,
+  d_ref,
+  bias_ref,
+  du_ref,
+  ddelta_ref,
+  dbc_ref,
+  da_ref,
+  dd_ref,
+  dbias_ref,
+  states_ref,
+  *,
+  block_t: int,
+  reverse: bool,
+  staged: bool,
+  warp_sums: bool,
+):
+  """refs: u, delta, dy (batch, length, channels); B, C (batch, length, state); A, D, delta_bias; then the outputs
+  du, d(delta) like u; dB's and dC's partial sums side by side (batch, channel blocks, length, 2 x state); dA's, dD's
+  and d(delta_bias)'s per sequence (batch, channels[, state]); the entering states (batch, blocks, channels, state),
+  the kernel's own. `warp_sums` sums dB and dC over the channels by `_store_warp_sums`, else (and in interpret mode,
+  which cannot run that Mosaic GPU code) by Pallas's reductions."""
+  tile = LAYOUTS[LAYOUT][0]
+  per_channel, per_state = tile.reduce(1), tile.reduce(0)
+  shape = (BLOCK_D, STATE)
+  sequence, block = lax.axis_index("sequence"), lax.axis_index("block")
+  channels = pl.ds(block * BLOCK_D, BLOCK_D)
+  A = _load(a_ref.at[channels, :], tile)
+  a_log2 = A * math.log2(math.e)
+  skip, bias = _load(d_ref.at[channels], per_channel), _load(bias_ref.at[channels], per_channel)
+  num_blocks = states_ref.shape[1]
+  position = (lambda k: block_t - 1 - k) if reverse else (lambda k: k)  # of a block's k-th step in scan order
+  scan_block = (lambda i: num_blocks - 1 - i) if reverse else (lambda i: i)  # the block walked i-th
+  entering = states_ref.at[sequence]
+
+  def read(blocks: dict, k: int) -> dict:
+    t = position(k)
+    x = _load(blocks["delta"].at[t], per_channel) + bias
+    return dict(t=t, x=x, step=_softplus(x), u=_load(blocks["u"].at[t], per_channel))
+
+  def advance(h, p: dict, blocks: dict):
+    """(exp(delta_t A), h_t) from h_{t-1}."""
+    decay = jnp.exp2(_rows(p["step"], shape) * a_log2)
+    B = _load(blocks["B"].at[p["t"]], per_state)
+    return decay, decay * h + _rows(p["step"] * p["u"], shape) * _cols(B, shape)
+
+  def store_entering(b, blocks: dict, h):
+    entering[b, channels, :] = h
+    for k in range(block_t):
+      _, h = advance(h, read(blocks, k), blocks)
+    return h
+
+  def block_gradients(b, blocks: dict, carry, partials=None):
+    if partials is not None:
+      _block_barrier(True)  # every thread has read the last block's partial sums
+    g, dA, dD, dbias = carry  # g: exp(delta_{t+1} A) g_{t+1}, the adjoint that later positions pass back
+    steps = [read(blocks, k) for k in range(block_t)]
+    states, decays = [_load(entering.at[b, channels, :], tile)], []
+    for p in steps:
+      decay, h = advance(states[-1], p, blocks)
+      decays.append(decay)
+      states.append(h)
+    for k in reversed(range(block_t)):
+      p, t = steps[k], steps[k]["t"]
+      dy = _load(blocks["dy"].at[t], per_channel)
+      B, C = (_load(blocks[name].at[t], per_state) for name in ("B", "C"))
+      g = _rows(dy, shape) * _cols(C, shape) + g
+      g_b = (g * _cols(B, shape)).sum(axis=1)
+      decayed = g * decays[k] * states[k]  # g_t exp(delta_t A) h_{t-1}: dL/d(delta_t A)
+      ddelta = (p["u"] * g_b + (decayed * A).sum(axis=1)) * _softplus_grad(p["x"])
+      blocks["du"][t] = (p["step"] * g_b + skip * dy).astype(blocks["du"].dtype)
+      blocks["ddelta"][t] = ddelta.astype(blocks["ddelta"].dtype)
+      products = (g * _rows(p["step"] * p["u"], shape), _rows(dy, shape) * states[k + 1])  # summed: dB_t, dC_t
+      if partials is None:
+        for i, product in enumerate(products):
+          blocks["dBC"][t, pl.ds(i * STATE, STATE)] = product.sum(axis=0)
+      else:
+        _store_warp_sums(products, partials, t)
+      dA, dD, dbias = dA + decayed * _rows(p["step"], shape), dD + dy * p["u"], dbias + ddelta
+      g = decays[k] * g
+    if partials is not None:
+      _block_barrier(True)  # and every thread has stored its own
+      blocks["dBC"][...] = _sum_over_warps(partials, block_t)
+    return g, dA, dD, dbias
+
+  zeros = plgpu.layout_cast(jnp.zeros(shape, jnp.float32), tile)
+  channel_zeros = plgpu.layout_cast(jnp.zeros((BLOCK_D,), jnp.float32), per_channel)
+  seq_refs = dict(u=u_ref, delta=delta_ref, dy=dy_ref, B=b_ref, C=c_ref)
+  out_refs = dict(du=du_ref, ddelta=ddelta_ref, dBC=dbc_ref.at[:, block])
+  first_pass, second_pass = ("u", "delta", "B"), ("u", "delta", "dy", "B", "C")
+
+  def walk(body, names, outputs, block_at, carry):
+    """body(b, blocks, carry) over the blocks in the order block_at(i), blocks named by `names` (inputs) and
+    `outputs`, each this program's (block_t, channels) or (block_t, state) window."""
+    refs = [seq_refs[n] for n in names] + [out_refs[n] for n in outputs]
+    per_channel_names = ("u", "delta", "dy", "du", "ddelta")
+    r_width = lambda n: 2 * STATE if n == "dBC" else STATE  # noqa: E731
+
+    def window(n):
+      return channels if n in per_channel_names else slice(None)
+
+    if not staged:
+
+      def over_blocks(i, carry):
+        rows = pl.ds(block_at(i) * block_t, block_t)
+        blocks = {n: r.at[sequence, rows, window(n)] for n, r in zip((*names, *outputs), refs, strict=True)}
+        return body(block_at(i), blocks, carry)
+
+      return lax.fori_loop(0, num_blocks, over_blocks, carry)
+
+    def spec(n):
+      if n in per_channel_names:
+        return plgpu.BlockSpec((block_t, BLOCK_D), lambda i: (block_at(i), block))
+      return plgpu.BlockSpec((block_t, r_width(n)), lambda i: (block_at(i), 0))
+
+    pipeline = plgpu.emit_pipeline(
+      lambda indices, *blocks: body(
+        block_at(indices[0]), dict(zip((*names, *outputs), blocks[:-1], strict=True)), blocks[-1]
+      ),
+      grid=(num_blocks,),
+      in_specs=[spec(n) for n in names],
+      out_specs=[spec(n) for n in outputs],
+      init_carry=carry,
+    )
+    return pipeline(*(r.at[sequence] for r in refs))
+
+  walk(store_entering, first_pass, (), scan_block, zeros)
+  init = (zeros, zeros, channel_zeros, channel_zeros)
+  backwards = lambda i: scan_block(num_blocks - 1 - i)  # noqa: E731
+
+  def second(partials=None):
+    body = functools.partial(block_gradients, partials=partials)
+    return walk(body, second_pass, ("du", "ddelta", "dBC"), backwards, init)
+
+  if warp_sums:
+    _, dA, dD, dbias = pl.run_scoped(second, plgpu.SMEM((_WARPS, block_t, 2 * STATE), jnp.float32))
+  else:
+    _, dA, dD, dbias = second()
+  da_ref[sequence, channels, :] = dA
+  dd_ref[sequence, channels] = dD
+  dbias_ref[sequence, channels] = dbias
+
+
+@functools.partial(jax.jit, static_argnames=("reverse", "block_t", "staged", "warp_sums", "auto_barriers", "interpret"))
+def gradients(
+  u: jax.Array,
+  delta: jax.Array,
+  A: jax.Array,
+  B: jax.Array,
+  C: jax.Array,
+  D: jax.Array,
+  delta_bias: jax.Array,
+  dy: jax.Array,
+  *,
+  reverse: bool = False,
+  block_t: int = 8,
+  staged: bool = True,
+  warp_sums: bool = True,
+  auto_barriers: bool = False,
+  interpret=False,
+) -> Gradients:
+  """The gradients of y = selective_scan(u, delta, A, B, C, D, delta_bias=delta_bias, delta_softplus=True,
+  reverse=reverse) (no z) against the cotangent dy, for (batch, length, channels) sequences and (batch, length, 16)
+  B and C. `staged=False` reads the blocks in place from HBM (what interpret mode runs). `warp_sums`: `_kernel`'s.
+  `auto_barriers` puts back the
+  warpgroup barriers Pallas puts around every store to shared memory: none is needed, as in the forward
+  (`mosaic_gpu.forward`'s comment): threads write output blocks that only their TMA copies read, after the pipeline's
+  fence and barrier, and the sums over channels bring their own barriers around their scratch."""
+  batch, length, channels = u.shape
+  if channels % BLOCK_D:
+    raise ValueError(f"channels (u.shape[-1] = {channels}) must be a multiple of {BLOCK_D}")
+  if A.shape != (channels, STATE):
+    raise ValueError(f"A must have shape (channels, {STATE}) = {(channels, STATE)}, got {A.shape}")
+  if block_t < 1:
+    raise ValueError(f"block_t must be positive, got {block_t}")
+  num_blocks = pl.cdiv(length, block_t)
+  seqs = [u, delta, dy, B, C]
+  padded = length if staged else num_blocks * block_t
+  if padded != length:  # zeros past the end, as TMA's copies read there
+    seqs = [jnp.pad(x, ((0, 0), (0, padded - length), (0, 0))) for x in seqs]
+  f32 = jnp.float32
+  channel_blocks = channels // BLOCK_D
+  out_type = (
+    jax.ShapeDtypeStruct((batch, padded, channels), u.dtype),
+    jax.ShapeDtypeStruct((batch, padded, channels), delta.dtype),
+    jax.ShapeDtypeStruct((batch, channel_blocks, padded, 2 * STATE), f32),
+    jax.ShapeDtypeStruct((batch, channels, STATE), f32),
+    jax.ShapeDtypeStruct((batch, channels), f32),
+    jax.ShapeDtypeStruct((batch, channels), f32),
+    jax.ShapeDtypeStruct((batch, num_blocks, channels, STATE), f32),
+  )
+  kernel = plgpu.kernel(
+    functools.partial(_kernel, block_t=block_t, reverse=reverse, staged=staged, warp_sums=warp_sums and not interpret),
+    out_type=out_type,
+    grid=(batch, channel_blocks),
+    grid_names=("sequence", "block"),
+    # ex2.approx, as the forward kernels
+    compiler_params=plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=not auto_barriers),
+    interpret=interpret,
+  )
+  du, ddelta, dbc, da, dd, dbias, _ = kernel(*seqs, A.astype(f32), D.astype(f32), delta_bias.astype(f32))
+  return Gradients(
+    du[:, :length],
+    ddelta[:, :length],
+    da.sum(axis=0).astype(A.dtype),
+    dbc[:, :, :length, :STATE].sum(axis=1).astype(B.dtype),
+    dbc[:, :, :length, STATE:].sum(axis=1).astype(C.dtype),
+    dd.sum(axis=0).astype(D.dtype),
+    dbias.sum(axis=0).astype(delta_bias.dtype),
+  )

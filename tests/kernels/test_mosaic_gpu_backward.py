@@ -1,0 +1,70 @@
+"""The Mosaic GPU gradient kernel (`kernels.selective_scan.mosaic_gpu_backward`): every gradient against the float64
+reference in interpret mode (blocks read from HBM in place), each direction, a last block past the sequence's end,
+softplus above its threshold; its lowering for CUDA at Vim-Ti's shapes in bf16, staged through shared memory; its
+argument checks."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from forward_inputs import forward_inputs
+
+from kernels import selective_scan
+from kernels.selective_scan import mosaic_gpu_backward
+from kernels.selective_scan.mosaic_gpu_backward import gradients
+
+INTERPRET = mosaic_gpu_backward.plgpu.InterpretGPUParams()
+
+
+def _inputs(length: int):
+  """(u, delta, A, B, C, D, delta_bias, dy) in float32, two channel blocks; a few step sizes above softplus's
+  threshold."""
+  u, delta, A, B, C, D, _, bias = forward_inputs(2, length, 64, jnp.float32, seed=3)
+  delta = delta.at[:, ::5, ::7].set(25.0)
+  dy = jax.random.normal(jax.random.key(4), u.shape, jnp.float32)
+  return u, delta, A, B, C, D, bias, dy
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("length, block_t", [(13, 4), (16, 8)], ids=["past-the-end", "whole-blocks"])
+def test_gradients_match_reference_in_float64_in_interpret_mode(length, block_t, reverse, x64):
+  *args, dy = _inputs(length)
+
+  def scan(u, delta, A, B, C, D, bias):
+    return selective_scan(u, delta, A, B, C, D, None, bias, delta_softplus=True, reverse=reverse, impl="reference")
+
+  _, vjp = jax.vjp(scan, *(x.astype(jnp.float64) for x in args))
+  expected = vjp(dy.astype(jnp.float64))
+  got = gradients(*args, dy, reverse=reverse, block_t=block_t, staged=False, interpret=INTERPRET)
+  for name, g, e in zip(mosaic_gpu_backward.Gradients._fields, got, expected, strict=True):
+    assert g.shape == e.shape and g.dtype == jnp.float32, name
+    np.testing.assert_allclose(g, e, rtol=1e-4, atol=2e-5 * float(jnp.max(jnp.abs(e))), err_msg=name)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("batch, length, block_t", [(128, 197, 8), (8, 6085, 16)])
+def test_gradients_lower_for_cuda_at_vim_tiny_shapes(batch, length, block_t, reverse):
+  seq, states = (jax.ShapeDtypeStruct((batch, length, n), jnp.bfloat16) for n in (384, 16))
+  f32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.float32)
+  args = (seq, seq, f32((384, 16)), states, states, f32((384,)), f32((384,)), seq)
+  fn = functools.partial(gradients, block_t=block_t, reverse=reverse)
+  assert "mosaic_gpu" in jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize(
+  "change, message",
+  [
+    (dict(channels=48), r"channels \(u.shape\[-1\] = 48\) must be a multiple of 32"),
+    (dict(state=8), r"A must have shape \(channels, 16\)"),
+    (dict(block_t=0), "block_t must be positive, got 0"),
+  ],
+)
+def test_gradients_name_a_bad_argument(change, message):
+  channels, state = change.get("channels", 32), change.get("state", 16)
+  u = jnp.zeros((1, 4, channels))
+  B = jnp.zeros((1, 4, 16))
+  args = (u, u, jnp.zeros((channels, state)), B, B, jnp.zeros(channels), jnp.zeros(channels), u)
+  with pytest.raises(ValueError, match=message):
+    gradients(*args, block_t=change.get("block_t", 8), interpret=INTERPRET)
