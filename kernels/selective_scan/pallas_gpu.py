@@ -73,7 +73,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.selective_scan import mosaic_gpu, ptx
+from kernels.selective_scan import mosaic_gpu, mosaic_gpu_backward, ptx
 from kernels.selective_scan.columns import Columns
 from kernels.selective_scan.negative_exp import NegativeExp
 from kernels.selective_scan.padding import compute_dtype, pad_to, plain
@@ -144,6 +144,9 @@ PAIRED_STATES_PROGRAMS = 2048
 # float32 ones were not timed. The gradient kernel reading the states so as well took 0.92 and 8.45 ms (168 -> 209
 # registers offline), so it reads them whole.
 NARROW_STATES_STORE = True
+# The fused bidirectional backward runs `mosaic_gpu_backward`'s gradient kernel per direction where it fits
+# (`_mosaic_backward_fits`) instead of the Triton states pass and gradient kernel.
+MOSAIC_BACKWARD = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1224,6 +1227,21 @@ def _one_pass_fits(sequences: tuple, states: tuple, A, *, softplus: bool, interp
   return mosaic_gpu.fits(batch, length, channels, A.shape[1], jnp.bfloat16, mosaic_gpu.compute_capability())
 
 
+def _mosaic_backward_fits(plan: _Plan, directions: tuple, dy: jax.Array, *, softplus: bool) -> bool:
+  """Whether `mosaic_gpu_backward` can take these directions' gradients: whole sequences (one chunk), bf16 sequences,
+  softplus, state 16, whole blocks of its channels, on Hopper."""
+  sequences = [x for u, delta, *_ in directions for x in (u, delta)] + [dy]
+  return (
+    plan.num_chunks == 1
+    and softplus
+    and not plan.interpret
+    and all(x.dtype == jnp.bfloat16 for x in sequences)
+    and directions[0][2].shape[1] == mosaic_gpu_backward.STATE
+    and dy.shape[2] % mosaic_gpu_backward.BLOCK_D == 0
+    and mosaic_gpu.compute_capability() == "9.0"
+  )
+
+
 def bidirectional(
   forward: tuple,
   backward: tuple,
@@ -1305,6 +1323,12 @@ def bidirectional(
       dy = dy * scale
     else:
       dy, dz = gate_backward(dy, y_ungated[..., :channels], z, scale)
+    if MOSAIC_BACKWARD and _mosaic_backward_fits(first, (forward, backward), dy, softplus=delta_softplus):
+      grads = [
+        _cropped(tuple(mosaic_gpu_backward.gradients(*plain(args), dy, reverse=reverse)), args)
+        for args, reverse in ((forward, False), (backward, True))
+      ]
+      return (*grads, dz)
     dy = pad_to(dy, 2, first.channels)
     no_last = jnp.zeros((first.batch, first.channels, first.state), dtype)
     (*grads_f, _), (*grads_b, _) = _backward([
