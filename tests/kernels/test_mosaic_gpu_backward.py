@@ -1,7 +1,7 @@
 """The Mosaic GPU gradient kernel (`kernels.selective_scan.mosaic_gpu_backward`): every gradient against the float64
 reference in interpret mode (blocks read from HBM in place), each direction, a last block past the sequence's end,
 softplus above its threshold; its lowering for CUDA at Vim-Ti's shapes in bf16, staged through shared memory; its
-argument checks."""
+argument checks; where `pallas_gpu` calls it."""
 
 import functools
 
@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from forward_inputs import forward_inputs
 
-from kernels import selective_scan
-from kernels.selective_scan import mosaic_gpu_backward
+from kernels import Direction, selective_scan, selective_scan_bidirectional
+from kernels.selective_scan import mosaic_gpu, mosaic_gpu_backward, pallas_gpu
+from kernels.selective_scan.columns import Columns
 from kernels.selective_scan.mosaic_gpu_backward import gradients
 
 INTERPRET = mosaic_gpu_backward.plgpu.InterpretGPUParams()
@@ -68,3 +69,30 @@ def test_gradients_name_a_bad_argument(change, message):
   args = (u, u, jnp.zeros((channels, state)), B, B, jnp.zeros(channels), jnp.zeros(channels), u)
   with pytest.raises(ValueError, match=message):
     gradients(*args, block_t=change.get("block_t", 8), interpret=INTERPRET)
+
+
+@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("mosaic_backward", [False, True])
+def test_pallas_gpu_takes_vims_gradients_with_it_where_told(monkeypatch, mosaic_backward):
+  """With `pallas_gpu.MOSAIC_BACKWARD`, the fused bidirectional call's backward on Hopper (an abstract H100) at 224²,
+  batch 128 is a launch of this kernel per direction, B and C given as windows of x_proj's output; Triton's kernels
+  (the forward's) otherwise."""
+  if not hasattr(jax.sharding, "AbstractDevice"):
+    pytest.skip("this jax cannot name an abstract GPU to lower for")
+  monkeypatch.setattr(mosaic_gpu, "compute_capability", lambda: "9.0")
+  monkeypatch.setattr(pallas_gpu, "MOSAIC_BACKWARD", mosaic_backward)
+  seq = jax.ShapeDtypeStruct((128, 197, 384), jnp.bfloat16)
+  f32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.float32)
+  projected = jax.ShapeDtypeStruct((128, 197, 48), jnp.bfloat16)
+  direction = Direction(seq, seq, f32((384, 16)), Columns(projected, 16, 16), Columns(projected, 32, 16))
+  direction = direction._replace(D=f32((384,)), delta_bias=f32((384,)))
+
+  def loss(forward, backward, z):
+    y = selective_scan_bidirectional(forward, backward, z, delta_softplus=True, impl="pallas_gpu")
+    return jnp.sum(y.astype(jnp.float32))
+
+  h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)):
+    fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    hlo = fn.trace(direction, direction, seq).lower(lowering_platforms=("cuda",)).as_text()
+  assert hlo.count("mosaic_gpu_v2") == (2 if mosaic_backward else 0)
