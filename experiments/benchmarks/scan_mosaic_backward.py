@@ -25,6 +25,7 @@ from kernels.selective_scan import mosaic_gpu_backward
 _CASES = flags.DEFINE_list("cases", ["224_b128", "1248_b8"], "Shapes (scan_common.CASES).")
 _BLOCK_T = flags.DEFINE_list("block_t", ["8", "16"], "Positions per block of the Mosaic kernel.")
 _WARP_SUMS = flags.DEFINE_list("warp_sums", ["1"], "0, 1 or both: dB's and dC's sums by shuffles, not Pallas's.")
+_SHARED_STEPS = flags.DEFINE_list("shared_steps", ["1"], "0, 1 or both: step sizes once per (position, channel).")
 _AUTO_BARRIERS = flags.DEFINE_list("auto_barriers", ["0"], "0, 1 or both: Pallas's barriers around shared stores.")
 _REPS = flags.DEFINE_integer("reps", 50, "Calls per timing.")
 _OUT = flags.DEFINE_string("out", None, "JSON file for the rows.")
@@ -56,11 +57,10 @@ def _vjp(impl: str, reverse: bool):
 
 def _settings() -> dict:
   """name -> the Mosaic kernel's options, every combination of the flags'."""
-  values = itertools.product(*(map(int, f.value) for f in (_BLOCK_T, _WARP_SUMS, _AUTO_BARRIERS)))
-  return {
-    f"block_t={t},warp_sums={w},barriers={b}": dict(block_t=t, warp_sums=bool(w), auto_barriers=bool(b))
-    for t, w, b in values
-  }
+  names = ("block_t", "warp_sums", "shared_steps", "auto_barriers")
+  flag_values = (_BLOCK_T, _WARP_SUMS, _SHARED_STEPS, _AUTO_BARRIERS)
+  settings = [dict(zip(names, values)) for values in itertools.product(*(map(int, f.value) for f in flag_values))]
+  return {",".join(f"{k}={v}" for k, v in options.items()): options for options in settings}
 
 
 def _mosaic(options: dict, reverse: bool):

@@ -135,12 +135,16 @@ def _kernel(
   reverse: bool,
   staged: bool,
   warp_sums: bool,
+  shared_steps: bool,
+  inline: bool,
 ):
   """refs: u, delta, dy (batch, length, channels); B, C (batch, length, state); A, D, delta_bias; then the outputs
   du, d(delta) like u; dB's and dC's partial sums side by side (batch, channel blocks, length, 2 x state); dA's, dD's
   and d(delta_bias)'s per sequence (batch, channels[, state]); the entering states (batch, blocks, channels, state),
-  the kernel's own. `warp_sums` sums dB and dC over the channels by `_store_warp_sums`, else (and in interpret mode,
-  which cannot run that Mosaic GPU code) by Pallas's reductions."""
+  the kernel's own. `warp_sums` sums dB and dC over the channels by `_store_warp_sums`, else (and where not `inline`:
+  interpret mode, which cannot run that Mosaic GPU code) by Pallas's reductions. `shared_steps` computes each
+  block's step sizes and softplus's derivative once per (position, channel) into shared memory (`share_steps`),
+  where a channel's four threads would each compute them, in both walks."""
   tile = LAYOUTS[LAYOUT][0]
   per_channel, per_state = tile.reduce(1), tile.reduce(0)
   shape = (BLOCK_D, STATE)
@@ -150,14 +154,32 @@ def _kernel(
   a_log2 = A * math.log2(math.e)
   skip, bias = _load(d_ref.at[channels], per_channel), _load(bias_ref.at[channels], per_channel)
   num_blocks = states_ref.shape[1]
+  spread = plgpu.Layout.WG_STRIDED((block_t, BLOCK_D), vec_size=max(1, block_t * BLOCK_D // 128))
   position = (lambda k: block_t - 1 - k) if reverse else (lambda k: k)  # of a block's k-th step in scan order
   scan_block = (lambda i: num_blocks - 1 - i) if reverse else (lambda i: i)  # the block walked i-th
   entering = states_ref.at[sequence]
 
-  def read(blocks: dict, k: int) -> dict:
+  def read(blocks: dict, k: int, scratch: dict) -> dict:
+    """Position k's per-channel inputs: its step size (softplus of delta + bias) and softplus's derivative there,
+    from the block's shared ones (`share_steps`) or computed in every thread of the channel."""
     t = position(k)
+    u = _load(blocks["u"].at[t], per_channel)
+    if "step" in scratch:
+      shared = {name: _load(scratch[name].at[t], per_channel) for name in ("step", "dstep") if name in scratch}
+      return dict(t=t, u=u, **shared)
     x = _load(blocks["delta"].at[t], per_channel) + bias
-    return dict(t=t, x=x, step=_softplus(x), u=_load(blocks["u"].at[t], per_channel))
+    return dict(t=t, u=u, step=_softplus(x), dstep=_softplus_grad(x))
+
+  def share_steps(blocks: dict, scratch: dict, *, derivative: bool) -> None:
+    """The block's step sizes (and softplus's derivative) into shared memory, each (position, channel) once."""
+    if "step" not in scratch:
+      return
+    _block_barrier(inline)  # every thread has read the last block's
+    x = _load(blocks["delta"], spread) + _load(scratch["bias"], spread)
+    scratch["step"][...] = _softplus(x)
+    if derivative:
+      scratch["dstep"][...] = _softplus_grad(x)
+    _block_barrier(inline)  # and sees every thread's of this block
 
   def advance(h, p: dict, blocks: dict):
     """(exp(delta_t A), h_t) from h_{t-1}."""
@@ -165,17 +187,20 @@ def _kernel(
     B = _load(blocks["B"].at[p["t"]], per_state)
     return decay, decay * h + _rows(p["step"] * p["u"], shape) * _cols(B, shape)
 
-  def store_entering(b, blocks: dict, h):
+  def store_entering(b, blocks: dict, h, scratch: dict):
     entering[b, channels, :] = h
+    share_steps(blocks, scratch, derivative=False)
     for k in range(block_t):
-      _, h = advance(h, read(blocks, k), blocks)
+      _, h = advance(h, read(blocks, k, scratch), blocks)
     return h
 
-  def block_gradients(b, blocks: dict, carry, partials=None):
+  def block_gradients(b, blocks: dict, carry, scratch: dict):
+    partials = scratch.get("partials")
     if partials is not None:
       _block_barrier(True)  # every thread has read the last block's partial sums
+    share_steps(blocks, scratch, derivative=True)
     g, dA, dD, dbias = carry  # g: exp(delta_{t+1} A) g_{t+1}, the adjoint that later positions pass back
-    steps = [read(blocks, k) for k in range(block_t)]
+    steps = [read(blocks, k, scratch) for k in range(block_t)]
     states, decays = [_load(entering.at[b, channels, :], tile)], []
     for p in steps:
       decay, h = advance(states[-1], p, blocks)
@@ -188,7 +213,7 @@ def _kernel(
       g = _rows(dy, shape) * _cols(C, shape) + g
       g_b = (g * _cols(B, shape)).sum(axis=1)
       decayed = g * decays[k] * states[k]  # g_t exp(delta_t A) h_{t-1}: dL/d(delta_t A)
-      ddelta = (p["u"] * g_b + (decayed * A).sum(axis=1)) * _softplus_grad(p["x"])
+      ddelta = (p["u"] * g_b + (decayed * A).sum(axis=1)) * p["dstep"]
       blocks["du"][t] = (p["step"] * g_b + skip * dy).astype(blocks["du"].dtype)
       blocks["ddelta"][t] = ddelta.astype(blocks["ddelta"].dtype)
       products = (g * _rows(p["step"] * p["u"], shape), _rows(dy, shape) * states[k + 1])  # summed: dB_t, dC_t
@@ -245,24 +270,31 @@ def _kernel(
     )
     return pipeline(*(r.at[sequence] for r in refs))
 
-  walk(store_entering, first_pass, (), scan_block, zeros)
-  init = (zeros, zeros, channel_zeros, channel_zeros)
-  backwards = lambda i: scan_block(num_blocks - 1 - i)  # noqa: E731
-
-  def second(partials=None):
-    body = functools.partial(block_gradients, partials=partials)
+  def both_walks(scratch: dict):
+    if "bias" in scratch:  # delta_bias in every row of a block, for `share_steps`
+      for t in range(block_t):
+        scratch["bias"][t] = bias
+    walk(functools.partial(store_entering, scratch=scratch), first_pass, (), scan_block, zeros)
+    init = (zeros, zeros, channel_zeros, channel_zeros)
+    backwards = lambda i: scan_block(num_blocks - 1 - i)  # noqa: E731
+    body = functools.partial(block_gradients, scratch=scratch)
     return walk(body, second_pass, ("du", "ddelta", "dBC"), backwards, init)
 
-  if warp_sums:
-    _, dA, dD, dbias = pl.run_scoped(second, plgpu.SMEM((_WARPS, block_t, 2 * STATE), jnp.float32))
-  else:
-    _, dA, dD, dbias = second()
+  scratch = {}
+  if warp_sums and inline:
+    scratch["partials"] = plgpu.SMEM((_WARPS, block_t, 2 * STATE), jnp.float32)
+  if shared_steps:
+    scratch |= {name: plgpu.SMEM((block_t, BLOCK_D), jnp.float32) for name in ("bias", "step", "dstep")}
+  names = tuple(scratch)
+  _, dA, dD, dbias = pl.run_scoped(lambda *refs: both_walks(dict(zip(names, refs, strict=True))), *scratch.values())
   da_ref[sequence, channels, :] = dA
   dd_ref[sequence, channels] = dD
   dbias_ref[sequence, channels] = dbias
 
 
-@functools.partial(jax.jit, static_argnames=("reverse", "block_t", "staged", "warp_sums", "auto_barriers", "interpret"))
+@functools.partial(
+  jax.jit, static_argnames=("reverse", "block_t", "staged", "warp_sums", "shared_steps", "auto_barriers", "interpret")
+)
 def gradients(
   u: jax.Array,
   delta: jax.Array,
@@ -277,16 +309,17 @@ def gradients(
   block_t: int = 8,
   staged: bool = True,
   warp_sums: bool = True,
+  shared_steps: bool = True,
   auto_barriers: bool = False,
   interpret=False,
 ) -> Gradients:
   """The gradients of y = selective_scan(u, delta, A, B, C, D, delta_bias=delta_bias, delta_softplus=True,
   reverse=reverse) (no z) against the cotangent dy, for (batch, length, channels) sequences and (batch, length, 16)
-  B and C. `staged=False` reads the blocks in place from HBM (what interpret mode runs). `warp_sums`: `_kernel`'s.
-  `auto_barriers` puts back the
-  warpgroup barriers Pallas puts around every store to shared memory: none is needed, as in the forward
-  (`mosaic_gpu.forward`'s comment): threads write output blocks that only their TMA copies read, after the pipeline's
-  fence and barrier, and the sums over channels bring their own barriers around their scratch."""
+  B and C. `staged=False` reads the blocks in place from HBM (what interpret mode runs); `warp_sums` and
+  `shared_steps` are `_kernel`'s; `auto_barriers` puts back the warpgroup barriers Pallas puts around every store to
+  shared memory. None is needed, as in the forward (`mosaic_gpu.forward`'s comment): threads write output blocks that
+  only their TMA copies read, after the pipeline's fence and barrier, and the shared step sizes and the sums over
+  channels are fenced by their own barriers."""
   batch, length, channels = u.shape
   if channels % BLOCK_D:
     raise ValueError(f"channels (u.shape[-1] = {channels}) must be a multiple of {BLOCK_D}")
@@ -311,7 +344,15 @@ def gradients(
     jax.ShapeDtypeStruct((batch, num_blocks, channels, STATE), f32),
   )
   kernel = plgpu.kernel(
-    functools.partial(_kernel, block_t=block_t, reverse=reverse, staged=staged, warp_sums=warp_sums and not interpret),
+    functools.partial(
+      _kernel,
+      block_t=block_t,
+      reverse=reverse,
+      staged=staged,
+      warp_sums=warp_sums,
+      shared_steps=shared_steps,
+      inline=not interpret,
+    ),
     out_type=out_type,
     grid=(batch, channel_blocks),
     grid_names=("sequence", "block"),
