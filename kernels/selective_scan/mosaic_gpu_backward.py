@@ -18,8 +18,10 @@ the sequence's end and drops writes there: u = 0 and dy = 0 keep those positions
 adjoint is zero there; in reverse, walked first, the state is). Interpret mode cannot run the staged copies, so there
 (`staged=False`) the blocks are views of HBM and the sequences are padded with zeros to whole blocks.
 
-Not yet timed on a card nor called by `pallas_gpu`; `experiments/benchmarks/scan_mosaic_backward.py` times it against
-the Triton backward.
+Checked in interpret mode against the float64 reference and lowered for CUDA at Vim-Ti's shapes, but not yet run on
+a card: no machine came in the fiftieth session. `experiments/benchmarks/scan_mosaic_backward.py` checks it against
+XLA's scan on the card and times it against the Triton backward; `pallas_gpu.MOSAIC_BACKWARD` (off) runs it in Vim's
+fused bidirectional backward, for `model_ab.py` to time in the training step.
 """
 
 from __future__ import annotations
@@ -86,8 +88,8 @@ def _store_warp_sums(products: tuple, partials_ref, t: int) -> None:
     for array in arrays:
       (register,) = array.registers.flat
       (size,) = ir.VectorType(register.type).shape
-      position = functools.partial(ir.DenseI64ArrayAttr.get)
-      values += [vector.extract(register, dynamic_position=[], static_position=position([i])) for i in range(size)]
+      at = [ir.DenseI64ArrayAttr.get([i]) for i in range(size)]
+      values += [vector.extract(register, dynamic_position=[], static_position=i) for i in at]
     offset = first_state
     for bit, lanes in _CHANNEL_BITS:
       high = arith.cmpi(arith.CmpIPredicate.ne, arith.andi(channel, constant(bit)), constant(0))

@@ -145,7 +145,8 @@ PAIRED_STATES_PROGRAMS = 2048
 # registers offline), so it reads them whole.
 NARROW_STATES_STORE = True
 # The fused bidirectional backward runs `mosaic_gpu_backward`'s gradient kernel per direction where it fits
-# (`_mosaic_backward_fits`) instead of the Triton states pass and gradient kernel.
+# (`_mosaic_backward_fits`) instead of the Triton states pass and gradient kernel. Off: not yet run on a card (fiftieth
+# session); `model_ab.py` times it in the training step with it on in the working tree.
 MOSAIC_BACKWARD = False
 
 
