@@ -50,7 +50,7 @@ STATE = 16  # the state size `quarter_rows` is written for
 class Gradients(NamedTuple):
   """Of `gradients`'s arguments, each in its argument's dtype."""
 
-  du: jax.Array
+  u: jax.Array
   delta: jax.Array
   A: jax.Array
   B: jax.Array
@@ -327,8 +327,9 @@ def gradients(
     raise ValueError(f"channels (u.shape[-1] = {channels}) must be a multiple of {BLOCK_D}")
   if A.shape != (channels, STATE):
     raise ValueError(f"A must have shape (channels, {STATE}) = {(channels, STATE)}, got {A.shape}")
-  if block_t < 1:
-    raise ValueError(f"block_t must be positive, got {block_t}")
+  if block_t < 1 or block_t % 4:
+    # A block's (block_t, 32) step sizes and sums over the channels are spread over the warpgroup's 128 threads.
+    raise ValueError(f"block_t must be a positive multiple of 4, got {block_t}")
   num_blocks = pl.cdiv(length, block_t)
   seqs = [u, delta, dy, B, C]
   padded = length if staged else num_blocks * block_t

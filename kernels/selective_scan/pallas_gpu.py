@@ -1229,8 +1229,9 @@ def _one_pass_fits(sequences: tuple, states: tuple, A, *, softplus: bool, interp
 
 
 def _mosaic_backward_fits(plan: _Plan, directions: tuple, dy: jax.Array, *, softplus: bool) -> bool:
-  """Whether `mosaic_gpu_backward` can take these directions' gradients: whole sequences (one chunk), bf16 sequences,
-  softplus, state 16, whole blocks of its channels, on Hopper."""
+  """Whether `mosaic_gpu_backward` can take these directions' gradients: bf16 sequences, softplus, state 16, whole
+  blocks of its channels, on Hopper, and sequences enough to fill the GPU without chunks (it has none), which the
+  Triton plan's one chunk stands for."""
   sequences = [x for u, delta, *_ in directions for x in (u, delta)] + [dy]
   return (
     plan.num_chunks == 1

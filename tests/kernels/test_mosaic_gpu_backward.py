@@ -62,7 +62,8 @@ def test_gradients_lower_for_cuda_at_vim_tiny_shapes(batch, length, block_t, rev
   [
     (dict(channels=48), r"channels \(u.shape\[-1\] = 48\) must be a multiple of 32"),
     (dict(state=8), r"A must have shape \(channels, 16\)"),
-    (dict(block_t=0), "block_t must be positive, got 0"),
+    (dict(block_t=0), "block_t must be a positive multiple of 4, got 0"),
+    (dict(block_t=6), "block_t must be a positive multiple of 4, got 6"),
   ],
 )
 def test_gradients_name_a_bad_argument(change, message):
