@@ -40,11 +40,13 @@ from jaxlib.mlir import ir
 from jaxlib.mlir.dialects import arith, memref, vector
 
 from kernels.selective_scan.mosaic_gpu import LAYOUTS, _block_barrier, _cols, _load, _rows, _softplus
-from kernels.selective_scan.softplus import THRESHOLD
+from kernels.selective_scan.softplus import softplus_grad
 
 LAYOUT = "quarter_rows"
 BLOCK_D = LAYOUTS[LAYOUT][1]  # channels per warpgroup
 STATE = 16  # the state size `quarter_rows` is written for
+# The blocks' widths of the arrays that are (batch, length, a few states); the others are (batch, length, channels).
+_STATE_WIDTHS = {"B": STATE, "C": STATE, "dBC": 2 * STATE}
 
 
 class Gradients(NamedTuple):
@@ -113,7 +115,8 @@ def _sum_over_warps(partials_ref, block_t: int) -> jax.Array:
 
 
 def _softplus_grad(x: jax.Array) -> jax.Array:
-  return jnp.where(x > THRESHOLD, 1.0, 1.0 / (1.0 + jnp.exp(-x)))
+  """`softplus_grad` with the sigmoid written out, in what Mosaic GPU lowers."""
+  return softplus_grad(x, lambda v: 1.0 / (1.0 + jnp.exp(-v)))
 
 
 def _kernel(
@@ -241,11 +244,9 @@ def _kernel(
     """body(b, blocks, carry) over the blocks in the order block_at(i), blocks named by `names` (inputs) and
     `outputs`, each this program's (block_t, channels) or (block_t, state) window."""
     refs = [seq_refs[n] for n in names] + [out_refs[n] for n in outputs]
-    per_channel_names = ("u", "delta", "dy", "du", "ddelta")
-    r_width = lambda n: 2 * STATE if n == "dBC" else STATE  # noqa: E731
 
     def window(n):
-      return channels if n in per_channel_names else slice(None)
+      return slice(None) if n in _STATE_WIDTHS else channels
 
     if not staged:
 
@@ -257,9 +258,9 @@ def _kernel(
       return lax.fori_loop(0, num_blocks, over_blocks, carry)
 
     def spec(n):
-      if n in per_channel_names:
-        return plgpu.BlockSpec((block_t, BLOCK_D), lambda i: (block_at(i), block))
-      return plgpu.BlockSpec((block_t, r_width(n)), lambda i: (block_at(i), 0))
+      if n in _STATE_WIDTHS:
+        return plgpu.BlockSpec((block_t, _STATE_WIDTHS[n]), lambda i: (block_at(i), 0))
+      return plgpu.BlockSpec((block_t, BLOCK_D), lambda i: (block_at(i), block))
 
     pipeline = plgpu.emit_pipeline(
       lambda indices, *blocks: body(

@@ -1327,7 +1327,7 @@ def bidirectional(
       dy, dz = gate_backward(dy, y_ungated[..., :channels], z, scale)
     if MOSAIC_BACKWARD and _mosaic_backward_fits(first, (forward, backward), dy, softplus=delta_softplus):
       grads = [
-        _cropped(tuple(mosaic_gpu_backward.gradients(*plain(args), dy, reverse=reverse)), args)
+        _cropped(mosaic_gpu_backward.gradients(*plain(args), dy, reverse=reverse), args)
         for args, reverse in ((forward, False), (backward, True))
       ]
       return (*grads, dz)
