@@ -14,8 +14,9 @@ four threads, 4 states each) and walks the sequence twice.
 
 The ungated form is what Vim's fused bidirectional backward runs per direction (the gate's backward is XLA's,
 `pallas_gpu.gate_backward`). Blocks are staged through shared memory by TMA (`emit_pipeline`), which reads zeros past
-the sequence's end and drops writes there: u = 0 and dy = 0 keep those positions out of every gradient (forward, the
-adjoint is zero there; in reverse, walked first, the state is). Interpret mode cannot run the staged copies, so there
+the sequence's end and drops writes there (dB's and dC's partial sums are whole blocks long, see `gradients`): u = 0
+and dy = 0 keep those positions out of every gradient (forward, the adjoint is zero there; in reverse, walked first,
+the state is). Interpret mode cannot run the staged copies, so there
 (`staged=False`) the blocks are views of HBM and the sequences are padded with zeros to whole blocks.
 
 Checked in interpret mode against the float64 reference and lowered for CUDA at Vim-Ti's shapes, but not yet run on
@@ -197,6 +198,9 @@ def _kernel(
     share_steps(blocks, scratch, derivative=False)
     for k in range(block_t):
       _, h = advance(h, read(blocks, k, scratch), blocks)
+    # Every thread has read the block before the pipeline refills its slot: this walk has no outputs, so no commit
+    # (and its barrier) comes between the body and the next copy, which one thread issues.
+    _block_barrier(inline)
     return h
 
   def block_gradients(b, blocks: dict, carry, scratch: dict):
@@ -341,7 +345,9 @@ def gradients(
   out_type = (
     jax.ShapeDtypeStruct((batch, padded, channels), u.dtype),
     jax.ShapeDtypeStruct((batch, padded, channels), delta.dtype),
-    jax.ShapeDtypeStruct((batch, channel_blocks, padded, 2 * STATE), f32),
+    # Whole blocks, staged or not: TMA's store of a last block past the end of one channel block's window of this
+    # array wrote its rows at the start of the next window's (H100, fifty-first session: reverse, length 100, block 8).
+    jax.ShapeDtypeStruct((batch, channel_blocks, num_blocks * block_t, 2 * STATE), f32),
     jax.ShapeDtypeStruct((batch, channels, STATE), f32),
     jax.ShapeDtypeStruct((batch, channels), f32),
     jax.ShapeDtypeStruct((batch, channels), f32),
