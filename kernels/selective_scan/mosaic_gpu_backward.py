@@ -336,14 +336,11 @@ def gradients(
     # A block's (block_t, 32) step sizes and sums over the channels are spread over the warpgroup's 128 threads.
     raise ValueError(f"block_t must be a positive multiple of 4, got {block_t}")
   num_blocks = pl.cdiv(length, block_t)
-  f32 = jnp.float32
-  # B and C in float32: every thread reads 4 of their entries at every position of both walks, and converting them
-  # there took 8 to 12 of the second walk's ~150 instructions per position (its SASS, H100 ptxas); XLA converts them
-  # once, at 1/24 of u's size.
-  seqs = [u, delta, dy, B.astype(f32), C.astype(f32)]
+  seqs = [u, delta, dy, B, C]
   padded = length if staged else num_blocks * block_t
   if padded != length:  # zeros past the end, as TMA's copies read there
     seqs = [jnp.pad(x, ((0, 0), (0, padded - length), (0, 0))) for x in seqs]
+  f32 = jnp.float32
   channel_blocks = channels // BLOCK_D
   out_type = (
     jax.ShapeDtypeStruct((batch, padded, channels), u.dtype),
