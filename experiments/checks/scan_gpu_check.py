@@ -9,6 +9,7 @@ r"""The compiled Pallas GPU scan against the reference on the GPU itself (tests 
   compute-sanitizer --tool racecheck python experiments/checks/scan_gpu_check.py --case=3 --bidirectional_only
   python experiments/checks/scan_gpu_check.py --tiles   # every forward pass as tiles, as at 1248², batch 32
   python experiments/checks/scan_gpu_check.py --mosaic  # the Mosaic GPU forward (Hopper), as pallas_gpu runs it
+  python experiments/checks/scan_gpu_check.py --mosaic_backward  # the Mosaic GPU gradient kernel (Hopper)
   python experiments/checks/scan_gpu_check.py --mosaic --mosaic_options='{"scatter_sums": true}'  # a candidate
   compute-sanitizer --tool racecheck python experiments/checks/scan_gpu_check.py --mosaic --case=0
   compute-sanitizer --tool memcheck python experiments/checks/scan_gpu_check.py --mosaic --case=0 --only="3 chunks"
@@ -19,7 +20,8 @@ writes y over its inputs), on shapes that exercise short last chunks, partial su
 and several chunks (`--case=i` runs one of them, to keep sanitizer runs short). `--mosaic` checks the Mosaic GPU
 one-pass forward instead, with the options `pallas_gpu` runs it with (`mosaic_gpu.OPTIONS`), whole and in 3 chunks,
 B and C also read in place from one array as x_proj writes them, on `MOSAIC_CASES`: `pallas_gpu` calls it only for
-long sequences, which none of `CASES` is.
+long sequences, which none of `CASES` is. `--mosaic_backward` checks `mosaic_gpu_backward.gradients` (one ungated
+direction each way) on `MOSAIC_BACKWARD_CASES`.
 Prints the worst relative error per case and exits non-zero above the tolerance. With the platform
 allocator every buffer is its own allocation, so compute-sanitizer sees any access past one; command
 buffers (CUDA graphs) are off so that every kernel launch is its own. XLA's compiler crashes under the
@@ -37,7 +39,7 @@ from absl import app, flags
 
 from experiments.checks.gpu_check import Tally
 from kernels import Direction, NegativeExp, selective_scan, selective_scan_bidirectional
-from kernels.selective_scan import mosaic_gpu, pallas_gpu
+from kernels.selective_scan import mosaic_gpu, mosaic_gpu_backward, pallas_gpu
 from kernels.selective_scan.columns import Columns
 
 _CASE = flags.DEFINE_integer("case", None, "Index into CASES to run only that case (default: all).")
@@ -47,6 +49,9 @@ _BIDIRECTIONAL_ONLY = flags.DEFINE_bool(
 _MOSAIC = flags.DEFINE_bool("mosaic", False, "Check the Mosaic GPU one-pass forward on MOSAIC_CASES instead.")
 _MOSAIC_OPTIONS = flags.DEFINE_string(
   "mosaic_options", "{}", "With --mosaic, JSON that updates mosaic_gpu.OPTIONS (a candidate before it ships)."
+)
+_MOSAIC_BACKWARD = flags.DEFINE_bool(
+  "mosaic_backward", False, "Check the Mosaic GPU gradient kernel (mosaic_gpu_backward) on MOSAIC_BACKWARD_CASES."
 )
 _ONLY = flags.DEFINE_string("only", "", "Run only the forms whose name contains this text (e.g. 'gated', '3 chunks').")
 _TILES = flags.DEFINE_bool(
@@ -65,6 +70,11 @@ CASES = [
 MOSAIC_CASES = [
   (2, 1000, 64, 16, jnp.bfloat16),
   (1, 6085, 384, 16, jnp.bfloat16),
+]
+# Last blocks of 4 and 5 of 8 positions (walked first in reverse), the second at Vim-Ti's 224² length and channels.
+MOSAIC_BACKWARD_CASES = [
+  (2, 100, 64, 16, jnp.bfloat16),
+  (2, 197, 384, 16, jnp.bfloat16),
 ]
 TOLERANCE = {jnp.float32: 1e-4, jnp.bfloat16: 3e-2}
 
@@ -179,24 +189,51 @@ def _mosaic_runs(arrays) -> dict:
   }
 
 
+def _mosaic_backward_runs(arrays, weights) -> dict:
+  """The gradients of one ungated direction against the cotangent `weights`, each way, with and without the shared
+  step sizes, as {what: run(impl)}, impl "mosaic_gpu" (`mosaic_gpu_backward.gradients`) or "reference"."""
+  names = ("u", "delta", "A", "B", "C", "D", "delta_bias")
+  args = [arrays[k] for k in names]
+
+  def gradients(impl, reverse, shared_steps):
+    if impl == "reference":
+
+      def scan(u, delta, A, B, C, D, delta_bias):
+        return selective_scan(u, delta, A, B, C, D, None, delta_bias, delta_softplus=True, reverse=reverse, impl=impl)
+
+      grads = jax.vjp(scan, *args)[1](weights)
+    else:
+      options = dict(reverse=reverse, shared_steps=shared_steps)
+      grads = jax.jit(functools.partial(mosaic_gpu_backward.gradients, **options))(*args, weights)
+    return dict(zip(names, grads, strict=True))
+
+  return {
+    f"reverse={reverse}, shared_steps={shared}": functools.partial(gradients, reverse=reverse, shared_steps=shared)
+    for reverse in (False, True)
+    for shared in (False, True)
+  }
+
+
 def main(argv) -> int:
   del argv
   if _TILES.value:
     pallas_gpu.BY_CHANNEL_PROGRAMS = 0
   tally = Tally()
   short = functools.partial(jax.tree.map, lambda e: f"{e:.1e}")
-  case_list = MOSAIC_CASES if _MOSAIC.value else CASES
+  mosaic = _MOSAIC.value or _MOSAIC_BACKWARD.value
+  case_list = MOSAIC_BACKWARD_CASES if _MOSAIC_BACKWARD.value else MOSAIC_CASES if _MOSAIC.value else CASES
   cases = range(len(case_list)) if _CASE.value is None else [_CASE.value]
   for i in cases:
     batch, length, channels, state, dtype = case_list[i]
     arrays, weights = _inputs(jax.random.key(i), batch, length, channels, state, dtype)
-    runs = _mosaic_runs(arrays) if _MOSAIC.value else _pallas_gpu_runs(arrays, weights)
+    if _MOSAIC_BACKWARD.value:
+      runs = _mosaic_backward_runs(arrays, weights)
+    else:
+      runs = _mosaic_runs(arrays) if _MOSAIC.value else _pallas_gpu_runs(arrays, weights)
     for what, run in runs.items():
       if _ONLY.value not in what:
         continue
-      errors, worst = tally.compare(
-        run("mosaic_gpu" if _MOSAIC.value else "pallas_gpu"), run("reference"), TOLERANCE[dtype]
-      )
+      errors, worst = tally.compare(run("mosaic_gpu" if mosaic else "pallas_gpu"), run("reference"), TOLERANCE[dtype])
       name = f"b{batch} l{length} d{channels} n{state} {jnp.dtype(dtype).name} {what}"
       parts = f"; outputs {short(errors[0])}; grads {short(errors[1])}" if isinstance(errors, tuple) else ""
       print(f"{name}: worst relative error {worst:.2e}{parts}")
