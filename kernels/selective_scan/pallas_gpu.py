@@ -145,8 +145,10 @@ PAIRED_STATES_PROGRAMS = 2048
 # registers offline), so it reads them whole.
 NARROW_STATES_STORE = True
 # The fused bidirectional backward runs `mosaic_gpu_backward`'s gradient kernel per direction where it fits
-# (`_mosaic_backward_fits`) instead of the Triton states pass and gradient kernel. Off: not yet run on a card (fiftieth
-# session); `model_ab.py` times it in the training step with it on in the working tree.
+# (`_mosaic_backward_fits`) instead of the Triton states pass and gradient kernel. Off: right on an H100, but no faster
+# than theirs at 224², batch 128 (0.438 against 0.409 ms one direction, fifty-first session,
+# scan_mosaic_backward_224_b128_first_h100.json); `model_ab.py` times it in the training step with it on in the
+# working tree.
 MOSAIC_BACKWARD = False
 
 
