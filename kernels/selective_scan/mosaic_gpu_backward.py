@@ -146,6 +146,8 @@ def _kernel(
   staged: bool,
   warp_sums: bool,
   shared_steps: bool,
+  keep_decays: bool,
+  keep_steps: bool,
   inline: bool,
 ):
   """refs: u, delta, dy (batch, length, channels); B, C (batch, length, state); A, D, delta_bias; then the outputs
@@ -154,7 +156,11 @@ def _kernel(
   the kernel's own. `warp_sums` sums dB and dC over the channels by `_store_warp_sums`, else (and where not `inline`:
   interpret mode, which cannot run that Mosaic GPU code) by Pallas's reductions. `shared_steps` computes each
   block's step sizes and softplus's derivative once per (position, channel) into shared memory (`share_steps`),
-  where a channel's four threads would each compute them, in both walks."""
+  where a channel's four threads would each compute them, in both walks. `keep_decays` and `keep_steps` keep each
+  position's decay, and its u, step size and softplus derivative, in registers from the second walk's recomputation
+  to its walk back; else the walk back computes the decays again (4 exp2 a position) and reads the others again.
+  Each saves registers (4 x block_t, 3 x block_t): at 158 a thread, 3 warpgroups share a multiprocessor, and the
+  kernel waits on latency there (it issues in 59% of cycles, H100)."""
   tile = LAYOUTS[LAYOUT][0]
   per_channel, per_state = tile.reduce(1), tile.reduce(0)
   shape = (BLOCK_D, STATE)
@@ -191,9 +197,13 @@ def _kernel(
       scratch["dstep"][...] = _softplus_grad(x)
     _block_barrier(inline)  # and sees every thread's of this block
 
+  def decay_at(p: dict):
+    """exp(delta_t A)."""
+    return jnp.exp2(_rows(p["step"], shape) * a_log2)
+
   def advance(h, p: dict, blocks: dict):
     """(exp(delta_t A), h_t) from h_{t-1}."""
-    decay = jnp.exp2(_rows(p["step"], shape) * a_log2)
+    decay = decay_at(p)
     B = _load(blocks["B"].at[p["t"]], per_state)
     return decay, decay * h + _rows(p["step"] * p["u"], shape) * _cols(B, shape)
 
@@ -213,19 +223,21 @@ def _kernel(
       _block_barrier(True)  # every thread has read the last block's partial sums
     share_steps(blocks, scratch, derivative=True)
     g, dA, dD, dbias = carry  # g: exp(delta_{t+1} A) g_{t+1}, the adjoint that later positions pass back
-    steps = [read(blocks, k, scratch) for k in range(block_t)]
+    kept = [read(blocks, k, scratch) for k in range(block_t)] if keep_steps else None
+    step_at = (lambda k: kept[k]) if keep_steps else (lambda k: read(blocks, k, scratch))  # noqa: E731
     states, decays = [_load(entering.at[b, channels, :], tile)], []
-    for p in steps:
-      decay, h = advance(states[-1], p, blocks)
-      decays.append(decay)
+    for k in range(block_t):
+      decay, h = advance(states[-1], step_at(k), blocks)
+      decays.append(decay if keep_decays else None)
       states.append(h)
     for k in reversed(range(block_t)):
-      p, t = steps[k], steps[k]["t"]
+      p = step_at(k)
+      t, decay = p["t"], decays[k] if keep_decays else decay_at(p)
       dy = _load(blocks["dy"].at[t], per_channel)
       B, C = (_load(blocks[name].at[t], per_state) for name in ("B", "C"))
       g = _rows(dy, shape) * _cols(C, shape) + g
       g_b = (g * _cols(B, shape)).sum(axis=1)
-      decayed = g * decays[k] * states[k]  # g_t exp(delta_t A) h_{t-1}: dL/d(delta_t A)
+      decayed = g * decay * states[k]  # g_t exp(delta_t A) h_{t-1}: dL/d(delta_t A)
       ddelta = (p["u"] * g_b + (decayed * A).sum(axis=1)) * p["dstep"]
       blocks["du"][t] = (p["step"] * g_b + skip * dy).astype(blocks["du"].dtype)
       blocks["ddelta"][t] = ddelta.astype(blocks["ddelta"].dtype)
@@ -236,7 +248,7 @@ def _kernel(
       else:
         _store_warp_sums(products, partials, t)
       dA, dD, dbias = dA + decayed * _rows(p["step"], shape), dD + dy * p["u"], dbias + ddelta
-      g = decays[k] * g
+      g = decay * g
     if partials is not None:
       _block_barrier(True)  # and every thread has stored its own
       blocks["dBC"][...] = _sum_over_warps(partials, block_t)
@@ -304,7 +316,18 @@ def _kernel(
 
 
 @functools.partial(
-  jax.jit, static_argnames=("reverse", "block_t", "staged", "warp_sums", "shared_steps", "auto_barriers", "interpret")
+  jax.jit,
+  static_argnames=(
+    "reverse",
+    "block_t",
+    "staged",
+    "warp_sums",
+    "shared_steps",
+    "keep_decays",
+    "keep_steps",
+    "auto_barriers",
+    "interpret",
+  ),
 )
 def gradients(
   u: jax.Array,
@@ -321,16 +344,18 @@ def gradients(
   staged: bool = True,
   warp_sums: bool = True,
   shared_steps: bool = True,
+  keep_decays: bool = True,
+  keep_steps: bool = True,
   auto_barriers: bool = False,
   interpret=False,
 ) -> Gradients:
   """The gradients of y = selective_scan(u, delta, A, B, C, D, delta_bias=delta_bias, delta_softplus=True,
   reverse=reverse) (no z) against the cotangent dy, for (batch, length, channels) sequences and (batch, length, 16)
-  B and C. `staged=False` reads the blocks in place from HBM (what interpret mode runs); `warp_sums` and
-  `shared_steps` are `_kernel`'s; `auto_barriers` puts back the warpgroup barriers Pallas puts around every store to
-  shared memory. None is needed, as in the forward (`mosaic_gpu.forward`'s comment): threads write output blocks that
-  only their TMA copies read, after the pipeline's fence and barrier, and the shared step sizes and the sums over
-  channels are fenced by their own barriers."""
+  B and C. `staged=False` reads the blocks in place from HBM (what interpret mode runs); `warp_sums`, `shared_steps`,
+  `keep_decays` and `keep_steps` are `_kernel`'s; `auto_barriers` puts back the warpgroup barriers Pallas puts around
+  every store to shared memory. None is needed, as in the forward (`mosaic_gpu.forward`'s comment): threads write
+  output blocks that only their TMA copies read, after the pipeline's fence and barrier, and the shared step sizes and
+  the sums over channels are fenced by their own barriers."""
   batch, length, channels = u.shape
   if channels % BLOCK_D:
     raise ValueError(f"channels (u.shape[-1] = {channels}) must be a multiple of {BLOCK_D}")
@@ -365,6 +390,8 @@ def gradients(
       staged=staged,
       warp_sums=warp_sums,
       shared_steps=shared_steps,
+      keep_decays=keep_decays,
+      keep_steps=keep_steps,
       inline=not interpret,
     ),
     out_type=out_type,

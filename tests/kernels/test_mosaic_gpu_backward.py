@@ -30,9 +30,15 @@ def _inputs(length: int):
 
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize(
-  "length, block_t, shared_steps", [(13, 4, True), (16, 8, False)], ids=["past-the-end", "whole-blocks"]
+  "length, block_t, options",
+  [
+    (13, 4, dict(shared_steps=True)),
+    (16, 8, dict(shared_steps=False)),
+    (13, 4, dict(keep_decays=False, keep_steps=False)),
+  ],
+  ids=["past-the-end", "whole-blocks", "recomputed-decays-reread-steps"],
 )
-def test_gradients_match_reference_in_float64_in_interpret_mode(length, block_t, shared_steps, reverse, x64):
+def test_gradients_match_reference_in_float64_in_interpret_mode(length, block_t, options, reverse, x64):
   *args, dy = _inputs(length)
 
   def scan(u, delta, A, B, C, D, bias):
@@ -40,8 +46,7 @@ def test_gradients_match_reference_in_float64_in_interpret_mode(length, block_t,
 
   _, vjp = jax.vjp(scan, *(x.astype(jnp.float64) for x in args))
   expected = vjp(dy.astype(jnp.float64))
-  options = dict(block_t=block_t, shared_steps=shared_steps, staged=False, interpret=INTERPRET)
-  got = gradients(*args, dy, reverse=reverse, **options)
+  got = gradients(*args, dy, reverse=reverse, block_t=block_t, staged=False, interpret=INTERPRET, **options)
   for name, g, e in zip(mosaic_gpu_backward.Gradients._fields, got, expected, strict=True):
     assert g.shape == e.shape and g.dtype == jnp.float32, name
     np.testing.assert_allclose(g, e, rtol=1e-4, atol=2e-5 * float(jnp.max(jnp.abs(e))), err_msg=name)
