@@ -26,6 +26,7 @@ _CASES = flags.DEFINE_list("cases", ["224_b128", "1248_b8"], "Shapes (scan_commo
 _BLOCK_T = flags.DEFINE_list("block_t", ["8", "16"], "Positions per block of the Mosaic kernel.")
 _WARP_SUMS = flags.DEFINE_list("warp_sums", ["1"], "0, 1 or both: dB's and dC's sums by shuffles, not Pallas's.")
 _SHARED_STEPS = flags.DEFINE_list("shared_steps", ["1"], "0, 1 or both: step sizes once per (position, channel).")
+_SHARED_BC = flags.DEFINE_list("shared_bc", ["0"], "0, 1 or both: B and C converted to float32 once per block.")
 _KEEP_DECAYS = flags.DEFINE_list("keep_decays", ["1"], "0, 1 or both: decays kept in registers for the walk back.")
 _KEEP_STEPS = flags.DEFINE_list("keep_steps", ["1"], "0, 1 or both: u and step sizes kept in registers for it.")
 _AUTO_BARRIERS = flags.DEFINE_list("auto_barriers", ["0"], "0, 1 or both: Pallas's barriers around shared stores.")
@@ -59,8 +60,8 @@ def _vjp(impl: str, reverse: bool):
 
 def _settings() -> dict:
   """name -> the Mosaic kernel's options, every combination of the flags'."""
-  names = ("block_t", "warp_sums", "shared_steps", "keep_decays", "keep_steps", "auto_barriers")
-  flag_values = (_BLOCK_T, _WARP_SUMS, _SHARED_STEPS, _KEEP_DECAYS, _KEEP_STEPS, _AUTO_BARRIERS)
+  names = ("block_t", "warp_sums", "shared_steps", "shared_bc", "keep_decays", "keep_steps", "auto_barriers")
+  flag_values = (_BLOCK_T, _WARP_SUMS, _SHARED_STEPS, _SHARED_BC, _KEEP_DECAYS, _KEEP_STEPS, _AUTO_BARRIERS)
   settings = [dict(zip(names, values)) for values in itertools.product(*(map(int, f.value) for f in flag_values))]
   return {",".join(f"{k}={v}" for k, v in options.items()): options for options in settings}
 

@@ -146,6 +146,7 @@ def _kernel(
   staged: bool,
   warp_sums: bool,
   shared_steps: bool,
+  shared_bc: bool,
   keep_decays: bool,
   keep_steps: bool,
   inline: bool,
@@ -155,8 +156,10 @@ def _kernel(
   and d(delta_bias)'s per sequence (batch, channels[, state]); the entering states (batch, blocks, channels, state),
   the kernel's own. `warp_sums` sums dB and dC over the channels by `_store_warp_sums`, else (and where not `inline`:
   interpret mode, which cannot run that Mosaic GPU code) by Pallas's reductions. `shared_steps` computes each
-  block's step sizes and softplus's derivative once per (position, channel) into shared memory (`share_steps`),
-  where a channel's four threads would each compute them, in both walks. `keep_decays` and `keep_steps` keep each
+  block's step sizes and softplus's derivative once per (position, channel) into shared memory (`share_block`),
+  where a channel's four threads would each compute them, in both walks. `shared_bc` converts each block's B and C
+  to float32 there once: read as bf16, every thread converts 4 entries of each at every position, ~12 of the second
+  walk's ~150 instructions a position per warp (its SASS; H100 ptxas). `keep_decays` and `keep_steps` keep each
   position's decay, and its u, step size and softplus derivative, in registers from the second walk's recomputation
   to its walk back; else the walk back computes the decays again (4 exp2 a position) and reads the others again.
   Each saves registers (4 x block_t, 3 x block_t): at 158 a thread, 3 warpgroups share a multiprocessor, and the
@@ -171,13 +174,14 @@ def _kernel(
   skip, bias = _load(d_ref.at[channels], per_channel), _load(bias_ref.at[channels], per_channel)
   num_blocks = states_ref.shape[1]
   spread = plgpu.Layout.WG_STRIDED((block_t, BLOCK_D), vec_size=max(1, block_t * BLOCK_D // 128))
+  state_spread = plgpu.Layout.WG_STRIDED((block_t, STATE), vec_size=max(1, block_t * STATE // 128))
   position = (lambda k: block_t - 1 - k) if reverse else (lambda k: k)  # of a block's k-th step in scan order
   scan_block = (lambda i: num_blocks - 1 - i) if reverse else (lambda i: i)  # the block walked i-th
   entering = states_ref.at[sequence]
 
   def read(blocks: dict, k: int, scratch: dict) -> dict:
     """Position k's per-channel inputs: its step size (softplus of delta + bias) and softplus's derivative there,
-    from the block's shared ones (`share_steps`) or computed in every thread of the channel."""
+    from the block's shared ones (`share_block`) or computed in every thread of the channel."""
     t = position(k)
     u = _load(blocks["u"].at[t], per_channel)
     if "step" in scratch:
@@ -186,32 +190,41 @@ def _kernel(
     x = _load(blocks["delta"].at[t], per_channel) + bias
     return dict(t=t, u=u, step=_softplus(x), dstep=_softplus_grad(x))
 
-  def share_steps(blocks: dict, scratch: dict, *, derivative: bool) -> None:
-    """The block's step sizes (and softplus's derivative) into shared memory, each (position, channel) once."""
-    if "step" not in scratch:
+  def share_block(blocks: dict, scratch: dict, *, derivative: bool) -> None:
+    """The block's step sizes (and softplus's derivative), and its B and C in float32, into shared memory: each
+    (position, channel) computed and each entry converted once (`shared_steps`, `shared_bc`)."""
+    converted = [name for name in ("B", "C") if name in scratch and name in blocks]
+    if "step" not in scratch and not converted:
       return
     _block_barrier(inline)  # every thread has read the last block's
-    x = _load(blocks["delta"], spread) + _load(scratch["bias"], spread)
-    scratch["step"][...] = _softplus(x)
-    if derivative:
-      scratch["dstep"][...] = _softplus_grad(x)
+    if "step" in scratch:
+      x = _load(blocks["delta"], spread) + _load(scratch["bias"], spread)
+      scratch["step"][...] = _softplus(x)
+      if derivative:
+        scratch["dstep"][...] = _softplus_grad(x)
+    for name in converted:
+      scratch[name][...] = _load(blocks[name], state_spread)
     _block_barrier(inline)  # and sees every thread's of this block
+
+  def state_row(blocks: dict, scratch: dict, name: str, t: int):
+    """B_t or C_t across the tile's states, from the block's float32 copy (`shared_bc`) or converted here."""
+    return _load((scratch[name] if name in scratch else blocks[name]).at[t], per_state)
 
   def decay_at(p: dict):
     """exp(delta_t A)."""
     return jnp.exp2(_rows(p["step"], shape) * a_log2)
 
-  def advance(h, p: dict, blocks: dict):
+  def advance(h, p: dict, blocks: dict, scratch: dict):
     """(exp(delta_t A), h_t) from h_{t-1}."""
     decay = decay_at(p)
-    B = _load(blocks["B"].at[p["t"]], per_state)
+    B = state_row(blocks, scratch, "B", p["t"])
     return decay, decay * h + _rows(p["step"] * p["u"], shape) * _cols(B, shape)
 
   def store_entering(b, blocks: dict, h, scratch: dict):
     entering[b, channels, :] = h
-    share_steps(blocks, scratch, derivative=False)
+    share_block(blocks, scratch, derivative=False)
     for k in range(block_t):
-      _, h = advance(h, read(blocks, k, scratch), blocks)
+      _, h = advance(h, read(blocks, k, scratch), blocks, scratch)
     # Every thread has read the block before the pipeline refills its slot: this walk has no outputs, so no commit
     # (and its barrier) comes between the body and the next copy, which one thread issues.
     _block_barrier(inline)
@@ -221,20 +234,20 @@ def _kernel(
     partials = scratch.get("partials")
     if partials is not None:
       _block_barrier(True)  # every thread has read the last block's partial sums
-    share_steps(blocks, scratch, derivative=True)
+    share_block(blocks, scratch, derivative=True)
     g, dA, dD, dbias = carry  # g: exp(delta_{t+1} A) g_{t+1}, the adjoint that later positions pass back
     kept = [read(blocks, k, scratch) for k in range(block_t)] if keep_steps else None
     step_at = (lambda k: kept[k]) if keep_steps else (lambda k: read(blocks, k, scratch))  # noqa: E731
     states, decays = [_load(entering.at[b, channels, :], tile)], []
     for k in range(block_t):
-      decay, h = advance(states[-1], step_at(k), blocks)
+      decay, h = advance(states[-1], step_at(k), blocks, scratch)
       decays.append(decay if keep_decays else None)
       states.append(h)
     for k in reversed(range(block_t)):
       p = step_at(k)
       t, decay = p["t"], decays[k] if keep_decays else decay_at(p)
       dy = _load(blocks["dy"].at[t], per_channel)
-      B, C = (_load(blocks[name].at[t], per_state) for name in ("B", "C"))
+      B, C = (state_row(blocks, scratch, name, t) for name in ("B", "C"))
       g = _rows(dy, shape) * _cols(C, shape) + g
       g_b = (g * _cols(B, shape)).sum(axis=1)
       decayed = g * decay * states[k]  # g_t exp(delta_t A) h_{t-1}: dL/d(delta_t A)
@@ -294,7 +307,7 @@ def _kernel(
     return pipeline(*(r.at[sequence] for r in refs))
 
   def both_walks(scratch: dict):
-    if "bias" in scratch:  # delta_bias in every row of a block, for `share_steps`
+    if "bias" in scratch:  # delta_bias in every row of a block, for `share_block`
       for t in range(block_t):
         scratch["bias"][t] = bias
     walk(functools.partial(store_entering, scratch=scratch), first_pass, (), scan_block, zeros)
@@ -308,6 +321,8 @@ def _kernel(
     scratch["partials"] = plgpu.SMEM((_WARPS, block_t, 2 * STATE), jnp.float32)
   if shared_steps:
     scratch |= {name: plgpu.SMEM((block_t, BLOCK_D), jnp.float32) for name in ("bias", "step", "dstep")}
+  if shared_bc:
+    scratch |= {name: plgpu.SMEM((block_t, STATE), jnp.float32) for name in ("B", "C")}
   names = tuple(scratch)
   _, dA, dD, dbias = pl.run_scoped(lambda *refs: both_walks(dict(zip(names, refs, strict=True))), *scratch.values())
   da_ref[sequence, channels, :] = dA
@@ -323,6 +338,7 @@ def _kernel(
     "staged",
     "warp_sums",
     "shared_steps",
+    "shared_bc",
     "keep_decays",
     "keep_steps",
     "auto_barriers",
@@ -344,6 +360,7 @@ def gradients(
   staged: bool = True,
   warp_sums: bool = True,
   shared_steps: bool = True,
+  shared_bc: bool = False,
   keep_decays: bool = True,
   keep_steps: bool = True,
   auto_barriers: bool = False,
@@ -352,10 +369,10 @@ def gradients(
   """The gradients of y = selective_scan(u, delta, A, B, C, D, delta_bias=delta_bias, delta_softplus=True,
   reverse=reverse) (no z) against the cotangent dy, for (batch, length, channels) sequences and (batch, length, 16)
   B and C. `staged=False` reads the blocks in place from HBM (what interpret mode runs); `warp_sums`, `shared_steps`,
-  `keep_decays` and `keep_steps` are `_kernel`'s; `auto_barriers` puts back the warpgroup barriers Pallas puts around
-  every store to shared memory. None is needed, as in the forward (`mosaic_gpu.forward`'s comment): threads write
-  output blocks that only their TMA copies read, after the pipeline's fence and barrier, and the shared step sizes and
-  the sums over channels are fenced by their own barriers."""
+  `shared_bc`, `keep_decays` and `keep_steps` are `_kernel`'s; `auto_barriers` puts back the warpgroup barriers
+  Pallas puts around every store to shared memory. None is needed, as in the forward (`mosaic_gpu.forward`'s
+  comment): threads write output blocks that only their TMA copies read, after the pipeline's fence and barrier, and
+  the shared step sizes, B and C and the sums over channels are fenced by their own barriers."""
   batch, length, channels = u.shape
   if channels % BLOCK_D:
     raise ValueError(f"channels (u.shape[-1] = {channels}) must be a multiple of {BLOCK_D}")
@@ -364,6 +381,9 @@ def gradients(
   if block_t < 1 or block_t % 4:
     # A block's (block_t, 32) step sizes and sums over the channels are spread over the warpgroup's 128 threads.
     raise ValueError(f"block_t must be a positive multiple of 4, got {block_t}")
+  if shared_bc and block_t % 8:
+    # And a block's (block_t, 16) B and C.
+    raise ValueError(f"block_t must be a multiple of 8 with shared_bc, got {block_t}")
   num_blocks = pl.cdiv(length, block_t)
   seqs = [u, delta, dy, B, C]
   padded = length if staged else num_blocks * block_t
@@ -390,6 +410,7 @@ def gradients(
       staged=staged,
       warp_sums=warp_sums,
       shared_steps=shared_steps,
+      shared_bc=shared_bc,
       keep_decays=keep_decays,
       keep_steps=keep_steps,
       inline=not interpret,

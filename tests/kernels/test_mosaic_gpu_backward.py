@@ -35,8 +35,9 @@ def _inputs(length: int):
     (13, 4, dict(shared_steps=True)),
     (16, 8, dict(shared_steps=False)),
     (13, 4, dict(keep_decays=False, keep_steps=False)),
+    (13, 8, dict(shared_bc=True)),
   ],
-  ids=["past-the-end", "whole-blocks", "recomputed-decays-reread-steps"],
+  ids=["past-the-end", "whole-blocks", "recomputed-decays-reread-steps", "shared-bc"],
 )
 def test_gradients_match_reference_in_float64_in_interpret_mode(length, block_t, options, reverse, x64):
   *args, dy = _inputs(length)
@@ -69,6 +70,7 @@ def test_gradients_lower_for_cuda_at_vim_tiny_shapes(batch, length, block_t, rev
     (dict(state=8), r"A must have shape \(channels, 16\)"),
     (dict(block_t=0), "block_t must be a positive multiple of 4, got 0"),
     (dict(block_t=6), "block_t must be a positive multiple of 4, got 6"),
+    (dict(block_t=4, shared_bc=True), "block_t must be a multiple of 8 with shared_bc, got 4"),
   ],
 )
 def test_gradients_name_a_bad_argument(change, message):
@@ -77,7 +79,7 @@ def test_gradients_name_a_bad_argument(change, message):
   B = jnp.zeros((1, 4, 16))
   args = (u, u, jnp.zeros((channels, state)), B, B, jnp.zeros(channels), jnp.zeros(channels), u)
   with pytest.raises(ValueError, match=message):
-    gradients(*args, block_t=change.get("block_t", 8), interpret=INTERPRET)
+    gradients(*args, block_t=change.get("block_t", 8), shared_bc=change.get("shared_bc", False), interpret=INTERPRET)
 
 
 @pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
