@@ -10,6 +10,7 @@ r"""The compiled Pallas GPU scan against the reference on the GPU itself (tests 
   python experiments/checks/scan_gpu_check.py --tiles   # every forward pass as tiles, as at 1248², batch 32
   python experiments/checks/scan_gpu_check.py --mosaic  # the Mosaic GPU forward (Hopper), as pallas_gpu runs it
   python experiments/checks/scan_gpu_check.py --mosaic_backward  # the Mosaic GPU gradient kernel (Hopper)
+  python experiments/checks/scan_gpu_check.py --mosaic_backward --mosaic_options='{"shared_bc": true}'  # a candidate
   python experiments/checks/scan_gpu_check.py --mosaic --mosaic_options='{"scatter_sums": true}'  # a candidate
   compute-sanitizer --tool racecheck python experiments/checks/scan_gpu_check.py --mosaic --case=0
   compute-sanitizer --tool memcheck python experiments/checks/scan_gpu_check.py --mosaic --case=0 --only="3 chunks"
@@ -48,7 +49,10 @@ _BIDIRECTIONAL_ONLY = flags.DEFINE_bool(
 )
 _MOSAIC = flags.DEFINE_bool("mosaic", False, "Check the Mosaic GPU one-pass forward on MOSAIC_CASES instead.")
 _MOSAIC_OPTIONS = flags.DEFINE_string(
-  "mosaic_options", "{}", "With --mosaic, JSON that updates mosaic_gpu.OPTIONS (a candidate before it ships)."
+  "mosaic_options",
+  "{}",
+  "With --mosaic, JSON that updates mosaic_gpu.OPTIONS (a candidate before it ships); with --mosaic_backward,"
+  " keyword arguments of mosaic_gpu_backward.gradients.",
 )
 _MOSAIC_BACKWARD = flags.DEFINE_bool(
   "mosaic_backward", False, "Check the Mosaic GPU gradient kernel (mosaic_gpu_backward) on MOSAIC_BACKWARD_CASES."
@@ -190,12 +194,13 @@ def _mosaic_runs(arrays) -> dict:
 
 
 def _mosaic_backward_runs(arrays, weights) -> dict:
-  """The gradients of one ungated direction against the cotangent `weights`, each way, with and without the shared
-  step sizes, as {what: run(impl)}, impl "mosaic_gpu" (`mosaic_gpu_backward.gradients`) or "reference"."""
+  """The gradients of one ungated direction against the cotangent `weights`, each way, with each of the kernel's
+  ways to sum dB and dC over channels and the options in --mosaic_options, as {what: run(impl)}, impl "mosaic_gpu"
+  (`mosaic_gpu_backward.gradients`) or "reference"."""
   names = ("u", "delta", "A", "B", "C", "D", "delta_bias")
   args = [arrays[k] for k in names]
 
-  def gradients(impl, reverse, shared_steps):
+  def gradients(impl, reverse, channel_sums):
     if impl == "reference":
 
       def scan(u, delta, A, B, C, D, delta_bias):
@@ -203,14 +208,14 @@ def _mosaic_backward_runs(arrays, weights) -> dict:
 
       grads = jax.vjp(scan, *args)[1](weights)
     else:
-      options = dict(reverse=reverse, shared_steps=shared_steps)
+      options = dict(json.loads(_MOSAIC_OPTIONS.value), reverse=reverse, channel_sums=channel_sums)
       grads = jax.jit(functools.partial(mosaic_gpu_backward.gradients, **options))(*args, weights)
     return dict(zip(names, grads, strict=True))
 
   return {
-    f"reverse={reverse}, shared_steps={shared}": functools.partial(gradients, reverse=reverse, shared_steps=shared)
+    f"reverse={reverse}, {sums} sums": functools.partial(gradients, reverse=reverse, channel_sums=sums)
     for reverse in (False, True)
-    for shared in (False, True)
+    for sums in mosaic_gpu_backward.CHANNEL_SUMS
   }
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -113,10 +114,85 @@ def _store_warp_sums(products: tuple, partials_ref, t: int) -> None:
   store(tuple(products), partials_ref)
 
 
-def _sum_over_warps(partials_ref, block_t: int) -> jax.Array:
-  """The block's (block_t, 2 x 16) dB_t and dC_t rows of this program's channels, from `_store_warp_sums`'s."""
+def _sum_over_warps(partials_ref, out_ref, block_t: int) -> None:
+  """out_ref[...] = the block's (block_t, 2 x 16) dB_t and dC_t rows of this program's channels, from
+  `_store_warp_sums`'s."""
   rows = plgpu.Layout.WG_STRIDED((block_t, 2 * STATE), vec_size=max(1, block_t * 2 * STATE // 128))
-  return functools.reduce(lambda a, b: a + b, (_load(partials_ref.at[w], rows) for w in range(_WARPS)))
+  out_ref[...] = functools.reduce(lambda a, b: a + b, (_load(partials_ref.at[w], rows) for w in range(_WARPS)))
+
+
+# A (position, kind) row of `_store_products`'s: the 32 channels' 16 states, then 4 floats that put the next row's start
+# 4 banks on, so that a warp's 16-byte loads in `_sum_products` take the 4 wavefronts that 512 bytes need.
+_PRODUCTS_ROW = BLOCK_D * STATE + 4
+
+
+def _store_products(products: tuple, products_ref, t: int) -> None:
+  """products_ref[t, kind, 16 x channel + n] = products[kind][channel, n], for the two (32, 16) products in
+  `quarter_rows` whose sums over the channels are dB_t and dC_t: each thread's 4 states of each in one 16-byte store,
+  a warp's 512 consecutive bytes. `_sum_products` sums them once per block, where `_store_warp_sums` exchanges them by
+  shuffles at every position, two selects per value sent."""
+  layout = LAYOUTS[LAYOUT][0]
+
+  @plgpu.inline_mgpu(arg_types=((layout, layout), plgpu.RefType()))
+  def store(ctx, arrays, ref):
+    del ctx
+    constant = functools.partial(mgpu_utils.c, ty=ir.IndexType.get())
+    ((channel, first_state),) = arrays[0].layout.thread_idxs(arrays[0].shape)  # one register: a channel's 4 states
+    column = arith.addi(arith.muli(channel, constant(STATE)), first_state)
+    for kind, array in enumerate(arrays):
+      (register,) = array.registers.flat
+      vector.store(register, ref, [constant(t), constant(kind), column])
+
+  store(tuple(products), products_ref)
+
+
+def _sum_products(products_ref, out_ref, block_t: int) -> None:
+  """out_ref[t, 16 x kind + n] = the sum over the 32 channels of `_store_products`'s products_ref[t, kind, 16 x channel
+  + n]: the block's dB_t and dC_t rows of this program's channels. Each (position, kind, quarter of the states) is
+  summed by 128 / (8 block_t) neighbouring threads, each over every (that many)-th channel with 16-byte loads, then
+  across them by butterfly shuffles; the first stores the 4 sums."""
+  groups = block_t * 2 * (STATE // 4)
+  per_group = 128 // groups
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType()))
+  def sums(ctx, ref, out):
+    del ctx
+    index = ir.IndexType.get()
+    constant = functools.partial(mgpu_utils.c, ty=index)
+    thread = arith.index_cast(index, mgpu_utils.thread_idx())
+    group, part = arith.divui(thread, constant(per_group)), arith.remui(thread, constant(per_group))
+    t, kind = arith.divui(group, constant(8)), arith.remui(arith.divui(group, constant(4)), constant(2))
+    first_state = arith.muli(arith.remui(group, constant(4)), constant(4))
+    four = ir.VectorType.get([4], ir.F32Type.get())
+    total = None
+    for j in range(BLOCK_D // per_group):
+      channel = arith.addi(part, constant(per_group * j))
+      value = vector.load(four, ref, [t, kind, arith.addi(arith.muli(channel, constant(STATE)), first_state)])
+      total = value if total is None else arith.addf(total, value)
+    distance = 1
+    while distance < per_group:
+      total = arith.addf(total, mgpu_utils.shfl_bfly(total, distance))
+      distance *= 2
+    with mgpu_utils.when(arith.cmpi(arith.CmpIPredicate.eq, part, constant(0))):
+      vector.store(total, out, [t, arith.addi(arith.muli(kind, constant(STATE)), first_state)])
+
+  sums(products_ref, out_ref)
+
+
+class _ChannelSums(NamedTuple):
+  """A way to sum dB_t's and dC_t's products over a program's channels, in Mosaic GPU code: a shared scratch of
+  `scratch(block_t)`'s shape, `store(products, scratch, t)` at every position and `finish(scratch, dBC's block,
+  block_t)` once per block."""
+
+  scratch: Callable[[int], tuple[int, ...]]
+  store: Callable
+  finish: Callable
+
+
+CHANNEL_SUMS = {
+  "shuffles": _ChannelSums(lambda block_t: (_WARPS, block_t, 2 * STATE), _store_warp_sums, _sum_over_warps),
+  "shared": _ChannelSums(lambda block_t: (block_t, 2, _PRODUCTS_ROW), _store_products, _sum_products),
+}
 
 
 def _softplus_grad(x: jax.Array) -> jax.Array:
@@ -144,7 +220,7 @@ def _kernel(
   block_t: int,
   reverse: bool,
   staged: bool,
-  warp_sums: bool,
+  channel_sums: str,
   shared_steps: bool,
   shared_bc: bool,
   keep_decays: bool,
@@ -154,8 +230,9 @@ def _kernel(
   """refs: u, delta, dy (batch, length, channels); B, C (batch, length, state); A, D, delta_bias; then the outputs
   du, d(delta) like u; dB's and dC's partial sums side by side (batch, channel blocks, length, 2 x state); dA's, dD's
   and d(delta_bias)'s per sequence (batch, channels[, state]); the entering states (batch, blocks, channels, state),
-  the kernel's own. `warp_sums` sums dB and dC over the channels by `_store_warp_sums`, else (and where not `inline`:
-  interpret mode, which cannot run that Mosaic GPU code) by Pallas's reductions. `shared_steps` computes each
+  the kernel's own. `channel_sums` names how dB and dC are summed over the channels: "shuffles" (`_store_warp_sums`)
+  or "shared" (`_store_products`), in `CHANNEL_SUMS`; else, and where not `inline` (interpret mode, which cannot run
+  that Mosaic GPU code), by Pallas's reductions. `shared_steps` computes each
   block's step sizes and softplus's derivative once per (position, channel) into shared memory (`share_block`),
   where a channel's four threads would each compute them, in both walks. `shared_bc` converts each block's B and C
   to float32 there once: read as bf16, every thread converts 4 entries of each at every position, ~12 of the second
@@ -231,9 +308,9 @@ def _kernel(
     return h
 
   def block_gradients(b, blocks: dict, carry, scratch: dict):
-    partials = scratch.get("partials")
-    if partials is not None:
-      _block_barrier(True)  # every thread has read the last block's partial sums
+    summing = CHANNEL_SUMS.get(channel_sums) if "sums" in scratch else None
+    if summing:
+      _block_barrier(True)  # every thread has read the last block's products or partial sums
     share_block(blocks, scratch, derivative=True)
     g, dA, dD, dbias = carry  # g: exp(delta_{t+1} A) g_{t+1}, the adjoint that later positions pass back
     kept = [read(blocks, k, scratch) for k in range(block_t)] if keep_steps else None
@@ -255,16 +332,16 @@ def _kernel(
       blocks["du"][t] = (p["step"] * g_b + skip * dy).astype(blocks["du"].dtype)
       blocks["ddelta"][t] = ddelta.astype(blocks["ddelta"].dtype)
       products = (g * _rows(p["step"] * p["u"], shape), _rows(dy, shape) * states[k + 1])  # summed: dB_t, dC_t
-      if partials is None:
+      if summing:
+        summing.store(products, scratch["sums"], t)
+      else:
         for i, product in enumerate(products):
           blocks["dBC"][t, pl.ds(i * STATE, STATE)] = product.sum(axis=0)
-      else:
-        _store_warp_sums(products, partials, t)
       dA, dD, dbias = dA + decayed * _rows(p["step"], shape), dD + dy * p["u"], dbias + ddelta
       g = decay * g
-    if partials is not None:
+    if summing:
       _block_barrier(True)  # and every thread has stored its own
-      blocks["dBC"][...] = _sum_over_warps(partials, block_t)
+      summing.finish(scratch["sums"], blocks["dBC"], block_t)
     return g, dA, dD, dbias
 
   zeros = plgpu.layout_cast(jnp.zeros(shape, jnp.float32), tile)
@@ -317,8 +394,8 @@ def _kernel(
     return walk(body, second_pass, ("du", "ddelta", "dBC"), backwards, init)
 
   scratch = {}
-  if warp_sums and inline:
-    scratch["partials"] = plgpu.SMEM((_WARPS, block_t, 2 * STATE), jnp.float32)
+  if channel_sums in CHANNEL_SUMS and inline:
+    scratch["sums"] = plgpu.SMEM(CHANNEL_SUMS[channel_sums].scratch(block_t), jnp.float32)
   if shared_steps:
     scratch |= {name: plgpu.SMEM((block_t, BLOCK_D), jnp.float32) for name in ("bias", "step", "dstep")}
   if shared_bc:
@@ -336,7 +413,7 @@ def _kernel(
     "reverse",
     "block_t",
     "staged",
-    "warp_sums",
+    "channel_sums",
     "shared_steps",
     "shared_bc",
     "keep_decays",
@@ -358,7 +435,7 @@ def gradients(
   reverse: bool = False,
   block_t: int = 8,
   staged: bool = True,
-  warp_sums: bool = True,
+  channel_sums: str = "shuffles",
   shared_steps: bool = True,
   shared_bc: bool = False,
   keep_decays: bool = True,
@@ -368,11 +445,12 @@ def gradients(
 ) -> Gradients:
   """The gradients of y = selective_scan(u, delta, A, B, C, D, delta_bias=delta_bias, delta_softplus=True,
   reverse=reverse) (no z) against the cotangent dy, for (batch, length, channels) sequences and (batch, length, 16)
-  B and C. `staged=False` reads the blocks in place from HBM (what interpret mode runs); `warp_sums`, `shared_steps`,
-  `shared_bc`, `keep_decays` and `keep_steps` are `_kernel`'s; `auto_barriers` puts back the warpgroup barriers
-  Pallas puts around every store to shared memory. None is needed, as in the forward (`mosaic_gpu.forward`'s
-  comment): threads write output blocks that only their TMA copies read, after the pipeline's fence and barrier, and
-  the shared step sizes, B and C and the sums over channels are fenced by their own barriers."""
+  B and C. `staged=False` reads the blocks in place from HBM (what interpret mode runs); `channel_sums` ("pallas" or
+  a key of `CHANNEL_SUMS`), `shared_steps`, `shared_bc`, `keep_decays` and `keep_steps` are `_kernel`'s;
+  `auto_barriers` puts back the warpgroup barriers Pallas puts around every store to shared memory. None is needed,
+  as in the forward (`mosaic_gpu.forward`'s comment): threads write output blocks that only their TMA copies read,
+  after the pipeline's fence and barrier, and the shared step sizes, B and C and the sums over channels are fenced by
+  their own barriers."""
   batch, length, channels = u.shape
   if channels % BLOCK_D:
     raise ValueError(f"channels (u.shape[-1] = {channels}) must be a multiple of {BLOCK_D}")
@@ -381,6 +459,11 @@ def gradients(
   if block_t < 1 or block_t % 4:
     # A block's (block_t, 32) step sizes and sums over the channels are spread over the warpgroup's 128 threads.
     raise ValueError(f"block_t must be a positive multiple of 4, got {block_t}")
+  if channel_sums not in ("pallas", *CHANNEL_SUMS):
+    raise ValueError(f"channel_sums must be 'pallas' or one of {tuple(CHANNEL_SUMS)}, got {channel_sums!r}")
+  if channel_sums == "shared" and block_t > 16:
+    # `_sum_products` gives each (position, kind, quarter of the states) of a block at least one thread.
+    raise ValueError(f"block_t must be at most 16 with channel_sums='shared', got {block_t}")
   if shared_bc and block_t % 8:
     # And a block's (block_t, 16) B and C.
     raise ValueError(f"block_t must be a multiple of 8 with shared_bc, got {block_t}")
@@ -408,7 +491,7 @@ def gradients(
       block_t=block_t,
       reverse=reverse,
       staged=staged,
-      warp_sums=warp_sums,
+      channel_sums=channel_sums,
       shared_steps=shared_steps,
       shared_bc=shared_bc,
       keep_decays=keep_decays,

@@ -54,12 +54,15 @@ def test_gradients_match_reference_in_float64_in_interpret_mode(length, block_t,
 
 
 @pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("batch, length, block_t", [(128, 197, 8), (8, 6085, 16)])
-def test_gradients_lower_for_cuda_at_vim_tiny_shapes(batch, length, block_t, reverse):
+@pytest.mark.parametrize(
+  "batch, length, block_t, channel_sums",
+  [(128, 197, 8, "shuffles"), (128, 197, 8, "shared"), (8, 6085, 16, "shuffles")],
+)
+def test_gradients_lower_for_cuda_at_vim_tiny_shapes(batch, length, block_t, channel_sums, reverse):
   seq, states = (jax.ShapeDtypeStruct((batch, length, n), jnp.bfloat16) for n in (384, 16))
   f32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.float32)
   args = (seq, seq, f32((384, 16)), states, states, f32((384,)), f32((384,)), seq)
-  fn = functools.partial(gradients, block_t=block_t, reverse=reverse)
+  fn = functools.partial(gradients, block_t=block_t, reverse=reverse, channel_sums=channel_sums)
   assert "mosaic_gpu" in jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
@@ -71,6 +74,8 @@ def test_gradients_lower_for_cuda_at_vim_tiny_shapes(batch, length, block_t, rev
     (dict(block_t=0), "block_t must be a positive multiple of 4, got 0"),
     (dict(block_t=6), "block_t must be a positive multiple of 4, got 6"),
     (dict(block_t=4, shared_bc=True), "block_t must be a multiple of 8 with shared_bc, got 4"),
+    (dict(channel_sums="atomics"), "channel_sums must be 'pallas' or one of .*, got 'atomics'"),
+    (dict(block_t=32, channel_sums="shared"), "block_t must be at most 16 with channel_sums='shared', got 32"),
   ],
 )
 def test_gradients_name_a_bad_argument(change, message):
@@ -79,7 +84,8 @@ def test_gradients_name_a_bad_argument(change, message):
   B = jnp.zeros((1, 4, 16))
   args = (u, u, jnp.zeros((channels, state)), B, B, jnp.zeros(channels), jnp.zeros(channels), u)
   with pytest.raises(ValueError, match=message):
-    gradients(*args, block_t=change.get("block_t", 8), shared_bc=change.get("shared_bc", False), interpret=INTERPRET)
+    options = {k: v for k, v in change.items() if k not in ("channels", "state")}
+    gradients(*args, **(dict(block_t=8) | options), interpret=INTERPRET)
 
 
 @pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
