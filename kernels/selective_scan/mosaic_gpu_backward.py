@@ -225,6 +225,7 @@ def _kernel(
   shared_bc: bool,
   keep_decays: bool,
   keep_steps: bool,
+  keep_states: bool,
   inline: bool,
 ):
   """refs: u, delta, dy (batch, length, channels); B, C (batch, length, state); A, D, delta_bias; then the outputs
@@ -236,11 +237,12 @@ def _kernel(
   block's step sizes and softplus's derivative once per (position, channel) into shared memory (`share_block`),
   where a channel's four threads would each compute them, in both walks. `shared_bc` converts each block's B and C
   to float32 there once: read as bf16, every thread converts 4 entries of each at every position, ~12 of the second
-  walk's ~150 instructions a position per warp (its SASS; H100 ptxas). `keep_decays` and `keep_steps` keep each
-  position's decay, and its u, step size and softplus derivative, in registers from the second walk's recomputation
-  to its walk back; else the walk back computes the decays again (4 exp2 a position) and reads the others again.
-  Each saves registers (4 x block_t, 3 x block_t): at 158 a thread, 3 warpgroups share a multiprocessor, and the
-  kernel waits on latency there (it issues in 59% of cycles, H100)."""
+  walk's ~150 instructions a position per warp (its SASS; H100 ptxas). `keep_decays`, `keep_steps` and `keep_states`
+  keep each position's decay, its u, step size and softplus derivative, and its state in registers from the second
+  walk's recomputation to its walk back; else the walk back computes the decays again (4 exp2 a position), reads the
+  per-channel inputs again, and stores and loads the states in shared memory (16 bytes a thread a position each way).
+  Each saves registers (4, 3 and 4 x block_t): at 158 a thread, 3 warpgroups share a multiprocessor, and the kernel
+  waits on latency there (it issues in 59% of cycles, H100)."""
   tile = LAYOUTS[LAYOUT][0]
   per_channel, per_state = tile.reduce(1), tile.reduce(0)
   shape = (BLOCK_D, STATE)
@@ -315,30 +317,38 @@ def _kernel(
     g, dA, dD, dbias = carry  # g: exp(delta_{t+1} A) g_{t+1}, the adjoint that later positions pass back
     kept = [read(blocks, k, scratch) for k in range(block_t)] if keep_steps else None
     step_at = (lambda k: kept[k]) if keep_steps else (lambda k: read(blocks, k, scratch))  # noqa: E731
-    states, decays = [_load(entering.at[b, channels, :], tile)], []
+    # states[k]: the state before the block's k-th step, in registers or (not `keep_states`) in shared memory, where
+    # each thread stores and loads its own entries, so no barrier is needed.
+    h = _load(entering.at[b, channels, :], tile)
+    states, decays = [h], []
     for k in range(block_t):
-      decay, h = advance(states[-1], step_at(k), blocks, scratch)
+      decay, h = advance(h, step_at(k), blocks, scratch)
       decays.append(decay if keep_decays else None)
-      states.append(h)
+      if keep_states:
+        states.append(h)
+      else:
+        scratch["states"][k] = h
+    after = h  # the state after the walk back's position
     for k in reversed(range(block_t)):
       p = step_at(k)
       t, decay = p["t"], decays[k] if keep_decays else decay_at(p)
+      before = states[k] if keep_states else (states[0] if k == 0 else _load(scratch["states"].at[k - 1], tile))
       dy = _load(blocks["dy"].at[t], per_channel)
       B, C = (state_row(blocks, scratch, name, t) for name in ("B", "C"))
       g = _rows(dy, shape) * _cols(C, shape) + g
       g_b = (g * _cols(B, shape)).sum(axis=1)
-      decayed = g * decay * states[k]  # g_t exp(delta_t A) h_{t-1}: dL/d(delta_t A)
+      decayed = g * decay * before  # g_t exp(delta_t A) h_{t-1}: dL/d(delta_t A)
       ddelta = (p["u"] * g_b + (decayed * A).sum(axis=1)) * p["dstep"]
       blocks["du"][t] = (p["step"] * g_b + skip * dy).astype(blocks["du"].dtype)
       blocks["ddelta"][t] = ddelta.astype(blocks["ddelta"].dtype)
-      products = (g * _rows(p["step"] * p["u"], shape), _rows(dy, shape) * states[k + 1])  # summed: dB_t, dC_t
+      products = (g * _rows(p["step"] * p["u"], shape), _rows(dy, shape) * after)  # summed: dB_t, dC_t
       if summing:
         summing.store(products, scratch["sums"], t)
       else:
         for i, product in enumerate(products):
           blocks["dBC"][t, pl.ds(i * STATE, STATE)] = product.sum(axis=0)
       dA, dD, dbias = dA + decayed * _rows(p["step"], shape), dD + dy * p["u"], dbias + ddelta
-      g = decay * g
+      g, after = decay * g, before
     if summing:
       _block_barrier(True)  # and every thread has stored its own
       summing.finish(scratch["sums"], blocks["dBC"], block_t)
@@ -400,6 +410,8 @@ def _kernel(
     scratch |= {name: plgpu.SMEM((block_t, BLOCK_D), jnp.float32) for name in ("bias", "step", "dstep")}
   if shared_bc:
     scratch |= {name: plgpu.SMEM((block_t, STATE), jnp.float32) for name in ("B", "C")}
+  if not keep_states:
+    scratch["states"] = plgpu.SMEM((block_t, BLOCK_D, STATE), jnp.float32)
   names = tuple(scratch)
   _, dA, dD, dbias = pl.run_scoped(lambda *refs: both_walks(dict(zip(names, refs, strict=True))), *scratch.values())
   da_ref[sequence, channels, :] = dA
@@ -418,6 +430,7 @@ def _kernel(
     "shared_bc",
     "keep_decays",
     "keep_steps",
+    "keep_states",
     "auto_barriers",
     "interpret",
   ),
@@ -440,13 +453,14 @@ def gradients(
   shared_bc: bool = False,
   keep_decays: bool = True,
   keep_steps: bool = True,
+  keep_states: bool = True,
   auto_barriers: bool = False,
   interpret=False,
 ) -> Gradients:
   """The gradients of y = selective_scan(u, delta, A, B, C, D, delta_bias=delta_bias, delta_softplus=True,
   reverse=reverse) (no z) against the cotangent dy, for (batch, length, channels) sequences and (batch, length, 16)
   B and C. `staged=False` reads the blocks in place from HBM (what interpret mode runs); `channel_sums` ("pallas" or
-  a key of `CHANNEL_SUMS`), `shared_steps`, `shared_bc`, `keep_decays` and `keep_steps` are `_kernel`'s;
+  a key of `CHANNEL_SUMS`), `shared_steps`, `shared_bc` and the `keep_` options are `_kernel`'s;
   `auto_barriers` puts back the warpgroup barriers Pallas puts around every store to shared memory. None is needed,
   as in the forward (`mosaic_gpu.forward`'s comment): threads write output blocks that only their TMA copies read,
   after the pipeline's fence and barrier, and the shared step sizes, B and C and the sums over channels are fenced by
@@ -496,6 +510,7 @@ def gradients(
       shared_bc=shared_bc,
       keep_decays=keep_decays,
       keep_steps=keep_steps,
+      keep_states=keep_states,
       inline=not interpret,
     ),
     out_type=out_type,

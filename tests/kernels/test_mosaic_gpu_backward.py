@@ -34,10 +34,10 @@ def _inputs(length: int):
   [
     (13, 4, dict(shared_steps=True)),
     (16, 8, dict(shared_steps=False)),
-    (13, 4, dict(keep_decays=False, keep_steps=False)),
+    (13, 4, dict(keep_decays=False, keep_steps=False, keep_states=False)),
     (13, 8, dict(shared_bc=True)),
   ],
-  ids=["past-the-end", "whole-blocks", "recomputed-decays-reread-steps", "shared-bc"],
+  ids=["past-the-end", "whole-blocks", "nothing-kept", "shared-bc"],
 )
 def test_gradients_match_reference_in_float64_in_interpret_mode(length, block_t, options, reverse, x64):
   *args, dy = _inputs(length)
