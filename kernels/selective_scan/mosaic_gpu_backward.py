@@ -16,8 +16,8 @@ The ungated form is what Vim's fused bidirectional backward runs per direction (
 `pallas_gpu.gate_backward`). Blocks are staged through shared memory by TMA (`emit_pipeline`), which reads zeros past
 the sequence's end and drops writes there (dB's and dC's partial sums are whole blocks long, see `gradients`): u = 0
 and dy = 0 keep those positions out of every gradient (forward, the adjoint is zero there; in reverse, walked first,
-the state is). Interpret mode cannot run the staged copies, so there
-(`staged=False`) the blocks are views of HBM and the sequences are padded with zeros to whole blocks.
+the state is). Interpret mode cannot run the staged copies, so there (`staged=False`) the blocks are views of HBM and
+the sequences are padded with zeros to whole blocks.
 
 Checked in interpret mode against the float64 reference and lowered for CUDA at Vim-Ti's shapes. On an H100 (jax
 0.11.2, fifty-first session) every gradient is within Triton's error of XLA's scan, both directions: at lengths 100 and
@@ -231,18 +231,20 @@ def _kernel(
   """refs: u, delta, dy (batch, length, channels); B, C (batch, length, state); A, D, delta_bias; then the outputs
   du, d(delta) like u; dB's and dC's partial sums side by side (batch, channel blocks, length, 2 x state); dA's, dD's
   and d(delta_bias)'s per sequence (batch, channels[, state]); the entering states (batch, blocks, channels, state),
-  the kernel's own. `channel_sums` names how dB and dC are summed over the channels: "shuffles" (`_store_warp_sums`)
-  or "shared" (`_store_products`), in `CHANNEL_SUMS`; else, and where not `inline` (interpret mode, which cannot run
-  that Mosaic GPU code), by Pallas's reductions. `shared_steps` computes each
-  block's step sizes and softplus's derivative once per (position, channel) into shared memory (`share_block`),
-  where a channel's four threads would each compute them, in both walks. `shared_bc` converts each block's B and C
-  to float32 there once: read as bf16, every thread converts 4 entries of each at every position, ~12 of the second
-  walk's ~150 instructions a position per warp (its SASS; H100 ptxas). `keep_decays`, `keep_steps` and `keep_states`
-  keep each position's decay, its u, step size and softplus derivative, and its state in registers from the second
-  walk's recomputation to its walk back; else the walk back computes the decays again (4 exp2 a position), reads the
-  per-channel inputs again, and stores and loads the states in shared memory (16 bytes a thread a position each way).
-  Each saves registers (4, 3 and 4 x block_t): at 158 a thread, 3 warpgroups share a multiprocessor, and the kernel
-  waits on latency there (it issues in 59% of cycles, H100)."""
+  the kernel's own.
+
+  `channel_sums` names how dB and dC are summed over the channels: "shuffles" (`_store_warp_sums`) or "shared"
+  (`_store_products`), in `CHANNEL_SUMS`; else, and where not `inline` (interpret mode, which cannot run that Mosaic
+  GPU code), by Pallas's reductions. `shared_steps` computes each block's step sizes and softplus's derivative once
+  per (position, channel) into shared memory (`share_block`), where a channel's four threads would each compute them,
+  in both walks. `shared_bc` converts each block's B and C to float32 there once: read as bf16, every thread converts
+  4 entries of each at every position, ~12 of the second walk's ~150 instructions a position per warp (its SASS; H100
+  ptxas). `keep_decays`, `keep_steps` and `keep_states` keep each position's decay, its u, step size and softplus
+  derivative, and its state in registers from the second walk's recomputation to its walk back; else the walk back
+  computes the decays again (4 exp2 a position), reads the per-channel inputs again, and stores and loads the states
+  in shared memory (16 bytes a thread a position each way). Each saves registers (4, 3 and 4 x block_t): at 158 a
+  thread, 3 warpgroups share a multiprocessor, and the kernel waits on latency there (it issues in 59% of cycles,
+  H100)."""
   tile = LAYOUTS[LAYOUT][0]
   per_channel, per_state = tile.reduce(1), tile.reduce(0)
   shape = (BLOCK_D, STATE)
@@ -460,11 +462,11 @@ def gradients(
   """The gradients of y = selective_scan(u, delta, A, B, C, D, delta_bias=delta_bias, delta_softplus=True,
   reverse=reverse) (no z) against the cotangent dy, for (batch, length, channels) sequences and (batch, length, 16)
   B and C. `staged=False` reads the blocks in place from HBM (what interpret mode runs); `channel_sums` ("pallas" or
-  a key of `CHANNEL_SUMS`), `shared_steps`, `shared_bc` and the `keep_` options are `_kernel`'s;
-  `auto_barriers` puts back the warpgroup barriers Pallas puts around every store to shared memory. None is needed,
-  as in the forward (`mosaic_gpu.forward`'s comment): threads write output blocks that only their TMA copies read,
-  after the pipeline's fence and barrier, and the shared step sizes, B and C and the sums over channels are fenced by
-  their own barriers."""
+  a key of `CHANNEL_SUMS`), `shared_steps`, `shared_bc` and the `keep_` options are `_kernel`'s; `auto_barriers` puts
+  back the warpgroup barriers Pallas puts around every store to shared memory. None is needed, as in the forward
+  (`mosaic_gpu.forward`'s comment): threads write output blocks that only their TMA copies read, after the pipeline's
+  fence and barrier, and the shared step sizes, B and C and the sums over channels are fenced by their own
+  barriers."""
   batch, length, channels = u.shape
   if channels % BLOCK_D:
     raise ValueError(f"channels (u.shape[-1] = {channels}) must be a multiple of {BLOCK_D}")
