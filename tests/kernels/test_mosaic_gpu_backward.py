@@ -55,14 +55,19 @@ def test_gradients_match_reference_in_float64_in_interpret_mode(length, block_t,
 
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize(
-  "batch, length, block_t, channel_sums",
-  [(128, 197, 8, "shuffles"), (128, 197, 8, "shared"), (8, 6085, 16, "shuffles")],
+  "batch, length, block_t, options",
+  [
+    (128, 197, 8, {}),
+    (8, 6085, 16, {}),
+    (128, 197, 8, dict(channel_sums="shared", shared_bc=True, keep_decays=False, keep_steps=False, keep_states=False)),
+  ],
+  ids=["224", "1248", "224-candidates"],
 )
-def test_gradients_lower_for_cuda_at_vim_tiny_shapes(batch, length, block_t, channel_sums, reverse):
+def test_gradients_lower_for_cuda_at_vim_tiny_shapes(batch, length, block_t, options, reverse):
   seq, states = (jax.ShapeDtypeStruct((batch, length, n), jnp.bfloat16) for n in (384, 16))
   f32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.float32)
   args = (seq, seq, f32((384, 16)), states, states, f32((384,)), f32((384,)), seq)
-  fn = functools.partial(gradients, block_t=block_t, reverse=reverse, channel_sums=channel_sums)
+  fn = functools.partial(gradients, block_t=block_t, reverse=reverse, **options)
   assert "mosaic_gpu" in jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
