@@ -328,7 +328,7 @@ def _kernel(
       decays.append(decay if keep_decays else None)
       if keep_states:
         states.append(h)
-      else:
+      elif k < block_t - 1:  # the last is `after`, in registers
         scratch["states"][k] = h
     after = h  # the state after the walk back's position
     for k in reversed(range(block_t)):
@@ -413,7 +413,7 @@ def _kernel(
   if shared_bc:
     scratch |= {name: plgpu.SMEM((block_t, STATE), jnp.float32) for name in ("B", "C")}
   if not keep_states:
-    scratch["states"] = plgpu.SMEM((block_t, BLOCK_D, STATE), jnp.float32)
+    scratch["states"] = plgpu.SMEM((block_t - 1, BLOCK_D, STATE), jnp.float32)
   names = tuple(scratch)
   _, dA, dD, dbias = pl.run_scoped(lambda *refs: both_walks(dict(zip(names, refs, strict=True))), *scratch.values())
   da_ref[sequence, channels, :] = dA
