@@ -120,7 +120,12 @@ def compare_forwards(
         row = {"case": case, "kernel": name, "error": str(e)[:300]}
       print(json.dumps(row), flush=True)
       rows.append(row)
+  write_rows(out, rows)
+  return rows
+
+
+def write_rows(out: str | None, rows: list[dict]) -> None:
+  """The rows to `out` as JSON, with the device and jax version that gave them (nothing if `out` is None)."""
   if out:
     with open(out, "w") as f:
       json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "rows": rows}, f, indent=1)
-  return rows

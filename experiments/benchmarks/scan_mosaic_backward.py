@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from experiments.benchmarks.scan_common import CASES, make_inputs, time_call
+from experiments.benchmarks.scan_common import CASES, make_inputs, time_call, write_rows
 from kernels import selective_scan
 from kernels.selective_scan import mosaic_gpu_backward
 
@@ -112,9 +112,7 @@ def main(_):
         timings[f"mosaic_bwd_error {name}"] = str(e)[:400]
     print(json.dumps(timings), flush=True)
     rows.append(timings)
-  if _OUT.value:
-    with open(_OUT.value, "w") as f:
-      json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "rows": rows}, f, indent=1)
+  write_rows(_OUT.value, rows)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,9 @@ _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "dtype 
 _OPCODES = flags.DEFINE_integer(
   "opcodes", 0, "Also list the main loop's most frequent SASS opcodes, this many, per position of the loop."
 )
+_GRAD_MAX_REGISTERS = flags.DEFINE_integer(
+  "grad_max_registers", None, "pallas_gpu.GRAD_MAX_REGISTERS for this run (0: no cap; unset: the module's)."
+)
 _CALL = flags.DEFINE_enum(
   "call", "scan", ["scan", "bidirectional"], "pallas_gpu.scan (gated), or the fused bidirectional scan Vim runs."
 )
@@ -105,10 +108,14 @@ _LOAD_WIDTHS = {"LDG.E.64": 2, "LDG.E.128": 4}
 
 
 def _main_loop(sass: str) -> list[str]:
-  """The instructions of the kernel's last loop (the sub-chunk loop: any carry loop comes before it)."""
+  """The instructions of the kernel's last loop (the sub-chunk loop: any carry loop comes before it); none for a
+  kernel without a loop (`sum_over_blocks`)."""
   lines = [(int(m.group(1), 16), m.group(2)) for m in map(_SASS_LINE.match, sass.splitlines()) if m]
   branches = [(at, int(m.group(1), 16)) for at, ins in lines if (m := re.search(r"BRA 0x([0-9a-f]+)", ins))]
-  end, start = [(at, target) for at, target in branches if target < at][-1]
+  loops = [(at, target) for at, target in branches if target < at]
+  if not loops:
+    return []
+  end, start = loops[-1]
   return [ins for at, ins in lines if start <= at <= end]
 
 
@@ -196,6 +203,8 @@ def _loop_positions(kernel: str, tuning: dict, length: int, batch: int) -> int:
 
 def main(argv):
   del argv
+  if _GRAD_MAX_REGISTERS.value is not None:
+    pallas_gpu.GRAD_MAX_REGISTERS = _GRAD_MAX_REGISTERS.value or None
   print(
     f"jax {jax.__version__}, triton {triton.__version__}, sm_90; {_CALL.value}, batch {_BATCH.value}, "
     f"length {_LENGTH.value}, {_DTYPE.value}"

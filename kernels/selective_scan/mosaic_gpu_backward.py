@@ -25,8 +25,12 @@ Checked in interpret mode against the float64 reference and lowered for CUDA at 
 (`scan_mosaic_backward.py`). It is no faster than the Triton backward there: 0.438 against 0.409 ms
 (`experiments/results/scan_mosaic_backward_224_b128_first_h100.json`, before the fixes to dB's and dC's rows and the
 first walk's barrier). By ncu the kernel alone takes 387 us at 158 registers a thread (3 warpgroups a multiprocessor),
-issuing in 59% of cycles: ~190 instructions a position per warp, 39 in the first walk and 152 in the second. So
-`pallas_gpu.MOSAIC_BACKWARD`, which runs it in Vim's fused bidirectional backward, stays off.
+issuing in 59% of cycles: ~190 instructions a position per warp, 39 in the first walk and 152 in the second. The
+register-saving options (`keep_*`, `shared_bc`, `channel_sums="shared"`) are right on the card but left ptxas at
+148-167 registers and the backward at 0.430 ms at best (fifty-second session,
+`scan_mosaic_backward_224_b128_candidates_h100.json`): Mosaic GPU marks every kernel `nvvm.minctasm` 1 and exposes no
+register cap, so ptxas takes what it likes. So `pallas_gpu.MOSAIC_BACKWARD`, which runs it in Vim's fused
+bidirectional backward, stays off.
 """
 
 from __future__ import annotations

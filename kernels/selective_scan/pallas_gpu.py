@@ -61,6 +61,8 @@ partial sums, but dB's and dC's in one launch of `sum_over_blocks` where batch x
 ungated output its forward keeps) and runs both directions' ungated gradient kernels in one launch
 (`_launch`): at 218 registers an H100 holds only 1,188 of their programs at once. The gradient kernels go one
 sub-chunk at a time there; the states passes load two ahead where programs are few (`PAIRED_STATES_PROGRAMS`).
+Elsewhere it runs pairs of sub-chunks, capped at `GRAD_MAX_REGISTERS` (`triton_registers`: Triton's `maxnreg`, which
+jax does not expose): 22% off one direction's forward+backward at 224², batch 128 (H100).
 """
 
 import dataclasses
@@ -73,7 +75,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.selective_scan import mosaic_gpu, mosaic_gpu_backward, ptx
+from kernels.selective_scan import mosaic_gpu, mosaic_gpu_backward, ptx, triton_registers
 from kernels.selective_scan.columns import Columns
 from kernels.selective_scan.negative_exp import NegativeExp
 from kernels.selective_scan.padding import compute_dtype, pad_to, plain
@@ -132,6 +134,20 @@ BY_CHANNEL_PROGRAMS = 2048
 # processes), 2.80 -> 2.75 at 224² stride 8; at 1248², batch 32 (9,216 programs, many warps per SM) 6.09 against 6.13
 # paired, so not there (twenty-sixth session, scan_tune_paired_states_h200.txt).
 PAIRED_STATES_PROGRAMS = 2048
+# Registers a thread of the gradient kernel may take where it runs pairs of sub-chunks (`triton_registers`; None: as
+# many as ptxas likes). Paired, it took 255 registers (offline, Triton 3.5: 8 one-warp programs a multiprocessor);
+# capped at 168 it spills ~400 bytes and 12 fit. One ungated direction forward+backward, bf16, H100 (fifty-second
+# session, scan_register_cap_224_h100.json): 0.497 -> 0.388 ms at 224², batch 128; 1.709 -> 1.355 at 224², stride 8.
+# Of the caps tried at 224², batch 128 (backward alone: 0.421 ms uncapped, 0.365 at 200, 0.381 at 184, 0.286 at 168,
+# 0.328 at 152; in another run 0.403 uncapped, 0.454 at 128) 168 was fastest; at 1248², batch 8 (chunks) it was
+# neutral (forward+backward 1.307 -> 1.321 ms), 184 and 200 slower (1.44, 1.45; 1.31 uncapped). One sub-chunk at a
+# time (the fused bidirectional backward) the kernel takes 168 uncapped (offline), and capping it there changed
+# nothing but spills: Vim-Ti's training step 32.20 against 32.26 ms capped.
+GRAD_MAX_REGISTERS = 168
+# Whether the fused bidirectional backward's gradient kernels run pairs of sub-chunks (`_Chunk.over_sub_chunks`):
+# slower, capped or not (H100, fifty-second session: both directions forward+backward at 224², batch 128, 0.888 ms
+# unpaired, 1.086 paired, 0.999 paired and capped at 168; Vim-Ti's training step 31.99 against 33.83 paired and capped).
+PAIRED_BIDIRECTIONAL_GRADS = False
 # The states pass stores each bf16 state through indices that show Triton runs of 4 states (`_in_runs_of_four`), not
 # 16: Triton then stores 8 bytes per thread, not 16, and lays the (channels, state) tile over 8 x 4 threads as for
 # float32 states, not 16 x 2, so dC's sum over the channels crosses 8 lanes, not 16. Offline (sm_90, Vim-Ti's fused
@@ -147,8 +163,9 @@ NARROW_STATES_STORE = True
 # The fused bidirectional backward runs `mosaic_gpu_backward`'s gradient kernel per direction where it fits
 # (`_mosaic_backward_fits`) instead of the Triton states pass and gradient kernel. Off: right on an H100, but no faster
 # than theirs at 224², batch 128 (0.438 against 0.409 ms one direction, fifty-first session,
-# scan_mosaic_backward_224_b128_first_h100.json); `model_ab.py` times it in the training step with it on in the
-# working tree.
+# scan_mosaic_backward_224_b128_first_h100.json); its register-saving options left it at 148-167 registers and 0.430
+# at best (fifty-second session, scan_mosaic_backward_224_b128_candidates_h100.json: Mosaic GPU caps no kernel's
+# registers). `model_ab.py` times it in the training step with it on in the working tree.
 MOSAIC_BACKWARD = False
 
 
@@ -968,7 +985,8 @@ def _backward(scans: list[_Scan]) -> list[tuple]:
   for scan, s, (_, (refs, ref_specs, _)), ((sub_chunk_states, _),) in zip(scans, specs, starts, states):
     extra, extra_specs = [scan.dy, sub_chunk_states, *refs], [s.seq, s.sub_chunk_states, *ref_specs]
     jobs.append(_Job(scan.plan, scan.args, extra, extra_specs, *_grad_outputs(scan, s)))
-  launched = _launch(_grad_kernel, jobs, "selective_scan_bwd", start=starts[0][1][2])
+  name = triton_registers.capped("selective_scan_bwd", GRAD_MAX_REGISTERS if scans[0].plan.paired else None)
+  launched = _launch(_grad_kernel, jobs, name, start=starts[0][1][2])
   grads = []
   for scan, ((_, dC),), (du, ddelta, *rest) in zip(scans, states, launched):
     dz = rest.pop(0) if scan.plan.gated else None
@@ -1280,8 +1298,8 @@ def bidirectional(
   # run ungated. They go one sub-chunk at a time (`over_sub_chunks`): paired, the two in one launch measured
   # slower (H100, bf16, both directions forward+backward: 1.60 against 1.57 ms at 224², batch 128, 14.6
   # against 13.9 at 1248², batch 32; 1% faster at 224² stride 8 and 736²), where one direction gains 3-4%.
-  first_grads = dataclasses.replace(first, paired=False)
-  second_grads = dataclasses.replace(second, combine=None, gated=False, paired=False)
+  first_grads = dataclasses.replace(first, paired=PAIRED_BIDIRECTIONAL_GRADS)
+  second_grads = dataclasses.replace(second, combine=None, gated=False, paired=PAIRED_BIDIRECTIONAL_GRADS)
 
   def outputs(first, second, forward, backward, z, *, differentiated: bool):
     """y, and what the backward keeps if `differentiated`."""

@@ -191,10 +191,13 @@ _GRADIENT_KERNELS = {
 }
 
 
-def _gradient_kernels(batch: int, length: int) -> set[str]:
+def _gradient_kernels(batch: int, length: int, *, paired: bool) -> set[str]:
   """The Triton kernels a differentiated scan runs: the chunk passes where sequences are split, the sums over channel
-  blocks where batch x length fills their programs whole (`pallas_gpu._summed_over_blocks`)."""
+  blocks where batch x length fills their programs whole (`pallas_gpu._summed_over_blocks`); the gradient kernel
+  named for its register cap where it runs pairs of sub-chunks (`pallas_gpu.GRAD_MAX_REGISTERS`)."""
   names = set(_GRADIENT_KERNELS)
+  if paired:
+    names = names - {"selective_scan_bwd"} | {f"selective_scan_bwd_maxnreg{pallas_gpu.GRAD_MAX_REGISTERS}"}
   if length > pallas_gpu.CHUNK:
     names |= {"selective_scan_chunk_ends", "selective_scan_bwd_carry"}
   if batch * length % pallas_gpu.SUM_ROWS:
@@ -213,7 +216,9 @@ def test_pallas_gpu_lowers_for_cuda(batch, length):
   """Every Triton kernel, forward and backward, at Vim-Ti shapes lowered for an H100: interpret mode never
   runs this path."""
   hlo, names = _vim_tiny_scan_for_h100(_scan_with_gradients, batch, length)
-  assert names == _gradient_kernels(batch, length)
+  assert names == _gradient_kernels(batch, length, paired=True)
+  # The cap reaches the gradient kernel's Triton module as Triton's own attribute (`triton_registers`).
+  assert hlo.count("ttg.maxnreg") == 1
   # The forward by channel (few programs, `BY_CHANNEL_PROGRAMS`) reads B and C as uint32 pairs of bf16.
   assert (f"tensor<{batch}x{length}x8xui32>" in hlo) == (length <= pallas_gpu.CHUNK)
   # The kernels read the bf16 arrays themselves: no float32 copy of u is made.
@@ -263,7 +268,8 @@ def test_pallas_gpu_bidirectional_lowers_for_cuda(batch, length):
   """The fused bidirectional path's kernels (the second direction's forward writing its ungated output too,
   both directions' ungated gradient kernels in one launch) lowered for an H100."""
   hlo, names = _vim_tiny_scan_for_h100(_bidirectional_with_gradients, batch, length)
-  assert names == _gradient_kernels(batch, length)
+  assert names == _gradient_kernels(batch, length, paired=False)
+  assert "ttg.maxnreg" not in hlo  # one sub-chunk at a time it takes no cap
   assert len(re.findall(r'name = "selective_scan_bwd"', hlo)) == 1  # both directions in one launch
   # Their dB and dC too, where the positions fill the sums' programs whole.
   assert len(re.findall(r'name = "selective_scan_bwd_sum_blocks"', hlo)) == (batch * length % pallas_gpu.SUM_ROWS == 0)
