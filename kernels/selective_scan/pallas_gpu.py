@@ -59,10 +59,11 @@ channels) come out per channel block, dA, dD and d(delta_bias) (sums over positi
 partial sums, but dB's and dC's in one launch of `sum_over_blocks` where batch x length fills its programs whole
 (`_summed_over_blocks`). The fused bidirectional call takes the z gate's backward to XLA (`gate_backward`, from the
 ungated output its forward keeps) and runs both directions' ungated gradient kernels in one launch
-(`_launch`): at 218 registers an H100 holds only 1,188 of their programs at once. The gradient kernels go one
-sub-chunk at a time there; the states passes load two ahead where programs are few (`PAIRED_STATES_PROGRAMS`).
-Elsewhere it runs pairs of sub-chunks, capped at `GRAD_MAX_REGISTERS` (`triton_registers`: Triton's `maxnreg`, which
-jax does not expose): 22% off one direction's forward+backward at 224², batch 128 (H100).
+(`_launch`): at 218 registers (168 offline now) an H100 held only 1,188 of their programs at once. The gradient
+kernels go one sub-chunk at a time there; the states passes load two ahead where programs are few
+(`PAIRED_STATES_PROGRAMS`). One direction's gradient kernel runs pairs of sub-chunks, capped at `GRAD_MAX_REGISTERS`
+(`triton_registers`: Triton's `maxnreg`, which jax does not expose): 22% off that direction's forward+backward at
+224², batch 128 (H100).
 """
 
 import dataclasses
@@ -1295,9 +1296,9 @@ def bidirectional(
 
   (first, second), inference = plans(FILLING_PROGRAMS), plans(FORWARD_FILLING_PROGRAMS)
   # The backward takes the gate outside the kernels (`gate_backward`), so both directions' gradient kernels
-  # run ungated. They go one sub-chunk at a time (`over_sub_chunks`): paired, the two in one launch measured
-  # slower (H100, bf16, both directions forward+backward: 1.60 against 1.57 ms at 224², batch 128, 14.6
-  # against 13.9 at 1248², batch 32; 1% faster at 224² stride 8 and 736²), where one direction gains 3-4%.
+  # run ungated. They go one sub-chunk at a time (`over_sub_chunks`, `PAIRED_BIDIRECTIONAL_GRADS`): paired, the two
+  # in one launch measured slower (H100, bf16, both directions forward+backward: 1.60 against 1.57 ms at 224², batch
+  # 128, 14.6 against 13.9 at 1248², batch 32; 1% faster at 224² stride 8 and 736²), where one direction gains 3-4%.
   first_grads = dataclasses.replace(first, paired=PAIRED_BIDIRECTIONAL_GRADS)
   second_grads = dataclasses.replace(second, combine=None, gated=False, paired=PAIRED_BIDIRECTIONAL_GRADS)
 
