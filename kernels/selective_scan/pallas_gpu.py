@@ -145,9 +145,11 @@ PAIRED_STATES_PROGRAMS = 2048
 # time (the fused bidirectional backward) the kernel takes 168 uncapped (offline), and capping it there changed
 # nothing but spills: Vim-Ti's training step 32.20 against 32.26 ms capped.
 GRAD_MAX_REGISTERS = 168
-# Whether the fused bidirectional backward's gradient kernels run pairs of sub-chunks (`_Chunk.over_sub_chunks`):
-# slower, capped or not (H100, fifty-second session: both directions forward+backward at 224², batch 128, 0.888 ms
-# unpaired, 1.086 paired, 0.999 paired and capped at 168; Vim-Ti's training step 31.99 against 33.83 paired and capped).
+# Whether the fused bidirectional backward's gradient kernels run pairs of sub-chunks (`_Chunk.over_sub_chunks`),
+# each direction then in its own launch (`_backward`). In one launch it was slower, capped or not (H100, fifty-second
+# session: both directions forward+backward at 224², batch 128, 0.888 ms unpaired, 1.086 paired, 0.999 paired and
+# capped at 168; Vim-Ti's training step 31.99 against 33.83 paired and capped). That launch held both directions'
+# paired loops, 3,832 SASS instructions against 2,120 unpaired (offline); launched apart it is not yet timed.
 PAIRED_BIDIRECTIONAL_GRADS = False
 # The states pass stores each bf16 state through indices that show Triton runs of 4 states (`_in_runs_of_four`), not
 # 16: Triton then stores 8 bytes per thread, not 16, and lays the (channels, state) tile over 8 x 4 threads as for
@@ -742,7 +744,8 @@ def _launch(kernel, jobs: list[_Job], name: str, **options) -> list[list[jax.Arr
   Why: the gradient kernel needed 248 registers (218 now), so an H100 held 8 (9) of its one-warp programs per
   SM, 1,056 (1,188) at once; one direction at 224², batch 128 is 1,536 programs, 1.45 (1.29) waves that take as
   long as two. Two directions in one launch are 2.9 (2.6) waves, 3 where two launches take 4: the gradient
-  kernels of a Vim-Ti training step went from 23.5 to 19.6 ms (profile_step.py, H100)."""
+  kernels of a Vim-Ti training step went from 23.5 to 19.6 ms (profile_step.py, H100). Paired gradient kernels,
+  capped, launch apart (`_backward`)."""
   grids = {job.plan.grid()[1:] for job in jobs}
   if len(grids) != 1:
     raise ValueError(f"jobs launched together need one channel-block and chunk grid, got {sorted(grids)}")
@@ -986,8 +989,12 @@ def _backward(scans: list[_Scan]) -> list[tuple]:
   for scan, s, (_, (refs, ref_specs, _)), ((sub_chunk_states, _),) in zip(scans, specs, starts, states):
     extra, extra_specs = [scan.dy, sub_chunk_states, *refs], [s.seq, s.sub_chunk_states, *ref_specs]
     jobs.append(_Job(scan.plan, scan.args, extra, extra_specs, *_grad_outputs(scan, s)))
-  name = triton_registers.capped("selective_scan_bwd", GRAD_MAX_REGISTERS if scans[0].plan.paired else None)
-  launched = _launch(_grad_kernel, jobs, name, start=starts[0][1][2])
+  paired = scans[0].plan.paired
+  name = triton_registers.capped("selective_scan_bwd", GRAD_MAX_REGISTERS if paired else None)
+  # Paired and capped, a direction's programs fill one wave of an H100 (1,536 at 224², batch 128, of 1,584 that
+  # fit), so a launch per direction takes no more waves, and no multiprocessor mixes the two directions' loops.
+  groups = [[job] for job in jobs] if paired else [jobs]
+  launched = [grads for group in groups for grads in _launch(_grad_kernel, group, name, start=starts[0][1][2])]
   grads = []
   for scan, ((_, dC),), (du, ddelta, *rest) in zip(scans, states, launched):
     dz = rest.pop(0) if scan.plan.gated else None

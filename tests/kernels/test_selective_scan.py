@@ -632,6 +632,24 @@ def test_fused_bidirectional_backward_launches_each_gradient_kernel_once():
   )
 
 
+def test_fused_bidirectional_paired_gradients_launch_apart_and_match_two_scans(monkeypatch, x64):
+  """With `PAIRED_BIDIRECTIONAL_GRADS`, each direction's gradient kernel pairs its sub-chunks, is capped
+  (`GRAD_MAX_REGISTERS`) and runs in its own launch; the 15 gradients still equal two reference scans in float64."""
+  monkeypatch.setattr(pallas_gpu, "PAIRED_BIDIRECTIONAL_GRADS", True)
+  rng = np.random.default_rng(12)
+  forward, backward, z = bidirectional_inputs(rng, (2, 37, 8, 4), jnp.float64)
+  dy = jnp.asarray(rng.normal(size=z.shape))
+
+  def grads(fn):
+    return jax.vjp(fn, forward, backward, z)[1](dy)
+
+  fused = functools.partial(pallas_gpu.bidirectional, delta_softplus=True, interpret=True)
+  names = re.findall(r"name=(selective_scan_bwd\w*)", str(jax.make_jaxpr(lambda: grads(fused))()))
+  assert names.count(f"selective_scan_bwd_maxnreg{pallas_gpu.GRAD_MAX_REGISTERS}") == 2
+  assert_close(jit_run(lambda: grads(fused)), jit_run(lambda: grads(functools.partial(two_scans, divide_out=True))),
+               jnp.float64, "grad")  # fmt: skip
+
+
 @pytest.mark.parametrize("batch, length, blocks", [(2, 32, 3), (1, 64, 1), (3, 64, 12)])
 def test_sum_over_blocks_equals_numpy(batch, length, blocks, x64):
   """dB's and dC's partial sums over channel blocks (interpret mode): several programs, a single block, Vim-Ti's 12;
