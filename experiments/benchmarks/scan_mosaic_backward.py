@@ -25,13 +25,11 @@ from kernels.selective_scan import mosaic_gpu_backward
 _CASES = flags.DEFINE_list("cases", ["224_b128", "1248_b8"], "Shapes (scan_common.CASES).")
 _BLOCK_T = flags.DEFINE_list("block_t", ["8", "16"], "Positions per block of the Mosaic kernel.")
 _CHANNEL_SUMS = flags.DEFINE_list(
-  "channel_sums", ["shuffles"], "How dB and dC are summed over channels: pallas, shuffles, shared (one or more)."
+  "channel_sums", ["shuffles"], "How dB and dC are summed over channels: shuffles, pallas (one or both)."
 )
 _SHARED_STEPS = flags.DEFINE_list("shared_steps", ["1"], "0, 1 or both: step sizes once per (position, channel).")
 _SHARED_BC = flags.DEFINE_list("shared_bc", ["0"], "0, 1 or both: B and C converted to float32 once per block.")
-_KEEP_DECAYS = flags.DEFINE_list("keep_decays", ["1"], "0, 1 or both: decays kept in registers for the walk back.")
 _KEEP_STEPS = flags.DEFINE_list("keep_steps", ["1"], "0, 1 or both: u and step sizes kept in registers for it.")
-_KEEP_STATES = flags.DEFINE_list("keep_states", ["1"], "0, 1 or both: states kept in registers (else shared memory).")
 _AUTO_BARRIERS = flags.DEFINE_list("auto_barriers", ["0"], "0, 1 or both: Pallas's barriers around shared stores.")
 _REPS = flags.DEFINE_integer("reps", 50, "Calls per timing.")
 _OUT = flags.DEFINE_string("out", None, "JSON file for the rows.")
@@ -63,8 +61,8 @@ def _vjp(impl: str, reverse: bool):
 
 def _settings() -> dict:
   """name -> the Mosaic kernel's options, every combination of the flags'."""
-  names = ("block_t", "shared_steps", "shared_bc", "keep_decays", "keep_steps", "keep_states", "auto_barriers")
-  flag_values = (_BLOCK_T, _SHARED_STEPS, _SHARED_BC, _KEEP_DECAYS, _KEEP_STEPS, _KEEP_STATES, _AUTO_BARRIERS)
+  names = ("block_t", "shared_steps", "shared_bc", "keep_steps", "auto_barriers")
+  flag_values = (_BLOCK_T, _SHARED_STEPS, _SHARED_BC, _KEEP_STEPS, _AUTO_BARRIERS)
   numbers = itertools.product(*(map(int, f.value) for f in flag_values))
   settings = [dict(zip(names, values), channel_sums=sums) for values in numbers for sums in _CHANNEL_SUMS.value]
   return {",".join(f"{k}={v}" for k, v in options.items()): options for options in settings}

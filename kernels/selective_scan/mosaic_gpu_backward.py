@@ -26,10 +26,12 @@ Checked in interpret mode against the float64 reference and lowered for CUDA at 
 (`experiments/results/scan_mosaic_backward_224_b128_first_h100.json`, before the fixes to dB's and dC's rows and the
 first walk's barrier). By ncu the kernel alone takes 387 us at 158 registers a thread (3 warpgroups a multiprocessor),
 issuing in 59% of cycles: ~190 instructions a position per warp, 39 in the first walk and 152 in the second. The
-register-saving options (`keep_*`, `shared_bc`, `channel_sums="shared"`) are right on the card but left ptxas at
-148-167 registers and the backward at 0.430 ms at best (fifty-second session,
-`scan_mosaic_backward_224_b128_candidates_h100.json`): Mosaic GPU marks every kernel `nvvm.minctasm` 1 and exposes no
-register cap, so ptxas takes what it likes. So `pallas_gpu.MOSAIC_BACKWARD`, which runs it in Vim's fused
+register-saving options tried in the fifty-second session were right on the card but left ptxas at 148-167 registers
+and the backward at 0.430 ms at best (`scan_mosaic_backward_224_b128_candidates_h100.json`): Mosaic GPU marks every
+kernel `nvvm.minctasm` 1 and exposes no register cap, so ptxas takes what it likes. Those that lost were removed:
+recomputing the decays for the walk back (no fewer registers), the states in shared memory rather than registers
+(0.451 against 0.430 ms) and dB's and dC's products summed over the channels in shared memory once per block rather
+than by shuffles (0.449-0.470). So `pallas_gpu.MOSAIC_BACKWARD`, which runs it in Vim's fused
 bidirectional backward, stays off.
 """
 
@@ -37,7 +39,6 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -125,78 +126,7 @@ def _sum_over_warps(partials_ref, out_ref, block_t: int) -> None:
   out_ref[...] = functools.reduce(lambda a, b: a + b, (_load(partials_ref.at[w], rows) for w in range(_WARPS)))
 
 
-# A (position, kind) row of `_store_products`'s: the 32 channels' 16 states, then 4 floats that put the next row's start
-# 4 banks on, so that a warp's 16-byte loads in `_sum_products` take the 4 wavefronts that 512 bytes need.
-_PRODUCTS_ROW = BLOCK_D * STATE + 4
-
-
-def _store_products(products: tuple, products_ref, t: int) -> None:
-  """products_ref[t, kind, 16 x channel + n] = products[kind][channel, n], for the two (32, 16) products in
-  `quarter_rows` whose sums over the channels are dB_t and dC_t: each thread's 4 states of each in one 16-byte store,
-  a warp's 512 consecutive bytes. `_sum_products` sums them once per block, where `_store_warp_sums` exchanges them by
-  shuffles at every position, two selects per value sent."""
-  layout = LAYOUTS[LAYOUT][0]
-
-  @plgpu.inline_mgpu(arg_types=((layout, layout), plgpu.RefType()))
-  def store(ctx, arrays, ref):
-    del ctx
-    constant = functools.partial(mgpu_utils.c, ty=ir.IndexType.get())
-    ((channel, first_state),) = arrays[0].layout.thread_idxs(arrays[0].shape)  # one register: a channel's 4 states
-    column = arith.addi(arith.muli(channel, constant(STATE)), first_state)
-    for kind, array in enumerate(arrays):
-      (register,) = array.registers.flat
-      vector.store(register, ref, [constant(t), constant(kind), column])
-
-  store(tuple(products), products_ref)
-
-
-def _sum_products(products_ref, out_ref, block_t: int) -> None:
-  """out_ref[t, 16 x kind + n] = the sum over the 32 channels of `_store_products`'s products_ref[t, kind, 16 x channel
-  + n]: the block's dB_t and dC_t rows of this program's channels. Each (position, kind, quarter of the states) is
-  summed by 128 / (8 block_t) neighbouring threads, each over every (that many)-th channel with 16-byte loads, then
-  across them by butterfly shuffles; the first stores the 4 sums."""
-  groups = block_t * 2 * (STATE // 4)
-  per_group = 128 // groups
-
-  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType()))
-  def sums(ctx, ref, out):
-    del ctx
-    index = ir.IndexType.get()
-    constant = functools.partial(mgpu_utils.c, ty=index)
-    thread = arith.index_cast(index, mgpu_utils.thread_idx())
-    group, part = arith.divui(thread, constant(per_group)), arith.remui(thread, constant(per_group))
-    t, kind = arith.divui(group, constant(8)), arith.remui(arith.divui(group, constant(4)), constant(2))
-    first_state = arith.muli(arith.remui(group, constant(4)), constant(4))
-    four = ir.VectorType.get([4], ir.F32Type.get())
-    total = None
-    for j in range(BLOCK_D // per_group):
-      channel = arith.addi(part, constant(per_group * j))
-      value = vector.load(four, ref, [t, kind, arith.addi(arith.muli(channel, constant(STATE)), first_state)])
-      total = value if total is None else arith.addf(total, value)
-    distance = 1
-    while distance < per_group:
-      total = arith.addf(total, mgpu_utils.shfl_bfly(total, distance))
-      distance *= 2
-    with mgpu_utils.when(arith.cmpi(arith.CmpIPredicate.eq, part, constant(0))):
-      vector.store(total, out, [t, arith.addi(arith.muli(kind, constant(STATE)), first_state)])
-
-  sums(products_ref, out_ref)
-
-
-class _ChannelSums(NamedTuple):
-  """A way to sum dB_t's and dC_t's products over a program's channels, in Mosaic GPU code: a shared scratch of
-  `scratch(block_t)`'s shape, `store(products, scratch, t)` at every position and `finish(scratch, dBC's block,
-  block_t)` once per block."""
-
-  scratch: Callable[[int], tuple[int, ...]]
-  store: Callable
-  finish: Callable
-
-
-CHANNEL_SUMS = {
-  "shuffles": _ChannelSums(lambda block_t: (_WARPS, block_t, 2 * STATE), _store_warp_sums, _sum_over_warps),
-  "shared": _ChannelSums(lambda block_t: (block_t, 2, _PRODUCTS_ROW), _store_products, _sum_products),
-}
+CHANNEL_SUMS = ("shuffles", "pallas")  # `gradients`'s ways to sum dB and dC over the channels
 
 
 def _softplus_grad(x: jax.Array) -> jax.Array:
@@ -227,9 +157,7 @@ def _kernel(
   channel_sums: str,
   shared_steps: bool,
   shared_bc: bool,
-  keep_decays: bool,
   keep_steps: bool,
-  keep_states: bool,
   inline: bool,
 ):
   """refs: u, delta, dy (batch, length, channels); B, C (batch, length, state); A, D, delta_bias; then the outputs
@@ -237,18 +165,15 @@ def _kernel(
   and d(delta_bias)'s per sequence (batch, channels[, state]); the entering states (batch, blocks, channels, state),
   the kernel's own.
 
-  `channel_sums` names how dB and dC are summed over the channels: "shuffles" (`_store_warp_sums`) or "shared"
-  (`_store_products`), in `CHANNEL_SUMS`; else, and where not `inline` (interpret mode, which cannot run that Mosaic
-  GPU code), by Pallas's reductions. `shared_steps` computes each block's step sizes and softplus's derivative once
-  per (position, channel) into shared memory (`share_block`), where a channel's four threads would each compute them,
-  in both walks. `shared_bc` converts each block's B and C to float32 there once: read as bf16, every thread converts
-  4 entries of each at every position, ~12 of the second walk's ~150 instructions a position per warp (its SASS; H100
-  ptxas). `keep_decays`, `keep_steps` and `keep_states` keep each position's decay, its u, step size and softplus
-  derivative, and its state in registers from the second walk's recomputation to its walk back; else the walk back
-  computes the decays again (4 exp2 a position), reads the per-channel inputs again, and stores and loads the states
-  in shared memory (16 bytes a thread a position each way). Each saves registers (4, 3 and 4 x block_t): at 158 a
-  thread, 3 warpgroups share a multiprocessor, and the kernel waits on latency there (it issues in 59% of cycles,
-  H100)."""
+  `channel_sums` names how dB and dC are summed over the channels: "shuffles" (`_store_warp_sums`), or "pallas" and
+  wherever not `inline` (interpret mode, which cannot run that Mosaic GPU code), Pallas's reductions. `shared_steps`
+  computes each block's step sizes and softplus's derivative once per (position, channel) into shared memory
+  (`share_block`), where a channel's four threads would each compute them, in both walks. `shared_bc` converts each
+  block's B and C to float32 there once: read as bf16, every thread converts 4 entries of each at every position, ~12
+  of the second walk's ~150 instructions a position per warp (its SASS; H100 ptxas). `keep_steps` keeps each
+  position's u, step size and softplus derivative in registers from the second walk's recomputation to its walk back;
+  else the walk back reads them again (3 x block_t registers fewer by count: at 158 a thread, 3 warpgroups share a
+  multiprocessor, and the kernel waits on latency there; it issues in 59% of cycles, H100)."""
   tile = LAYOUTS[LAYOUT][0]
   per_channel, per_state = tile.reduce(1), tile.reduce(0)
   shape = (BLOCK_D, STATE)
@@ -295,13 +220,9 @@ def _kernel(
     """B_t or C_t across the tile's states, from the block's float32 copy (`shared_bc`) or converted here."""
     return _load((scratch[name] if name in scratch else blocks[name]).at[t], per_state)
 
-  def decay_at(p: dict):
-    """exp(delta_t A)."""
-    return jnp.exp2(_rows(p["step"], shape) * a_log2)
-
   def advance(h, p: dict, blocks: dict, scratch: dict):
     """(exp(delta_t A), h_t) from h_{t-1}."""
-    decay = decay_at(p)
+    decay = jnp.exp2(_rows(p["step"], shape) * a_log2)
     B = state_row(blocks, scratch, "B", p["t"])
     return decay, decay * h + _rows(p["step"] * p["u"], shape) * _cols(B, shape)
 
@@ -316,29 +237,24 @@ def _kernel(
     return h
 
   def block_gradients(b, blocks: dict, carry, scratch: dict):
-    summing = CHANNEL_SUMS.get(channel_sums) if "sums" in scratch else None
-    if summing:
-      _block_barrier(True)  # every thread has read the last block's products or partial sums
+    shuffled = "sums" in scratch
+    if shuffled:
+      _block_barrier(True)  # every thread has read the last block's partial sums
     share_block(blocks, scratch, derivative=True)
     g, dA, dD, dbias = carry  # g: exp(delta_{t+1} A) g_{t+1}, the adjoint that later positions pass back
     kept = [read(blocks, k, scratch) for k in range(block_t)] if keep_steps else None
     step_at = (lambda k: kept[k]) if keep_steps else (lambda k: read(blocks, k, scratch))  # noqa: E731
-    # states[k]: the state before the block's k-th step, in registers or (not `keep_states`) in shared memory, where
-    # each thread stores and loads its own entries, so no barrier is needed.
+    # states[k]: the state before the block's k-th step; decays[k]: exp(delta A) at that step.
     h = _load(entering.at[b, channels, :], tile)
     states, decays = [h], []
     for k in range(block_t):
       decay, h = advance(h, step_at(k), blocks, scratch)
-      decays.append(decay if keep_decays else None)
-      if keep_states:
-        states.append(h)
-      elif k < block_t - 1:  # the last is `after`, in registers
-        scratch["states"][k] = h
+      decays.append(decay)
+      states.append(h)
     after = h  # the state after the walk back's position
     for k in reversed(range(block_t)):
       p = step_at(k)
-      t, decay = p["t"], decays[k] if keep_decays else decay_at(p)
-      before = states[k] if keep_states else (states[0] if k == 0 else _load(scratch["states"].at[k - 1], tile))
+      t, decay, before = p["t"], decays[k], states[k]
       dy = _load(blocks["dy"].at[t], per_channel)
       B, C = (state_row(blocks, scratch, name, t) for name in ("B", "C"))
       g = _rows(dy, shape) * _cols(C, shape) + g
@@ -348,16 +264,16 @@ def _kernel(
       blocks["du"][t] = (p["step"] * g_b + skip * dy).astype(blocks["du"].dtype)
       blocks["ddelta"][t] = ddelta.astype(blocks["ddelta"].dtype)
       products = (g * _rows(p["step"] * p["u"], shape), _rows(dy, shape) * after)  # summed: dB_t, dC_t
-      if summing:
-        summing.store(products, scratch["sums"], t)
+      if shuffled:
+        _store_warp_sums(products, scratch["sums"], t)
       else:
         for i, product in enumerate(products):
           blocks["dBC"][t, pl.ds(i * STATE, STATE)] = product.sum(axis=0)
       dA, dD, dbias = dA + decayed * _rows(p["step"], shape), dD + dy * p["u"], dbias + ddelta
       g, after = decay * g, before
-    if summing:
+    if shuffled:
       _block_barrier(True)  # and every thread has stored its own
-      summing.finish(scratch["sums"], blocks["dBC"], block_t)
+      _sum_over_warps(scratch["sums"], blocks["dBC"], block_t)
     return g, dA, dD, dbias
 
   zeros = plgpu.layout_cast(jnp.zeros(shape, jnp.float32), tile)
@@ -410,14 +326,12 @@ def _kernel(
     return walk(body, second_pass, ("du", "ddelta", "dBC"), backwards, init)
 
   scratch = {}
-  if channel_sums in CHANNEL_SUMS and inline:
-    scratch["sums"] = plgpu.SMEM(CHANNEL_SUMS[channel_sums].scratch(block_t), jnp.float32)
+  if channel_sums == "shuffles" and inline:
+    scratch["sums"] = plgpu.SMEM((_WARPS, block_t, 2 * STATE), jnp.float32)
   if shared_steps:
     scratch |= {name: plgpu.SMEM((block_t, BLOCK_D), jnp.float32) for name in ("bias", "step", "dstep")}
   if shared_bc:
     scratch |= {name: plgpu.SMEM((block_t, STATE), jnp.float32) for name in ("B", "C")}
-  if not keep_states:
-    scratch["states"] = plgpu.SMEM((block_t - 1, BLOCK_D, STATE), jnp.float32)
   names = tuple(scratch)
   _, dA, dD, dbias = pl.run_scoped(lambda *refs: both_walks(dict(zip(names, refs, strict=True))), *scratch.values())
   da_ref[sequence, channels, :] = dA
@@ -434,9 +348,7 @@ def _kernel(
     "channel_sums",
     "shared_steps",
     "shared_bc",
-    "keep_decays",
     "keep_steps",
-    "keep_states",
     "auto_barriers",
     "interpret",
   ),
@@ -457,16 +369,14 @@ def gradients(
   channel_sums: str = "shuffles",
   shared_steps: bool = True,
   shared_bc: bool = False,
-  keep_decays: bool = True,
   keep_steps: bool = True,
-  keep_states: bool = True,
   auto_barriers: bool = False,
   interpret=False,
 ) -> Gradients:
   """The gradients of y = selective_scan(u, delta, A, B, C, D, delta_bias=delta_bias, delta_softplus=True,
   reverse=reverse) (no z) against the cotangent dy, for (batch, length, channels) sequences and (batch, length, 16)
   B and C. `staged=False` reads the blocks in place from HBM (what interpret mode runs); `channel_sums` ("pallas" or
-  a key of `CHANNEL_SUMS`), `shared_steps`, `shared_bc` and the `keep_` options are `_kernel`'s; `auto_barriers` puts
+  "shuffles"), `shared_steps`, `shared_bc` and `keep_steps` are `_kernel`'s; `auto_barriers` puts
   back the warpgroup barriers Pallas puts around every store to shared memory. None is needed, as in the forward
   (`mosaic_gpu.forward`'s comment): threads write output blocks that only their TMA copies read, after the pipeline's
   fence and barrier, and the shared step sizes, B and C and the sums over channels are fenced by their own
@@ -479,11 +389,8 @@ def gradients(
   if block_t < 1 or block_t % 4:
     # A block's (block_t, 32) step sizes and sums over the channels are spread over the warpgroup's 128 threads.
     raise ValueError(f"block_t must be a positive multiple of 4, got {block_t}")
-  if channel_sums not in ("pallas", *CHANNEL_SUMS):
-    raise ValueError(f"channel_sums must be 'pallas' or one of {tuple(CHANNEL_SUMS)}, got {channel_sums!r}")
-  if channel_sums == "shared" and block_t > 16:
-    # `_sum_products` gives each (position, kind, quarter of the states) of a block at least one thread.
-    raise ValueError(f"block_t must be at most 16 with channel_sums='shared', got {block_t}")
+  if channel_sums not in CHANNEL_SUMS:
+    raise ValueError(f"channel_sums must be one of {CHANNEL_SUMS}, got {channel_sums!r}")
   if shared_bc and block_t % 8:
     # And a block's (block_t, 16) B and C.
     raise ValueError(f"block_t must be a multiple of 8 with shared_bc, got {block_t}")
@@ -514,9 +421,7 @@ def gradients(
       channel_sums=channel_sums,
       shared_steps=shared_steps,
       shared_bc=shared_bc,
-      keep_decays=keep_decays,
       keep_steps=keep_steps,
-      keep_states=keep_states,
       inline=not interpret,
     ),
     out_type=out_type,

@@ -34,10 +34,10 @@ def _inputs(length: int):
   [
     (13, 4, dict(shared_steps=True)),
     (16, 8, dict(shared_steps=False)),
-    (13, 4, dict(keep_decays=False, keep_steps=False, keep_states=False)),
+    (13, 4, dict(keep_steps=False)),
     (13, 8, dict(shared_bc=True)),
   ],
-  ids=["past-the-end", "whole-blocks", "nothing-kept", "shared-bc"],
+  ids=["past-the-end", "whole-blocks", "steps-read-again", "shared-bc"],
 )
 def test_gradients_match_reference_in_float64_in_interpret_mode(length, block_t, options, reverse, x64):
   *args, dy = _inputs(length)
@@ -59,9 +59,9 @@ def test_gradients_match_reference_in_float64_in_interpret_mode(length, block_t,
   [
     (128, 197, 8, {}),
     (8, 6085, 16, {}),
-    (128, 197, 8, dict(channel_sums="shared", shared_bc=True, keep_decays=False, keep_steps=False, keep_states=False)),
+    (128, 197, 8, dict(shared_bc=True, keep_steps=False)),
   ],
-  ids=["224", "1248", "224-candidates"],
+  ids=["224", "1248", "224-options"],
 )
 def test_gradients_lower_for_cuda_at_vim_tiny_shapes(batch, length, block_t, options, reverse):
   seq, states = (jax.ShapeDtypeStruct((batch, length, n), jnp.bfloat16) for n in (384, 16))
@@ -79,8 +79,7 @@ def test_gradients_lower_for_cuda_at_vim_tiny_shapes(batch, length, block_t, opt
     (dict(block_t=0), "block_t must be a positive multiple of 4, got 0"),
     (dict(block_t=6), "block_t must be a positive multiple of 4, got 6"),
     (dict(block_t=4, shared_bc=True), "block_t must be a multiple of 8 with shared_bc, got 4"),
-    (dict(channel_sums="atomics"), "channel_sums must be 'pallas' or one of .*, got 'atomics'"),
-    (dict(block_t=32, channel_sums="shared"), "block_t must be at most 16 with channel_sums='shared', got 32"),
+    (dict(channel_sums="shared"), r"channel_sums must be one of \('shuffles', 'pallas'\), got 'shared'"),
   ],
 )
 def test_gradients_name_a_bad_argument(change, message):
