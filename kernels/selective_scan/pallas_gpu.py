@@ -61,9 +61,9 @@ partial sums, but dB's and dC's in one launch of `sum_over_blocks` where batch x
 ungated output its forward keeps) and runs both directions' ungated gradient kernels in one launch
 (`_launch`): at 218 registers (168 offline now) an H100 held only 1,188 of their programs at once. The gradient
 kernels go one sub-chunk at a time there; the states passes load two ahead where programs are few
-(`PAIRED_STATES_PROGRAMS`). One direction's gradient kernel runs pairs of sub-chunks, capped at `GRAD_MAX_REGISTERS`
-(`triton_registers`: Triton's `maxnreg`, which jax does not expose): 22% off that direction's forward+backward at
-224², batch 128 (H100).
+(`PAIRED_STATES_PROGRAMS`). One direction's gradient kernel runs pairs of sub-chunks, capped at
+`GRAD_MAX_REGISTERS` where ungated (`triton_registers`: Triton's `maxnreg`, which jax does not expose): 22% off that
+direction's forward+backward at 224², batch 128 (H100).
 """
 
 import dataclasses
@@ -143,14 +143,12 @@ PAIRED_STATES_PROGRAMS = 2048
 # 0.328 at 152; in another run 0.403 uncapped, 0.454 at 128) 168 was fastest; at 1248², batch 8 (chunks) it was
 # neutral (forward+backward 1.307 -> 1.321 ms), 184 and 200 slower (1.44, 1.45; 1.31 uncapped). One sub-chunk at a
 # time (the fused bidirectional backward) the kernel takes 168 uncapped (offline), and capping it there changed
-# nothing but spills: Vim-Ti's training step 32.20 against 32.26 ms capped.
+# nothing but spills: Vim-Ti's training step 32.20 against 32.26 ms capped; capped lower, that backward only got slower
+# (both directions forward+backward at 224², batch 128: 0.920 ms uncapped, 1.019 at 144, 1.227 at 128, 1.664 at 112;
+# fifty-third session). Gated (z given), the paired kernel holds more and was slower capped, so it runs uncapped there:
+# one gated direction forward+backward 0.617 -> 0.671 ms at 224², batch 128, 1.638 -> 1.923 at 1248², batch 8, 2.337
+# -> 2.290 at 224², stride 8 (H100, fifty-third session, scan_register_cap_gated_h100.txt).
 GRAD_MAX_REGISTERS = 168
-# Whether the fused bidirectional backward's gradient kernels run pairs of sub-chunks (`_Chunk.over_sub_chunks`),
-# each direction then in its own launch (`_backward`). In one launch it was slower, capped or not (H100, fifty-second
-# session: both directions forward+backward at 224², batch 128, 0.888 ms unpaired, 1.086 paired, 0.999 paired and
-# capped at 168; Vim-Ti's training step 31.99 against 33.83 paired and capped). That launch held both directions'
-# paired loops, 3,832 SASS instructions against 2,120 unpaired (offline); launched apart it is not yet timed.
-PAIRED_BIDIRECTIONAL_GRADS = False
 # The states pass stores each bf16 state through indices that show Triton runs of 4 states (`_in_runs_of_four`), not
 # 16: Triton then stores 8 bytes per thread, not 16, and lays the (channels, state) tile over 8 x 4 threads as for
 # float32 states, not 16 x 2, so dC's sum over the channels crosses 8 lanes, not 16. Offline (sm_90, Vim-Ti's fused
@@ -744,8 +742,7 @@ def _launch(kernel, jobs: list[_Job], name: str, **options) -> list[list[jax.Arr
   Why: the gradient kernel needed 248 registers (218 now), so an H100 held 8 (9) of its one-warp programs per
   SM, 1,056 (1,188) at once; one direction at 224², batch 128 is 1,536 programs, 1.45 (1.29) waves that take as
   long as two. Two directions in one launch are 2.9 (2.6) waves, 3 where two launches take 4: the gradient
-  kernels of a Vim-Ti training step went from 23.5 to 19.6 ms (profile_step.py, H100). Paired gradient kernels,
-  capped, launch apart (`_backward`)."""
+  kernels of a Vim-Ti training step went from 23.5 to 19.6 ms (profile_step.py, H100)."""
   grids = {job.plan.grid()[1:] for job in jobs}
   if len(grids) != 1:
     raise ValueError(f"jobs launched together need one channel-block and chunk grid, got {sorted(grids)}")
@@ -989,12 +986,9 @@ def _backward(scans: list[_Scan]) -> list[tuple]:
   for scan, s, (_, (refs, ref_specs, _)), ((sub_chunk_states, _),) in zip(scans, specs, starts, states):
     extra, extra_specs = [scan.dy, sub_chunk_states, *refs], [s.seq, s.sub_chunk_states, *ref_specs]
     jobs.append(_Job(scan.plan, scan.args, extra, extra_specs, *_grad_outputs(scan, s)))
-  paired = scans[0].plan.paired
-  name = triton_registers.capped("selective_scan_bwd", GRAD_MAX_REGISTERS if paired else None)
-  # Paired and capped, a direction's programs fill one wave of an H100 (1,536 at 224², batch 128, of 1,584 that
-  # fit), so a launch per direction takes no more waves, and no multiprocessor mixes the two directions' loops.
-  groups = [[job] for job in jobs] if paired else [jobs]
-  launched = [grads for group in groups for grads in _launch(_grad_kernel, group, name, start=starts[0][1][2])]
+  capped = scans[0].plan.paired and not any(scan.plan.gated for scan in scans)  # `GRAD_MAX_REGISTERS` says why
+  name = triton_registers.capped("selective_scan_bwd", GRAD_MAX_REGISTERS if capped else None)
+  launched = _launch(_grad_kernel, jobs, name, start=starts[0][1][2])
   grads = []
   for scan, ((_, dC),), (du, ddelta, *rest) in zip(scans, states, launched):
     dz = rest.pop(0) if scan.plan.gated else None
@@ -1303,11 +1297,15 @@ def bidirectional(
 
   (first, second), inference = plans(FILLING_PROGRAMS), plans(FORWARD_FILLING_PROGRAMS)
   # The backward takes the gate outside the kernels (`gate_backward`), so both directions' gradient kernels
-  # run ungated. They go one sub-chunk at a time (`over_sub_chunks`, `PAIRED_BIDIRECTIONAL_GRADS`): paired, the two
-  # in one launch measured slower (H100, bf16, both directions forward+backward: 1.60 against 1.57 ms at 224², batch
-  # 128, 14.6 against 13.9 at 1248², batch 32; 1% faster at 224² stride 8 and 736²), where one direction gains 3-4%.
-  first_grads = dataclasses.replace(first, paired=PAIRED_BIDIRECTIONAL_GRADS)
-  second_grads = dataclasses.replace(second, combine=None, gated=False, paired=PAIRED_BIDIRECTIONAL_GRADS)
+  # run ungated. They go one sub-chunk at a time (`over_sub_chunks`): paired, the two in one launch measured slower
+  # (H100, bf16, both directions forward+backward: 1.60 against 1.57 ms at 224², batch 128, 14.6 against 13.9 at
+  # 1248², batch 32; 1% faster at 224² stride 8 and 736²), where one direction gains 3-4%; and again with the register
+  # cap, in one launch (1.086 ms uncapped, 0.999 capped, against 0.888 unpaired at 224², batch 128; Vim-Ti's training
+  # step 33.83 against 31.99 ms) and a launch per direction (0.941-0.949 against 0.920; training step 32.45 against
+  # 31.87; H100, fifty-second and fifty-third sessions,
+  # ab_paired_bidirectional_grads_{capped,apart}_vim_tiny_train_h100.txt).
+  first_grads = dataclasses.replace(first, paired=False)
+  second_grads = dataclasses.replace(second, combine=None, gated=False, paired=False)
 
   def outputs(first, second, forward, backward, z, *, differentiated: bool):
     """y, and what the backward keeps if `differentiated`."""

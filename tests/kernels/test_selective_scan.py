@@ -191,12 +191,12 @@ _GRADIENT_KERNELS = {
 }
 
 
-def _gradient_kernels(batch: int, length: int, *, paired: bool) -> set[str]:
+def _gradient_kernels(batch: int, length: int, *, capped: bool) -> set[str]:
   """The Triton kernels a differentiated scan runs: the chunk passes where sequences are split, the sums over channel
   blocks where batch x length fills their programs whole (`pallas_gpu._summed_over_blocks`); the gradient kernel
-  named for its register cap where it runs pairs of sub-chunks (`pallas_gpu.GRAD_MAX_REGISTERS`)."""
+  named for its register cap where it runs pairs of sub-chunks ungated (`pallas_gpu.GRAD_MAX_REGISTERS`)."""
   names = set(_GRADIENT_KERNELS)
-  if paired:
+  if capped:
     names = names - {"selective_scan_bwd"} | {f"selective_scan_bwd_maxnreg{pallas_gpu.GRAD_MAX_REGISTERS}"}
   if length > pallas_gpu.CHUNK:
     names |= {"selective_scan_chunk_ends", "selective_scan_bwd_carry"}
@@ -216,9 +216,8 @@ def test_pallas_gpu_lowers_for_cuda(batch, length):
   """Every Triton kernel, forward and backward, at Vim-Ti shapes lowered for an H100: interpret mode never
   runs this path."""
   hlo, names = _vim_tiny_scan_for_h100(_scan_with_gradients, batch, length)
-  assert names == _gradient_kernels(batch, length, paired=True)
-  # The cap reaches the gradient kernel's Triton module as Triton's own attribute (`triton_registers`).
-  assert hlo.count("ttg.maxnreg") == 1
+  assert names == _gradient_kernels(batch, length, capped=False)
+  assert "ttg.maxnreg" not in hlo  # gated, the gradient kernel takes no cap
   # The forward by channel (few programs, `BY_CHANNEL_PROGRAMS`) reads B and C as uint32 pairs of bf16.
   assert (f"tensor<{batch}x{length}x8xui32>" in hlo) == (length <= pallas_gpu.CHUNK)
   # The kernels read the bf16 arrays themselves: no float32 copy of u is made.
@@ -232,6 +231,15 @@ def test_pallas_gpu_lowers_for_cuda(batch, length):
   # exp, sigmoid and multiply-adds as single PTX instructions (`ptx`), not libdevice's exact forms.
   assert all(op in hlo for op in ("ex2.approx.ftz.f32", "rcp.approx.ftz.f32", "fma.rn.f32", "lg2.approx.ftz.f32"))
   assert "__nv_exp" not in hlo and "__nv_log1p" not in hlo
+
+
+@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
+def test_ungated_gradient_kernel_is_capped_for_cuda():
+  """Without z, the gradient kernel that pairs sub-chunks is named for its cap, and the cap reaches its Triton module
+  as Triton's own attribute (`triton_registers`)."""
+  hlo, names = _vim_tiny_scan_for_h100(lambda a: _scan_with_gradients(a | {"z": None}), 128, 197)
+  assert names == _gradient_kernels(128, 197, capped=True)
+  assert hlo.count("ttg.maxnreg") == 1
 
 
 def test_ptx_log1p_pieces_are_float32_accurate():
@@ -268,7 +276,7 @@ def test_pallas_gpu_bidirectional_lowers_for_cuda(batch, length):
   """The fused bidirectional path's kernels (the second direction's forward writing its ungated output too,
   both directions' ungated gradient kernels in one launch) lowered for an H100."""
   hlo, names = _vim_tiny_scan_for_h100(_bidirectional_with_gradients, batch, length)
-  assert names == _gradient_kernels(batch, length, paired=False)
+  assert names == _gradient_kernels(batch, length, capped=False)
   assert "ttg.maxnreg" not in hlo  # one sub-chunk at a time it takes no cap
   assert len(re.findall(r'name = "selective_scan_bwd"', hlo)) == 1  # both directions in one launch
   # Their dB and dC too, where the positions fill the sums' programs whole.
@@ -630,24 +638,6 @@ def test_fused_bidirectional_backward_launches_each_gradient_kernel_once():
     + ["selective_scan_bwd_states"] * 2
     + ["selective_scan_bwd", "selective_scan_bwd_sum_blocks"]
   )
-
-
-def test_fused_bidirectional_paired_gradients_launch_apart_and_match_two_scans(monkeypatch, x64):
-  """With `PAIRED_BIDIRECTIONAL_GRADS`, each direction's gradient kernel pairs its sub-chunks, is capped
-  (`GRAD_MAX_REGISTERS`) and runs in its own launch; the 15 gradients still equal two reference scans in float64."""
-  monkeypatch.setattr(pallas_gpu, "PAIRED_BIDIRECTIONAL_GRADS", True)
-  rng = np.random.default_rng(12)
-  forward, backward, z = bidirectional_inputs(rng, (2, 37, 8, 4), jnp.float64)
-  dy = jnp.asarray(rng.normal(size=z.shape))
-
-  def grads(fn):
-    return jax.vjp(fn, forward, backward, z)[1](dy)
-
-  fused = functools.partial(pallas_gpu.bidirectional, delta_softplus=True, interpret=True)
-  names = re.findall(r"name=(selective_scan_bwd\w*)", str(jax.make_jaxpr(lambda: grads(fused))()))
-  assert names.count(f"selective_scan_bwd_maxnreg{pallas_gpu.GRAD_MAX_REGISTERS}") == 2
-  assert_close(jit_run(lambda: grads(fused)), jit_run(lambda: grads(functools.partial(two_scans, divide_out=True))),
-               jnp.float64, "grad")  # fmt: skip
 
 
 @pytest.mark.parametrize("batch, length, blocks", [(2, 32, 3), (1, 64, 1), (3, 64, 12)])
