@@ -23,31 +23,15 @@ then 4 rounds of 10 calls each alternate between them (`model_steps.alternate_ro
 and code: every round's ms per call, their median and XLA's temporary memory.
 """
 
-import ast
 import contextlib
 import importlib
 import sys
 
 import jax
 
+from experiments.benchmarks.constants import patched
 from experiments.benchmarks.model_steps import alternate_rounds, forward_step, train_step
 from vim_jax.models import create_model
-
-
-@contextlib.contextmanager
-def _patched(constant: str):
-  """module.NAME=VALUE (a Python literal) set inside the block."""
-  path, value = constant.split("=", 1)
-  module_name, name = path.rsplit(".", 1)
-  module = importlib.import_module(module_name)
-  if not hasattr(module, name):
-    raise ValueError(f"{module_name} has no {name!r} to patch")
-  kept = getattr(module, name)
-  setattr(module, name, ast.literal_eval(value))
-  try:
-    yield
-  finally:
-    setattr(module, name, kept)
 
 
 @contextlib.contextmanager
@@ -79,7 +63,7 @@ def main(cases: list[str], change: str = "kernels.selective_scan.pallas_gpu") ->
   for case in cases:
     mode, size, batch = case.split(":")
     jax.clear_caches()  # jitted kernel entries read their modules when traced
-    with _patched(change) if "=" in change else _swapped(change):
+    with patched(change) if "=" in change else _swapped(change):
       before = _step(mode, int(size), int(batch))
     jax.clear_caches()
     steps = {"before": before, "after": _step(mode, int(size), int(batch))}

@@ -9,10 +9,13 @@ forward+backward (gradients of every array), for bf16 and f32 I/O. The copy band
 same run; the byte floor is the HBM traffic a perfect kernel needs (see KINDS) over that bandwidth.
 Time per call over --reps calls queued back to back after warm-up (see `time_call`).
 Also prints each impl's forward and gradient error against the reference (f32 inputs, on the device).
+`--set=module.NAME=VALUE` (repeatable) runs it all with a kernel module's constant changed, e.g.
+`--set=kernels.selective_scan.pallas_gpu.GATE_BACKWARD_IN_XLA=True`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 
@@ -20,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
+from experiments.benchmarks.constants import patched
 from experiments.benchmarks.scan_common import (
   CASES,
   CHANNELS,
@@ -37,6 +41,9 @@ _DTYPES = flags.DEFINE_list("dtypes", ["bfloat16", "float32"], "I/O dtypes.")
 _KINDS = flags.DEFINE_list("kinds", ["one", "bidir", "bidir_two_calls"], "What to time (see KINDS).")
 _REPS = flags.DEFINE_integer("reps", 50, "Timed repetitions.")
 _OUT = flags.DEFINE_string("out", None, "JSON file for the results.")
+_SET = flags.DEFINE_multi_string(
+  "set", [], "module.NAME=VALUE: a kernel module's constant set for the whole run (`constants.patched`)."
+)
 
 
 def _outputs_and_grads(impl: str, batch: int, length: int):
@@ -64,16 +71,23 @@ def _write(device, bandwidth: float, rows: list[dict]) -> None:
   """Writes --out, if given."""
   if _OUT.value:
     with open(_OUT.value, "w") as f:
-      json.dump(
-        {"device": device.device_kind, "jax": jax.__version__, "copy_bytes_per_s": bandwidth, "rows": rows}, f, indent=2
-      )
+      header = {"device": device.device_kind, "jax": jax.__version__, "copy_bytes_per_s": bandwidth, "set": _SET.value}
+      json.dump(header | {"rows": rows}, f, indent=2)
 
 
 def main(argv):
   del argv
+  with contextlib.ExitStack() as constants:
+    for constant in _SET.value:
+      constants.enter_context(patched(constant))
+    _time_all()
+
+
+def _time_all() -> None:
+  """Times every case, impl, dtype and kind; prints each row and the table, and writes --out."""
   device = jax.devices()[0]
   bandwidth = copy_bandwidth()
-  print(f"{device.device_kind}; jax {jax.__version__}; copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+  print(f"{device.device_kind}; jax {jax.__version__}; copy bandwidth {bandwidth / 1e12:.2f} TB/s; set {_SET.value}")
   rows = []
   for case in _CASES.value:
     batch, length = CASES[case]

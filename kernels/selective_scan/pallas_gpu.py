@@ -135,6 +135,13 @@ BY_CHANNEL_PROGRAMS = 2048
 # processes), 2.80 -> 2.75 at 224² stride 8; at 1248², batch 32 (9,216 programs, many warps per SM) 6.09 against 6.13
 # paired, so not there (twenty-sixth session, scan_tune_paired_states_h200.txt).
 PAIRED_STATES_PROGRAMS = 2048
+# Whether one gated direction's backward takes the gate to XLA (`gate_backward`), as the fused bidirectional one does:
+# the forward then also writes y before the gate (one more (batch, length, channels) residual), and the states pass
+# and the gradient kernel run ungated, the gradient kernel capped (`GRAD_MAX_REGISTERS`). Why it may pay (H100,
+# fifty-third session, bf16, forward+backward at 224², batch 128): one ungated direction 0.386 ms, one gated
+# 0.617-0.623, where the gate's backward in XLA reads three (batch, length, channels) arrays and writes two (about 25 µs
+# at the copy bandwidth). Off until timed: `scan_bench.py --kinds=one` with it on and off.
+GATE_BACKWARD_IN_XLA = False
 # Registers a thread of the gradient kernel may take where it runs pairs of sub-chunks (`triton_registers`; None: as
 # many as ptxas likes). Paired, it took 255 registers (offline, Triton 3.5: 8 one-warp programs a multiprocessor);
 # capped at 168 it spills ~400 bytes and 12 fit. One ungated direction forward+backward, bf16, H100 (fifty-second
@@ -1191,9 +1198,12 @@ def scan(
     for n in (FILLING_PROGRAMS, FORWARD_FILLING_PROGRAMS)
   )
 
-  def outputs(plan, arrays):
-    y, last, start, total, _ = _forward(plan, _padded(plan, *arrays))
-    return (y[..., :channels], last[:, :channels, :state]), (start, total)
+  # With the gate's backward in XLA, the forward keeps y before the gate and the gradient kernels run ungated.
+  gate_outside = GATE_BACKWARD_IN_XLA and z is not None
+
+  def outputs(plan, arrays, *, ungated: bool = False):
+    y, last, start, total, y_ungated = _forward(plan, _padded(plan, *arrays), ungated=ungated)
+    return (y[..., :channels], last[:, :channels, :state]), (start, total, y_ungated)
 
   @jax.custom_vjp
   def run(*arrays):
@@ -1209,17 +1219,23 @@ def scan(
     return outputs(inference, arrays)[0]
 
   def run_fwd(*arrays):
-    out, (start, total) = outputs(plan, arrays)
-    return out, (arrays, start, total)
+    out, kept = outputs(plan, arrays, ungated=gate_outside)
+    return out, (arrays, *kept)
 
   def run_bwd(residuals, cotangents):
-    arrays, start, total = residuals
+    arrays, start, total, y_ungated = residuals
     dy, d_last = cotangents
     d_last = pad_to(pad_to(d_last, 1, plan.channels), 2, plan.state)
     d_last = d_last.astype(plan.dtype)
-    scan = _Scan(plan, _padded(plan, *arrays), start, total, pad_to(dy, 2, plan.channels), d_last)
-    ((*grads, dz),) = _backward([scan])
-    return (*_cropped(grads, arrays), None if dz is None else dz[..., :channels])
+    grads_plan = plan
+    if gate_outside:
+      dy, dz = gate_backward(dy, y_ungated[..., :channels], arrays[-1], 1.0)
+      grads_plan, arrays = dataclasses.replace(plan, gated=False), (*arrays[:-1], None)
+    scan = _Scan(grads_plan, _padded(grads_plan, *arrays), start, total, pad_to(dy, 2, plan.channels), d_last)
+    ((*grads, dz_kernel),) = _backward([scan])
+    if not gate_outside:
+      dz = None if dz_kernel is None else dz_kernel[..., :channels]
+    return (*_cropped(grads, arrays), dz)
 
   run.defvjp(run_fwd, run_bwd)
   return run(u, delta, A, B, C, D, delta_bias, z)

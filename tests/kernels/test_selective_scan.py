@@ -234,10 +234,13 @@ def test_pallas_gpu_lowers_for_cuda(batch, length):
 
 
 @pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
-def test_ungated_gradient_kernel_is_capped_for_cuda():
-  """Without z, the gradient kernel that pairs sub-chunks is named for its cap, and the cap reaches its Triton module
-  as Triton's own attribute (`triton_registers`)."""
-  hlo, names = _vim_tiny_scan_for_h100(lambda a: _scan_with_gradients(a | {"z": None}), 128, 197)
+@pytest.mark.parametrize("gate_in_xla", [False, True])
+def test_ungated_gradient_kernel_is_capped_for_cuda(gate_in_xla, monkeypatch):
+  """Without z, or with the gate's backward in XLA (`GATE_BACKWARD_IN_XLA`), the gradient kernel that pairs
+  sub-chunks runs ungated and is named for its cap, and the cap reaches its Triton module as Triton's own attribute
+  (`triton_registers`)."""
+  monkeypatch.setattr(pallas_gpu, "GATE_BACKWARD_IN_XLA", gate_in_xla)
+  hlo, names = _vim_tiny_scan_for_h100(lambda a: _scan_with_gradients(a if gate_in_xla else a | {"z": None}), 128, 197)
   assert names == _gradient_kernels(128, 197, capped=True)
   assert hlo.count("ttg.maxnreg") == 1
 
@@ -472,6 +475,32 @@ def test_pallas_gpu_chunking_matches_reference_in_float64(max_chunk, sub_chunk, 
     expected_out, expected_grads = jit_run(functools.partial(run, expected), inputs, cotangents)
     assert_close(out, expected_out, jnp.float64, "fwd")
     assert_close(grads, expected_grads, jnp.float64, "grad")
+
+
+@pytest.mark.parametrize("tuning", [{}, dict(max_chunk=8, sub_chunk=4)], ids=["one-chunk", "five-chunks"])
+def test_pallas_gpu_gate_backward_in_xla_matches_reference_in_float64(tuning, monkeypatch, x64):
+  """With `GATE_BACKWARD_IN_XLA`, a gated scan's backward takes dz and the gate's cotangent from the output before the
+  gate that its forward keeps, and its kernels run ungated: y, the last state and every gradient still equal the
+  reference's, both directions, whole sequences and chunks."""
+  monkeypatch.setattr(pallas_gpu, "GATE_BACKWARD_IN_XLA", True)
+  plans, backward = [], pallas_gpu._backward
+  monkeypatch.setattr(pallas_gpu, "_backward", lambda scans: plans.extend(s.plan for s in scans) or backward(scans))
+  rng = np.random.default_rng(5)
+  inputs = random_inputs(rng, 2, 33, 3, 2, **ALL_OPTIONS, dtype=jnp.float64)
+  cotangents = random_cotangents(rng, inputs, jnp.float64)
+  for reverse in (False, True):
+
+    def run(scan, inputs, cotangents, reverse=reverse):
+      out, vjp = jax.vjp(lambda a: scan(**a, reverse=reverse, delta_softplus=True), inputs)
+      return out, vjp(cotangents)[0]
+
+    kernel = functools.partial(pallas_gpu.scan, interpret=True, **tuning)
+    expected = functools.partial(selective_scan, impl="reference", return_last_state=True)
+    out, grads = jit_run(functools.partial(run, kernel), inputs, cotangents)
+    expected_out, expected_grads = jit_run(functools.partial(run, expected), inputs, cotangents)
+    assert_close(out, expected_out, jnp.float64, "fwd")
+    assert_close(grads, expected_grads, jnp.float64, "grad")
+  assert plans and not any(plan.gated for plan in plans)
 
 
 def test_pallas_gpu_backward_walks_pairs_of_sub_chunks_and_the_forward_single_ones():
