@@ -16,6 +16,7 @@ from jax.experimental.mosaic.gpu import dialect as mgpu_dialect
 from jax.interpreters import mlir as jax_mlir
 from jaxlib.mlir import ir
 
+from experiments.checks import mosaic_shared_memory as shared_memory
 from kernels import Direction, selective_scan, selective_scan_bidirectional
 from kernels.selective_scan import mosaic_gpu
 from kernels.selective_scan.columns import Columns
@@ -552,3 +553,14 @@ def test_pallas_gpu_runs_one_direction_in_one_pass_where_it_fits(monkeypatch, ba
     hlo = jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
   assert hlo.count("mosaic_gpu_v2") == (0 if differentiated else 1 if batch == 32 else 2)
   assert ("xla.gpu.triton" in hlo) == differentiated
+
+
+def test_shipped_options_leave_room_for_three_programs_a_multiprocessor():
+  """Vim-Ti at 1248² (and 1024²), batch 32, launches 384 programs per direction: an H100's 132 multiprocessors must
+  hold three each, which shared memory decides (both launches, read from the CUDA lowering). Options that broke this
+  were slower on the card (blocks of 128 positions; `share_step_u`, whose gated launch held 76 KiB)."""
+  lowered = shared_memory.vim_bidirectional_lowered(32, 6085, mosaic_gpu.OPTIONS)
+  sizes = shared_memory.launch_shared_memory(lowered)
+  assert len(sizes) == 2
+  programs = -(-32 * 384 // mosaic_gpu.OPTIONS["block_d"] // 132)
+  assert all(shared_memory.programs_per_multiprocessor(size) >= programs == 3 for size in sizes), sizes
