@@ -49,6 +49,9 @@ _BIDIRECTIONAL = flags.DEFINE_bool(
   "bidirectional", False, "Time Vim's two directions and their combine (`bidirectional`) against the fused Triton call."
 )
 _IN_PLACE = flags.DEFINE_list("in_place", ["0"], "With --bidirectional, 0, 1 or both: each y over an input.")
+_SHARE_STEP_U = flags.DEFINE_list(
+  "share_step_u", ["0"], "0, 1 or both: with the epilogue, each block's step size times u also computed once."
+)
 _F32_STATES = flags.DEFINE_list(
   "f32_states", ["0"], "0, 1 or both: with shared work, B's and C's rows also converted to float32 once per block."
 )
@@ -75,6 +78,7 @@ def main(argv):
   in_place = _IN_PLACE.value if _BIDIRECTIONAL.value else ["0"]
   variants = {
     f"mosaic {layout} block_d={d} block_t={t} unroll={u} share={share}"
+    + (" step_u" if su == "1" else "")
     + (" f32_states" if f32 == "1" else "")
     + (" state_pairs" if pairs == "1" else "")
     + (" epilogue" if epilogue == "1" else "")
@@ -90,6 +94,7 @@ def main(argv):
         unroll=int(u),
         layout=layout,
         share_channel_work=share == "1",
+        share_step_u=su == "1",
         f32_states=f32 == "1",
         state_pairs=pairs == "1",
         epilogue=epilogue == "1",
@@ -99,12 +104,13 @@ def main(argv):
         auto_barriers=barriers == "1",
       )
     )
-    for layout, d, t, u, share, f32, pairs, epilogue, scatter, stages, chunks, place, barriers in itertools.product(
+    for layout, d, t, u, share, su, f32, pairs, epilogue, scatter, stages, chunks, place, barriers in itertools.product(
       _LAYOUT.value,
       _BLOCK_D.value,
       _BLOCK_T.value,
       _UNROLL.value,
       _SHARE.value,
+      _SHARE_STEP_U.value,
       _F32_STATES.value,
       _STATE_PAIRS.value,
       _EPILOGUE.value,
@@ -118,6 +124,7 @@ def main(argv):
     and (share == "1" or f32 == pairs == epilogue == "0")
     and not (f32 == pairs == "1")
     and (scatter == "0" or (epilogue == "1" and layout == "quarter_rows"))
+    and (su == "0" or epilogue == "1")
   }
   compare_forwards(_CASES.value, variants, _REPS.value, _OUT.value, bidirectional=_BIDIRECTIONAL.value)
 

@@ -136,13 +136,15 @@ class _Combine(NamedTuple):
   partner: bool
 
 
-def _inputs(rows_at, cols_at, combine, ends: bool = False) -> dict:
+def _inputs(rows_at, cols_at, combine, ends: bool = False, step_u: bool = False) -> dict:
   """What one position reads, from loaders of its per-channel inputs ("step_size", the softplus of delta + bias;
   "u"; "gate", silu(z); "partner", the other direction's y) and per-state ones ("B", "C"); for a chunk's end state
-  (`ends`) only the step size, u and B."""
+  (`ends`) only the step size, u and B. With `step_u`, the step size times u ("step_u") instead of u: the skip is
+  then added outside the walk (the epilogue), where u is read again."""
+  u = ("step_u",) if step_u else ("u",)
   if ends:
-    return {"step_size": rows_at("step_size"), "u": rows_at("u"), "B": cols_at("B")}
-  names = ("step_size", "u") + ("partner",) * combine.partner + ("gate",) * combine.gated
+    return {name: rows_at(name) for name in ("step_size", *u)} | {"B": cols_at("B")}
+  names = ("step_size", *u) + ("partner",) * combine.partner + ("gate",) * combine.gated
   return {name: rows_at(name) for name in names} | {name: cols_at(name) for name in ("B", "C")}
 
 
@@ -159,7 +161,8 @@ def _cols(v, shape):
 def _next_state(h, inputs: dict, a_log2):
   """h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t."""
   delta, shape = inputs["step_size"], h.shape
-  return jnp.exp2(_rows(delta, shape) * a_log2) * h + _rows(delta * inputs["u"], shape) * _cols(inputs["B"], shape)
+  step_u = inputs["step_u"] if "step_u" in inputs else delta * inputs["u"]
+  return jnp.exp2(_rows(delta, shape) * a_log2) * h + _rows(step_u, shape) * _cols(inputs["B"], shape)
 
 
 def _update(h, inputs: dict, *, a_log2, skip, combine, summed: bool = True):
@@ -365,6 +368,7 @@ def _forward_kernel(
   staged,
   stages,
   share,
+  share_step_u,
   f32_states,
   state_pairs,
   epilogue,
@@ -472,7 +476,10 @@ def _forward_kernel(
       blocks = dict(zip(names, block_refs, strict=True))
       if shared:
         _block_barrier(inline)  # every thread is done with the last block's values
-        shared["step_size"][...] = _softplus(_load(blocks["delta"], _SPREAD) + spread_bias)
+        step_size = _softplus(_load(blocks["delta"], _SPREAD) + spread_bias)
+        shared["step_size"][...] = step_size
+        if "step_u" in shared:
+          shared["step_u"][...] = step_size * _load(blocks["u"], _SPREAD)
         if "gate" in shared:
           shared["gate"][...] = _gate(_load(blocks["z"], _SPREAD))
         for name in ("B", "C"):
@@ -492,8 +499,9 @@ def _forward_kernel(
           cols_at = _unpaired(plgpu.load(shared["BC"].at[t], layout=per_state, optimized=False)).__getitem__
         else:
           cols_at = lambda k: _load((shared if k in shared else blocks)[k].at[t], per_state)  # noqa: E731
-        inputs = _inputs(rows_at, cols_at, _Combine(False, False) if epilogue else combine, ends=chunks.ends)
-        if past_end:
+        combined = _Combine(False, False) if epilogue else combine
+        inputs = _inputs(rows_at, cols_at, combined, ends=chunks.ends, step_u="step_u" in shared)
+        if past_end:  # (u is zero there, and so is step_u)
           inputs["step_size"] = inputs["step_size"] * jnp.clip(length - start - t, 0, 1).astype(jnp.float32)
         return inputs
 
@@ -554,7 +562,7 @@ def _forward_kernel(
     return pipeline(*(r.at[sequence] for r in (*seq_refs.values(), *state_refs, *per_channel_refs[len(seq_names) :])))
 
   if share:  # the softplus and the gate of a whole block at once, each (position, channel) computed once
-    names = ("step_size",)
+    names = ("step_size",) + ("step_u",) * share_step_u
     if epilogue or (combine.gated and not chunks.ends):  # C_t h_t for the epilogue, else the gate
       names += ("C_h",) if epilogue else ("gate",)
     scratch = [plgpu.SMEM((block_t, block_d), jnp.float32)] * len(names)
@@ -596,6 +604,7 @@ def forward(
   unroll: int = 1,
   layout: str = "wgmma",
   share_channel_work: bool = False,
+  share_step_u: bool = False,
   f32_states: bool = False,
   state_pairs: bool = False,
   epilogue: bool = False,
@@ -617,20 +626,21 @@ def forward(
   `Columns` windows of a wider one, read in place where a window is a whole block of `state` columns.
 
   `share_channel_work` computes each block's softplus and gate once per (position, channel) into shared memory
-  (`block_t` a multiple of 32, `block_d` of 32); `f32_states` then also converts B's and C's rows to float32 there
-  once, which every channel's threads otherwise do at every position. `state_pairs` (bf16 B and C) instead stores
-  them there as one 32-bit word per state, which a thread reads for both in one load per position and unpacks with
-  a shift and a mask: shared memory's wavefronts, not the arithmetic, bound the loop. `epilogue` (with shared work
-  too) leaves each position's skip, combine and gate out of the walk, which then stores only C_t h_t, in float32 to
-  shared memory: a pass over the block after it finishes y once per (position, channel), where the four threads of a
-  channel in `quarter_rows` each do it at every position. `staged=False` reads the blocks from HBM
+  (`block_t` a multiple of 32, `block_d` of 32); `share_step_u` (with the epilogue) also each block's step size times
+  u, which the walk then reads instead of u and multiplies at no position; `f32_states` then also converts B's and C's
+  rows to float32 there once, which every channel's threads otherwise do at every position. `state_pairs` (bf16 B and
+  C) instead stores them there as one 32-bit word per state, which a thread reads for both in one load per position
+  and unpacks with a shift and a mask: shared memory's wavefronts, not the arithmetic, bound the loop. `epilogue`
+  (with shared work too) leaves each position's skip, combine and gate out of the walk, which then stores only C_t
+  h_t, in float32 to shared memory: a pass over the block after it finishes y once per (position, channel), where the
+  four threads of a channel in `quarter_rows` each do it at every position. `staged=False` reads the blocks from HBM
   without TMA (interpret mode), the sequences padded with zeros to whole blocks as TMA's copies read them; staged,
-  `stages` blocks' copies are in flight at once (`emit_pipeline`'s max_concurrent_steps). `y_over`
-  ("delta" or "partner") writes y over that input, as a mutable ref (`jax.new_ref`), which XLA aliases to the
-  output: no new buffer where the input is not read again. `chunks` > 1 splits each sequence into that many chunks
-  of whole blocks (`_Chunks`), for a GPU that too few sequences would leave idle: a launch for the chunks' end
-  states, then one for y. `auto_barriers` puts back the warpgroup barriers Pallas inserts around every shared-memory
-  store (the comment at `plgpu.kernel` says why they are left out)."""
+  `stages` blocks' copies are in flight at once (`emit_pipeline`'s max_concurrent_steps). `y_over` ("delta" or
+  "partner") writes y over that input, as a mutable ref (`jax.new_ref`), which XLA aliases to the output: no new
+  buffer where the input is not read again. `chunks` > 1 splits each sequence into that many chunks of whole blocks
+  (`_Chunks`), for a GPU that too few sequences would leave idle: a launch for the chunks' end states, then one for y.
+  `auto_barriers` puts back the warpgroup barriers Pallas inserts around every shared-memory store (the comment at
+  `plgpu.kernel` says why they are left out)."""
   batch, length, channels = u.shape
   multiple = LAYOUTS[layout][1]
   if channels % block_d or block_d % multiple:
@@ -643,6 +653,8 @@ def forward(
     raise ValueError(
       f"f32_states ({f32_states}), state_pairs ({state_pairs}) and epilogue ({epilogue}) need share_channel_work"
     )
+  if share_step_u and not epilogue:
+    raise ValueError(f"share_step_u needs the epilogue ({epilogue}), which adds the skip from u")
   if scatter_sums and (not epilogue or layout != "quarter_rows" or unroll % _SCATTERED or block_t % unroll):
     raise ValueError(
       f"scatter_sums needs the epilogue ({epilogue}), layout 'quarter_rows' ({layout!r}), unroll ({unroll}) a multiple"
@@ -681,6 +693,7 @@ def forward(
         staged=staged,
         stages=stages,
         share=share_channel_work,
+        share_step_u=share_step_u,
         f32_states=f32_states,
         state_pairs=state_pairs,
         epilogue=epilogue,
@@ -729,7 +742,8 @@ def forward(
   return (y, outs[-1]) if last_state else y
 
 
-_OPTION_NAMES = ("block_d", "block_t", "unroll", "layout", "share_channel_work", "f32_states", "state_pairs")
+_OPTION_NAMES = ("block_d", "block_t", "unroll", "layout", "share_channel_work", "share_step_u", "f32_states")
+_OPTION_NAMES += ("state_pairs",)
 _OPTION_NAMES += ("epilogue", "scatter_sums", "staged", "stages", "chunks", "auto_barriers", "interpret")
 
 
@@ -743,7 +757,11 @@ def bidirectional(forward_args: tuple, backward_args: tuple, z, *, in_place: boo
   Jitted, options static: a model's layers, which call it with the same shapes and options, share one traced jaxpr,
   which JAX lowers once. Pallas lowered the two kernels for each of Vim-Ti's 24 layers, 34 of the 43 s that lowering
   its 1248² forward took (2 CPU cores; the 24 layers' kernel modules were byte for byte the same). What the kernels
-  read of this module is read when it is first traced for a shape: after patching any of it, `jax.clear_caches()`."""
+  read of this module is read when it is first traced for a shape: after patching any of it, `jax.clear_caches()`.
+
+  `share_step_u` applies to the forward direction alone: the gated one's program (68 KiB of shared memory) would
+  take 76 KiB with it, and then two fit a multiprocessor where Vim-Ti's 384 programs at batch 32 need three
+  (experiments/checks/mosaic_shared_memory.py)."""
   y_forward = forward(
     *forward_args[:6], z, forward_args[6], gated=False, y_over="delta" if in_place else None, **options
   )
@@ -754,7 +772,7 @@ def bidirectional(forward_args: tuple, backward_args: tuple, z, *, in_place: boo
     reverse=True,
     partner=y_forward,
     y_over="partner" if in_place else None,
-    **options,
+    **options | {"share_step_u": False},
   )
 
 
@@ -769,19 +787,24 @@ def bidirectional(forward_args: tuple, backward_args: tuple, z, *, in_place: boo
 # 45.51 ms (H100, ab_mosaic_unroll32_vim_tiny_h100.txt; on the card it passed the check's every form, with the worst
 # errors of 16: scan_gpu_check_mosaic_unroll32_partial_h100.txt, scan_gpu_check_mosaic_unroll32_case1_h100.txt,
 # scan_gpu_check_mosaic_unroll32_case1_gated_h100.txt; memcheck_mosaic_forward_case0_chunks_h100.txt: 0 errors).
+# `share_step_u` on both directions was slower (1.216 -> 1.273 ms at 1248², batch 32, H100, fifty-third session: the
+# gated launch's program then fit two a multiprocessor); `bidirectional` now gives it to the forward direction alone,
+# which is not yet timed, so it stays off.
 OPTIONS = dict(
   layout="quarter_rows",
   block_d=32,
   block_t=64,
   unroll=32,
   share_channel_work=True,
+  share_step_u=False,
   state_pairs=True,
   epilogue=True,
   scatter_sums=True,
   in_place=True,
 )
 # A single direction (`pallas_gpu.scan` without gradients) runs the same kernel with y beside its inputs.
-SINGLE_OPTIONS = {k: v for k, v in OPTIONS.items() if k != "in_place"}
+# Not `share_step_u`: gated (as `pallas_gpu.scan` calls it), its program would fit two a multiprocessor.
+SINGLE_OPTIONS = {k: v for k, v in OPTIONS.items() if k not in ("in_place", "share_step_u")}
 # From 730 positions (224², stride 8) on. Vim-Ti's forward, bf16, scanned layers, H100 (fits_length_ab.py, against
 # 4096, thirty-eighth session): 28.33 -> 28.02 ms at 224², stride 8, batch 128; 52.02 -> 39.85 at 736², batch 64
 # (2,117 positions); 38.62 -> 38.90 at 512², batch 128 (1,025), 0.7% slower; 25-29% less temporary memory at all

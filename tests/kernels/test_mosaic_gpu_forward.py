@@ -555,12 +555,38 @@ def test_pallas_gpu_runs_one_direction_in_one_pass_where_it_fits(monkeypatch, ba
   assert ("xla.gpu.triton" in hlo) == differentiated
 
 
-def test_shipped_options_leave_room_for_three_programs_a_multiprocessor():
+@pytest.mark.parametrize("share_step_u", [False, True])
+def test_shipped_options_leave_room_for_three_programs_a_multiprocessor(share_step_u):
   """Vim-Ti at 1248² (and 1024²), batch 32, launches 384 programs per direction: an H100's 132 multiprocessors must
   hold three each, which shared memory decides (both launches, read from the CUDA lowering). Options that broke this
-  were slower on the card (blocks of 128 positions; `share_step_u`, whose gated launch held 76 KiB)."""
-  lowered = shared_memory.vim_bidirectional_lowered(32, 6085, mosaic_gpu.OPTIONS)
+  were slower on the card (blocks of 128 positions; `share_step_u` in both directions, whose gated launch held 76
+  KiB): `bidirectional` gives `share_step_u` to the forward direction alone."""
+  options = mosaic_gpu.OPTIONS | {"share_step_u": share_step_u}
+  lowered = shared_memory.vim_bidirectional_lowered(32, 6085, options)
   sizes = shared_memory.launch_shared_memory(lowered)
   assert len(sizes) == 2
   programs = -(-32 * 384 // mosaic_gpu.OPTIONS["block_d"] // 132)
   assert all(shared_memory.programs_per_multiprocessor(size) >= programs == 3 for size in sizes), sizes
+
+
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_shared_step_u_gives_the_same_bits_in_interpret_mode(chunks):
+  """`share_step_u` (the forward direction's step size times u computed once per block) changes where delta_t u_t is
+  multiplied, not its value: Vim's combined output is bit for bit the same, whole and in chunks."""
+  forward_args, backward_args = (forward_inputs(2, 3 * 32 + 22, 64, jnp.bfloat16, seed=seed) for seed in (0, 1))
+  pair = [Direction(*args[:6], args[7]) for args in (forward_args, backward_args)]
+  options = dict(mosaic_gpu.OPTIONS, block_t=32, staged=False, chunks=chunks)
+  y_plain, y_shared = (
+    mosaic_gpu.bidirectional(
+      *pair, forward_args[6], **options | {"share_step_u": shared}, interpret=mosaic_gpu.plgpu.InterpretGPUParams()
+    )
+    for shared in (False, True)
+  )
+  np.testing.assert_array_equal(y_shared, y_plain)
+
+
+def test_share_step_u_needs_the_epilogue():
+  with pytest.raises(ValueError, match="share_step_u needs the epilogue"):
+    mosaic_gpu.forward(
+      *forward_inputs(1, 64, 32, jnp.bfloat16), **mosaic_gpu.SINGLE_OPTIONS | {"epilogue": False, "share_step_u": True}
+    )
