@@ -17,6 +17,7 @@ import json
 import jax
 import jax.numpy as jnp
 from absl import app, flags
+from jax.experimental.mosaic.gpu import dialect as mgpu_dialect
 from jax.interpreters import mlir as jax_mlir
 from jaxlib.mlir import ir
 
@@ -53,6 +54,9 @@ def launch_shared_memory(lowered) -> list[int]:
 def _module_shared_memory(serialized: bytes) -> int:
   """The constant that a Mosaic GPU module's `gpu.launch` takes as its last operand (dynamic shared memory)."""
   with jax_mlir.make_ir_context() as context:
+    # Its barriers are memrefs of Mosaic GPU's own types, which a context without its dialect cannot parse; jax's
+    # context lacked it once in the test suite (an order of tests under xdist), so it is registered here.
+    mgpu_dialect.register_dialect(context)
     context.allow_unregistered_dialects = True
     module = ir.Module.parse(serialized)
     launches = []
