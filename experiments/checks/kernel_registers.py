@@ -46,10 +46,15 @@ _OPCODES = flags.DEFINE_integer(
   "opcodes", 0, "Also list the main loop's most frequent SASS opcodes, this many, per position of the loop."
 )
 _GRAD_MAX_REGISTERS = flags.DEFINE_integer(
-  "grad_max_registers", None, "pallas_gpu.GRAD_MAX_REGISTERS for this run (0: no cap; unset: the module's)."
+  "grad_max_registers",
+  None,
+  "pallas_gpu.GRAD_MAX_REGISTERS for this run (0: no cap; unset: the module's); it caps only --call=ungated_scan.",
 )
 _CALL = flags.DEFINE_enum(
-  "call", "scan", ["scan", "bidirectional"], "pallas_gpu.scan (gated), or the fused bidirectional scan Vim runs."
+  "call",
+  "scan",
+  ["scan", "ungated_scan", "bidirectional"],
+  "pallas_gpu.scan (gated, or without z), or the fused bidirectional scan Vim runs.",
 )
 
 REGISTERS_PER_SM = 65536
@@ -78,8 +83,8 @@ def _triton_modules(
   )
 
   def run(a):
-    if call == "scan":
-      return pallas_gpu.scan(**a, delta_softplus=True, **tuning)
+    if call in ("scan", "ungated_scan"):
+      return pallas_gpu.scan(**a | {"z": a["z"] if call == "scan" else None}, delta_softplus=True, **tuning)
     direction = tuple(a[k] for k in ("u", "delta", "A", "B", "C", "D", "delta_bias"))
     return pallas_gpu.bidirectional(direction, direction, a["z"], delta_softplus=True, **tuning)
 

@@ -33,47 +33,53 @@ _LENGTH = flags.DEFINE_integer("length", 6085, "Positions (6085: 1248², stride 
 _OPTIONS = flags.DEFINE_string("options", "{}", "JSON: what to change in mosaic_gpu.OPTIONS.")
 
 
+def kernel_modules(lowered) -> list[ir.Module]:
+  """The Mosaic GPU modules of a `jax.stages.Lowered`'s kernels, in program order, parsed from their custom calls'
+  bytecode."""
+  serialized = []
+
+  def visit(op):
+    if op.name == "stablehlo.custom_call" and "mhlo.backend_config" in op.attributes:
+      config = ir.DictAttr(op.attributes["mhlo.backend_config"])
+      if "module" in config:
+        serialized.append(ir.StringAttr(config["module"]).value_bytes)
+    for region in op.regions:
+      for block in region:
+        for inner in block:
+          visit(inner)
+
+  visit(lowered.compiler_ir("stablehlo").operation)
+  context = jax_mlir.make_ir_context()  # with JAX's dialects: the modules hold gpu address spaces
+  # and Mosaic GPU's, whose barrier memrefs do not parse without it (jax's context lacked it under xdist once)
+  mgpu_dialect.register_dialect(context)
+  allowed, context.allow_unregistered_dialects = context.allow_unregistered_dialects, True  # versioned op names
+  try:
+    with context:
+      return [ir.Module.parse(module) for module in serialized]
+  finally:
+    context.allow_unregistered_dialects = allowed
+
+
 def launch_shared_memory(lowered) -> list[int]:
-  """The dynamic shared memory (bytes) of every Mosaic GPU launch in a `jax.stages.Lowered`, in program order."""
+  """The dynamic shared memory (bytes) of every Mosaic GPU launch in a `jax.stages.Lowered`, in program order: the
+  constant each module's one `gpu.launch` takes as its last operand."""
   sizes = []
-
-  def visit(operation):
-    for region in operation.regions:
-      for block in region.blocks:
-        for op in block.operations:
-          if op.operation.name == "stablehlo.custom_call" and "mhlo.backend_config" in op.operation.attributes:
-            config = op.operation.attributes["mhlo.backend_config"]
-            if isinstance(config, ir.DictAttr) and "module" in config:
-              sizes.append(_module_shared_memory(ir.StringAttr(config["module"]).value_bytes))
-          visit(op.operation)
-
-  visit(lowered.compiler_ir().operation)
+  for module in kernel_modules(lowered):
+    with module.context:
+      launches = [op for op in _operations(module.operation) if op.name.endswith("gpu.launch")]
+      if len(launches) != 1:
+        raise ValueError(f"expected one gpu.launch in a Mosaic GPU module, found {len(launches)}")
+      sizes.append(ir.IntegerAttr(launches[0].operands[-1].owner.attributes["value"]).value)
   return sizes
 
 
-def _module_shared_memory(serialized: bytes) -> int:
-  """The constant that a Mosaic GPU module's `gpu.launch` takes as its last operand (dynamic shared memory)."""
-  with jax_mlir.make_ir_context() as context:
-    # Its barriers are memrefs of Mosaic GPU's own types, which a context without its dialect cannot parse; jax's
-    # context lacked it once in the test suite (an order of tests under xdist), so it is registered here.
-    mgpu_dialect.register_dialect(context)
-    context.allow_unregistered_dialects = True
-    module = ir.Module.parse(serialized)
-    launches = []
-
-    def visit(operation):
-      for region in operation.regions:
-        for block in region.blocks:
-          for op in block.operations:
-            if op.operation.name.endswith("gpu.launch"):
-              launches.append(op.operation)
-            visit(op.operation)
-
-    visit(module.operation)
-    if len(launches) != 1:
-      raise ValueError(f"expected one gpu.launch in a Mosaic GPU module, found {len(launches)}")
-    size = launches[0].operands[-1].owner
-    return ir.IntegerAttr(size.attributes["value"]).value
+def _operations(op):
+  """Every operation nested in `op`."""
+  for region in op.regions:
+    for block in region:
+      for inner in block:
+        yield inner
+        yield from _operations(inner)
 
 
 def programs_per_multiprocessor(shared_memory_bytes: int) -> int:

@@ -1227,14 +1227,15 @@ def scan(
     dy, d_last = cotangents
     d_last = pad_to(pad_to(d_last, 1, plan.channels), 2, plan.state)
     d_last = d_last.astype(plan.dtype)
-    grads_plan = plan
-    if gate_outside:
-      dy, dz = gate_backward(dy, y_ungated[..., :channels], arrays[-1], 1.0)
-      grads_plan, arrays = dataclasses.replace(plan, gated=False), (*arrays[:-1], None)
+    grads_plan, dz = plan, None
+    if gate_outside:  # the kernels then run ungated and give no dz
+      *arrays, z = arrays
+      dy, dz = gate_backward(dy, y_ungated[..., :channels], z, 1.0)
+      grads_plan, arrays = dataclasses.replace(plan, gated=False), (*arrays, None)
     scan = _Scan(grads_plan, _padded(grads_plan, *arrays), start, total, pad_to(dy, 2, plan.channels), d_last)
     ((*grads, dz_kernel),) = _backward([scan])
-    if not gate_outside:
-      dz = None if dz_kernel is None else dz_kernel[..., :channels]
+    if dz_kernel is not None:
+      dz = dz_kernel[..., :channels]
     return (*_cropped(grads, arrays), dz)
 
   run.defvjp(run_fwd, run_bwd)

@@ -12,11 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from forward_inputs import forward_inputs
-from jax.experimental.mosaic.gpu import dialect as mgpu_dialect
-from jax.interpreters import mlir as jax_mlir
-from jaxlib.mlir import ir
 
-from experiments.checks import mosaic_shared_memory as shared_memory
+from experiments.checks.mosaic_shared_memory import (
+  kernel_modules,
+  launch_shared_memory,
+  programs_per_multiprocessor,
+  vim_bidirectional_lowered,
+)
 from kernels import Direction, selective_scan, selective_scan_bidirectional
 from kernels.selective_scan import mosaic_gpu
 from kernels.selective_scan.columns import Columns
@@ -211,31 +213,6 @@ def test_forward_lowers_for_cuda_at_vim_tiny_shapes(
   assert "mosaic_gpu" in text
 
 
-def _kernel_modules(lowered) -> list[ir.Module]:
-  """The Mosaic GPU modules of a lowered computation's kernels, parsed from their custom calls' bytecode."""
-  modules = []
-
-  def visit(op):
-    if op.name == "stablehlo.custom_call" and "mhlo.backend_config" in op.attributes:
-      config = ir.DictAttr(op.attributes["mhlo.backend_config"])
-      if "module" in config:
-        modules.append(ir.StringAttr(config["module"]).value_bytes)
-    for region in op.regions:
-      for block in region:
-        for inner in block:
-          visit(inner)
-
-  visit(lowered.compiler_ir("stablehlo").operation)
-  context = jax_mlir.make_ir_context()  # with JAX's dialects: the modules hold gpu address spaces
-  mgpu_dialect.register_dialect(context)
-  allowed, context.allow_unregistered_dialects = context.allow_unregistered_dialects, True  # versioned op names
-  try:
-    with context:
-      return [ir.Module.parse(module) for module in modules]
-  finally:
-    context.allow_unregistered_dialects = allowed
-
-
 def _innermost_loops(op) -> list:
   """The scf.for loops under `op` that hold no other loop."""
   loops, nested = [], False
@@ -269,7 +246,7 @@ def test_the_position_loop_reads_first_and_holds_no_barrier(auto_barriers, state
     "scatter_sums": scatter_sums,
   }
   forward = functools.partial(mosaic_gpu.forward, gated=False, auto_barriers=auto_barriers, **options)
-  (module,) = _kernel_modules(jax.jit(forward).trace(*args).lower(lowering_platforms=("cuda",)))
+  (module,) = kernel_modules(jax.jit(forward).trace(*args).lower(lowering_platforms=("cuda",)))
   with module.context:
     (loop,) = [loop for loop in _innermost_loops(module.operation) if "ex2.approx" in str(loop)]
     names = [op.name.removeprefix("stable_mosaic_gpu.") for op in loop.regions[0].blocks[0]]
@@ -307,7 +284,7 @@ def test_scattered_sums_take_3_shuffles_per_4_positions(reverse, scatter_sums, s
   args = [jax.ShapeDtypeStruct((32, 6085, *x.shape[2:]), x.dtype) if x.ndim == 3 else x for x in args]
   options = mosaic_gpu.SINGLE_OPTIONS | {"scatter_sums": scatter_sums}
   forward = functools.partial(mosaic_gpu.forward, gated=False, reverse=reverse, **options)
-  (module,) = _kernel_modules(jax.jit(forward).trace(*args).lower(lowering_platforms=("cuda",)))
+  (module,) = kernel_modules(jax.jit(forward).trace(*args).lower(lowering_platforms=("cuda",)))
   with module.context:
     (loop,) = [loop for loop in _innermost_loops(module.operation) if "ex2.approx" in str(loop)]
     assert str(loop).count("shfl.sync") == shuffles_per_4_positions * options["unroll"] // 4
@@ -320,7 +297,7 @@ def test_scattered_sums_add_products_as_contractible():
   args = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in forward_inputs(1, 1, 384, jnp.bfloat16)]
   args = [jax.ShapeDtypeStruct((32, 6085, *x.shape[2:]), x.dtype) if x.ndim == 3 else x for x in args]
   forward = functools.partial(mosaic_gpu.forward, gated=False, **mosaic_gpu.SINGLE_OPTIONS)
-  (module,) = _kernel_modules(jax.jit(forward).trace(*args).lower(lowering_platforms=("cuda",)))
+  (module,) = kernel_modules(jax.jit(forward).trace(*args).lower(lowering_platforms=("cuda",)))
   with module.context:
     (loop,) = [loop for loop in _innermost_loops(module.operation) if "ex2.approx" in str(loop)]
     adds = [line for line in str(loop).splitlines() if "arith.addf" in line]
@@ -340,7 +317,7 @@ def test_block_scratch_barriers_carry_no_async_proxy_fence(monkeypatch, stages):
   forward = functools.partial(mosaic_gpu.forward, gated=False, stages=stages, **mosaic_gpu.SINGLE_OPTIONS)
 
   def counts():  # a new function each time: traced again
-    (module,) = _kernel_modules(jax.jit(lambda *a: forward(*a)).trace(*args).lower(lowering_platforms=("cuda",)))
+    (module,) = kernel_modules(jax.jit(lambda *a: forward(*a)).trace(*args).lower(lowering_platforms=("cuda",)))
     return str(module).count("fence.proxy"), str(module).count("bar.sync")
 
   fences, barriers = counts()
@@ -562,11 +539,11 @@ def test_shipped_options_leave_room_for_three_programs_a_multiprocessor(share_st
   were slower on the card (blocks of 128 positions; `share_step_u` in both directions, whose gated launch held 76
   KiB): `bidirectional` gives `share_step_u` to the forward direction alone."""
   options = mosaic_gpu.OPTIONS | {"share_step_u": share_step_u}
-  lowered = shared_memory.vim_bidirectional_lowered(32, 6085, options)
-  sizes = shared_memory.launch_shared_memory(lowered)
+  lowered = vim_bidirectional_lowered(32, 6085, options)
+  sizes = launch_shared_memory(lowered)
   assert len(sizes) == 2
   programs = -(-32 * 384 // mosaic_gpu.OPTIONS["block_d"] // 132)
-  assert all(shared_memory.programs_per_multiprocessor(size) >= programs == 3 for size in sizes), sizes
+  assert all(programs_per_multiprocessor(size) >= programs == 3 for size in sizes), sizes
 
 
 @pytest.mark.parametrize("chunks", [1, 2])
