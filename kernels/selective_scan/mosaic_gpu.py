@@ -747,8 +747,10 @@ _OPTION_NAMES += ("state_pairs",)
 _OPTION_NAMES += ("epilogue", "scatter_sums", "staged", "stages", "chunks", "auto_barriers", "interpret")
 
 
-@functools.partial(jax.jit, static_argnames=("in_place", *_OPTION_NAMES))
-def bidirectional(forward_args: tuple, backward_args: tuple, z, *, in_place: bool = False, **options) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("in_place", "forward_stages", *_OPTION_NAMES))
+def bidirectional(
+  forward_args: tuple, backward_args: tuple, z, *, in_place: bool = False, forward_stages: int | None = None, **options
+) -> jax.Array:
   """Vim's (y_forward + y_backward) / 2 * silu(z) as two launches, as the Triton kernels do: the forward direction
   writes its ungated y, the backward one reads it and writes the combined output. `forward_args` and `backward_args`
   are (u, delta, A, B, C, D, delta_bias) as arrays (B and C may be `Columns`). `in_place` writes the first y over the
@@ -761,9 +763,11 @@ def bidirectional(forward_args: tuple, backward_args: tuple, z, *, in_place: boo
 
   `share_step_u` applies to the forward direction alone: the gated one's program (68 KiB of shared memory) would
   take 76 KiB with it, and then two fit a multiprocessor where Vim-Ti's 384 programs at batch 32 need three
-  (experiments/checks/mosaic_shared_memory.py)."""
+  (experiments/checks/mosaic_shared_memory.py). `forward_stages` (None: `stages`) likewise sets the forward
+  direction's pipeline depth alone: its program has room for a third block's copies where the gated one's has not."""
+  first_options = options | ({} if forward_stages is None else {"stages": forward_stages})
   y_forward = forward(
-    *forward_args[:6], z, forward_args[6], gated=False, y_over="delta" if in_place else None, **options
+    *forward_args[:6], z, forward_args[6], gated=False, y_over="delta" if in_place else None, **first_options
   )
   return forward(
     *backward_args[:6],
@@ -797,6 +801,7 @@ OPTIONS = dict(
   unroll=32,
   share_channel_work=True,
   share_step_u=False,
+  forward_stages=None,
   state_pairs=True,
   epilogue=True,
   scatter_sums=True,
@@ -804,7 +809,7 @@ OPTIONS = dict(
 )
 # A single direction (`pallas_gpu.scan` without gradients) runs the same kernel with y beside its inputs.
 # Not `share_step_u`: gated (as `pallas_gpu.scan` calls it), its program would fit two a multiprocessor.
-SINGLE_OPTIONS = {k: v for k, v in OPTIONS.items() if k not in ("in_place", "share_step_u")}
+SINGLE_OPTIONS = {k: v for k, v in OPTIONS.items() if k not in ("in_place", "share_step_u", "forward_stages")}
 # From 730 positions (224², stride 8) on. Vim-Ti's forward, bf16, scanned layers, H100 (fits_length_ab.py, against
 # 4096, thirty-eighth session): 28.33 -> 28.02 ms at 224², stride 8, batch 128; 52.02 -> 39.85 at 736², batch 64
 # (2,117 positions); 38.62 -> 38.90 at 512², batch 128 (1,025), 0.7% slower; 25-29% less temporary memory at all
