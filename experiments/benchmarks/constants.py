@@ -1,5 +1,5 @@
 """A module constant set for the length of a block, named on a command line: `module.NAME=VALUE`, VALUE a Python
-literal (`kernels.selective_scan.pallas_gpu.GATE_BACKWARD_IN_XLA=True`). The benchmarks time a kernel option this way
+literal (`kernels.selective_scan.pallas_gpu.GRAD_MAX_REGISTERS=None`). The benchmarks time a kernel option this way
 without a copy of the module."""
 
 import ast

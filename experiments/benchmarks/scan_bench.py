@@ -10,7 +10,7 @@ same run; the byte floor is the HBM traffic a perfect kernel needs (see KINDS) o
 Time per call over --reps calls queued back to back after warm-up (see `time_call`).
 Also prints each impl's forward and gradient error against the reference (f32 inputs, on the device).
 `--set=module.NAME=VALUE` (repeatable) runs it all with a kernel module's constant changed, e.g.
-`--set=kernels.selective_scan.pallas_gpu.GATE_BACKWARD_IN_XLA=True`.
+`--set=kernels.selective_scan.pallas_gpu.GRAD_MAX_REGISTERS=None`.
 """
 
 from __future__ import annotations

@@ -48,7 +48,8 @@ _OPCODES = flags.DEFINE_integer(
 _GRAD_MAX_REGISTERS = flags.DEFINE_integer(
   "grad_max_registers",
   None,
-  "pallas_gpu.GRAD_MAX_REGISTERS for this run (0: no cap; unset: the module's); it caps only --call=ungated_scan.",
+  "pallas_gpu.GRAD_MAX_REGISTERS for this run (0: no cap; unset: the module's); it caps the paired gradient kernel"
+  " of --call=scan and ungated_scan.",
 )
 _CALL = flags.DEFINE_enum(
   "call",

@@ -57,12 +57,14 @@ adjoint entering each chunk from later ones is carried like the forward state: a
 chunk, whose results the gradient kernel carries across the chunks after its own. dB and dC (sums over
 channels) come out per channel block, dA, dD and d(delta_bias) (sums over positions) per chunk; XLA adds the
 partial sums, but dB's and dC's in one launch of `sum_over_blocks` where batch x length fills its programs whole
-(`_summed_over_blocks`). The fused bidirectional call takes the z gate's backward to XLA (`gate_backward`, from the
-ungated output its forward keeps) and runs both directions' ungated gradient kernels in one launch
-(`_launch`): at 218 registers (168 offline now) an H100 held only 1,188 of their programs at once. The gradient
-kernels go one sub-chunk at a time there; the states passes load two ahead where programs are few
-(`PAIRED_STATES_PROGRAMS`). One direction's gradient kernel runs pairs of sub-chunks, capped at
-`GRAD_MAX_REGISTERS` where ungated (`triton_registers`: Triton's `maxnreg`, which jax does not expose): 22% off that
+(`_summed_over_blocks`). The z gate's backward is XLA's (`gate_backward`, from the ungated output the forward
+keeps), so every backward kernel runs ungated: one gated direction's forward+backward, bf16, H100, 0.617 -> 0.536 ms
+at 224², batch 128, 2.335 -> 1.885 at 224², stride 8, 1.662 -> 1.513 at 1248², batch 8, 0.778 -> 0.678 at 1248²,
+batch 1 (fifty-fourth session, scan_one_gated_gate_in_{kernel,xla}*_h100.json). The fused bidirectional call runs
+both directions' gradient kernels in one launch (`_launch`): at 218 registers (168 offline now) an H100 held only
+1,188 of their programs at once. The gradient kernels go one sub-chunk at a time there; the states passes load two
+ahead where programs are few (`PAIRED_STATES_PROGRAMS`). One direction's gradient kernel runs pairs of sub-chunks,
+capped at `GRAD_MAX_REGISTERS` (`triton_registers`: Triton's `maxnreg`, which jax does not expose): 22% off that
 direction's forward+backward at 224², batch 128 (H100).
 """
 
@@ -135,13 +137,6 @@ BY_CHANNEL_PROGRAMS = 2048
 # processes), 2.80 -> 2.75 at 224² stride 8; at 1248², batch 32 (9,216 programs, many warps per SM) 6.09 against 6.13
 # paired, so not there (twenty-sixth session, scan_tune_paired_states_h200.txt).
 PAIRED_STATES_PROGRAMS = 2048
-# Whether one gated direction's backward takes the gate to XLA (`gate_backward`), as the fused bidirectional one does:
-# the forward then also writes y before the gate (one more (batch, length, channels) residual), and the states pass
-# and the gradient kernel run ungated, the gradient kernel capped (`GRAD_MAX_REGISTERS`). Why it may pay (H100,
-# fifty-third session, bf16, forward+backward at 224², batch 128): one ungated direction 0.386 ms, one gated
-# 0.617-0.623, where the gate's backward in XLA reads three (batch, length, channels) arrays and writes two (about 25 µs
-# at the copy bandwidth). Off until timed: `scan_bench.py --kinds=one` with it on and off.
-GATE_BACKWARD_IN_XLA = False
 # Registers a thread of the gradient kernel may take where it runs pairs of sub-chunks (`triton_registers`; None: as
 # many as ptxas likes). Paired, it took 255 registers (offline, Triton 3.5: 8 one-warp programs a multiprocessor);
 # capped at 168 it spills ~400 bytes and 12 fit. One ungated direction forward+backward, bf16, H100 (fifty-second
@@ -152,9 +147,10 @@ GATE_BACKWARD_IN_XLA = False
 # time (the fused bidirectional backward) the kernel takes 168 uncapped (offline), and capping it there changed
 # nothing but spills: Vim-Ti's training step 32.20 against 32.26 ms capped; capped lower, that backward only got slower
 # (both directions forward+backward at 224², batch 128: 0.920 ms uncapped, 1.019 at 144, 1.227 at 128, 1.664 at 112;
-# fifty-third session). Gated (z given), the paired kernel holds more and was slower capped, so it runs uncapped there:
-# one gated direction forward+backward 0.617 -> 0.671 ms at 224², batch 128, 1.638 -> 1.923 at 1248², batch 8, 2.337
-# -> 2.290 at 224², stride 8 (H100, fifty-third session, scan_register_cap_gated_h100.txt).
+# fifty-third session). The kernels' own gate backward held more registers and was slower capped (one gated direction
+# forward+backward 0.617 -> 0.671 ms at 224², batch 128, 1.638 -> 1.923 at 1248², batch 8; H100, fifty-third
+# session, scan_register_cap_gated_h100.txt); the gate's backward is XLA's now (`gate_backward`), so every gradient
+# kernel runs ungated and the paired one capped.
 GRAD_MAX_REGISTERS = 168
 # The states pass stores each bf16 state through indices that show Triton runs of 4 states (`_in_runs_of_four`), not
 # 16: Triton then stores 8 bytes per thread, not 16, and lays the (channels, state) tile over 8 x 4 threads as for
@@ -309,9 +305,6 @@ class _Chunk:
 
   def silu(self, x):
     return ptx.silu(x, native=self.plan.native)
-
-  def gate(self, t):
-    return self.silu(self.load(self.refs.z, t))
 
   def over_sub_chunks(self, body, init, load, *, backwards: bool = False):
     """`fori_loop` over the sub-chunks (last first if `backwards`) of carry = body(j, load(j), carry),
@@ -515,13 +508,12 @@ def _forward_kernel(*refs, plan: _Plan, chunk_index, outputs: tuple[str, ...], s
       _write_y(chunk, out, p.t, jnp.sum(h * p.C[None, :], axis=1) + chunk.D * p.u, p.extra, p.z)
     if dy_ref is not None:
       # A step past the end repeats the last position's (h unchanged), so rewrites the same dC.
-      dy = p.extra * chunk.silu(p.z) if plan.gated else p.extra
-      out["dC"][p.t, :] = jnp.sum(dy[:, None] * h, axis=0)
+      out["dC"][p.t, :] = jnp.sum(p.extra[:, None] * h, axis=0)
     return h, total + p.delta
 
   def load(j):
     extra = args.partner if writes_y else dy_ref
-    return chunk.sub_chunk(j, C=writes_y, z=plan.gated and (writes_y or dy_ref is not None), extra=extra)
+    return chunk.sub_chunk(j, C=writes_y, z=plan.gated and writes_y, extra=extra)
 
   def sub_chunk(j, steps, carry):  # unrolled
     if "sub_chunk_states" in out:
@@ -643,8 +635,7 @@ def _adjoint_kernel(*refs, plan: _Plan, chunk_index):
 
   def step(i, g_next):
     t = chunk.position(chunk.size - 1 - i)
-    dy = chunk.load(dy_ref, t) * (chunk.gate(t) if plan.gated else 1.0)
-    g = _fma(chunk, dy[:, None], chunk.load(args.C, t)[None, :], g_next)
+    g = _fma(chunk, chunk.load(dy_ref, t)[:, None], chunk.load(args.C, t)[None, :], g_next)
     return _decay(chunk, chunk.step_size(t)[1]) * g
 
   out_ref[...] = jax.lax.fori_loop(0, chunk.size, step, jnp.zeros((plan.block_d, plan.state), plan.dtype))
@@ -656,13 +647,11 @@ def _grad_kernel(*refs, plan: _Plan, chunk_index, start: str):
   args, (dy_ref, states_ref, *refs) = _split_refs(refs, plan)
   chunk = _Chunk(args, plan, chunk_index)
   g_in = _entering(chunk, refs, start, reverse=not plan.reverse, ahead=False)
-  du_ref, ddelta_ref, *out_refs = refs
-  dz_ref = out_refs.pop(0) if plan.gated else None
-  dB_ref, dA_ref, dD_ref, dbias_ref = out_refs
+  du_ref, ddelta_ref, dB_ref, dA_ref, dD_ref, dbias_ref = refs
   A, D = chunk.A, chunk.D
 
   def load(j):
-    return states_ref[j], chunk.sub_chunk(j, C=True, z=plan.gated, extra=dy_ref)
+    return states_ref[j], chunk.sub_chunk(j, C=True, extra=dy_ref)
 
   def sub_chunk(j, loaded, carry):
     g_next, dA, dD, dbias = carry
@@ -673,14 +662,9 @@ def _grad_kernel(*refs, plan: _Plan, chunk_index, start: str):
 
     for k in reversed(range(plan.sub_chunk)):
       # The decay is recomputed, not kept from the pass above (the same 255 registers and time in ncu).
-      p, decay, h_prev, h = positions[k], _decay(chunk, positions[k].delta), hs[k], hs[k + 1]
-      t, u, x, delta, B, C, z = p.t, p.u, p.x, p.delta, p.B, p.C, p.z
+      p, decay, h_prev = positions[k], _decay(chunk, positions[k].delta), hs[k]
+      t, u, x, delta, B, C = p.t, p.u, p.x, p.delta, p.B, p.C
       dy = jnp.where(p.real, p.extra, 0.0)  # a repeated step adds no output gradient
-      if plan.gated:
-        sig = chunk.sigmoid(z)
-        y = jnp.sum(h * C[None, :], axis=1) + D * u
-        dz_ref[t, :] = (dy * y * sig * (1 + z * (1 - sig))).astype(dz_ref.dtype)
-        dy = dy * z * sig
       g = _fma(chunk, dy[:, None], C[None, :], g_next)
       g_B = jnp.sum(g * B[None, :], axis=1)
       g_decayed = g * decay * h_prev  # dL/d(delta A) of this step
@@ -946,10 +930,10 @@ def _starts(scan: _Scan, specs: _Specs, local) -> tuple[tuple, tuple]:
 
 
 def _grad_outputs(scan: _Scan, specs: _Specs) -> tuple[list, list]:
-  """The gradient kernel's output shapes and specs: du, ddelta[, dz], then dB per position and channel block,
+  """The gradient kernel's output shapes and specs: du, ddelta, then dB per position and channel block,
   dA per chunk, dD and dbias per chunk."""
   plan, args = scan.plan, scan.args
-  like = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in args[:2] + args[7:]]  # u, delta[, z]
+  like = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in args[:2]]  # u, delta
   shapes = [*like, _per_block(plan), _per_chunk(plan), _per_chunk(plan, state=False), _per_chunk(plan, state=False)]
   out_specs = [specs.seq] * len(like) + [specs.block_seq_state, specs.chunk_state] + [specs.chunk_channel] * 2
   return shapes, out_specs
@@ -961,8 +945,10 @@ def _per_block(plan: _Plan) -> jax.ShapeDtypeStruct:
 
 
 def _backward(scans: list[_Scan]) -> list[tuple]:
-  """Gradients (du, ddelta, dA, dB, dC, dD, dbias, dz or None) of each scan; each kernel runs once for all
-  scans (`_launch`)."""
+  """Gradients (du, ddelta, dA, dB, dC, dD, dbias) of each ungated scan (the gate's backward is XLA's:
+  `gate_backward`); each kernel runs once for all scans (`_launch`)."""
+  if any(scan.plan.gated for scan in scans):
+    raise ValueError("the kernels' backward runs ungated: take the gate's backward to `gate_backward` first")
   specs = [_Specs(scan.plan) for scan in scans]
   locals_ = [None] * len(scans)
   if scans[0].plan.num_chunks > 1:  # the adjoint each chunk passes on from zero
@@ -993,14 +979,12 @@ def _backward(scans: list[_Scan]) -> list[tuple]:
   for scan, s, (_, (refs, ref_specs, _)), ((sub_chunk_states, _),) in zip(scans, specs, starts, states):
     extra, extra_specs = [scan.dy, sub_chunk_states, *refs], [s.seq, s.sub_chunk_states, *ref_specs]
     jobs.append(_Job(scan.plan, scan.args, extra, extra_specs, *_grad_outputs(scan, s)))
-  capped = scans[0].plan.paired and not any(scan.plan.gated for scan in scans)  # `GRAD_MAX_REGISTERS` says why
+  capped = scans[0].plan.paired  # `GRAD_MAX_REGISTERS` says why
   name = triton_registers.capped("selective_scan_bwd", GRAD_MAX_REGISTERS if capped else None)
   launched = _launch(_grad_kernel, jobs, name, start=starts[0][1][2])
   grads = []
-  for scan, ((_, dC),), (du, ddelta, *rest) in zip(scans, states, launched):
-    dz = rest.pop(0) if scan.plan.gated else None
-    dB, dA, dD, dbias = rest
-    grads.append(dict(du=du, ddelta=ddelta, dA=dA, dB=dB, dC=dC, dD=dD, dbias=dbias, dz=dz))
+  for ((_, dC),), (du, ddelta, dB, dA, dD, dbias) in zip(states, launched):
+    grads.append(dict(du=du, ddelta=ddelta, dA=dA, dB=dB, dC=dC, dD=dD, dbias=dbias))
   # Every scan's dB and dC partial sums summed over their channel blocks.
   partials = [g[name] for g in grads for name in ("dB", "dC")]
   dtypes = [scan.args[i].dtype for scan in scans for i in (3, 4)]  # B's, C's
@@ -1009,7 +993,7 @@ def _backward(scans: list[_Scan]) -> list[tuple]:
   for scan, g in zip(scans, grads):
     A, D, bias = scan.args[2], scan.args[5], scan.args[6]
     dA, dD, dbias = (g[name].sum(axis=(0, 1)).astype(y.dtype) for name, y in (("dA", A), ("dD", D), ("dbias", bias)))
-    results.append((g["du"], g["ddelta"], dA, next(sums), next(sums), dD, dbias, g["dz"]))
+    results.append((g["du"], g["ddelta"], dA, next(sums), next(sums), dD, dbias))
   return results
 
 
@@ -1198,9 +1182,6 @@ def scan(
     for n in (FILLING_PROGRAMS, FORWARD_FILLING_PROGRAMS)
   )
 
-  # With the gate's backward in XLA, the forward keeps y before the gate and the gradient kernels run ungated.
-  gate_outside = GATE_BACKWARD_IN_XLA and z is not None
-
   def outputs(plan, arrays, *, ungated: bool = False):
     y, last, start, total, y_ungated = _forward(plan, _padded(plan, *arrays), ungated=ungated)
     return (y[..., :channels], last[:, :channels, :state]), (start, total, y_ungated)
@@ -1219,7 +1200,7 @@ def scan(
     return outputs(inference, arrays)[0]
 
   def run_fwd(*arrays):
-    out, kept = outputs(plan, arrays, ungated=gate_outside)
+    out, kept = outputs(plan, arrays, ungated=z is not None)  # y before the gate, for `gate_backward`
     return out, (arrays, *kept)
 
   def run_bwd(residuals, cotangents):
@@ -1227,15 +1208,13 @@ def scan(
     dy, d_last = cotangents
     d_last = pad_to(pad_to(d_last, 1, plan.channels), 2, plan.state)
     d_last = d_last.astype(plan.dtype)
-    grads_plan, dz = plan, None
-    if gate_outside:  # the kernels then run ungated and give no dz
-      *arrays, z = arrays
+    *arrays, z = arrays
+    dz = None
+    if z is not None:
       dy, dz = gate_backward(dy, y_ungated[..., :channels], z, 1.0)
-      grads_plan, arrays = dataclasses.replace(plan, gated=False), (*arrays, None)
-    scan = _Scan(grads_plan, _padded(grads_plan, *arrays), start, total, pad_to(dy, 2, plan.channels), d_last)
-    ((*grads, dz_kernel),) = _backward([scan])
-    if dz_kernel is not None:
-      dz = dz_kernel[..., :channels]
+    grads_plan = dataclasses.replace(plan, gated=False)
+    scan = _Scan(grads_plan, _padded(grads_plan, *arrays, None), start, total, pad_to(dy, 2, plan.channels), d_last)
+    (grads,) = _backward([scan])
     return (*_cropped(grads, arrays), dz)
 
   run.defvjp(run_fwd, run_bwd)
@@ -1376,7 +1355,7 @@ def bidirectional(
       return (*grads, dz)
     dy = pad_to(dy, 2, first.channels)
     no_last = jnp.zeros((first.batch, first.channels, first.state), dtype)
-    (*grads_f, _), (*grads_b, _) = _backward([
+    grads_f, grads_b = _backward([
       _Scan(first_grads, _padded(first_grads, *forward, None), start_f, total_f, dy, no_last),
       _Scan(second_grads, _padded(second_grads, *backward, None), start_b, total_b, dy, no_last),
     ])  # fmt: skip

@@ -194,7 +194,7 @@ _GRADIENT_KERNELS = {
 def _gradient_kernels(batch: int, length: int, *, capped: bool) -> set[str]:
   """The Triton kernels a differentiated scan runs: the chunk passes where sequences are split, the sums over channel
   blocks where batch x length fills their programs whole (`pallas_gpu._summed_over_blocks`); the gradient kernel
-  named for its register cap where it runs pairs of sub-chunks ungated (`pallas_gpu.GRAD_MAX_REGISTERS`)."""
+  named for its register cap where it runs pairs of sub-chunks (`pallas_gpu.GRAD_MAX_REGISTERS`)."""
   names = set(_GRADIENT_KERNELS)
   if capped:
     names = names - {"selective_scan_bwd"} | {f"selective_scan_bwd_maxnreg{pallas_gpu.GRAD_MAX_REGISTERS}"}
@@ -216,8 +216,9 @@ def test_pallas_gpu_lowers_for_cuda(batch, length):
   """Every Triton kernel, forward and backward, at Vim-Ti shapes lowered for an H100: interpret mode never
   runs this path."""
   hlo, names = _vim_tiny_scan_for_h100(_scan_with_gradients, batch, length)
-  assert names == _gradient_kernels(batch, length, capped=False)
-  assert "ttg.maxnreg" not in hlo  # gated, the gradient kernel takes no cap
+  # Gated, as ungated: the gate's backward is XLA's (`gate_backward`), so the paired gradient kernel is capped.
+  assert names == _gradient_kernels(batch, length, capped=True)
+  assert hlo.count("ttg.maxnreg") == 1
   # The forward by channel (few programs, `BY_CHANNEL_PROGRAMS`) reads B and C as uint32 pairs of bf16.
   assert (f"tensor<{batch}x{length}x8xui32>" in hlo) == (length <= pallas_gpu.CHUNK)
   # The kernels read the bf16 arrays themselves: no float32 copy of u is made.
@@ -227,20 +228,19 @@ def test_pallas_gpu_lowers_for_cuda(batch, length):
     t for n, t in re.findall(rf"tensor<{batch}x(\d+)x384x16x(\w+)>", hlo) if int(n) >= length // pallas_gpu.SUB_CHUNK
   }
   assert kept == {"bf16"}
-  assert f"tensor<{batch}x{length}x384xf32>" not in hlo
+  # No kernel reads or writes a float32 (batch, length, channels) array (XLA's gate backward converts in its fusion).
+  kernel_calls = re.findall(r"custom_call @__gpu\$xla\.gpu\.triton\(.*", hlo)
+  assert not any(f"tensor<{batch}x{length}x384xf32>" in call for call in kernel_calls)
   # exp, sigmoid and multiply-adds as single PTX instructions (`ptx`), not libdevice's exact forms.
   assert all(op in hlo for op in ("ex2.approx.ftz.f32", "rcp.approx.ftz.f32", "fma.rn.f32", "lg2.approx.ftz.f32"))
   assert "__nv_exp" not in hlo and "__nv_log1p" not in hlo
 
 
 @pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
-@pytest.mark.parametrize("gate_in_xla", [False, True])
-def test_ungated_gradient_kernel_is_capped_for_cuda(gate_in_xla, monkeypatch):
-  """Without z, or with the gate's backward in XLA (`GATE_BACKWARD_IN_XLA`), the gradient kernel that pairs
-  sub-chunks runs ungated and is named for its cap, and the cap reaches its Triton module as Triton's own attribute
-  (`triton_registers`)."""
-  monkeypatch.setattr(pallas_gpu, "GATE_BACKWARD_IN_XLA", gate_in_xla)
-  hlo, names = _vim_tiny_scan_for_h100(lambda a: _scan_with_gradients(a if gate_in_xla else a | {"z": None}), 128, 197)
+def test_ungated_gradient_kernel_is_capped_for_cuda():
+  """Without z, too, the gradient kernel that pairs sub-chunks is named for its cap, and the cap reaches its Triton
+  module as Triton's own attribute (`triton_registers`)."""
+  hlo, names = _vim_tiny_scan_for_h100(lambda a: _scan_with_gradients(a | {"z": None}), 128, 197)
   assert names == _gradient_kernels(128, 197, capped=True)
   assert hlo.count("ttg.maxnreg") == 1
 
@@ -479,10 +479,9 @@ def test_pallas_gpu_chunking_matches_reference_in_float64(max_chunk, sub_chunk, 
 
 @pytest.mark.parametrize("tuning", [{}, dict(max_chunk=8, sub_chunk=4)], ids=["one-chunk", "five-chunks"])
 def test_pallas_gpu_gate_backward_in_xla_matches_reference_in_float64(tuning, monkeypatch, x64):
-  """With `GATE_BACKWARD_IN_XLA`, a gated scan's backward takes dz and the gate's cotangent from the output before the
-  gate that its forward keeps, and its kernels run ungated: y, the last state and every gradient still equal the
-  reference's, both directions, whole sequences and chunks."""
-  monkeypatch.setattr(pallas_gpu, "GATE_BACKWARD_IN_XLA", True)
+  """A gated scan's backward takes dz and the gate's cotangent from the output before the gate that its forward keeps
+  (`gate_backward`), and its kernels run ungated: y, the last state and every gradient equal the reference's, both
+  directions, whole sequences and chunks."""
   plans, backward = [], pallas_gpu._backward
   monkeypatch.setattr(pallas_gpu, "_backward", lambda scans: plans.extend(s.plan for s in scans) or backward(scans))
   rng = np.random.default_rng(5)
