@@ -65,9 +65,6 @@ _SCATTER_SUMS = flags.DEFINE_list(
   "scatter_sums", ["0"], "0, 1 or both: with the epilogue (quarter_rows), y's sums over the state reduce-scattered."
 )
 _STAGES = flags.DEFINE_list("stages", ["2"], "Blocks' copies in flight at once (emit_pipeline's max_concurrent_steps).")
-_FORWARD_STAGES = flags.DEFINE_list(
-  "forward_stages", ["0"], "With --bidirectional, the forward direction's stages alone (0: --stages)."
-)
 _CHUNKS = flags.DEFINE_list("chunks", ["1"], "Chunks per sequence (a launch for their end states first, if > 1).")
 _AUTO_BARRIERS = flags.DEFINE_list(
   "auto_barriers", ["0"], "0, 1 or both: Pallas's barriers around each shared-memory store (left out by default)."
@@ -79,23 +76,6 @@ _OUT = flags.DEFINE_string("out", None, "JSON file for the results.")
 def main(argv):
   del argv
   in_place = _IN_PLACE.value if _BIDIRECTIONAL.value else ["0"]
-  grid = itertools.product(
-    _LAYOUT.value,
-    _BLOCK_D.value,
-    _BLOCK_T.value,
-    _UNROLL.value,
-    _SHARE.value,
-    _SHARE_STEP_U.value,
-    _F32_STATES.value,
-    _STATE_PAIRS.value,
-    _EPILOGUE.value,
-    _SCATTER_SUMS.value,
-    _STAGES.value,
-    _FORWARD_STAGES.value if _BIDIRECTIONAL.value else ["0"],
-    _CHUNKS.value,
-    in_place,
-    _AUTO_BARRIERS.value,
-  )
   variants = {
     f"mosaic {layout} block_d={d} block_t={t} unroll={u} share={share}"
     + (" step_u" if su == "1" else "")
@@ -104,14 +84,11 @@ def main(argv):
     + (" epilogue" if epilogue == "1" else "")
     + (" scatter_sums" if scatter == "1" else "")
     + (f" stages={stages}" if stages != "2" else "")
-    + (f" forward_stages={first}" if first != "0" else "")
     + (f" chunks={chunks}" if chunks != "1" else "")
     + (" in_place" if place == "1" else "")
     + (" auto_barriers" if barriers == "1" else ""): (
       functools.partial(
-        functools.partial(bidirectional, in_place=place == "1", forward_stages=int(first) or None)
-        if _BIDIRECTIONAL.value
-        else forward,
+        functools.partial(bidirectional, in_place=place == "1") if _BIDIRECTIONAL.value else forward,
         block_d=int(d),
         block_t=int(t),
         unroll=int(u),
@@ -127,7 +104,22 @@ def main(argv):
         auto_barriers=barriers == "1",
       )
     )
-    for layout, d, t, u, share, su, f32, pairs, epilogue, scatter, stages, first, chunks, place, barriers in grid
+    for layout, d, t, u, share, su, f32, pairs, epilogue, scatter, stages, chunks, place, barriers in itertools.product(
+      _LAYOUT.value,
+      _BLOCK_D.value,
+      _BLOCK_T.value,
+      _UNROLL.value,
+      _SHARE.value,
+      _SHARE_STEP_U.value,
+      _F32_STATES.value,
+      _STATE_PAIRS.value,
+      _EPILOGUE.value,
+      _SCATTER_SUMS.value,
+      _STAGES.value,
+      _CHUNKS.value,
+      in_place,
+      _AUTO_BARRIERS.value,
+    )
     if int(d) % LAYOUTS[layout][1] == 0
     and (share == "1" or f32 == pairs == epilogue == "0")
     and not (f32 == pairs == "1")

@@ -6,8 +6,9 @@ read from the lowering for CUDA on any host (no GPU needed).
 
 Why: Vim-Ti's 1248² and 1024² forwards at batch 32 launch 384 programs per direction, which need three resident a
 multiprocessor (132 on an H100); an option that grows a program's shared memory past a third of the multiprocessor's
-lost that and ran slower (block_t 128 in the thirty-ninth session, `share_step_u` in the fifty-third). Each launch's
-module is Mosaic GPU MLIR inside the custom call; its `gpu.launch` names the dynamic shared memory in bytes.
+lost that and ran slower (block_t 128 in the thirty-ninth session, `share_step_u` on both directions in the
+fifty-third). Each launch's module is Mosaic GPU MLIR inside the custom call; its `gpu.launch` names the dynamic shared
+memory in bytes.
 """
 
 from __future__ import annotations

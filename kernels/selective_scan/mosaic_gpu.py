@@ -747,10 +747,8 @@ _OPTION_NAMES += ("state_pairs",)
 _OPTION_NAMES += ("epilogue", "scatter_sums", "staged", "stages", "chunks", "auto_barriers", "interpret")
 
 
-@functools.partial(jax.jit, static_argnames=("in_place", "forward_stages", *_OPTION_NAMES))
-def bidirectional(
-  forward_args: tuple, backward_args: tuple, z, *, in_place: bool = False, forward_stages: int | None = None, **options
-) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("in_place", *_OPTION_NAMES))
+def bidirectional(forward_args: tuple, backward_args: tuple, z, *, in_place: bool = False, **options) -> jax.Array:
   """Vim's (y_forward + y_backward) / 2 * silu(z) as two launches, as the Triton kernels do: the forward direction
   writes its ungated y, the backward one reads it and writes the combined output. `forward_args` and `backward_args`
   are (u, delta, A, B, C, D, delta_bias) as arrays (B and C may be `Columns`). `in_place` writes the first y over the
@@ -763,11 +761,9 @@ def bidirectional(
 
   `share_step_u` applies to the forward direction alone: the gated one's program (68 KiB of shared memory) would
   take 76 KiB with it, and then two fit a multiprocessor where Vim-Ti's 384 programs at batch 32 need three
-  (experiments/checks/mosaic_shared_memory.py). `forward_stages` (None: `stages`) likewise sets the forward
-  direction's pipeline depth alone: its program has room for a third block's copies where the gated one's has not."""
-  first_options = options | ({} if forward_stages is None else {"stages": forward_stages})
+  (experiments/checks/mosaic_shared_memory.py)."""
   y_forward = forward(
-    *forward_args[:6], z, forward_args[6], gated=False, y_over="delta" if in_place else None, **first_options
+    *forward_args[:6], z, forward_args[6], gated=False, y_over="delta" if in_place else None, **options
   )
   return forward(
     *backward_args[:6],
@@ -792,16 +788,20 @@ def bidirectional(
 # errors of 16: scan_gpu_check_mosaic_unroll32_partial_h100.txt, scan_gpu_check_mosaic_unroll32_case1_h100.txt,
 # scan_gpu_check_mosaic_unroll32_case1_gated_h100.txt; memcheck_mosaic_forward_case0_chunks_h100.txt: 0 errors).
 # `share_step_u` on both directions was slower (1.216 -> 1.273 ms at 1248², batch 32, H100, fifty-third session: the
-# gated launch's program then fit two a multiprocessor); `bidirectional` now gives it to the forward direction alone,
-# which is not yet timed, so it stays off.
+# gated launch's program then fit two a multiprocessor); `bidirectional` gives it to the forward direction alone,
+# which took Vim-Ti's forward from 45.55 to 45.19 ms at 1248², batch 32 and 31.18 to 31.00 at 1024² (both directions
+# 1.220 -> 1.210 ms at 1248²; H100, fifty-fourth session, ab_mosaic_step_u_forward_direction_vim_tiny_h100.txt,
+# scan_mosaic_gpu_forward_direction_h100.txt). That direction's third pipeline stage instead (`stages` 3, 69,656 B,
+# still three programs a multiprocessor) took both directions to 1.207 ms but the forward only from 45.52 to 45.44
+# and 31.10 to 31.06 (ab_mosaic_forward_stages_vim_tiny_h100.txt); with `share_step_u` too it holds 77,848 B, two fit,
+# and both directions took 1.283 ms.
 OPTIONS = dict(
   layout="quarter_rows",
   block_d=32,
   block_t=64,
   unroll=32,
   share_channel_work=True,
-  share_step_u=False,
-  forward_stages=None,
+  share_step_u=True,
   state_pairs=True,
   epilogue=True,
   scatter_sums=True,
@@ -809,7 +809,7 @@ OPTIONS = dict(
 )
 # A single direction (`pallas_gpu.scan` without gradients) runs the same kernel with y beside its inputs.
 # Not `share_step_u`: gated (as `pallas_gpu.scan` calls it), its program would fit two a multiprocessor.
-SINGLE_OPTIONS = {k: v for k, v in OPTIONS.items() if k not in ("in_place", "share_step_u", "forward_stages")}
+SINGLE_OPTIONS = {k: v for k, v in OPTIONS.items() if k not in ("in_place", "share_step_u")}
 # From 730 positions (224², stride 8) on. Vim-Ti's forward, bf16, scanned layers, H100 (fits_length_ab.py, against
 # 4096, thirty-eighth session): 28.33 -> 28.02 ms at 224², stride 8, batch 128; 52.02 -> 39.85 at 736², batch 64
 # (2,117 positions); 38.62 -> 38.90 at 512², batch 128 (1,025), 0.7% slower; 25-29% less temporary memory at all
