@@ -1222,11 +1222,12 @@ def scan(
 
 
 def gate_backward(dy: jax.Array, y_ungated: jax.Array, z: jax.Array, scale: float) -> tuple[jax.Array, jax.Array]:
-  """For y = y_ungated * silu(z), y_ungated = (y_forward + y_backward) * scale: (the cotangent of each
-  direction's y, in dy's dtype; dz), in XLA. Both directions' gradient kernels then run ungated: neither
+  """For y = y_ungated * silu(z), y_ungated = (y_forward + y_backward) * scale (one direction: its y, scale 1): (the
+  cotangent of each direction's y, in dy's dtype; dz), in XLA. The gradient kernels then run ungated: none
   recomputes its y for dz, reads z or writes a dz for XLA to add to the other's. The forward keeps
   y_ungated for this (one more (batch, length, channels) residual). Vim-Ti's training step at 224², batch
-  128, H100: median 47.8 -> 45.4 ms, with 443 MiB (10%) more temporary memory (ab_gate_backward_in_xla_h100.json).
+  128, H100: median 47.8 -> 45.4 ms, with 443 MiB (10%) more temporary memory (ab_gate_backward_in_xla_h100.json);
+  one gated direction: the module docstring.
   The cotangent in float32 (one bf16 rounding fewer) was slower in 7 of 8 rounds (ab_gate_cotangent_dtype_h100.json)."""
   wide = jnp.promote_types(dy.dtype, jnp.float32)
   dy_, y_ungated, z_ = (x.astype(wide) for x in (dy, y_ungated, z))
