@@ -743,8 +743,7 @@ def forward(
 
 
 _OPTION_NAMES = ("block_d", "block_t", "unroll", "layout", "share_channel_work", "share_step_u", "f32_states")
-_OPTION_NAMES += ("state_pairs",)
-_OPTION_NAMES += ("epilogue", "scatter_sums", "staged", "stages", "chunks", "auto_barriers", "interpret")
+_OPTION_NAMES += ("state_pairs", "epilogue", "scatter_sums", "staged", "stages", "chunks", "auto_barriers", "interpret")
 
 
 @functools.partial(jax.jit, static_argnames=("in_place", *_OPTION_NAMES))

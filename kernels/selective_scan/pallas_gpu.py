@@ -1181,6 +1181,7 @@ def scan(
     _plan(u, A, dtype, gated=z is not None, filling=n, B=B, C=C, **options)
     for n in (FILLING_PROGRAMS, FORWARD_FILLING_PROGRAMS)
   )
+  grads_plan = dataclasses.replace(plan, gated=False)  # the gate's backward is XLA's (`gate_backward`)
 
   def outputs(plan, arrays, *, ungated: bool = False):
     y, last, start, total, y_ungated = _forward(plan, _padded(plan, *arrays), ungated=ungated)
@@ -1212,7 +1213,6 @@ def scan(
     dz = None
     if z is not None:
       dy, dz = gate_backward(dy, y_ungated[..., :channels], z, 1.0)
-    grads_plan = dataclasses.replace(plan, gated=False)
     scan = _Scan(grads_plan, _padded(grads_plan, *arrays, None), start, total, pad_to(dy, 2, plan.channels), d_last)
     (grads,) = _backward([scan])
     return (*_cropped(grads, arrays), dz)
