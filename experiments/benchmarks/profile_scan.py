@@ -6,13 +6,11 @@ r"""Where one scan direction's forward+backward spends its device time, kernel b
 The step is `scan_bench.py`'s (issue 3's form): the value and the gradients of all eight arrays of
 sum(y · w) for one Vim-Ti direction, bf16, `impl=--impl`; ungated is the same call without z. Each is
 compiled, warmed up and timed (wall ms per call over --calls calls), then --calls calls are traced and the
-trace's GPU kernels summed per kernel name (`profile_step.breakdown`).
+trace's GPU kernels summed per kernel name (`trace_kernels.breakdown`).
 """
 
 from __future__ import annotations
 
-import gzip
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -21,11 +19,11 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from experiments.benchmarks import profile_step
 from experiments.benchmarks.scan_common import CASES, CHANNELS, make_inputs, scan_fn
+from experiments.benchmarks.trace_kernels import breakdown, op_names, perfetto_trace
 
 _CASES = flags.DEFINE_list("cases", ["224_b128", "1248_b8"], f"Shapes ({', '.join(CASES)}).")
-_CALLS = profile_step._CALLS  # --calls: timed, then traced
+_CALLS = flags.DEFINE_integer("calls", 20, "Calls timed, then calls traced.")
 _IMPL = flags.DEFINE_string("impl", "pallas_gpu", "The scan impl (xla runs on CPU too).")
 
 
@@ -38,20 +36,18 @@ def _profile(batch: int, length: int, gated: bool) -> tuple[float, dict]:
   scan = scan_fn(_IMPL.value)
   step = jax.jit(jax.value_and_grad(lambda x: jnp.sum(scan(x).astype(jnp.float32) * weights)))
   compiled = step.lower(x).compile()
-  jax.block_until_ready(step(x))
-  start = time.perf_counter()
-  for _ in range(_CALLS.value):
-    out = step(x)
-  jax.block_until_ready(out)
-  wall_ms = 1e3 * (time.perf_counter() - start) / _CALLS.value
-  trace_dir = Path(tempfile.mkdtemp(prefix="profile_scan_"))
-  with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+
+  def run():
     for _ in range(_CALLS.value):
       out = step(x)
     jax.block_until_ready(out)
-  with gzip.open(max(trace_dir.rglob("perfetto_trace.json.gz"), key=lambda p: p.stat().st_mtime)) as f:
-    trace = json.load(f)
-  return wall_ms, profile_step.breakdown(trace, profile_step._op_names(compiled.as_text()), _CALLS.value, top=16)
+
+  run()  # warm-up
+  start = time.perf_counter()
+  run()
+  wall_ms = 1e3 * (time.perf_counter() - start) / _CALLS.value
+  trace = perfetto_trace(run, Path(tempfile.mkdtemp(prefix="profile_scan_")))
+  return wall_ms, breakdown(trace, op_names(compiled.as_text()), _CALLS.value, top=16)
 
 
 def main(argv):
