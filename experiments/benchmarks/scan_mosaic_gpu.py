@@ -61,9 +61,6 @@ _STATE_PAIRS = flags.DEFINE_list(
 _EPILOGUE = flags.DEFINE_list(
   "epilogue", ["0"], "0, 1 or both: with shared work, y's skip, combine and gate in a pass over each block."
 )
-_GROUP_EPILOGUE = flags.DEFINE_list(
-  "group_epilogue", ["0"], "0, 1 or both: the epilogue after each group of --unroll positions instead of each block."
-)
 _SCATTER_SUMS = flags.DEFINE_list(
   "scatter_sums", ["0"], "0, 1 or both: with the epilogue (quarter_rows), y's sums over the state reduce-scattered."
 )
@@ -85,7 +82,6 @@ def main(argv):
     + (" f32_states" if f32 == "1" else "")
     + (" state_pairs" if pairs == "1" else "")
     + (" epilogue" if epilogue == "1" else "")
-    + (" group_epilogue" if grouped == "1" else "")
     + (" scatter_sums" if scatter == "1" else "")
     + (f" stages={stages}" if stages != "2" else "")
     + (f" chunks={chunks}" if chunks != "1" else "")
@@ -102,30 +98,13 @@ def main(argv):
         f32_states=f32 == "1",
         state_pairs=pairs == "1",
         epilogue=epilogue == "1",
-        group_epilogue=grouped == "1",
         scatter_sums=scatter == "1",
         stages=int(stages),
         chunks=int(chunks),
         auto_barriers=barriers == "1",
       )
     )
-    for (
-      layout,
-      d,
-      t,
-      u,
-      share,
-      su,
-      f32,
-      pairs,
-      epilogue,
-      grouped,
-      scatter,
-      stages,
-      chunks,
-      place,
-      barriers,
-    ) in itertools.product(
+    for layout, d, t, u, share, su, f32, pairs, epilogue, scatter, stages, chunks, place, barriers in itertools.product(
       _LAYOUT.value,
       _BLOCK_D.value,
       _BLOCK_T.value,
@@ -135,7 +114,6 @@ def main(argv):
       _F32_STATES.value,
       _STATE_PAIRS.value,
       _EPILOGUE.value,
-      _GROUP_EPILOGUE.value,
       _SCATTER_SUMS.value,
       _STAGES.value,
       _CHUNKS.value,
@@ -147,7 +125,6 @@ def main(argv):
     and not (f32 == pairs == "1")
     and (scatter == "0" or (epilogue == "1" and layout == "quarter_rows"))
     and (su == "0" or epilogue == "1")
-    and (grouped == "0" or epilogue == "1")
   }
   compare_forwards(_CASES.value, variants, _REPS.value, _OUT.value, bidirectional=_BIDIRECTIONAL.value)
 

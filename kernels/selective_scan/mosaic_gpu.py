@@ -372,7 +372,6 @@ def _forward_kernel(
   f32_states,
   state_pairs,
   epilogue,
-  group_epilogue,
   scatter_sums,
   inline,
   state_columns,
@@ -460,13 +459,10 @@ def _forward_kernel(
   def walk_blocks(shared: dict):
     """The chunk in blocks of block_t positions; `shared` (SMEM) holds a block's step sizes and gates (C_t h_t with the
     epilogue), and B's and C's rows in float32, if given."""
-    # The epilogue finishes `finished` positions at a time: the block, or each group of `unroll` (C_t h_t's scratch then
-    # holds a group's rows, not the block's).
-    finished = unroll if group_epilogue else block_t
     if shared:
       spread_bias, spread_skip = (
-        lax.broadcast_in_dim(_load(ref.at[channels], _SPREAD.reduce(0)), (rows, block_d), [1])
-        for ref, rows in ((bias_ref, block_t), (d_ref, finished))
+        lax.broadcast_in_dim(_load(ref.at[channels], _SPREAD.reduce(0)), (block_t, block_d), [1])
+        for ref in (bias_ref, d_ref)
       )
       state_rows = plgpu.Layout.WG_STRIDED((block_t, state), vec_size=min(8, block_t * state // 128))
 
@@ -521,29 +517,16 @@ def _forward_kernel(
           else:
             blocks["y"][t] = y.astype(blocks["y"].dtype)
 
-      def finish(offset):  # y of `finished` positions from their C_t h_t, each (position, channel) once
+      carry = _walk(read, update, write, block_t, carry, unroll, reverse)
+      if epilogue:  # the block's y from its C_t h_t, each (position, channel) once
         _block_barrier(inline)
-        at = pl.ds(offset, finished)
-        spread = {name: _load(blocks[name].at[at], _SPREAD) for name in ("u", "partner", "z") if name in blocks}
+        spread = {name: _load(blocks[name], _SPREAD) for name in ("u", "partner", "z") if name in blocks}
         if "z" in spread:
           spread["gate"] = _gate(spread["z"])
-        c_h = _load_c_h(shared["C_h"], (finished, block_d), swizzled=scatter_sums and inline)
+        c_h = _load_c_h(shared["C_h"], (block_t, block_d), swizzled=scatter_sums and inline)
         y = _finish(c_h, spread, skip=spread_skip, combine=combine)
-        blocks["y"][at] = y.astype(blocks["y"].dtype)
-
-      if not epilogue:
-        return _walk(read, update, write, block_t, carry, unroll, reverse)
-      parts = block_t // finished
-
-      def part(i, carry):
-        if parts > 1:  # every thread is done with the last part's C_t h_t (the block's first: done at its start)
-          pl.when(i > 0)(lambda: _block_barrier(inline))
-        offset = (parts - 1 - i if reverse else i) * finished
-        carry = _walk(lambda t: read(offset + t), update, write, finished, carry, unroll, reverse)
-        finish(offset)
-        return carry
-
-      return lax.fori_loop(0, parts, part, carry)
+        blocks["y"][...] = y.astype(blocks["y"].dtype)
+      return carry
 
     per_channel_refs = [*seq_refs.values()] + ([] if chunks.ends else [y_ref])
     state_refs = [states[name] for name in state_names]
@@ -580,13 +563,9 @@ def _forward_kernel(
 
   if share:  # the softplus and the gate of a whole block at once, each (position, channel) computed once
     names = ("step_size",) + ("step_u",) * share_step_u
+    if epilogue or (combine.gated and not chunks.ends):  # C_t h_t for the epilogue, else the gate
+      names += ("C_h",) if epilogue else ("gate",)
     scratch = [plgpu.SMEM((block_t, block_d), jnp.float32)] * len(names)
-    if epilogue:  # C_t h_t for the epilogue
-      names += ("C_h",)
-      scratch.append(plgpu.SMEM((unroll if group_epilogue else block_t, block_d), jnp.float32))
-    elif combine.gated and not chunks.ends:  # else the gate
-      names += ("gate",)
-      scratch.append(plgpu.SMEM((block_t, block_d), jnp.float32))
     if state_pairs and not chunks.ends:  # and B's and C's rows as one word per state
       names += ("BC",)
       scratch.append(plgpu.SMEM((block_t, state), jnp.uint32))
@@ -629,7 +608,6 @@ def forward(
   f32_states: bool = False,
   state_pairs: bool = False,
   epilogue: bool = False,
-  group_epilogue: bool = False,
   scatter_sums: bool = False,
   staged: bool = True,
   stages: int = 2,
@@ -655,9 +633,7 @@ def forward(
   and unpacks with a shift and a mask: shared memory's wavefronts, not the arithmetic, bound the loop. `epilogue`
   (with shared work too) leaves each position's skip, combine and gate out of the walk, which then stores only C_t
   h_t, in float32 to shared memory: a pass over the block after it finishes y once per (position, channel), where the
-  four threads of a channel in `quarter_rows` each do it at every position; `group_epilogue` runs that pass after
-  each group of `unroll` positions instead, so C_t h_t's scratch holds a group's rows (4 KiB less at unroll 32, block_t
-  64), at a barrier more per group. `staged=False` reads the blocks from HBM
+  four threads of a channel in `quarter_rows` each do it at every position. `staged=False` reads the blocks from HBM
   without TMA (interpret mode), the sequences padded with zeros to whole blocks as TMA's copies read them; staged,
   `stages` blocks' copies are in flight at once (`emit_pipeline`'s max_concurrent_steps). `y_over` ("delta" or
   "partner") writes y over that input, as a mutable ref (`jax.new_ref`), which XLA aliases to the output: no new
@@ -679,11 +655,6 @@ def forward(
     )
   if share_step_u and not epilogue:
     raise ValueError(f"share_step_u needs the epilogue ({epilogue}), which adds the skip from u")
-  if group_epilogue and (not epilogue or unroll % 32 or block_t % unroll):
-    raise ValueError(
-      f"group_epilogue needs the epilogue ({epilogue}), unroll ({unroll}) a multiple of 32 and block_t ({block_t}) one"
-      " of unroll"
-    )
   if scatter_sums and (not epilogue or layout != "quarter_rows" or unroll % _SCATTERED or block_t % unroll):
     raise ValueError(
       f"scatter_sums needs the epilogue ({epilogue}), layout 'quarter_rows' ({layout!r}), unroll ({unroll}) a multiple"
@@ -726,7 +697,6 @@ def forward(
         f32_states=f32_states,
         state_pairs=state_pairs,
         epilogue=epilogue,
-        group_epilogue=group_epilogue,
         scatter_sums=scatter_sums,
         inline=not interpret,
         state_columns=(b_block, c_block),
@@ -773,17 +743,7 @@ def forward(
 
 
 _OPTION_NAMES = ("block_d", "block_t", "unroll", "layout", "share_channel_work", "share_step_u", "f32_states")
-_OPTION_NAMES += (
-  "state_pairs",
-  "epilogue",
-  "group_epilogue",
-  "scatter_sums",
-  "staged",
-  "stages",
-  "chunks",
-  "auto_barriers",
-  "interpret",
-)
+_OPTION_NAMES += ("state_pairs", "epilogue", "scatter_sums", "staged", "stages", "chunks", "auto_barriers", "interpret")
 
 
 @functools.partial(jax.jit, static_argnames=("in_place", *_OPTION_NAMES))
@@ -798,9 +758,9 @@ def bidirectional(forward_args: tuple, backward_args: tuple, z, *, in_place: boo
   its 1248² forward took (2 CPU cores; the 24 layers' kernel modules were byte for byte the same). What the kernels
   read of this module is read when it is first traced for a shape: after patching any of it, `jax.clear_caches()`.
 
-  `share_step_u` applies to the gated direction only with `group_epilogue`: that program (68 KiB of shared memory)
-  would take 76 KiB with it, and then two fit a multiprocessor where Vim-Ti's 384 programs at batch 32 need three
-  (experiments/checks/mosaic_shared_memory.py); the group epilogue's smaller scratch makes room."""
+  `share_step_u` applies to the forward direction alone: the gated one's program (68 KiB of shared memory) would
+  take 76 KiB with it, and then two fit a multiprocessor where Vim-Ti's 384 programs at batch 32 need three
+  (experiments/checks/mosaic_shared_memory.py)."""
   y_forward = forward(
     *forward_args[:6], z, forward_args[6], gated=False, y_over="delta" if in_place else None, **options
   )
@@ -811,7 +771,7 @@ def bidirectional(forward_args: tuple, backward_args: tuple, z, *, in_place: boo
     reverse=True,
     partner=y_forward,
     y_over="partner" if in_place else None,
-    **options | {"share_step_u": options.get("share_step_u", False) and options.get("group_epilogue", False)},
+    **options | {"share_step_u": False},
   )
 
 
@@ -843,14 +803,12 @@ OPTIONS = dict(
   share_step_u=True,
   state_pairs=True,
   epilogue=True,
-  group_epilogue=True,
   scatter_sums=True,
   in_place=True,
 )
 # A single direction (`pallas_gpu.scan` without gradients) runs the same kernel with y beside its inputs.
-# Not `share_step_u` (gated, as `pallas_gpu.scan` calls it, its program would fit two a multiprocessor without the group
-# epilogue), nor the `group_epilogue` that makes room for it: neither was timed for one direction.
-SINGLE_OPTIONS = {k: v for k, v in OPTIONS.items() if k not in ("in_place", "share_step_u", "group_epilogue")}
+# Not `share_step_u`: gated (as `pallas_gpu.scan` calls it), its program would fit two a multiprocessor.
+SINGLE_OPTIONS = {k: v for k, v in OPTIONS.items() if k not in ("in_place", "share_step_u")}
 # From 730 positions (224², stride 8) on. Vim-Ti's forward, bf16, scanned layers, H100 (fits_length_ab.py, against
 # 4096, thirty-eighth session): 28.33 -> 28.02 ms at 224², stride 8, batch 128; 52.02 -> 39.85 at 736², batch 64
 # (2,117 positions); 38.62 -> 38.90 at 512², batch 128 (1,025), 0.7% slower; 25-29% less temporary memory at all

@@ -244,7 +244,6 @@ def test_the_position_loop_reads_first_and_holds_no_barrier(auto_barriers, state
     "f32_states": not state_pairs,
     "state_pairs": state_pairs,
     "scatter_sums": scatter_sums,
-    "group_epilogue": False,  # (else the loop over positions is the loop over groups: the next test)
   }
   forward = functools.partial(mosaic_gpu.forward, gated=False, auto_barriers=auto_barriers, **options)
   (module,) = kernel_modules(jax.jit(forward).trace(*args).lower(lowering_platforms=("cuda",)))
@@ -258,19 +257,6 @@ def test_the_position_loop_reads_first_and_holds_no_barrier(auto_barriers, state
   assert len(loads) == per_position * options["unroll"]
   assert len(stores) == options["unroll"] // (4 if scatter_sums else 1)
   assert max(loads) < min(stores)
-
-
-def test_the_group_epilogue_loop_holds_two_barriers():
-  """With `group_epilogue` the loop over a block's groups of positions holds two warpgroup barriers and no fence: one
-  before the epilogue reads the group's C_t h_t, one before the next group stores its own there."""
-  args = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in forward_inputs(1, 1, 384, jnp.bfloat16)]
-  args = [jax.ShapeDtypeStruct((32, 6085, *x.shape[2:]), x.dtype) if x.ndim == 3 else x for x in args]
-  forward = functools.partial(mosaic_gpu.forward, gated=False, **mosaic_gpu.SINGLE_OPTIONS | {"group_epilogue": True})
-  (module,) = kernel_modules(jax.jit(forward).trace(*args).lower(lowering_platforms=("cuda",)))
-  with module.context:
-    (loop,) = [loop for loop in _innermost_loops(module.operation) if "ex2.approx" in str(loop)]
-    assert str(loop).count("bar.sync") == 2
-    assert "fence.proxy" not in str(loop)
 
 
 @pytest.mark.parametrize("chunks", [1, 2])
@@ -322,16 +308,13 @@ def test_scattered_sums_add_products_as_contractible():
 
 
 @pytest.mark.parametrize("stages", [2, 3])
-@pytest.mark.parametrize("group_epilogue, block_barriers", [(False, 3), (True, 4)])
-def test_block_scratch_barriers_carry_no_async_proxy_fence(monkeypatch, stages, group_epilogue, block_barriers):
-  """Lowered for CUDA at Vim-Ti's 1248² shapes, each block's barriers around its shared scratch (softplus and B and C
-  pairs written, then read; C_t h_t written, then read; with `group_epilogue`, also read before the next group
-  writes it) are plain warpgroup barriers: a fence of the async proxy fewer each than with `commit_smem` there, as
-  many barriers. With `stages` blocks in flight, the same."""
+def test_block_scratch_barriers_carry_no_async_proxy_fence(monkeypatch, stages):
+  """Lowered for CUDA at Vim-Ti's 1248² shapes, each block's three barriers around its shared scratch (softplus and
+  B and C pairs written, then read; C_t h_t written, then read) are plain warpgroup barriers: three fences of the
+  async proxy fewer than with `commit_smem` there, as many barriers. With `stages` blocks in flight, the same."""
   args = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in forward_inputs(1, 1, 384, jnp.bfloat16)]
   args = [jax.ShapeDtypeStruct((32, 6085, *x.shape[2:]), x.dtype) if x.ndim == 3 else x for x in args]
-  options = mosaic_gpu.SINGLE_OPTIONS | {"group_epilogue": group_epilogue}
-  forward = functools.partial(mosaic_gpu.forward, gated=False, stages=stages, **options)
+  forward = functools.partial(mosaic_gpu.forward, gated=False, stages=stages, **mosaic_gpu.SINGLE_OPTIONS)
 
   def counts():  # a new function each time: traced again
     (module,) = kernel_modules(jax.jit(lambda *a: forward(*a)).trace(*args).lower(lowering_platforms=("cuda",)))
@@ -339,7 +322,7 @@ def test_block_scratch_barriers_carry_no_async_proxy_fence(monkeypatch, stages, 
 
   fences, barriers = counts()
   monkeypatch.setattr(mosaic_gpu, "_block_barrier", lambda inline: mosaic_gpu.plgpu.commit_smem())
-  assert counts() == (fences + block_barriers, barriers)
+  assert counts() == (fences + 3, barriers)
 
 
 def test_stages_must_be_positive():
@@ -577,33 +560,6 @@ def test_shared_step_u_gives_the_same_bits_in_interpret_mode(chunks):
     for shared in (False, True)
   )
   np.testing.assert_array_equal(y_shared, y_plain)
-
-
-@pytest.mark.parametrize("chunks", [1, 2])
-def test_group_epilogue_gives_the_same_bits_in_interpret_mode(chunks):
-  """`group_epilogue` finishes y after each group of `unroll` positions instead of after the block (and so lets the
-  gated direction share its step size times u): the same arithmetic, so Vim's combined output is bit for bit the same,
-  whole and in chunks, with a partial last block."""
-  forward_args, backward_args = (forward_inputs(2, 2 * 64 + 22, 64, jnp.bfloat16, seed=seed) for seed in (0, 1))
-  pair = [Direction(*args[:6], args[7]) for args in (forward_args, backward_args)]
-  options = dict(mosaic_gpu.OPTIONS, block_t=64, staged=False, chunks=chunks)
-  y_block, y_groups = (
-    mosaic_gpu.bidirectional(
-      *pair, forward_args[6], **options | {"group_epilogue": grouped}, interpret=mosaic_gpu.plgpu.InterpretGPUParams()
-    )
-    for grouped in (False, True)
-  )
-  np.testing.assert_array_equal(y_groups, y_block)
-
-
-@pytest.mark.parametrize(
-  "options", [{"epilogue": False, "share_step_u": False}, {"unroll": 16}, {"block_t": 32, "unroll": 64}]
-)
-def test_group_epilogue_needs_the_epilogue_and_groups_of_32_that_tile_the_block(options):
-  with pytest.raises(ValueError, match="group_epilogue needs"):
-    mosaic_gpu.forward(
-      *forward_inputs(1, 64, 32, jnp.bfloat16), **mosaic_gpu.SINGLE_OPTIONS | {"group_epilogue": True} | options
-    )
 
 
 def test_share_step_u_needs_the_epilogue():
