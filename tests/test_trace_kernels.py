@@ -1,5 +1,7 @@
 """experiments/benchmarks/trace_kernels.py sums a profiler trace's GPU kernels per kernel and per category."""
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from experiments.benchmarks import trace_kernels
@@ -51,3 +53,13 @@ def test_kernels_sum_per_call_by_name_and_category():
   first = result["kernels"][0]  # instance numbers dropped: both scan launches are one row
   assert (first["name"], first["category"], first["count_per_call"]) == ("selective_scan_bwd", "scan", 1)
   assert first["ms"] == pytest.approx(0.040)
+
+
+def test_perfetto_trace_returns_the_file_it_read(tmp_path):
+  """The trace of a jitted call on CPU, and the newest file under the folder, which the results name."""
+  f = jax.jit(lambda x: jnp.sin(x) * 2)
+  x = jnp.ones(64)
+  jax.block_until_ready(f(x))
+  trace_file, trace = trace_kernels.perfetto_trace(lambda: jax.block_until_ready(f(x)), tmp_path)
+  assert trace_file.is_file() and trace_file.is_relative_to(tmp_path) and trace_file.name == "perfetto_trace.json.gz"
+  assert any(e.get("ph") == "X" for e in trace["traceEvents"])

@@ -46,7 +46,7 @@ def _profile(batch: int, length: int, gated: bool) -> tuple[float, dict]:
   start = time.perf_counter()
   run()
   wall_ms = 1e3 * (time.perf_counter() - start) / _CALLS.value
-  trace = perfetto_trace(run, Path(tempfile.mkdtemp(prefix="profile_scan_")))
+  _, trace = perfetto_trace(run, Path(tempfile.mkdtemp(prefix="profile_scan_")))
   return wall_ms, breakdown(trace, op_names(step.as_text()), _CALLS.value, top=16)
 
 

@@ -59,8 +59,8 @@ def _profile(step: Step, trace_dir: Path) -> dict:
       args, out = step.call(args)
     jax.block_until_ready((args, out))
 
-  trace = perfetto_trace(run, trace_dir)
-  return {"wall_ms": 1e3 * seconds, "trace": str(trace_dir)} | breakdown(
+  trace_file, trace = perfetto_trace(run, trace_dir)
+  return {"wall_ms": 1e3 * seconds, "trace": str(trace_file)} | breakdown(
     trace, op_names(step.compiled.as_text()), _CALLS.value, _TOP.value
   )
 

@@ -120,9 +120,11 @@ def breakdown(trace: dict, op_names: dict[str, str], calls: int, top: int = 10) 
   }
 
 
-def perfetto_trace(run: Callable[[], object], trace_dir: Path) -> dict:
-  """The perfetto trace of `run()` (which should block until its results are ready), written under `trace_dir`."""
+def perfetto_trace(run: Callable[[], object], trace_dir: Path) -> tuple[Path, dict]:
+  """(the file, the trace) of `run()`'s perfetto trace (`run` should block until its results are ready), written
+  under `trace_dir`: the newest there, which another trace in a reused folder leaves for Perfetto's viewer too."""
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
     run()
-  with gzip.open(max(trace_dir.rglob("perfetto_trace.json.gz"), key=lambda p: p.stat().st_mtime)) as f:
-    return json.load(f)
+  trace_file = max(trace_dir.rglob("perfetto_trace.json.gz"), key=lambda p: p.stat().st_mtime)
+  with gzip.open(trace_file) as f:
+    return trace_file, json.load(f)
