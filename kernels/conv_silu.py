@@ -26,6 +26,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from kernels.per_device import per_device
 from kernels.selective_scan import ptx
+from kernels.selective_scan.columns import Columns
 from kernels.selective_scan.padding import compute_dtype, pad_to
 from kernels.selective_scan.softplus import silu_grad
 
@@ -50,7 +51,7 @@ def conv(x: jax.Array, kernel: jax.Array, bias: jax.Array, *, reverse: bool = Fa
 
 
 def conv_silu_bidirectional(
-  x: jax.Array,
+  x: jax.Array | Columns,
   forward: tuple[jax.Array, jax.Array],
   backward: tuple[jax.Array, jax.Array],
   *,
@@ -67,7 +68,8 @@ def conv_silu_bidirectional(
   ab_conv_cotangents_apart_vim_tiny_train_h100.txt).
 
   Args:
-    x: (batch, length, channels).
+    x: (batch, length, channels), or a `Columns` window of a wider array (in_proj's output), which the kernels read
+      in place where it is whole blocks of their channels.
     forward, backward: each direction's (kernel (K, channels), bias (channels,)).
     impl: "xla"; "pallas_gpu" (the fused kernels, which run on GPUs or with `interpret`); "pallas" (the kernels on
       GPU, or on CPU with `interpret`; XLA elsewhere); None: the kernels on GPU, XLA elsewhere. Under a
@@ -81,6 +83,8 @@ def conv_silu_bidirectional(
   if uses_kernels(impl, interpret):
     fn = functools.partial(fused, interpret=interpret, consumers=consumers)
     return per_device(fn, (x,), (forward, backward))
+  if isinstance(x, Columns):
+    x = x.value()
   pair = tuple(
     jax.nn.silu(conv(x, kernel, bias, reverse=reverse)).astype(x.dtype)
     for (kernel, bias), reverse in ((forward, False), (backward, True))
@@ -99,7 +103,7 @@ def uses_kernels(impl: str | None, interpret: bool) -> bool:
 
 
 def _check(x, forward, backward) -> None:
-  if x.ndim != 3:
+  if len(x.shape) != 3:
     raise ValueError(f"conv_silu_bidirectional: `x` must be (batch, length, channels), got shape {x.shape}")
   channels = x.shape[2]
   for name, (kernel, bias) in (("forward", forward), ("backward", backward)):
@@ -210,7 +214,9 @@ def _backward_kernel(x_ref, *refs, consumers: int, length: int, taps: int, block
 @functools.partial(jax.jit, static_argnames=("interpret", "consumers"))
 def fused(x, forward, backward, *, interpret: bool = False, consumers: int = 1):
   """The Pallas path: channels padded to the block, the kernels bound with `jax.custom_vjp`; the pair of outputs
-  `consumers` times (`conv_silu_bidirectional`), each pair's cotangents read apart by the backward kernel."""
+  `consumers` times (`conv_silu_bidirectional`), each pair's cotangents read apart by the backward kernel. x may be a
+  `Columns` window, which both kernels read in place where it is whole blocks of channels (in_proj's x: the conv
+  then reads in_proj's output as it lies, and its gradient is the whole output's)."""
   batch, length, channels = x.shape
   taps = forward[0].shape[0]
   block_d = min(BLOCK_D, pl.next_power_of_2(channels))
@@ -218,6 +224,15 @@ def fused(x, forward, backward, *, interpret: bool = False, consumers: int = 1):
   dtype = compute_dtype(x, *forward, *backward)
   native = ptx.native_for(dtype, interpret=interpret)  # exp, sigmoid and multiply-adds as PTX
   seq = pl.BlockSpec((None, length, block_d), lambda b, i, c: (b, 0, i))
+  # A window of whole blocks is read in place (its blocks `first` on in the wider array); any other is sliced.
+  first = x.first_block(block_d) if isinstance(x, Columns) else None
+  x_spec = pl.BlockSpec((None, length, block_d), lambda b, i, c: (b, 0, i + (first or 0)))
+
+  def x_operand(x):
+    if first is not None:
+      return x.array
+    return pad_to(x.value() if isinstance(x, Columns) else x, 2, padded)
+
   weight_specs = [
     pl.BlockSpec((taps, block_d), lambda b, i, c: (0, i)),
     pl.BlockSpec((block_d,), lambda b, i, c: (i,)),
@@ -246,11 +261,11 @@ def fused(x, forward, backward, *, interpret: bool = False, consumers: int = 1):
     u = call(
       _forward_kernel,
       FORWARD_BLOCK_T,
-      in_specs=[seq, *weight_specs],
+      in_specs=[x_spec, *weight_specs],
       out_specs=[seq, seq],
       out_shape=[jax.ShapeDtypeStruct((batch, length, padded), x.dtype)] * 2,
       name="conv_silu_fwd",
-    )(pad_to(x, 2, padded), *weights)
+    )(x_operand(x), *weights)
     return tuple(v[..., :channels] for v in u) * consumers, (x, forward, backward)
 
   def run_bwd(residuals, cotangents):
@@ -265,21 +280,22 @@ def fused(x, forward, backward, *, interpret: bool = False, consumers: int = 1):
     dx, dwf, dbf, dwb, dbb = call(
       functools.partial(_backward_kernel, consumers=consumers),
       BACKWARD_BLOCK_T,
-      in_specs=[seq, *[seq] * len(du), *weight_specs],
+      in_specs=[x_spec, *[seq] * len(du), *weight_specs],
       out_specs=[seq, *sums],
       out_shape=[
         jax.ShapeDtypeStruct((batch, length, padded), x.dtype),
         *[jax.ShapeDtypeStruct((batch, blocks, *shape, padded), dtype) for shape in ((taps,), ())] * 2,
       ],
       name="conv_silu_bwd",
-    )(pad_to(x, 2, padded), *(pad_to(d, 2, padded) for d in du), *weights)
+    )(x_operand(x), *(pad_to(d, 2, padded) for d in du), *weights)
 
     def total(grad, like):
       return grad.sum(axis=(0, 1))[..., :channels].astype(like.dtype)
 
     grads_f = total(dwf, forward[0]), total(dbf, forward[1])
     grads_b = total(dwb, backward[0]), total(dbb, backward[1])
-    return dx[..., :channels], grads_f, grads_b
+    dx = dx[..., :channels]
+    return x.cotangent(dx) if isinstance(x, Columns) else dx, grads_f, grads_b
 
   run.defvjp(run_fwd, run_bwd)
   return run(x, forward, backward)

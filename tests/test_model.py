@@ -17,7 +17,7 @@ import pytest
 from fast_compile import logits_of, tokens_of
 from flax import nnx
 
-from kernels import add_norm, selective_scan
+from kernels import Columns, add_norm, selective_scan
 from kernels.selective_scan import pallas_gpu
 from vim_jax.models import convert, create_model, layers, model_config, vim
 from vim_jax.models.vim import Block, ModelConfig, PatchEmbed, VisionMamba
@@ -161,8 +161,10 @@ def test_patch_embed_matmul_equals_the_convolution(dtype, tolerance):
   assert_rel_close(embed(images), conv, tolerance, "patch tokens")
 
 
-def test_matmul_halves_equal_one_matmul_split_in_value_and_gradient(x64):
-  """in_proj as two matmuls (no split copy) computes what one matmul and a split does, backward too."""
+@pytest.mark.parametrize("form", ["matmul_halves", "matmul_windows"])
+def test_in_proj_halves_equal_one_matmul_split_in_value_and_gradient(x64, form):
+  """in_proj as two matmuls (no split copy), or as one whose halves are `Columns` windows, computes what one matmul
+  and a split does, backward too."""
   rng = np.random.default_rng(0)
   x, kernel = jnp.asarray(rng.normal(size=(2, 5, 6))), jnp.asarray(rng.normal(size=(6, 8)))
   weights = jnp.asarray(rng.normal(size=(2, 2, 5, 4)))
@@ -174,11 +176,12 @@ def test_matmul_halves_equal_one_matmul_split_in_value_and_gradient(x64):
   def split(x, kernel):
     return jnp.split(x @ kernel, 2, axis=-1)
 
-  def two_matmuls(x, kernel):
-    return layers.matmul_halves(x, kernel, None)
+  def halves(x, kernel):
+    out = getattr(layers, form)(x, kernel, None)
+    return [half.value() if isinstance(half, Columns) else half for half in out]
 
   want = jax.value_and_grad(functools.partial(loss, split), argnums=(0, 1))(x, kernel)
-  got = jax.jit(jax.value_and_grad(functools.partial(loss, two_matmuls), argnums=(0, 1)))(x, kernel)
+  got = jax.jit(jax.value_and_grad(functools.partial(loss, halves), argnums=(0, 1)))(x, kernel)
   chex.assert_trees_all_close(got, want, rtol=1e-13, atol=0)
 
 

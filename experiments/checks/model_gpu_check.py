@@ -6,8 +6,9 @@ r"""Vim with its GPU kernels against Vim in plain XLA, on the GPU itself: the lo
 
 One set of parameters (random init, seed 0) runs twice per case: with `scan_impl=None`, which on a GPU takes the
 Pallas kernels (scan, conv + SiLU, step projections, add + norm), and with `scan_impl="xla"`, which takes none. The
-loss is sum(logits * w) for a fixed random w; each parameter's gradient and the loss are compared as the largest
-difference relative to the XLA model's largest entry (`gpu_check.relative_error`).
+loss is sum(logits * w) for a fixed random w; each parameter's gradient, the loss and the loss of an undifferentiated
+call (the inference kernels) are compared as the largest difference relative to the XLA model's largest entry
+(`gpu_check.relative_error`).
 
 Why: the kernels' own checks (`scan_gpu_check.py`, `conv_silu_gpu_check.py`, `step_projections_gpu_check.py`) cover
 each kernel on its own shapes, and interpret mode on CPU cannot see faults of compiled code. The forty-fifth session
@@ -51,7 +52,9 @@ def _loss_and_grads(image_size: int, dtype: str, kernels: bool, images: jax.Arra
   precision = "highest" if dtype == "float32" else None
   with jax.default_matmul_precision(precision):
     value, grads = jax.jit(jax.value_and_grad(loss))(state)
-  return {"loss": value, **{jax.tree_util.keystr(k): g for k, g in jax.tree.leaves_with_path(grads)}}
+    inference = jax.jit(loss)(state)  # undifferentiated: the inference kernels (the Mosaic forward from 730 tokens)
+  named_grads = {jax.tree_util.keystr(k): g for k, g in jax.tree.leaves_with_path(grads)}
+  return {"loss": value, "inference loss": inference, **named_grads}
 
 
 def main(argv) -> int:
@@ -66,7 +69,8 @@ def main(argv) -> int:
       errors, worst = tally.compare(got, want, TOLERANCE[dtype])
       worst_names = sorted(errors, key=errors.get, reverse=True)[:3]
       where = ", ".join(f"{name} {errors[name]:.1e}" for name in worst_names)
-      print(f"{_MODEL.value} {case} {dtype}: loss {errors['loss']:.1e}; worst {worst:.2e} ({where})", flush=True)
+      losses = f"loss {errors['loss']:.1e}, inference {errors['inference loss']:.1e}"
+      print(f"{_MODEL.value} {case} {dtype}: {losses}; worst {worst:.2e} ({where})", flush=True)
   return tally.verdict()
 
 

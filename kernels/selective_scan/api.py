@@ -119,9 +119,9 @@ def _per_device(impl: str, fn: Callable, arrays: dict, outputs: str | tuple[str,
 
 def _check(name: str, x, dims: tuple[str, ...], sizes: dict[str, int]) -> jax.Array | Columns | NegativeExp:
   """Checks `x` is a floating array of shape `dims` (named sizes already in `sizes` must match),
-  records the sizes it defines, and returns it as a jax array; B and C may be `Columns` windows, A a
+  records the sizes it defines, and returns it as a jax array; B, C and z may be `Columns` windows, A a
   `NegativeExp`."""
-  if isinstance(x, Columns) and dims == _SEQ_STATE:
+  if isinstance(x, Columns) and dims in (_SEQ_STATE, _SEQ):
     x = Columns(jnp.asarray(x.array), x.start, x.size)
   elif isinstance(x, NegativeExp) and dims == _DIMS["A"]:
     x = NegativeExp(jnp.asarray(x.log))
@@ -220,7 +220,7 @@ def selective_scan(
   sizes: dict[str, int] = {}
   args = _checked(Direction(u, delta, A, B, C, D, delta_bias), sizes)
   if z is not None:
-    z = _check("z", z, _SEQ, sizes)
+    z = plain((_check("z", z, _SEQ, sizes),))[0]
   impl = _resolve(impl, interpret)
   channel_axes = _channel_axes(channel_axes, sizes["channels"])
   options = dict(reverse=reverse, **({"interpret": interpret} if impl in _KERNELS else {}))
@@ -267,7 +267,8 @@ def selective_scan_bidirectional(
   The same as two `selective_scan` calls and the combine (impls, `delta_softplus`, `interpret` and
   `channel_axes` as there), but `pallas_gpu` fuses the combine into the second direction's kernel: it
   reads the first direction's output back instead of both outputs and z again, about a quarter less
-  memory traffic.
+  memory traffic. z may be a `Columns` window of a wider array (in_proj's output), which `pallas_gpu` reads in place
+  where it is whole blocks of its kernels' channels and no mesh axis splits the channels.
   Returns y in forward.u's shape and dtype.
   """
   sizes: dict[str, int] = {}
@@ -277,6 +278,8 @@ def selective_scan_bidirectional(
     z = _check("z", z, _SEQ, sizes)
   impl = _resolve(impl, interpret)
   channel_axes = _channel_axes(channel_axes, sizes["channels"])
+  if isinstance(z, Columns) and (impl != "pallas_gpu" or channel_axes):  # read in place by pallas_gpu's kernels
+    z = z.value()  # alone, and whole on a device only where no shard splits its channels
   if impl == "pallas_gpu":
     fused = functools.partial(
       pallas_gpu.bidirectional, delta_softplus=delta_softplus, divide_out=divide_out, interpret=interpret

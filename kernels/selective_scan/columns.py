@@ -1,9 +1,11 @@
-"""A window of an array's last axis, passed unsliced: B and C read straight from x_proj's output.
+"""A window of an array's last axis, passed unsliced: B and C read straight from x_proj's output, x and z from
+in_proj's.
 
-Mamba's x_proj writes the step, B and C side by side in one (batch, length, rank + 2 state) array. Sliced
-in XLA, each of B and C is one more kernel and one more round trip through memory before the scan (a Pallas
-call takes dense operands, so XLA cannot fuse the slice into it). Passed as `Columns`, the GPU kernel reads
-the window in place through its block index; the other impls slice it (`value`).
+Mamba's x_proj writes the step, B and C side by side in one (batch, length, rank + 2 state) array, and in_proj x and
+z in one (batch, length, 2 d_inner). Sliced in XLA, each window is one more kernel and one more round trip through
+memory before the kernel that reads it (a Pallas call takes dense operands, so XLA cannot fuse the slice into it).
+Passed as `Columns`, the GPU kernels read the window in place through their block index; the other impls slice it
+(`value`).
 """
 
 import dataclasses
@@ -42,7 +44,12 @@ class Columns:
 
   def block(self, size: int) -> int | None:
     """The window's index as the `size`-wide block of the last axis that it is, or None if it is not one."""
-    return self.start // size if self.size == size and self.start % size == 0 else None
+    return self.first_block(size) if self.size == size else None
+
+  def first_block(self, size: int) -> int | None:
+    """The index of the window's first `size`-wide block of the last axis, or None if the window is not whole such
+    blocks (a kernel reading blocks of `size` channels then reads it in place)."""
+    return self.start // size if self.start % size == 0 and self.size % size == 0 else None
 
   def cotangent(self, window_cotangent: jax.Array) -> "Columns":
     """The cotangent of the whole array (zero outside the window) from the window's."""

@@ -109,6 +109,15 @@ def _state_block(x: jax.Array | Columns, state: int) -> tuple[jax.Array, int]:
   return (x.value(), 0) if block is None else (x.array, block)
 
 
+def _channel_window(x: jax.Array | Columns, block_d: int) -> tuple[jax.Array, int]:
+  """A (batch, length, channels) input as the kernel reads it: an array and the index of its first block of `block_d`
+  columns. A `Columns` window of whole blocks (z in in_proj's output) is read in place by TMA: no slice before."""
+  first = x.first_block(block_d) if isinstance(x, Columns) else None
+  if first is None:
+    return (x.value() if isinstance(x, Columns) else x), 0
+  return x.array, first
+
+
 def _state_pairs(b: jax.Array, c: jax.Array) -> jax.Array:
   """bf16 B and C as one uint32 word per state: B's bits low, C's high."""
   bits = [lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32) for x in (b, c)]
@@ -361,6 +370,7 @@ class _Chunks(NamedTuple):
 def _forward_kernel(
   *refs,
   seq_names,
+  seq_blocks,
   block_d,
   block_t,
   unroll,
@@ -382,7 +392,8 @@ def _forward_kernel(
   last_state,
   length,
 ):
-  """refs: the (batch, length, channels) inputs named by `seq_names`, then B, C (each its `state_columns` block of
+  """refs: the (batch, length, channels) inputs named by `seq_names` (each read from its `seq_blocks` block of
+  block_d columns on: z may be a window of a wider array), then B, C (each its `state_columns` block of
   state-wide columns of a (batch, length, width) array), A, D and delta_bias; with several chunks, the (batch,
   chunks, channels, state) end states and (batch, chunks, channels) step totals (inputs of the outputs launch,
   outputs of the ends launch); then y (outputs launch, unless y goes over the input `y_over`: each block of it is read
@@ -400,6 +411,9 @@ def _forward_kernel(
   per_channel, per_state = tile.reduce(1), tile.reduce(0)
   sequence, block = lax.axis_index("sequence"), lax.axis_index("block")
   channels = pl.ds(block * block_d, block_d)
+  seq_channels = {  # each input's channels, from its first block on
+    name: pl.ds((block + first) * block_d, block_d) for name, first in zip(seq_names, seq_blocks, strict=True)
+  }
   a_log2 = _load(a_ref.at[channels, :], tile) * math.log2(math.e)
   skip, bias = _load(d_ref.at[channels], per_channel), _load(bias_ref.at[channels], per_channel)
   state = a_ref.shape[1]
@@ -418,7 +432,7 @@ def _forward_kernel(
   if not block_t:  # every load straight from HBM (one chunk)
 
     def read(t):
-      rows_at = _raw_rows(lambda k: _load(seq_refs[k].at[sequence, t, channels], per_channel), bias)
+      rows_at = _raw_rows(lambda k: _load(seq_refs[k].at[sequence, t, seq_channels[k]], per_channel), bias)
       return _inputs(rows_at, lambda k: _load(states[k].at[sequence, t, columns[k]], per_state), combine)
 
     def write(positions, ys):
@@ -528,13 +542,13 @@ def _forward_kernel(
         blocks["y"][...] = y.astype(blocks["y"].dtype)
       return carry
 
-    per_channel_refs = [*seq_refs.values()] + ([] if chunks.ends else [y_ref])
+    per_channel_refs = seq_refs | ({} if chunks.ends else {"y": y_ref})
     state_refs = [states[name] for name in state_names]
     if not staged:  # blocks read where they lie in HBM (what interpret mode runs; the length padded to whole blocks)
 
       def over_blocks(i, carry):
         at = pl.ds(block_at(i) * block_t, block_t)
-        seq_views = [r.at[sequence, at, channels] for r in per_channel_refs]
+        seq_views = [r.at[sequence, at, seq_channels.get(name, channels)] for name, r in per_channel_refs.items()]
         state_views = [states[name].at[sequence, at, columns[name]] for name in state_names]
         return block_body(
           block_at(i) * block_t, *seq_views[: len(seq_names)], *state_views, *seq_views[len(seq_names) :], carry
@@ -546,7 +560,10 @@ def _forward_kernel(
     # With shared work, a tiling of 1 pins the blocks untiled: the spread loads would otherwise make Mosaic GPU tile
     # them by 8 positions, and their copies would then need a length that is a multiple of 8.
     untiled = (plgpu.TilingTransform((1,)),) if shared else ()
-    seq_spec = plgpu.BlockSpec((block_t, block_d), lambda i: (block_at(i), block), transforms=untiled)
+    seq_specs = [
+      plgpu.BlockSpec((block_t, block_d), lambda i, first=first: (block_at(i), block + first), transforms=untiled)
+      for first in (*seq_blocks, *[0] * (len(per_channel_refs) - len(seq_names)))
+    ]
     state_specs = [  # B's or C's block of columns of its (length, width) array, read in place by TMA
       plgpu.BlockSpec((block_t, state), lambda i, index=column_block[name]: (block_at(i), index))
       for name in state_names
@@ -554,12 +571,13 @@ def _forward_kernel(
     pipeline = plgpu.emit_pipeline(
       lambda indices, *blocks: block_body(block_at(indices[0]) * block_t, *blocks),
       grid=(count,),
-      in_specs=[seq_spec] * len(seq_names) + state_specs,
-      out_specs=[seq_spec] * (len(per_channel_refs) - len(seq_names)),
+      in_specs=seq_specs[: len(seq_names)] + state_specs,
+      out_specs=seq_specs[len(seq_names) :],
       max_concurrent_steps=stages,
       init_carry=carry,
     )
-    return pipeline(*(r.at[sequence] for r in (*seq_refs.values(), *state_refs, *per_channel_refs[len(seq_names) :])))
+    outputs = [r for name, r in per_channel_refs.items() if name not in seq_refs]
+    return pipeline(*(r.at[sequence] for r in (*seq_refs.values(), *state_refs, *outputs)))
 
   if share:  # the softplus and the gate of a whole block at once, each (position, channel) computed once
     names = ("step_size",) + ("step_u",) * share_step_u
@@ -623,7 +641,8 @@ def forward(
   """y of the selective scan with delta_softplus, for (batch, length, channels) inputs: averaged with `partner` (the
   other direction's y) if given, then gated by silu(z) if `gated`; with `last_state`, (y, the float32 state after the
   last position walked), as `selective_scan`'s return_last_state. B and C are (batch, length, state) arrays or
-  `Columns` windows of a wider one, read in place where a window is a whole block of `state` columns.
+  `Columns` windows of a wider one, read in place where a window is a whole block of `state` columns; z likewise a
+  (batch, length, channels) array or a window, read in place where it is whole blocks of `block_d` columns.
 
   `share_channel_work` computes each block's softplus and gate once per (position, channel) into shared memory
   (`block_t` a multiple of 32, `block_d` of 32); `share_step_u` (with the epilogue) also each block's step size times
@@ -665,6 +684,7 @@ def forward(
   if stages < 1:
     raise ValueError(f"stages must be at least 1, got {stages}")
   (B, b_block), (C, c_block) = (_state_block(x, A.shape[1]) for x in (B, C))
+  z, z_block = _channel_window(z, block_d) if gated else (None, 0)
   num_blocks = pl.cdiv(length, block_t) if block_t else 1
   if chunks < 1 or (chunks > 1 and not block_t):
     raise ValueError(f"chunks must be 1, or more with blocks (block_t > 0), got {chunks} with block_t {block_t}")
@@ -686,6 +706,7 @@ def forward(
       functools.partial(
         _forward_kernel,
         seq_names=tuple(seqs),
+        seq_blocks=tuple(z_block if name == "z" else 0 for name in seqs),
         block_d=block_d,
         block_t=block_t,
         unroll=unroll,

@@ -201,6 +201,9 @@ class _Plan:
   # B's and C's column block in the arrays the kernels read: a `Columns` window read in place, or None for
   # a (batch, length, state) array (`_read_in_place`).
   columns: tuple[int | None, int | None] = (None, None)
+  # z's first block of block_d columns in the array the kernels read: a `Columns` window read in place (in_proj's
+  # output), or None for a (batch, length, channels) array (`_read_z_in_place`).
+  z_column: int | None = None
   # A given as its log (`NegativeExp`): the kernels compute A = -exp(A_log) from the block they load.
   a_log: bool = False
   # The forward passes hold the state as `state` vectors of channels (`_forward_by_channel_kernel`).
@@ -709,8 +712,9 @@ class _Specs:
     # (batch, length, state), or the state-wide block of columns `plan.columns` names.
     width = n // 2 if plan.packed else n
     B, C = (pl.BlockSpec((None, c, width), lambda b, i, k, j=j or 0: (b, k, j)) for j in plan.columns)
+    z = pl.BlockSpec((None, c, d), lambda b, i, k, j=plan.z_column or 0: (b, k, i + j))
     self.args = [self.seq, self.seq, self.channel_state, B, C, self.channel, self.channel]
-    self.args += [self.seq] * (plan.gated + (plan.combine is not None))
+    self.args += [z] * plan.gated + [self.seq] * (plan.combine is not None)
 
 
 class _Job(NamedTuple):
@@ -800,10 +804,20 @@ def _read_in_place(B, C, state: int) -> tuple[int | None, int | None]:
   return tuple(x.block(state) if isinstance(x, Columns) else None for x in (B, C))
 
 
+def _read_z_in_place(z, block_d: int) -> int | None:
+  """`_Plan.z_column`: the first block of `block_d` columns of a `Columns` window z, read in place; None for a plain
+  array or a window of no whole blocks (sliced by `_padded`)."""
+  return z.first_block(block_d) if isinstance(z, Columns) else None
+
+
 def _padded(plan: _Plan, u, delta, A, B, C, D, bias, z) -> tuple:
-  """The arguments with channels and state padded for the kernels (z dropped when absent); B and C as
-  `plan.columns` reads them."""
-  u, delta, z = (None if x is None else pad_to(x, 2, plan.channels) for x in (u, delta, z))
+  """The arguments with channels and state padded for the kernels (z dropped when absent); B, C and z as
+  `plan.columns` and `plan.z_column` read them."""
+  u, delta = (pad_to(x, 2, plan.channels) for x in (u, delta))
+  if z is not None and plan.z_column is not None:  # whole blocks, no padding
+    z = z.array
+  elif z is not None:
+    z = pad_to(z.value() if isinstance(z, Columns) else z, 2, plan.channels)
   B, C = (
     x.array if column is not None else pad_to(x.value() if isinstance(x, Columns) else x, 2, plan.state)
     for x, column in zip((B, C), plan.columns, strict=True)
@@ -1071,9 +1085,10 @@ def _plan(
   filling: int,
   B=None,
   C=None,
+  z=None,
 ) -> _Plan:
-  """The geometry of one scan; sequences split into chunks if they give fewer than `filling` programs. B and C
-  (given where they may be `Columns`) set `columns`."""
+  """The geometry of one scan; sequences split into chunks if they give fewer than `filling` programs. B, C and z
+  (given where they may be `Columns`) set `columns` and `z_column`."""
   batch, length, channels = u.shape
   state = pl.next_power_of_2(A.shape[1])
   sub_chunk = tuning.get("sub_chunk", SUB_CHUNK)
@@ -1107,6 +1122,7 @@ def _plan(
     num_warps=tuning.get("num_warps", NUM_WARPS),
     interpret=interpret,
     columns=_read_in_place(B, C, state),
+    z_column=_read_z_in_place(z, block_d) if gated else None,
     a_log=isinstance(A, NegativeExp),
     by_channel=by_channel,
     paired_states=tuning.get("paired_states", programs <= PAIRED_STATES_PROGRAMS),
@@ -1266,7 +1282,7 @@ def _mosaic_backward_fits(plan: _Plan, directions: tuple, dy: jax.Array, *, soft
 def bidirectional(
   forward: tuple,
   backward: tuple,
-  z: jax.Array | None,
+  z: jax.Array | Columns | None,
   *,
   delta_softplus: bool = False,
   divide_out: bool = True,
@@ -1276,7 +1292,8 @@ def bidirectional(
   """Vim's two directions and their combine, (y_forward + y_backward) [/ 2] * silu(z), in two kernels:
   the forward direction writes its ungated output, and the backward direction's kernel reads it back,
   adds its own, scales and gates. `forward` and `backward` are (u, delta, A, B, C, D, delta_bias); the
-  backward direction runs reverse=True. Where nothing is differentiated and `_one_pass_fits`, the two kernels are
+  backward direction runs reverse=True. z may be a `Columns` window (of in_proj's output), which the kernels read in
+  place. Where nothing is differentiated and `_one_pass_fits`, the two kernels are
   `mosaic_gpu`'s one-pass forward, unless `tuning` sets `one_pass=False`. Returns y in the forward u's dtype."""
   one_pass = tuning.pop("one_pass", True)
   channels = forward[2].shape[0]
@@ -1287,7 +1304,7 @@ def bidirectional(
 
   def plans(filling: int) -> tuple[_Plan, _Plan]:
     first, second = (
-      _plan(u, A, dtype, gated=gated, reverse=reverse, filling=filling, B=B, C=C, **options)
+      _plan(u, A, dtype, gated=gated, reverse=reverse, filling=filling, B=B, C=C, z=z, **options)
       for (u, _, A, B, C, *_), gated, reverse in ((forward, False, False), (backward, z is not None, True))
     )
     return first, dataclasses.replace(second, combine=scale)
@@ -1347,7 +1364,8 @@ def bidirectional(
     if z is None:
       dy = dy * scale
     else:
-      dy, dz = gate_backward(dy, y_ungated[..., :channels], z, scale)
+      dy, dz = gate_backward(dy, y_ungated[..., :channels], z.value() if isinstance(z, Columns) else z, scale)
+      dz = z.cotangent(dz) if isinstance(z, Columns) else dz
     if MOSAIC_BACKWARD and _mosaic_backward_fits(first, (forward, backward), dy, softplus=delta_softplus):
       grads = [
         _cropped(mosaic_gpu_backward.gradients(*plain(args), dy, reverse=reverse), args)

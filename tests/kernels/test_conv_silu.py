@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from fast_compile import compiled as fast_compiled
 
-from kernels import conv_silu
+from kernels import Columns, conv_silu
 
 
 def _inputs(rng, batch, length, channels, taps, dtype):
@@ -47,6 +47,27 @@ def test_kernels_match_xla_in_float64(batch, length, channels, taps, consumers, 
   expected_out, expected_grads = fast_compiled(functools.partial(_run, "xla"), *args)(*args)
   for got, want in zip(jax.tree.leaves((out, grads)), jax.tree.leaves((expected_out, expected_grads))):
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("start, size, width", [(128, 128, 384), (64, 64, 192), (3, 5, 11)])
+def test_a_window_of_x_equals_its_slice(start, size, width, x64):
+  """x as a `Columns` window of a wider array (in_proj's output, x and z side by side): read in place where it is
+  whole blocks of the kernels' channels (128 of 384 from 128; 64 of 192, blocks of 64), sliced otherwise (5 of 11
+  from 3); the outputs and the wide array's gradient (zero outside the window) are the slice's."""
+  rng = np.random.default_rng(start)
+  wide, forward, backward = _inputs(rng, 2, 37, width, 4, jnp.float64)
+  forward, backward = _inputs(rng, 1, 1, size, 4, jnp.float64)[1:]
+  cotangents = tuple(jnp.asarray(rng.standard_normal((2, 37, size))) for _ in range(2))
+
+  def run(window):
+    fn = functools.partial(conv_silu.conv_silu_bidirectional, impl="pallas_gpu", interpret=True)
+    out, vjp = jax.vjp(lambda wide: fn(window(wide), forward, backward), wide)
+    return out, vjp(cotangents)
+
+  got = jax.jit(functools.partial(run, lambda wide: Columns(wide, start, size)))
+  want = jax.jit(functools.partial(run, lambda wide: wide[..., start : start + size]))
+  for a, b in zip(jax.tree.leaves(got()), jax.tree.leaves(want()), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_kernels_keep_bfloat16_inputs_and_float32_weights():
@@ -97,6 +118,27 @@ def test_kernels_lower_for_cuda_at_vim_tiny_shapes():
   # SiLU and the taps' multiply-adds as single PTX instructions (kernels.selective_scan.ptx).
   assert all(op in hlo for op in ("ex2.approx.ftz.f32", "rcp.approx.ftz.f32", "fma.rn.f32"))
   assert "__nv_exp" not in hlo
+
+
+@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
+def test_kernels_read_a_window_of_in_projs_output_in_place():
+  """x as the first half of Vim-Ti's in_proj output, lowered for an H100: both kernels read the (batch, length, 768)
+  array itself, and nothing slices it."""
+  xz = jax.ShapeDtypeStruct((128, 197, 768), jnp.bfloat16)
+  weights = (jax.ShapeDtypeStruct((4, 384), jnp.float32), jax.ShapeDtypeStruct((384,), jnp.float32))
+
+  def fwd_bwd(xz, forward, backward):
+    u, vjp = jax.vjp(lambda xz: conv_silu.fused(Columns(xz, 0, 384), forward, backward), xz)
+    return vjp(u)
+
+  h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)):
+    hlo = jax.jit(fwd_bwd).trace(xz, weights, weights).lower(lowering_platforms=("cuda",)).as_text()
+  calls = [line for line in hlo.splitlines() if "custom_call @__gpu$xla.gpu.triton" in line]
+  assert sorted(re.search(r'name = "(\w+)"', call)[1] for call in calls) == ["conv_silu_bwd", "conv_silu_fwd"]
+  # Each call's operand types: x's comes first.
+  assert all(call.rsplit(" : (", 1)[1].startswith("tensor<128x197x768xbf16>") for call in calls)
+  assert "stablehlo.slice" not in hlo
 
 
 @pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])

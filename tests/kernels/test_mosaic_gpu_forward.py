@@ -348,29 +348,35 @@ def _as_windows(direction: Direction, key) -> Direction:
 
 
 @pytest.mark.parametrize("chunks", [1, 2])
-def test_state_windows_are_read_in_place_in_interpret_mode(chunks):
-  """B and C as windows of x_proj's output give the bits that the sliced arrays give, with the shipped options."""
+def test_state_and_gate_windows_are_read_in_place_in_interpret_mode(chunks):
+  """B and C as windows of x_proj's output and z as the second half of in_proj's give the bits that the sliced arrays
+  give, with the shipped options."""
   forward_args, backward_args = (forward_inputs(2, 3 * 32 + 22, 64, jnp.bfloat16, seed=seed) for seed in (0, 1))
   pair = [Direction(*args[:6], args[7]) for args in (forward_args, backward_args)]
   windows = [_as_windows(d, jax.random.key(i)) for i, d in enumerate(pair)]
+  z = forward_args[6]
+  z_window = Columns(jnp.concatenate([jnp.flip(z, axis=1), z], axis=-1), 64, 64)
   options = dict(mosaic_gpu.OPTIONS, block_t=32, staged=False, chunks=chunks)
   interpret = mosaic_gpu.plgpu.InterpretGPUParams()
   y_sliced, y_windows = (
-    mosaic_gpu.bidirectional(*p, forward_args[6], **options, interpret=interpret) for p in (pair, windows)
+    mosaic_gpu.bidirectional(*p, gate, **options, interpret=interpret) for p, gate in ((pair, z), (windows, z_window))
   )
   np.testing.assert_array_equal(y_windows, y_sliced)
 
 
-def test_state_windows_lower_for_cuda_without_slices():
-  """At Vim-Ti's 1248² shapes, B's and C's TMA copies read x_proj's (batch, length, 48) output where it lies."""
+def test_state_and_gate_windows_lower_for_cuda_without_slices():
+  """At Vim-Ti's 1248² shapes, B's and C's TMA copies read x_proj's (batch, length, 48) output where it lies, z's
+  in_proj's (batch, length, 768)."""
   shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in forward_inputs(1, 1, 384, jnp.bfloat16)]
   shapes = [jax.ShapeDtypeStruct((32, 6085, *x.shape[2:]), x.dtype) if x.ndim == 3 else x for x in shapes]
   projected = jax.ShapeDtypeStruct((32, 6085, 48), jnp.bfloat16)
   direction = Direction(*shapes[:3], Columns(projected, 16, 16), Columns(projected, 32, 16), shapes[5], shapes[7])
+  z = Columns(jax.ShapeDtypeStruct((32, 6085, 768), jnp.bfloat16), 384, 384)
   bidirectional = functools.partial(mosaic_gpu.bidirectional, **mosaic_gpu.OPTIONS)
-  text = jax.jit(bidirectional).trace(direction, direction, shapes[6]).lower(lowering_platforms=("cuda",)).as_text()
+  text = jax.jit(bidirectional).trace(direction, direction, z).lower(lowering_platforms=("cuda",)).as_text()
   assert text.count("mosaic_gpu_v2") == 2
   assert "stablehlo.slice" not in text
+  assert "tensor<32x6085x768xbf16>" in text
 
 
 @pytest.mark.parametrize("in_place", [False, True])

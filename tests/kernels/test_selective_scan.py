@@ -840,6 +840,30 @@ def test_pallas_gpu_reads_block_windows_in_place(starts, width, sliced):
   assert plan.columns == ((None, None) if sliced else (2, 3))
 
 
+@pytest.mark.parametrize("start, width, in_place", [(8, 24, True), (16, 24, True), (3, 13, False)])
+def test_fused_bidirectional_with_a_gate_window_equals_a_sliced_gate(start, width, in_place, x64):
+  """z as a window of in_proj's output (x and z side by side): read in place by the kernels where it is whole blocks of
+  their channels (8 of 24 from 8 or 16, blocks of 8), sliced otherwise; y and the wide array's gradient (zero outside
+  the window) equal those of the sliced z, for pallas_gpu and for an impl that slices it (reference)."""
+  rng = np.random.default_rng(start)
+  forward, backward, _ = bidirectional_inputs(rng, (2, 21, 8, 4), jnp.float64)
+  wide = jnp.asarray(rng.normal(size=(2, 21, width)))
+
+  def loss(wide, window, impl):
+    z = window(wide)
+    y = selective_scan_bidirectional(forward, backward, z, delta_softplus=True, impl=impl, interpret=True)
+    return jnp.sum(jnp.sin(y))
+
+  windowed, sliced = lambda w: kernels.Columns(w, start, 8), lambda w: w[..., start : start + 8]  # noqa: E731
+  want = jit_run(jax.value_and_grad(functools.partial(loss, window=sliced, impl="reference")), wide)
+  for impl in ("pallas_gpu", "reference"):
+    got = jit_run(jax.value_and_grad(functools.partial(loss, window=windowed, impl=impl)), wide)
+    assert_close(got, want, jnp.float64, "grad")
+  plan = pallas_gpu._plan(forward.u, forward.A, jnp.float64, gated=True, reverse=True, softplus=True, interpret=True,
+                          tuning={"block_d": 8}, filling=1, z=windowed(wide))  # fmt: skip
+  assert plan.z_column == (start // 8 if in_place else None)
+
+
 def test_bad_columns_windows_are_named():
   whole = jnp.zeros((2, 33, 12))
   with pytest.raises(ValueError, match=r"Columns: start=10, size=4 must lie within the array's last axis of 12"):

@@ -30,6 +30,9 @@ from vim_jax.models import layers
 # The conv + SiLU impl for each scan impl that has a GPU kernel (the rest run the conv in XLA); x_proj and dt_proj
 # run as `kernels.step_projections` where the conv runs its kernels.
 _CONV_IMPLS = {None: None, "pallas": "pallas", "pallas_gpu": "pallas_gpu"}
+# Where those kernels run, in_proj is one matmul whose halves x and z they read in place (`layers.matmul_windows`);
+# False: two matmuls, each half contiguous (`layers.matmul_halves`).
+IN_PROJ_WINDOWS = True
 
 CLS_POSITIONS = ("middle", "head")
 # x_proj's step part is zero-padded to a multiple of this many columns, or of d_state if larger.
@@ -263,11 +266,15 @@ class BiMambaMixer(nnx.Module):
     """hidden: (batch, length, dim) normed tokens -> (batch, length, dim)."""
     return self.project_out(self.mix(*self.project_in(hidden)))
 
-  def project_in(self, hidden: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """in_proj's halves x and z, (batch, length, d_inner) each."""
+  def project_in(self, hidden: jax.Array) -> tuple[jax.Array | Columns, jax.Array | Columns]:
+    """in_proj's halves x and z, (batch, length, d_inner) each: windows of one output where the conv and scan
+    kernels run (`IN_PROJ_WINDOWS`), else each written contiguous."""
     cfg = self.cfg
-    with jax.named_scope("in_proj"):  # x and z each written contiguous, for the conv and scan kernels
-      return layers.matmul_halves(hidden.astype(cfg.dtype), self.in_proj_weight(), cfg.matmul_precision)
+    hidden, weight = hidden.astype(cfg.dtype), self.in_proj_weight()
+    with jax.named_scope("in_proj"):
+      if IN_PROJ_WINDOWS and conv_silu.uses_kernels(_CONV_IMPLS.get(cfg.scan_impl, "xla"), cfg.scan_interpret):
+        return layers.matmul_windows(hidden, weight, cfg.matmul_precision)
+      return layers.matmul_halves(hidden, weight, cfg.matmul_precision)
 
   def project_out(self, mixed: jax.Array) -> jax.Array:
     """out_proj: (batch, length, d_inner) `mix` output -> (batch, length, dim)."""
@@ -280,9 +287,9 @@ class BiMambaMixer(nnx.Module):
   def out_proj_weight(self) -> jax.Array:
     return self.out_proj.kernel[...].astype(self.cfg.dtype)
 
-  def mix(self, x: jax.Array, z: jax.Array) -> jax.Array:
-    """The mixer between its projections: x and z (batch, length, d_inner), in_proj's halves -> the gated scan
-    output (batch, length, d_inner) in the compute dtype, out_proj's input."""
+  def mix(self, x: jax.Array | Columns, z: jax.Array | Columns) -> jax.Array:
+    """The mixer between its projections: x and z (batch, length, d_inner), in_proj's halves (arrays or `Columns`
+    windows) -> the gated scan output (batch, length, d_inner) in the compute dtype, out_proj's input."""
     cfg = self.cfg
     dtype = jnp.dtype(cfg.dtype)
     with jax.named_scope("conv_silu"):  # both directions in one pass over x; a pair each for the scan and the
