@@ -322,6 +322,26 @@ def test_gradients_agree_between_scan_impls(vim_ref, impl):
   chex.assert_trees_all_close(g_impl, g_ref, rtol=1e-4, atol=1e-6)
 
 
+def test_in_proj_windows_change_no_value(vim_ref, monkeypatch):
+  """in_proj as one matmul whose halves the conv and scan kernels read in place (`IN_PROJ_WINDOWS`, interpret mode):
+  the logits and every gradient are those of two matmuls, and the windows path is the one taken."""
+  images = jnp.asarray(vim_ref["images"])
+  calls = []
+  windows = layers.matmul_windows
+  monkeypatch.setattr(layers, "matmul_windows", lambda *args: calls.append(1) or windows(*args))
+
+  def logits_and_grads(on: bool):
+    monkeypatch.setattr(vim, "IN_PROJ_WINDOWS", on)
+    model = ref_model(vim_ref, scan_impl="pallas_gpu", scan_interpret=True, scan_layers=True)
+    return logits_of(model, images), parameter_gradients(model, lambda m: jnp.sum(m(images) ** 2))
+
+  want = logits_and_grads(False)
+  assert not calls
+  got = logits_and_grads(True)
+  assert calls
+  chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-9)
+
+
 def test_step_projections_kernel_equals_xla_matmuls_in_the_model(vim_ref, monkeypatch):
   """bf16 with the mixer's GPU kernels (interpret mode; the scan in XLA, to compile fast): x_proj and dt_proj as
   `kernels.step_projections` give the logits and parameter gradients of its XLA matmuls."""

@@ -3,12 +3,14 @@ r"""Vim with its GPU kernels against Vim in plain XLA, on the GPU itself: the lo
   python experiments/checks/model_gpu_check.py                      # Vim-Ti, the cases below, float32 and bf16
   python experiments/checks/model_gpu_check.py --cases=1x1248 --dtypes=bfloat16
   python experiments/checks/model_gpu_check.py --interpret --depth=2 --cases=3x32   # interpret mode (CPU)
+  python experiments/checks/model_gpu_check.py --cases=6x1248 --against=vim_jax.models.vim.IN_PROJ_WINDOWS=True
 
 One set of parameters (random init, seed 0) runs twice per case: with `scan_impl=None`, which on a GPU takes the
 Pallas kernels (scan, conv + SiLU, step projections, add + norm), and with `scan_impl="xla"`, which takes none. The
 loss is sum(logits * w) for a fixed random w; each parameter's gradient, the loss and the loss of an undifferentiated
 call (the inference kernels) are compared as the largest difference relative to the XLA model's largest entry
-(`gpu_check.relative_error`).
+(`gpu_check.relative_error`). With --against=module.NAME=VALUE the kernels' model is compared with itself traced with
+that module constant set so (an option of the kernels or the model checked on the card).
 
 Why: the kernels' own checks (`scan_gpu_check.py`, `conv_silu_gpu_check.py`, `step_projections_gpu_check.py`) cover
 each kernel on its own shapes, and interpret mode on CPU cannot see faults of compiled code. The forty-fifth session
@@ -22,6 +24,7 @@ import jax.numpy as jnp
 from absl import app, flags
 from flax import nnx
 
+from experiments.benchmarks.constants import patched
 from experiments.checks.gpu_check import Tally
 from vim_jax.models import create_model
 
@@ -30,6 +33,9 @@ _CASES = flags.DEFINE_list("cases", ["3x224", "2x224", "64x224", "1x512"], "batc
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes.")
 _DEPTH = flags.DEFINE_integer("depth", None, "Layers (default: the model's).")
 _INTERPRET = flags.DEFINE_bool("interpret", False, "Run the kernels in interpret mode (CPU smoke test).")
+_AGAINST = flags.DEFINE_string(
+  "against", "xla", "What the kernels' model is compared with: 'xla' (no kernels), or module.NAME=VALUE (the kernels')."
+)
 
 TOLERANCE = {"float32": 1e-4, "bfloat16": 1e-1}  # 24 layers of two paths' roundings; the fault found was 0.5-1.0
 
@@ -65,7 +71,12 @@ def main(argv) -> int:
     images = jax.random.normal(jax.random.key(1), (batch, image_size, image_size, 3))
     weights = jax.random.normal(jax.random.key(2), (batch, 1000))
     for dtype in _DTYPES.value:
-      got, want = (_loss_and_grads(image_size, dtype, kernels, images, weights) for kernels in (True, False))
+      got = _loss_and_grads(image_size, dtype, True, images, weights)
+      if _AGAINST.value == "xla":
+        want = _loss_and_grads(image_size, dtype, False, images, weights)
+      else:
+        with patched(_AGAINST.value):
+          want = _loss_and_grads(image_size, dtype, True, images, weights)
       errors, worst = tally.compare(got, want, TOLERANCE[dtype])
       worst_names = sorted(errors, key=errors.get, reverse=True)[:3]
       where = ", ".join(f"{name} {errors[name]:.1e}" for name in worst_names)

@@ -30,9 +30,12 @@ from vim_jax.models import layers
 # The conv + SiLU impl for each scan impl that has a GPU kernel (the rest run the conv in XLA); x_proj and dt_proj
 # run as `kernels.step_projections` where the conv runs its kernels.
 _CONV_IMPLS = {None: None, "pallas": "pallas", "pallas_gpu": "pallas_gpu"}
-# Where those kernels run, in_proj is one matmul whose halves x and z they read in place (`layers.matmul_windows`);
-# False: two matmuls, each half contiguous (`layers.matmul_halves`).
-IN_PROJ_WINDOWS = True
+# Where those kernels run, True makes in_proj one matmul whose halves x and z they read in place
+# (`layers.matmul_windows`), else two matmuls write each half contiguous (`layers.matmul_halves`). Off: faster
+# but larger. Vim-Ti's forward at batch 32, H100: 45.05 -> 44.51 ms at 1248², 30.89 -> 30.51 at 1024², but XLA's
+# temporaries 834 -> 1,034 MiB and 572 -> 696 (ab_in_proj_windows_vim_tiny_h100.txt): x's half stays allocated
+# while z is read, through the step projections and both scan launches.
+IN_PROJ_WINDOWS = False
 
 CLS_POSITIONS = ("middle", "head")
 # x_proj's step part is zero-padded to a multiple of this many columns, or of d_state if larger.
