@@ -49,7 +49,7 @@ def _loss_and_grads(image_size: int, dtype: str, kernels: bool, images: jax.Arra
   model = create_model(_MODEL.value, img_size=image_size, dtype=dtype, rngs=nnx.Rngs(0), **impl, **overrides)
   graphdef, state = nnx.split(model)
 
-  def loss(state):
+  def loss(state, images, weights):  # images and weights as arguments: closed over, XLA would constant-fold them
     logits = nnx.merge(graphdef, state)(images)
     return jnp.sum(logits.astype(jnp.float32) * weights)
 
@@ -57,8 +57,8 @@ def _loss_and_grads(image_size: int, dtype: str, kernels: bool, images: jax.Arra
   # differences into 2.0e-3 (H100, Vim-Ti at 3 x 224, forty-sixth session; 3.4e-6 at full precision).
   precision = "highest" if dtype == "float32" else None
   with jax.default_matmul_precision(precision):
-    value, grads = jax.jit(jax.value_and_grad(loss))(state)
-    inference = jax.jit(loss)(state)  # undifferentiated: the inference kernels (the Mosaic forward from 730 tokens)
+    value, grads = jax.jit(jax.value_and_grad(loss))(state, images, weights)
+    inference = jax.jit(loss)(state, images, weights)  # undifferentiated: the inference kernels
   named_grads = {jax.tree_util.keystr(k): g for k, g in jax.tree.leaves_with_path(grads)}
   return {"loss": value, "inference loss": inference, **named_grads}
 
