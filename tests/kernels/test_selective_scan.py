@@ -844,7 +844,8 @@ def test_pallas_gpu_reads_block_windows_in_place(starts, width, sliced):
 def test_fused_bidirectional_with_a_gate_window_equals_a_sliced_gate(start, width, in_place, x64):
   """z as a window of in_proj's output (x and z side by side): read in place by the kernels where it is whole blocks of
   their channels (8 of 24 from 8 or 16, blocks of 8), sliced otherwise; y and the wide array's gradient (zero outside
-  the window) equal those of the sliced z, for pallas_gpu and for an impl that slices it (reference)."""
+  the window) equal those of the sliced z, for pallas_gpu (differentiated and not) and for an impl that slices it
+  (reference)."""
   rng = np.random.default_rng(start)
   forward, backward, _ = bidirectional_inputs(rng, (2, 21, 8, 4), jnp.float64)
   wide = jnp.asarray(rng.normal(size=(2, 21, width)))
@@ -859,6 +860,8 @@ def test_fused_bidirectional_with_a_gate_window_equals_a_sliced_gate(start, widt
   for impl in ("pallas_gpu", "reference"):
     got = jit_run(jax.value_and_grad(functools.partial(loss, window=windowed, impl=impl)), wide)
     assert_close(got, want, jnp.float64, "grad")
+  # Undifferentiated, pallas_gpu runs its inference kernels, which read z too.
+  assert_close(jit_run(functools.partial(loss, window=windowed, impl="pallas_gpu"), wide), want[0], jnp.float64, "grad")
   plan = pallas_gpu._plan(forward.u, forward.A, jnp.float64, gated=True, reverse=True, softplus=True, interpret=True,
                           tuning={"block_d": 8}, filling=1, z=windowed(wide))  # fmt: skip
   assert plan.z_column == (start // 8 if in_place else None)
