@@ -31,8 +31,8 @@ from vim_jax.models import layers
 # run as `kernels.step_projections` where the conv runs its kernels.
 _CONV_IMPLS = {None: None, "pallas": "pallas", "pallas_gpu": "pallas_gpu"}
 # Where those kernels run, True makes in_proj one matmul whose halves x and z they read in place
-# (`layers.matmul_windows`), else two matmuls write each half contiguous (`layers.matmul_halves`). Off: faster
-# but larger. Vim-Ti's forward at batch 32, H100: 45.05 -> 44.51 ms at 1248², 30.89 -> 30.51 at 1024², but XLA's
+# (`layers.matmul_windows`), else two matmuls write each half contiguous (`layers.matmul_halves`). Off, as it is
+# faster but larger: Vim-Ti's forward at batch 32, H100: 45.05 -> 44.51 ms at 1248², 30.89 -> 30.51 at 1024², but XLA's
 # temporaries 834 -> 1,034 MiB and 572 -> 696 (ab_in_proj_windows_vim_tiny_h100.txt): x's half stays allocated
 # while z is read, through the step projections and both scan launches.
 IN_PROJ_WINDOWS = False
@@ -273,8 +273,8 @@ class BiMambaMixer(nnx.Module):
     """in_proj's halves x and z, (batch, length, d_inner) each: windows of one output where the conv and scan
     kernels run (`IN_PROJ_WINDOWS`), else each written contiguous."""
     cfg = self.cfg
-    hidden, weight = hidden.astype(cfg.dtype), self.in_proj_weight()
     with jax.named_scope("in_proj"):
+      hidden, weight = hidden.astype(cfg.dtype), self.in_proj_weight()
       if IN_PROJ_WINDOWS and conv_silu.uses_kernels(_CONV_IMPLS.get(cfg.scan_impl, "xla"), cfg.scan_interpret):
         return layers.matmul_windows(hidden, weight, cfg.matmul_precision)
       return layers.matmul_halves(hidden, weight, cfg.matmul_precision)
