@@ -4,16 +4,16 @@ once would save if the conv and scan kernels read x and z as column windows of t
 
   PYTHONPATH=. python experiments/benchmarks/in_proj_ab.py > in_proj_ab.txt
 
-Each line: microseconds per call, the best of 3 rounds of --calls calls queued back to back (each call's kernels
-take 50 µs or more, so the launches hide behind them), and the bytes' rate against the HBM traffic of the call.
+Each line: microseconds per call, the best of 3 rounds of --calls calls queued back to back (`scan_common.time_call`;
+each call's kernels take 50 µs or more, so the launches hide behind them), and the bytes' rate against the HBM traffic
+of the call.
 """
-
-import time
 
 import jax
 import jax.numpy as jnp
 from absl import app, flags
 
+from experiments.benchmarks.scan_common import time_call
 from vim_jax.models import layers
 
 _CALLS = flags.DEFINE_integer("calls", 50, "Calls per round.")
@@ -22,15 +22,7 @@ DIM, INNER = 192, 384
 
 
 def _seconds(fn, *args) -> float:
-  jax.block_until_ready(fn(*args))
-  rounds = []
-  for _ in range(3):
-    start = time.perf_counter()
-    for _ in range(_CALLS.value):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    rounds.append((time.perf_counter() - start) / _CALLS.value)
-  return min(rounds)
+  return min(time_call(lambda _: fn(*args), lambda seed: None, _CALLS.value) for _ in range(3))
 
 
 def main(argv):
